@@ -1,0 +1,75 @@
+"""Orbax checkpoints of the train state: the latest few plus the best by a validation metric."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
+
+
+def _metric_getter(config: ml_collections.ConfigDict):
+    name, mode = config.best_metric, config.best_mode
+    if mode not in ("max", "min"):
+        raise ValueError(f"config.best_mode={mode!r}; expected 'max' or 'min'")
+    worst = -math.inf if mode == "max" else math.inf
+
+    def get(saved_metrics: dict[str, float]) -> float:
+        if name not in saved_metrics:
+            raise KeyError(
+                f"config.best_metric={name!r} is not a validation metric; available: "
+                f"{sorted(saved_metrics)}"
+            )
+        value = float(saved_metrics[name])
+        # A NaN metric (e.g. CCC of a constant prediction) ranks last, never first.
+        return worst if math.isnan(value) else value
+
+    return get
+
+
+def create_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    """A manager in ``workdir/checkpoints`` that keeps the latest N and the best one."""
+    get_metric = _metric_getter(config)
+    options = ocp.CheckpointManagerOptions(
+        best_fn=get_metric,
+        best_mode=config.best_mode,
+        preservation_policy=policies.AnyPreservationPolicy([
+            policies.LatestN(n=config.keep_checkpoints),
+            policies.BestN(get_metric_fn=get_metric, reverse=config.best_mode == "min", n=1),
+        ]),
+        cleanup_tmp_directories=True,  # leftovers of a save interrupted by a kill
+    )
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                                 options=options)
+
+
+def _scalar_metrics(values: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
+
+
+def save(manager: ocp.CheckpointManager, epoch: int, state: dict[str, Any],
+         val_metrics: dict[str, Any]) -> None:
+    """Saves ``state`` as step ``epoch`` (asynchronously) with its validation metrics."""
+    manager.save(epoch, args=ocp.args.StandardSave(state),
+                 metrics=_scalar_metrics(val_metrics))
+
+
+def restore(manager: ocp.CheckpointManager, step: int, like: dict[str, Any]) -> dict[str, Any]:
+    """Restores step ``step`` into the structure, shapes and shardings of ``like``."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def restore_latest(manager: ocp.CheckpointManager,
+                   like: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """The latest saved state and its completed-epoch count, or ``(like, 0)`` if none."""
+    step = manager.latest_step()
+    if step is None:
+        return like, 0
+    logging.info("Restoring checkpoint %d from %s", step, manager.directory)
+    return restore(manager, step, like), step

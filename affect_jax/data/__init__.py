@@ -1,0 +1,1 @@
+"""Data sources (synthetic, AffectNet) and the tf.data input pipeline."""

@@ -1,0 +1,183 @@
+"""The ``affectnet`` source: the user's AffectNet files, prepared once by the TFDS builder.
+
+``load_source`` detects the layout of ``config.data.dir`` (or checks ``config.data.layout``),
+prepares it into TFDS's cache (``config.data.tfds_data_dir``, else TFDS's default) under a config
+name hashed from everything the result depends on, and returns pools whose ``decode`` decodes the
+stored image bytes with ``tf.io.decode_image`` (as the preparation's check did).
+
+Memory: a split whose encoded images total at most ``IN_MEMORY_MAX_BYTES`` (1 GiB; the 3999-image
+release is ~60-80 MB) is read into memory as bytes. A larger one (the full 290k-image release is
+several GB) is read by random access from the prepared ArrayRecord files: its pool holds only the
+labels and a record index, and ``decode`` fetches the image bytes inside ``tf.data`` (one
+``tf.numpy_function`` call per example).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from affect_jax.data import affectnet_tfds
+from affect_jax.data.affectnet_tfds import COUNT_KEYS, DROP_REASONS, DataError, format_counts
+from affect_jax.data.source import AFFECTNET_CLASS_NAMES, ExamplePool, Source
+
+__all__ = ["DataError", "IN_MEMORY_MAX_BYTES", "load_source", "prepare"]
+
+IN_MEMORY_MAX_BYTES = 1 << 30
+LOGGED_EXAMPLES = 5  # Offending files logged per drop reason (the report keeps more).
+_READ_CHUNK = 1024
+
+
+def prepare(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    """Prepares (or reuses) the TFDS copy of ``config.data.dir``; returns the builder."""
+    data = config.data
+    builder_config, plan = affectnet_tfds.make_builder_config(
+        data.dir, data.layout, int(data.num_classes), float(data.face_margin)
+    )
+    builder = affectnet_tfds.Affectnet(
+        config=builder_config, data_dir=data.get("tfds_data_dir") or None
+    )
+    if builder.is_prepared():
+        logging.info("AffectNet: reusing the prepared copy in %s", builder.data_dir)
+    else:
+        logging.info(
+            "AffectNet: preparing the %s layout of %s into %s (once; later runs reuse it)",
+            plan.layout, plan.root, builder.data_dir,
+        )
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=plan.root),
+            file_format="array_record",
+        )
+    return builder
+
+
+def load_source(
+    config: ml_collections.ConfigDict,
+    workdir: str | None = None,
+    *,
+    in_memory_max_bytes: int | None = None,
+) -> Source:
+    """The user's AffectNet as a Source (see the module docstring); raises DataError if unusable.
+
+    Logs what was kept and dropped per reason (with the first offending files) and writes it to
+    ``<workdir>/data_report.json`` when ``workdir`` is given.
+    """
+    builder = prepare(config)
+    report = json.loads(json.dumps(builder.info.metadata["report"]))  # A copy to extend.
+    report["cache_dir"] = os.fspath(builder.data_dir)
+    limit = IN_MEMORY_MAX_BYTES if in_memory_max_bytes is None else in_memory_max_bytes
+
+    totals = {k: 0 for k in COUNT_KEYS}
+    for split_report in report["splits"].values():
+        for k in COUNT_KEYS:
+            totals[k] += int(split_report["counts"].get(k, 0))
+    report["counts"] = totals
+    _log_report(report)
+
+    num_classes = int(config.data.num_classes)
+    pools = {}
+    for pool_name in report["splits"]:
+        pools[pool_name] = _read_pool(builder, pool_name, limit)
+        report["splits"][pool_name]["class_counts"] = {
+            AFFECTNET_CLASS_NAMES[c]: int(n)
+            for c, n in enumerate(np.bincount(pools[pool_name].labels, minlength=num_classes))
+        }
+    if workdir:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "data_report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+    return Source(
+        name="affectnet",
+        class_names=tuple(AFFECTNET_CLASS_NAMES[:num_classes]),
+        pools=pools,
+        has_valence_arousal=bool(report["has_valence_arousal"]),
+        counts=totals,
+    )
+
+
+def _log_report(report: Mapping) -> None:
+    logging.info(
+        "AffectNet %s layout at %s, %d classes%s: %s",
+        report["layout"], report["data_dir"], report["num_classes"],
+        "" if report["has_valence_arousal"] else " (no valence/arousal)",
+        format_counts(report["counts"]),
+    )
+    for pool_name, split in report["splits"].items():
+        logging.info(
+            "  pool %r <- %s: %s", pool_name, split["source"], format_counts(split["counts"])
+        )
+        for reason in DROP_REASONS:
+            n = split["counts"].get(reason, 0)
+            if n:
+                logging.warning(
+                    "  %s: %d %s, e.g. %s", split["source"], n, reason,
+                    "; ".join(split["examples"][reason][:LOGGED_EXAMPLES]),
+                )
+
+
+def _read_pool(builder: tfds.core.DatasetBuilder, split: str, limit: int) -> ExamplePool:
+    """A pool of the prepared ``split``, sorted by source path (a stable row order)."""
+    in_memory = builder.info.splits[split].num_bytes <= limit
+    source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+    columns: dict[str, list] = {
+        k: [] for k in ("expression", "valence", "arousal", "landmarks", "path", "box")
+    }
+    images: list[bytes] = []
+    for start in range(0, len(source), _READ_CHUNK):
+        for example in source.__getitems__(range(start, min(start + _READ_CHUNK, len(source)))):
+            for k in columns:
+                columns[k].append(example[k])
+            if in_memory:
+                images.append(example["image"])
+    order = np.argsort(np.array([_text(p) for p in columns["path"]]), kind="stable")
+    table = {
+        "expression": np.asarray(columns["expression"], np.int32)[order],
+        "valence": np.asarray(columns["valence"], np.float32)[order],
+        "arousal": np.asarray(columns["arousal"], np.float32)[order],
+        "landmarks": np.asarray(columns["landmarks"], np.float32)[order],
+        "box": np.asarray(columns["box"], np.int32)[order],
+        "path": np.array([_text(p) for p in columns["path"]], dtype=object)[order],
+    }
+    if in_memory:
+        table["image_bytes"] = np.array(images, dtype=object)[order]
+        return ExamplePool(table, decode_image_bytes)
+    logging.info(
+        "AffectNet split %r (%d MB) is read from %s by random access",
+        split, builder.info.splits[split].num_bytes >> 20, builder.data_dir,
+    )
+    table["record"] = order.astype(np.int64)
+    return ExamplePool(table, _RecordDecoder(builder, split))
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def decode_image_bytes(row: Mapping[str, tf.Tensor]) -> tf.Tensor:
+    """``decode`` of in-memory pools: the encoded image in column ``image_bytes``."""
+    image = tf.io.decode_image(row["image_bytes"], channels=3, expand_animations=False)
+    return tf.ensure_shape(image, (None, None, 3))
+
+
+class _RecordDecoder:
+    """``decode`` of large pools: fetches the image bytes of row ``record`` from ArrayRecord."""
+
+    def __init__(self, builder: tfds.core.DatasetBuilder, split: str):
+        self._source = builder.as_data_source(
+            split, decoders={"image": tfds.decode.SkipDecoding()}
+        )
+
+    def _fetch(self, index: np.ndarray) -> bytes:
+        return self._source[int(index)]["image"]
+
+    def __call__(self, row: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        data = tf.numpy_function(self._fetch, [row["record"]], tf.string, stateful=False)
+        data = tf.ensure_shape(data, ())
+        return decode_image_bytes({"image_bytes": data})

@@ -1,0 +1,230 @@
+"""tf.data input pipeline: source -> split -> decode, resize, augment, preprocess -> batches.
+
+Determinism (the basis of exact resume): the training order of epoch ``e`` is a NumPy permutation
+seeded by ``(seed, e)``, and every example's augmentation seed is derived from the same pair and
+its position, so an epoch restarted after a crash sees exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Iterator, Mapping
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from sklearn.model_selection import train_test_split
+
+from affect_jax.data import augment as augment_lib
+from affect_jax.data.source import ExamplePool, Source
+
+# Keras "caffe" preprocessing for the ImageNet weights of VGG16/ResNet50: BGR means.
+CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
+
+# Data sources by name: module path whose `load_source(config, workdir)` returns a Source.
+SOURCES = {
+    "synthetic": "affect_jax.data.synthetic",
+    "affectnet": "affect_jax.data.affectnet",
+}
+
+
+class DataConfigError(ValueError):
+    """A data setting that cannot work, with what to pass instead."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSplits:
+    """The pools a run trains and evaluates on."""
+
+    source: Source
+    train: ExamplePool
+    validation: ExamplePool
+    test: ExamplePool | None
+
+
+def load_source(config: ml_collections.ConfigDict, workdir: str | None = None) -> Source:
+    """Loads ``config.data.source`` by name."""
+    name = config.data.source
+    if name not in SOURCES:
+        raise DataConfigError(
+            f"config.data.source={name!r} is not a known source; choose one of {sorted(SOURCES)}"
+        )
+    if name == "affectnet" and not config.data.dir:
+        raise DataConfigError(
+            "config.data.source='affectnet' needs config.data.dir: pass "
+            "--config.data.dir=/path/to/AffectNet (any layout listed in the README), or train "
+            "on drawn faces with --config.data.source=synthetic"
+        )
+    module = importlib.import_module(SOURCES[name])
+    source = module.load_source(config, workdir)
+    if source.num_classes != config.data.num_classes:
+        raise DataConfigError(
+            f"source {name!r} has {source.num_classes} classes but config.data.num_classes="
+            f"{config.data.num_classes}"
+        )
+    return source
+
+
+def subset(pool: ExamplePool, indices: np.ndarray) -> ExamplePool:
+    """The rows ``indices`` of ``pool``, in that order."""
+    return ExamplePool({k: np.asarray(v)[indices] for k, v in pool.columns.items()}, pool.decode)
+
+
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted train and validation indices, stratified by ``labels`` (scikit-learn)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataConfigError(f"config.data.val_fraction must be in (0, 1), got {val_fraction}")
+    counts = np.bincount(labels)
+    rare = [c for c, n in enumerate(counts) if 0 < n < 2]
+    if rare:
+        raise DataConfigError(
+            f"classes {rare} have fewer than 2 examples: a stratified split needs at least 2 each"
+        )
+    train_idx, val_idx = train_test_split(
+        np.arange(len(labels)), test_size=val_fraction, random_state=seed, stratify=labels
+    )
+    return np.sort(train_idx), np.sort(val_idx)
+
+
+def make_splits(config: ml_collections.ConfigDict, workdir: str | None = None) -> DataSplits:
+    """Loads the source and splits its train pool into train/validation."""
+    source = load_source(config, workdir)
+    pool = source.pools["train"]
+    train_idx, val_idx = stratified_split(
+        pool.labels, config.data.val_fraction, config.data.split_seed
+    )
+    logging.info(
+        "Data %r: %d examples -> %d train / %d validation (%d classes)%s; counts %s",
+        source.name, len(pool), len(train_idx), len(val_idx), source.num_classes,
+        "" if source.has_valence_arousal else ", no valence/arousal", dict(source.counts),
+    )
+    return DataSplits(
+        source, subset(pool, train_idx), subset(pool, val_idx), source.pools.get("test")
+    )
+
+
+def preprocessing_mode(config: ml_collections.ConfigDict) -> str:
+    """'caffe' or 'unit' (resolves 'auto' from the model's initialisation)."""
+    mode = config.data.preprocessing
+    if mode == "auto":
+        return "caffe" if config.model.init == "imagenet" else "unit"
+    if mode not in ("caffe", "unit"):
+        raise DataConfigError(
+            f"config.data.preprocessing={mode!r}; expected 'auto', 'caffe' or 'unit'"
+        )
+    return mode
+
+
+def preprocess(image: tf.Tensor, mode: str) -> tf.Tensor:
+    """RGB float in [0, 255] -> network input.
+
+    'caffe' is Keras's ``imagenet_utils.preprocess_input(mode='caffe')`` (RGB->BGR, minus the
+    ImageNet BGR mean, no scaling), which the Keras ImageNet weights expect; 'unit' maps to [-1, 1].
+    """
+    if mode == "caffe":
+        return image[..., ::-1] - tf.constant(CAFFE_BGR_MEAN, image.dtype)
+    return image / 127.5 - 1.0
+
+
+def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
+    image = tf.cast(image, tf.float32)
+    same = tf.logical_and(tf.shape(image)[0] == size, tf.shape(image)[1] == size)
+    resized = tf.cond(
+        same,
+        lambda: image,
+        lambda: tf.image.resize(image, (size, size), method="bilinear", antialias=True),
+    )
+    return tf.ensure_shape(resized, (size, size, 3))
+
+
+def _example_fn(pool: ExamplePool, config: ml_collections.ConfigDict, train: bool):
+    size = config.data.image_size
+    mode = preprocessing_mode(config)
+    augment = train and config.augment.enabled
+
+    def fn(row: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        image = _resize(pool.decode(row), size)
+        if augment:
+            image = augment_lib.augment_image(image, row["_seed"], config.augment)
+        va = tf.stack([row["valence"], row["arousal"]])
+        has_va = tf.reduce_all(tf.math.is_finite(va))
+        return {
+            "image": preprocess(image, mode),
+            "expression": tf.cast(row["expression"], tf.int32),
+            # NaN targets (no annotation) become 0 with has_va=0, so losses can mask them.
+            "valence_arousal": tf.where(has_va, tf.cast(va, tf.float32), 0.0),
+            "has_va": tf.cast(has_va, tf.float32),
+            "mask": tf.ones((), tf.float32),
+        }
+
+    return fn
+
+
+def _options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.private_threadpool_size = 0  # tf.data default pool, sized to the cores.
+    return options
+
+
+def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The training order of ``epoch`` (0-based), a pure function of (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Training steps per epoch: the last partial batch is dropped (fixed shapes under jit)."""
+    steps = num_examples // batch_size
+    if steps == 0:
+        raise DataConfigError(
+            f"the training split has {num_examples} examples, fewer than batch_size={batch_size}"
+        )
+    return steps
+
+
+def train_batches(
+    pool: ExamplePool,
+    config: ml_collections.ConfigDict,
+    epoch: int,
+    batch_size: int,
+    start_step: int = 0,
+) -> tf.data.Dataset:
+    """One epoch of training batches (full batches only) from ``start_step`` on."""
+    n = len(pool)
+    perm = epoch_permutation(n, config.seed, epoch)
+    columns = {k: np.asarray(v)[perm] for k, v in pool.columns.items()}
+    # Per-example stateless augmentation seed: (seed, epoch * n + position).
+    columns["_seed"] = np.stack(
+        [np.full(n, config.seed, np.int64), epoch * n + np.arange(n, dtype=np.int64)], axis=1
+    )
+    ds = tf.data.Dataset.from_tensor_slices(columns)
+    ds = ds.skip(start_step * batch_size)
+    ds = ds.map(_example_fn(pool, config, train=True), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    return ds.prefetch(2).with_options(_options())
+
+
+def eval_batches(
+    pool: ExamplePool, config: ml_collections.ConfigDict, batch_size: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Every example exactly once; the last batch padded to ``batch_size`` with ``mask`` 0."""
+    ds = tf.data.Dataset.from_tensor_slices(dict(pool.columns))
+    ds = ds.map(_example_fn(pool, config, train=False), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size).prefetch(2).with_options(_options())
+    for batch in ds.as_numpy_iterator():
+        yield pad_batch(batch, batch_size)
+
+
+def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    """Pads every field to ``batch_size`` rows with zeros (``mask`` 0 marks the padding)."""
+    n = len(batch["mask"])
+    if n == batch_size:
+        return batch
+    return {
+        k: np.concatenate([v, np.zeros((batch_size - n, *v.shape[1:]), v.dtype)])
+        for k, v in batch.items()
+    }

@@ -1,0 +1,169 @@
+"""ResNet50 (v1) in Flax NNX, layer for layer the same as `keras.applications.ResNet50`.
+
+Keras specifics kept here (they differ from torchvision's ResNet50): every conv has a bias,
+the stem is ZeroPadding2D(3) + 7x7/2 'valid' conv and ZeroPadding2D(1) + 3x3/2 max-pool, the
+bottleneck stride sits on the first 1x1 conv (and the projection shortcut), BatchNorm uses
+epsilon 1.001e-5 and momentum 0.99. Submodules carry the Keras layer names (`conv1_conv`,
+`conv2_block1_1_conv`, `conv2_block1_0_bn`, ..., `predictions`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# (stage name, filters, blocks, stride of the first block) as in keras resnet.stack1 calls.
+_STAGES = (('conv2', 64, 3, 1), ('conv3', 128, 4, 2), ('conv4', 256, 6, 2), ('conv5', 512, 3, 2))
+_EXPANSION = 4
+BN_EPSILON = 1.001e-5
+BN_MOMENTUM = 0.99
+TOP_LAYER_NAMES = ('predictions',)
+# Keras's default kernel initializer, so random-init runs start like the study's Keras models.
+KERNEL_INIT = nnx.initializers.glorot_uniform()
+
+
+def _scaled(channels: int, width: float) -> int:
+    """Channel count under the width multiplier (at least 1)."""
+    return max(1, int(round(channels * width)))
+
+
+def keras_layer_names(include_top: bool) -> tuple[str, ...]:
+    """Names of the Keras layers that hold weights, in `model.layers` order.
+
+    Keras's functional graph orders the first block of a stage as 1_conv, 1_bn, 2_conv, 2_bn,
+    0_conv, 3_conv, 0_bn, 3_bn (topological order); this matters only for Keras 3 weight
+    files that lack layer-name metadata.
+    """
+    names = ['conv1_conv', 'conv1_bn']
+    for stage, _, blocks, _ in _STAGES:
+        for b in range(1, blocks + 1):
+            p = f'{stage}_block{b}'
+            if b == 1:
+                names += [f'{p}_1_conv', f'{p}_1_bn', f'{p}_2_conv', f'{p}_2_bn',
+                          f'{p}_0_conv', f'{p}_3_conv', f'{p}_0_bn', f'{p}_3_bn']
+            else:
+                names += [f'{p}_1_conv', f'{p}_1_bn', f'{p}_2_conv', f'{p}_2_bn',
+                          f'{p}_3_conv', f'{p}_3_bn']
+    if include_top:
+        names += list(TOP_LAYER_NAMES)
+    return tuple(names)
+
+
+def _zero_pad(x: jax.Array, pad: int) -> jax.Array:
+    return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+
+class ResNet50(nnx.Module):
+    """ResNet50 backbone (optionally with the 1000-way ImageNet classifier).
+
+    Args:
+      include_top: add global average pooling and `predictions` (logits, no softmax).
+      width: channel multiplier (1.0 = Keras architecture).
+      dtype: compute dtype; parameters and BatchNorm statistics are always float32.
+      rngs: initialisation randomness.
+    """
+
+    arch = 'resnet50'
+    top_layer_names = TOP_LAYER_NAMES
+
+    def __init__(
+        self,
+        include_top: bool = False,
+        width: float = 1.0,
+        *,
+        dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if width <= 0:
+            raise ValueError(f'width must be > 0, got {width}')
+        self.include_top = include_top
+        self.width = float(width)
+        self.dtype = dtype
+
+        def conv(name: str, cin: int, cout: int, k: int, stride: int, padding: str) -> None:
+            setattr(self, name, nnx.Conv(
+                cin, cout, (k, k), strides=(stride, stride), padding=padding, use_bias=True,
+                dtype=dtype, param_dtype=jnp.float32, kernel_init=KERNEL_INIT, rngs=rngs,
+            ))
+
+        def bn(name: str, c: int) -> None:
+            setattr(self, name, nnx.BatchNorm(
+                c, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
+                param_dtype=jnp.float32, rngs=rngs,
+            ))
+
+        stem = _scaled(64, width)
+        conv('conv1_conv', 3, stem, 7, 2, 'VALID')
+        bn('conv1_bn', stem)
+        blocks = []  # (prefix, stride, has_shortcut)
+        in_ch = stem
+        for stage, filters, n_blocks, stride in _STAGES:
+            f = _scaled(filters, width)
+            out = _EXPANSION * f
+            for b in range(1, n_blocks + 1):
+                p = f'{stage}_block{b}'
+                s = stride if b == 1 else 1
+                if b == 1:  # Keras stack1: conv_shortcut=True on the first block only.
+                    conv(f'{p}_0_conv', in_ch, out, 1, s, 'VALID')
+                    bn(f'{p}_0_bn', out)
+                conv(f'{p}_1_conv', in_ch, f, 1, s, 'VALID')
+                bn(f'{p}_1_bn', f)
+                conv(f'{p}_2_conv', f, f, 3, 1, 'SAME')
+                bn(f'{p}_2_bn', f)
+                conv(f'{p}_3_conv', f, out, 1, 1, 'VALID')
+                bn(f'{p}_3_bn', out)
+                blocks.append((p, b == 1))
+                in_ch = out
+        self._blocks = tuple(blocks)
+        self.num_features = in_ch
+        if include_top:
+            self.predictions = nnx.Linear(
+                in_ch, 1000, dtype=dtype, kernel_init=KERNEL_INIT, rngs=rngs
+            )
+
+    def feature_shape(self, image_size: int) -> tuple[int, int, int]:
+        """(h, w, c) of the last feature map (conv5_block3_out) for a square input."""
+        size = (image_size + 6 - 7) // 2 + 1  # conv1_pad + conv1_conv
+        size = (size + 2 - 3) // 2 + 1  # pool1_pad + pool1_pool
+        for _, _, _, stride in _STAGES:
+            size = (size - 1) // stride + 1  # strided 1x1 'valid' conv
+        return size, size, self.num_features
+
+    def _block(self, x: jax.Array, prefix: str, shortcut: bool, train: bool) -> jax.Array:
+        ura = not train
+
+        def layer(name: str) -> Any:
+            return getattr(self, f'{prefix}_{name}')
+
+        if shortcut:
+            sc = layer('0_bn')(layer('0_conv')(x), use_running_average=ura)
+        else:
+            sc = x
+        y = jax.nn.relu(layer('1_bn')(layer('1_conv')(x), use_running_average=ura))
+        y = jax.nn.relu(layer('2_bn')(layer('2_conv')(y), use_running_average=ura))
+        y = layer('3_bn')(layer('3_conv')(y), use_running_average=ura)
+        return jax.nn.relu(sc + y)
+
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        """Runs the network on preprocessed NHWC images.
+
+        Returns the conv5_block3_out feature map [B, h, w, C], or 1000 logits with the top.
+        `train=True` normalises with batch statistics and updates the running averages.
+        """
+        x = _zero_pad(x.astype(self.dtype), 3)
+        x = self.conv1_bn(self.conv1_conv(x), use_running_average=not train)
+        x = jax.nn.relu(x)
+        # Zero padding before the max-pool matches Keras (inputs are >= 0 after the ReLU).
+        x = _zero_pad(x, 1)
+        x = jax.lax.reduce_window(
+            x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), 'VALID'
+        )
+        for prefix, shortcut in self._blocks:
+            x = self._block(x, prefix, shortcut, train)
+        if not self.include_top:
+            return x
+        x = jnp.mean(x, axis=(1, 2))
+        return self.predictions(x)

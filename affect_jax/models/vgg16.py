@@ -1,0 +1,123 @@
+"""VGG16 in Flax NNX, layer for layer the same as `keras.applications.VGG16`.
+
+Submodules carry the Keras layer names (`block1_conv1`, ..., `fc1`, `fc2`, `predictions`) so
+that Keras weight files map onto them by name (see `affect_jax.weights`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# (block, number of convs, channels) as in keras.applications.vgg16.
+_BLOCKS = ((1, 2, 64), (2, 2, 128), (3, 3, 256), (4, 3, 512), (5, 3, 512))
+_FC_UNITS = 4096
+TOP_LAYER_NAMES = ('fc1', 'fc2', 'predictions')
+# Keras's default kernel initializer, so random-init runs start like the study's Keras models.
+KERNEL_INIT = nnx.initializers.glorot_uniform()
+
+
+def _scaled(channels: int, width: float) -> int:
+    """Channel count under the width multiplier (at least 1)."""
+    return max(1, int(round(channels * width)))
+
+
+def keras_layer_names(include_top: bool) -> tuple[str, ...]:
+    """Names of the Keras layers that hold weights, in `model.layers` order."""
+    names = [f'block{b}_conv{i}' for b, n, _ in _BLOCKS for i in range(1, n + 1)]
+    if include_top:
+        names += list(TOP_LAYER_NAMES)
+    return tuple(names)
+
+
+def _max_pool_2x2(x: jax.Array) -> jax.Array:
+    # Keras MaxPooling2D((2, 2), strides=(2, 2)) with 'valid' padding floors odd sizes.
+    return jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID'
+    )
+
+
+class VGG16(nnx.Module):
+    """VGG16 backbone (optionally with the 1000-way ImageNet classifier).
+
+    Args:
+      include_top: add flatten, fc1, fc2 and predictions (logits, no softmax).
+      width: channel multiplier (1.0 = Keras architecture; also scales fc1/fc2).
+      input_size: square input side; only needed with the top, whose fc1 input size
+        depends on it (224 for the ImageNet weights).
+      dtype: compute dtype; parameters are always float32.
+      rngs: initialisation randomness.
+    """
+
+    arch = 'vgg16'
+    top_layer_names = TOP_LAYER_NAMES
+
+    def __init__(
+        self,
+        include_top: bool = False,
+        width: float = 1.0,
+        *,
+        input_size: int = 224,
+        dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if width <= 0:
+            raise ValueError(f'width must be > 0, got {width}')
+        self.include_top = include_top
+        self.width = float(width)
+        self.dtype = dtype
+        conv_names = []
+        in_ch = 3
+        for block, n_convs, channels in _BLOCKS:
+            out_ch = _scaled(channels, width)
+            for i in range(1, n_convs + 1):
+                name = f'block{block}_conv{i}'
+                conv = nnx.Conv(
+                    in_ch, out_ch, (3, 3), padding='SAME', dtype=dtype,
+                    param_dtype=jnp.float32, kernel_init=KERNEL_INIT, rngs=rngs,
+                )
+                setattr(self, name, conv)
+                conv_names.append(name)
+                in_ch = out_ch
+        self._conv_names = tuple(conv_names)
+        self.num_features = in_ch
+        if include_top:
+            h, w, c = self.feature_shape(input_size)
+            if h < 1 or w < 1:
+                raise ValueError(f'input_size {input_size} too small for VGG16 (minimum 32)')
+            fc = _scaled(_FC_UNITS, width)
+            self.fc1 = nnx.Linear(h * w * c, fc, dtype=dtype, kernel_init=KERNEL_INIT, rngs=rngs)
+            self.fc2 = nnx.Linear(fc, fc, dtype=dtype, kernel_init=KERNEL_INIT, rngs=rngs)
+            self.predictions = nnx.Linear(fc, 1000, dtype=dtype, kernel_init=KERNEL_INIT, rngs=rngs)
+
+    def feature_shape(self, image_size: int) -> tuple[int, int, int]:
+        """(h, w, c) of the last feature map (block5_pool) for a square input."""
+        size = image_size
+        for _ in _BLOCKS:
+            size //= 2
+        return size, size, self.num_features
+
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        """Runs the network on preprocessed NHWC images.
+
+        Returns the block5_pool feature map [B, h, w, C], or 1000 logits with the top.
+        `train` is accepted for interface parity with ResNet50 (VGG16 has no BatchNorm).
+        """
+        del train
+        x = x.astype(self.dtype)
+        idx = 0
+        for _, n_convs, _ in _BLOCKS:
+            for _ in range(n_convs):
+                x = jax.nn.relu(getattr(self, self._conv_names[idx])(x))
+                idx += 1
+            x = _max_pool_2x2(x)
+        if not self.include_top:
+            return x
+        # Keras Flatten on channels_last flattens in (h, w, c) order, as reshape does.
+        x = x.reshape((x.shape[0], -1))
+        x = jax.nn.relu(self.fc1(x))
+        x = jax.nn.relu(self.fc2(x))
+        return self.predictions(x)

@@ -1,0 +1,85 @@
+r"""Default configuration: every field a user can set, with its meaning.
+
+Other configs import this one and override a few fields. Run with, e.g.::
+
+    python -m affect_jax.main --config=configs/default.py --workdir=/tmp/run \
+      --config.data.source=synthetic --config.model.init=random
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Returns the default (ResNet50, study settings) configuration."""
+    config = ml_collections.ConfigDict()
+
+    # --- Model -------------------------------------------------------------------------------
+    config.model = ml_collections.ConfigDict()
+    config.model.name = 'resnet50'  # 'resnet50' or 'vgg16' (keras.applications layouts).
+    config.model.init = 'imagenet'  # 'imagenet' (ported Keras weights) or 'random'.
+    # Directory written by scripts/port_weights.py (needed when init='imagenet').
+    config.model.weights = ''
+    # Channel multiplier of the backbone; 1.0 is the Keras architecture (required for
+    # ImageNet weights). Smaller values give tiny models for demos and tests.
+    config.model.width = 1.0
+    config.model.pooling = 'avg'  # Neck: 'avg', 'max' or 'flatten' over the last feature map.
+    config.model.hidden_sizes = (256,)  # Dense ReLU layers of the shared neck.
+    config.model.dropout = 0.5  # Dropout rate before the heads (train only).
+    config.model.freeze_backbone = False  # The study trains every layer.
+
+    # --- Data --------------------------------------------------------------------------------
+    config.data = ml_collections.ConfigDict()
+    # 'affectnet' (reads data.dir in any of the layouts in README) or 'synthetic' (drawn faces).
+    config.data.source = 'affectnet'
+    config.data.dir = ''  # Root of the user's AffectNet files (source='affectnet').
+    # AffectNet layout: 'auto', 'official', 'npy', 'folders' or 'manifest'.
+    config.data.layout = 'auto'
+    config.data.num_classes = 8  # 8 (with Contempt) or 7 (AffectNet's 7-class protocol).
+    config.data.image_size = 224  # Square input side in pixels.
+    config.data.val_fraction = 0.2  # Stratified hold-out fraction of the training pool.
+    config.data.split_seed = 0  # Seed of the train/validation split (fixed across runs).
+    config.data.face_margin = 0.0  # Official layout: extra margin around the face box (fraction).
+    # Preprocessing: 'auto' ('caffe' for ImageNet weights, else 'unit'), 'caffe' (Keras:
+    # RGB->BGR, minus ImageNet mean, no scaling) or 'unit' (scale to [-1, 1]).
+    config.data.preprocessing = 'auto'
+    config.data.synthetic_size = 4000  # Number of drawn faces (source='synthetic').
+    config.data.tfds_data_dir = ''  # Where TFDS prepares AffectNet ('' = TFDS default).
+
+    # Augmentation (training only; off at evaluation).
+    config.augment = ml_collections.ConfigDict()
+    config.augment.enabled = False  # The study used none.
+    config.augment.flip = True  # Horizontal flip with probability 0.5.
+    config.augment.crop_scale = (0.8, 1.0)  # Random resized crop: area fraction range.
+    config.augment.rotation_degrees = 10.0  # Maximum absolute rotation.
+    config.augment.color_jitter = 0.2  # Brightness/contrast/saturation strength.
+
+    # --- Optimisation ------------------------------------------------------------------------
+    config.batch_size = 32  # Global batch size.
+    config.eval_batch_size = 64
+    config.num_epochs = 20
+    config.learning_rate = 1e-4  # Adam learning rate (heads and backbone).
+    # Backbone learning rate; a negative value means: same as learning_rate.
+    config.backbone_learning_rate = -1.0
+    config.adam_b1 = 0.9
+    config.adam_b2 = 0.999
+    config.adam_epsilon = 1e-7  # Keras's Adam default (optax's is 1e-8).
+    config.loss_weights = ml_collections.ConfigDict()
+    config.loss_weights.classification = 1.0  # Weight of categorical cross-entropy.
+    config.loss_weights.regression = 1.0  # Weight of valence/arousal MSE.
+    config.loss_weights.ccc = 0.0  # Weight of (1 - CCC) per dimension (HSEmotion); off.
+
+    # --- Numerics and speed --------------------------------------------------------------------
+    config.compute_dtype = 'float32'  # 'float32' or 'bfloat16' (params and loss stay float32).
+
+    # --- Run ---------------------------------------------------------------------------------
+    config.seed = 0  # Model init, dropout and data order.
+    # Validation metric that picks the best checkpoint, and whether higher is better.
+    config.best_metric = 'mean_ccc'
+    config.best_mode = 'max'
+    config.keep_checkpoints = 2  # Latest checkpoints kept besides the best one.
+    config.log_every_steps = 10  # Progress line (with ETA) every N training steps.
+    # Cap on training steps per epoch (-1: the whole training split). For smoke tests.
+    config.steps_per_epoch = -1
+    # Persistent XLA compilation cache, so a resumed run does not recompile ('' = off).
+    config.compilation_cache_dir = '~/.cache/affect_jax/xla'
+    return config

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny configurations (used for testing only) and paths."""
+
+import os
+import runpy
+
+import ml_collections
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs")
+
+
+def load_config(name: str) -> ml_collections.ConfigDict:
+    return runpy.run_path(os.path.join(CONFIGS, f"{name}.py"))["get_config"]()
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+    """A few-second run: a 1/16-width VGG16 on 32-px synthetic faces."""
+    config = load_config("default")
+    config.model.name = "vgg16"
+    config.model.width = 1 / 16
+    config.model.init = "random"
+    config.model.hidden_sizes = (16,)
+    config.model.dropout = 0.1
+    config.data.source = "synthetic"
+    config.data.synthetic_size = 120
+    config.data.image_size = 32
+    config.batch_size = 8
+    config.eval_batch_size = 16
+    config.num_epochs = 2
+    config.steps_per_epoch = 4
+    config.log_every_steps = 2
+    config.compilation_cache_dir = ""
+    config.update_from_flattened_dict(overrides)
+    return config
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config()
+
+
+# Flags that turn configs/default.py into the tiny config above on the command line.
+TINY_FLAGS = [
+    "--config.model.name=vgg16", "--config.model.width=0.0625", "--config.model.init=random",
+    "--config.model.hidden_sizes=(16,)", "--config.model.dropout=0.1",
+    "--config.data.source=synthetic", "--config.data.synthetic_size=120",
+    "--config.data.image_size=32", "--config.batch_size=8", "--config.eval_batch_size=16",
+    "--config.num_epochs=3", "--config.steps_per_epoch=4", "--config.log_every_steps=2",
+    "--config.compilation_cache_dir=",
+]

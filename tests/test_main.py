@@ -1,0 +1,133 @@
+"""The command line end to end: a short run, config errors, kill-and-resume equivalence."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, TINY_FLAGS
+
+
+def _main(workdir, *extra, config="configs/default.py"):
+    return [sys.executable, "-m", "affect_jax.main", f"--config={config}",
+            f"--workdir={workdir}", *TINY_FLAGS, *extra]
+
+
+def _run(cmd, timeout=600):
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def _same(a, b):
+    """Equality that treats NaN as equal to NaN (undefined metrics are NaN)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _val_history(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if k.startswith("val_") or k in ("epoch", "step",
+                                                                           "train_loss")}
+            for r in rows]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    result = _run(_main(workdir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result
+
+
+def test_run_writes_everything(reference_run):
+    workdir, result = reference_run
+    files = set(os.listdir(workdir))
+    for name in ("config.json", "metrics.jsonl", "final_metrics.json", "report.md",
+                 "training_curves.png", "confusion_matrix.png", "checkpoints"):
+        assert name in files, (name, files)
+    assert any(f.startswith("events.out.tfevents") for f in files)
+    history = _val_history(workdir)
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    final = json.load(open(os.path.join(workdir, "final_metrics.json")))
+    assert final["num_classes"] == 8 and final["data_source"] == "synthetic"
+    for key in ("accuracy", "f1_macro", "auc", "pr_auc", "kappa", "mean_ccc", "valence_rmse"):
+        assert key in final["metrics"]
+    assert "ETA" in result.stderr
+    assert "epoch 3/3 done" in result.stderr
+
+
+def test_rerun_of_finished_run_resumes_without_training(reference_run):
+    workdir, _ = reference_run
+    before = json.load(open(os.path.join(workdir, "final_metrics.json")))
+    result = _run(_main(workdir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resumed from epoch 3" in result.stderr
+    assert "step 2/12" not in result.stderr  # no training step ran
+    after = json.load(open(os.path.join(workdir, "final_metrics.json")))
+    assert _same(after["metrics"], before["metrics"])
+
+
+def _kill_when(cmd, condition, timeout=300):
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    start = time.time()
+    while not condition():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() - start < timeout
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize("kill_at", ["first_metrics_line", "mid_second_epoch"])
+def test_sigkill_and_rerun_gives_identical_results(reference_run, tmp_path, kill_at):
+    reference, _ = reference_run
+    workdir = str(tmp_path)
+    history = os.path.join(workdir, "metrics.jsonl")
+
+    def lines():
+        return open(history).read().count("\n") if os.path.exists(history) else 0
+
+    if kill_at == "first_metrics_line":
+        # Right after epoch 1's metrics are written, while its checkpoint is being saved.
+        _kill_when(_main(workdir), lambda: lines() >= 1)
+    else:
+        ckpt = os.path.join(workdir, "checkpoints", "1")
+        _kill_when(_main(workdir), lambda: os.path.isdir(ckpt))
+        time.sleep(1.0)
+    result = _run(_main(workdir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _same(_val_history(workdir), _val_history(reference))
+    got = json.load(open(os.path.join(workdir, "final_metrics.json")))
+    want = json.load(open(os.path.join(reference, "final_metrics.json")))
+    assert _same(got["metrics"], want["metrics"])
+    assert got["best_epoch"] == want["best_epoch"]
+
+
+def test_unknown_config_key_is_a_clear_error(tmp_path):
+    result = _run(_main(str(tmp_path), "--config.no_such_field=1"))
+    assert result.returncode != 0
+    assert "no_such_field" in result.stderr
+
+
+def test_bad_config_value_is_a_clear_error(tmp_path):
+    result = _run(_main(str(tmp_path), "--config.batch_size=lots"))
+    assert result.returncode != 0
+    assert "batch_size" in result.stderr
+
+
+def test_bad_model_name_is_a_clear_error(tmp_path):
+    result = _run(_main(str(tmp_path), "--config.model.name=alexnet"))
+    assert result.returncode != 0
+    assert "alexnet" in result.stderr and "resnet50" in result.stderr
+
+
+def test_study_config_without_data_says_what_to_pass(tmp_path):
+    cmd = [sys.executable, "-m", "affect_jax.main", "--config=configs/resnet50.py",
+           f"--workdir={tmp_path}"]
+    result = _run(cmd)
+    assert result.returncode != 0
+    assert "--config.data.dir" in result.stderr and "synthetic" in result.stderr

@@ -1,0 +1,207 @@
+"""Reports regenerated from a fake workdir; the tables parsed back against the metrics JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from affect_jax import report
+from affect_jax.metrics import compute_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+NAMES8 = ["Neutral", "Happy", "Sad", "Surprise", "Fear", "Disgust", "Anger", "Contempt"]
+
+
+def fake_metrics(seed, num_classes=8, with_va=True, n=240):
+    rng = np.random.default_rng(seed)
+    labels = np.concatenate([np.arange(num_classes), rng.integers(0, num_classes,
+                                                                  n - num_classes)])
+    logits = rng.normal(size=(n, num_classes)) + 2.0 * np.eye(num_classes)[labels]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    va_true = rng.uniform(-1, 1, (n, 2)) if with_va else None
+    va_pred = (0.6 * va_true + rng.normal(0, 0.3, (n, 2))) if with_va else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # A rarely predicted class may warn; irrelevant here.
+        return compute_metrics(labels, probs, va_true, va_pred, NAMES8[:num_classes])
+
+
+def make_workdir(path: Path, model="resnet50", seed=0, num_classes=8, with_va=True,
+                 epochs=3) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for epoch in range(1, epochs + 1):
+        val = fake_metrics(seed * 100 + epoch, num_classes, with_va)
+        record = {"epoch": epoch, "step": 100 * epoch, "epoch_time_s": 40.0 + epoch,
+                  "train_loss": 2.0 / epoch, "train_accuracy": 0.2 * epoch, "val_loss": 2.2 / epoch}
+        if with_va and epoch == 1:
+            record["train_mean_ccc"] = 0.3
+        elif with_va and epoch == 3:
+            record["train_mean_ccc"] = float("nan")  # Epoch 2: absent; epoch 3: NaN.
+        record |= {f"val_{k}": v for k, v in val.items()}
+        lines.append(json.dumps(record))
+    (path / report.METRICS_HISTORY).write_text("\n".join(lines) + "\n")
+    final = {"model": model, "num_classes": num_classes, "class_names": NAMES8[:num_classes],
+             "data_source": "synthetic", "epochs": epochs, "best_epoch": 2,
+             "checkpoint": "best", "split": "validation",
+             "metrics": fake_metrics(seed * 100 + 2, num_classes, with_va),
+             "time_per_epoch_s": {"median": 192.0, "min": 41.0, "max": 250.0}}
+    (path / report.FINAL_METRICS).write_text(json.dumps(final))
+    return path
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def parse_table(text: str, first_header: str) -> list[dict[str, str]]:
+    """The Markdown table whose header starts with ``first_header``, as dicts."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines[:-1]) if line.startswith(f"| {first_header} |")
+                 and lines[i + 1].startswith("| ---"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, [c.strip() for c in line.strip("|").split("|")],
+                             strict=True)))
+    return rows
+
+
+def assert_cell(cell: str, value, digits=3):
+    if value is None or not math.isfinite(value):
+        assert cell == report.MISSING
+    else:
+        assert float(cell) == pytest.approx(value, abs=0.5 * 10 ** -digits + 1e-12)
+
+
+def test_write_reports(tmp_path):
+    workdir = make_workdir(tmp_path / "run")
+    written = report.write_reports(workdir)
+    assert set(written) == {"training_curves", "confusion_matrix", "report"}
+    for name in ("training_curves", "confusion_matrix"):
+        path = written[name]
+        assert path == workdir / f"{name}.png"
+        width, height = png_size(path)
+        assert 600 <= width <= 3000 and 300 <= height <= 2000
+        assert path.stat().st_size > 20_000
+
+    text = written["report"].read_text()
+    final = json.loads((workdir / report.FINAL_METRICS).read_text())
+    m = final["metrics"]
+    rows = parse_table(text, "model")
+    ours = rows[0]
+    assert ours["model"] == "ResNet50" and ours["classes"] == "8"
+    assert ours["accuracy"].endswith("%")
+    assert float(ours["accuracy"][:-1]) == pytest.approx(100 * m["accuracy"], abs=0.005 + 1e-12)
+    for column, key in (("macro F1", "f1_macro"), ("AUC", "auc"), ("PR-AUC", "pr_auc"),
+                        ("kappa", "kappa"), ("RMSE", "mean_rmse"), ("CORR", "mean_corr"),
+                        ("SAGR", "mean_sagr"), ("CCC", "mean_ccc")):
+        assert_cell(ours[column], m[key])
+    assert ours["time/epoch"] == "3.2 min"
+    assert [r["model"] for r in rows[1:]] == [f"VGG16, {report.REFERENCE_LABEL}",
+                                              f"ResNet50, {report.REFERENCE_LABEL}"]
+    assert rows[2]["accuracy"] == "40.75%" and rows[2]["CCC"] == "0.637"
+    assert rows[1]["time/epoch"] == "18-42 min"
+
+    dims = {r["dimension"]: r for r in parse_table(text, "dimension")}
+    assert set(dims) == {"valence", "arousal", "mean"}
+    for dim, row in dims.items():
+        for column in ("RMSE", "CORR", "SAGR", "CCC"):
+            assert_cell(row[column], m[f"{dim}_{column.lower()}"])
+
+    per_class = parse_table(text, "class")
+    assert [r["class"] for r in per_class] == NAMES8
+    for k, row in enumerate(per_class):
+        key = NAMES8[k].lower()
+        assert_cell(row["precision"], m[f"precision_{key}"])
+        assert_cell(row["recall"], m[f"recall_{key}"])
+        assert_cell(row["F1"], m[f"f1_{key}"])
+        assert int(row["support"]) == sum(m["confusion_matrix"][k])
+
+    epochs = parse_table(text, "epoch")
+    assert [r["epoch"] for r in epochs] == ["1", "**2**", "3"]
+    assert [r["train CCC"] for r in epochs] == ["0.300", "n/a", "n/a"]
+    assert "![training curves](training_curves.png)" in text
+    assert "![confusion matrix](confusion_matrix.png)" in text
+
+
+def test_without_valence_arousal_and_history(tmp_path, monkeypatch):
+    workdir = make_workdir(tmp_path / "run", model="vgg16", num_classes=7, with_va=False)
+    written = report.write_reports(workdir)
+    png_size(written["training_curves"])
+    text = written["report"].read_text()
+    ours = parse_table(text, "model")[0]
+    assert ours["model"] == "VGG16" and ours["classes"] == "7"
+    assert all(ours[c] == "n/a" for c in ("RMSE", "CORR", "SAGR", "CCC"))
+    assert "Not scored" in text
+
+    (workdir / report.METRICS_HISTORY).unlink()
+    monkeypatch.setattr(report, "plot_confusion_matrix", lambda *a, **k: workdir / "cm.png")
+    with pytest.warns(UserWarning, match="training curves skipped"):
+        written = report.write_reports(workdir)
+    assert "training_curves" not in written
+
+
+def test_history_dedupes_epochs_and_reports_bad_lines(tmp_path):
+    path = tmp_path / report.METRICS_HISTORY
+    path.write_text('{"epoch": 2, "x": 1}\n{"epoch": 1, "x": NaN}\n\n{"epoch": 2, "x": 3}\n')
+    history = report.load_history(tmp_path)
+    assert [r["epoch"] for r in history] == [1, 2] and history[1]["x"] == 3
+    assert math.isnan(history[0]["x"])
+    path.write_text('{"epoch": 1}\n{"epoch": 2, "x"')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
+        report.load_history(tmp_path)
+    with pytest.raises(FileNotFoundError, match="final_metrics.json"):
+        report.load_final_metrics(tmp_path)
+
+
+@pytest.mark.parametrize("seconds,text", [(4.23, "4.2 s"), (41.4, "41 s"), (192, "3.2 min"),
+                                          (5400, "1.5 h"), (float("nan"), "n/a"),
+                                          (None, "n/a")])
+def test_format_duration(seconds, text):
+    assert report.format_duration(seconds) == text
+
+
+def test_compare_runs(tmp_path, capsys):
+    a = make_workdir(tmp_path / "vgg_run", model="vgg16", seed=1)
+    b = make_workdir(tmp_path / "resnet_run", model="resnet50", seed=2)
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_runs.py"), str(a),
+                          str(b)], capture_output=True, text=True, check=True).stdout
+    rows = parse_table(out, "model")
+    assert [r["model"] for r in rows] == [
+        "VGG16 (vgg_run)", "ResNet50 (resnet_run)", f"VGG16, {report.REFERENCE_LABEL}",
+        f"ResNet50, {report.REFERENCE_LABEL}"]
+    for row, workdir in zip(rows, (a, b), strict=False):
+        m = report.load_final_metrics(workdir)["metrics"]
+        assert_cell(row["CCC"], m["mean_ccc"])
+        assert_cell(row["kappa"], m["kappa"])
+
+    # In-process for the remaining cases (each subprocess pays the imports again).
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import compare_runs
+    finally:
+        sys.path.pop(0)
+    assert compare_runs.main([str(a), str(b), "--no-reference"]) == 0
+    out = capsys.readouterr().out
+    assert "reference" not in out and len(parse_table(out, "model")) == 2
+    assert compare_runs.main([str(a), str(tmp_path / "nothing")]) == 1
+    assert "nothing" in capsys.readouterr().err
+
+
+def test_confusion_matrix_with_absent_class(tmp_path):
+    confusion = [[3, 1, 0], [0, 0, 0], [1, 0, 2]]  # Class "b" absent: its row cannot normalise.
+    path = report.plot_confusion_matrix(confusion, ["a", "b", "c"], tmp_path / "cm.png")
+    width, height = png_size(path)
+    assert width > 500 and height > 200

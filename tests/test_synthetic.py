@@ -1,0 +1,192 @@
+"""Tests of the synthetic face source."""
+
+import dataclasses
+
+import cv2
+import ml_collections
+import numpy as np
+import pytest
+
+from affect_jax.data import synthetic
+from affect_jax.data.source import AFFECTNET_CLASS_NAMES, Source
+
+
+@pytest.fixture(scope="module")
+def faces():
+    return synthetic.draw_faces(160, 48, 8, seed=3)
+
+
+def test_shapes_dtypes_ranges(faces):
+    assert faces["image"].shape == (160, 48, 48, 3) and faces["image"].dtype == np.uint8
+    for key in ("expression", "valence", "arousal"):
+        assert faces[key].shape == (160,)
+    assert faces["expression"].dtype == np.int32
+    assert faces["valence"].dtype == faces["arousal"].dtype == np.float32
+    for key in ("valence", "arousal"):
+        assert np.all(np.abs(faces[key]) <= 1.0)
+    # Images are not blank: they use a good part of the intensity range.
+    assert faces["image"].std() > 20
+
+
+def test_balanced_and_shuffled(faces):
+    np.testing.assert_array_equal(np.bincount(faces["expression"], minlength=8), [20] * 8)
+    assert not np.array_equal(faces["expression"], np.arange(160) % 8)
+
+
+def test_valence_arousal_vary_within_class(faces):
+    for c in range(8):
+        mask = faces["expression"] == c
+        centre = synthetic.CLASS_VA_CENTRES[c]
+        for k, key in enumerate(("valence", "arousal")):
+            values = faces[key][mask]
+            assert values.std() > 0.05
+            assert np.all(np.abs(values - centre[k]) <= synthetic.VA_JITTER + 1e-6)
+
+
+def test_deterministic():
+    a = synthetic.draw_faces(24, 32, 8, seed=5)
+    b = synthetic.draw_faces(24, 32, 8, seed=5)
+    c = synthetic.draw_faces(24, 32, 8, seed=6)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert not np.array_equal(a["image"], c["image"])
+    assert not np.array_equal(a["valence"], c["valence"])
+
+
+def test_seven_classes_drop_contempt():
+    faces = synthetic.draw_faces(70, 32, 7, seed=0)
+    np.testing.assert_array_equal(np.bincount(faces["expression"]), [10] * 7)
+
+
+@pytest.mark.parametrize("size", [16, 32, 224])
+def test_sizes(size):
+    assert synthetic.draw_faces(8, size, 8, seed=0)["image"].shape == (8, size, size, 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_classes=6), "num_classes"),
+        (dict(num_classes=9), "num_classes"),
+        (dict(image_size=15), "image_size"),
+        (dict(image_size=32.5), "image_size"),
+        (dict(num_examples=0), "num_examples"),
+    ],
+)
+def test_argument_errors(kwargs, match):
+    args = dict(num_examples=8, image_size=32, num_classes=8, seed=0) | kwargs
+    with pytest.raises(ValueError, match=match):
+        synthetic.draw_faces(**args)
+
+
+def _clean_params(expression: int) -> synthetic.FaceParams:
+    p = synthetic.sample_params(1, 8, seed=0)[0]
+    v, a = synthetic.CLASS_VA_CENTRES[expression]
+    return dataclasses.replace(
+        p,
+        expression=expression,
+        valence=float(v),
+        arousal=float(a),
+        centre=(0.5, 0.5),
+        scale=0.3,
+        angle=0.0,
+        light_strength=0.0,
+        noise_std=0.0,
+    )
+
+
+def _diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.abs(a.astype(np.int32) - b.astype(np.int32)).sum(-1)
+
+
+@pytest.mark.parametrize("expression", range(8))
+def test_valence_changes_only_the_mouth(expression):
+    # Same class, same pose: +-0.2 valence must visibly move pixels, and only around the mouth.
+    size = 64
+    p = _clean_params(expression)
+    low = synthetic._draw_one(dataclasses.replace(p, valence=p.valence - 0.2), size)
+    high = synthetic._draw_one(dataclasses.replace(p, valence=p.valence + 0.2), size)
+    diff = _diff(low, high)
+    # The mouth sits 0.58 face half-widths (0.3 * size) below the centre.
+    mouth_row = int(size * (0.5 + 0.3 * 0.58))
+    rows = np.nonzero(diff.sum(1) > 30)[0]
+    assert diff.sum() > 500
+    assert rows.min() >= mouth_row - 8 and rows.max() <= mouth_row + 8
+
+
+@pytest.mark.parametrize("expression", range(8))
+def test_arousal_changes_eyes_and_brows(expression):
+    size = 64
+    p = _clean_params(expression)
+    low = synthetic._draw_one(dataclasses.replace(p, arousal=p.arousal - 0.2), size)
+    high = synthetic._draw_one(dataclasses.replace(p, arousal=p.arousal + 0.2), size)
+    diff = _diff(low, high)
+    rows = np.nonzero(diff.sum(1) > 30)[0]
+    assert diff.sum() > 500
+    # Eyes and brows are above the nose, 0.2 face half-widths below the centre.
+    assert rows.max() < size * (0.5 + 0.3 * 0.2)
+
+
+def test_load_source():
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.data = ml_collections.ConfigDict(
+        dict(synthetic_size=50, image_size=32, num_classes=7, split_seed=1)
+    )
+    source = synthetic.load_source(config)
+    assert isinstance(source, Source)
+    assert source.name == "synthetic" and source.has_valence_arousal
+    assert source.class_names == AFFECTNET_CLASS_NAMES[:7]
+    assert len(source.pools["train"]) == 50 and len(source.pools["test"]) == 10
+    assert source.counts == {"kept": 50}
+    train, test = source.pools["train"].columns, source.pools["test"].columns
+    assert train["image"].shape == (50, 32, 32, 3)
+    assert source.pools["train"].labels.max() == 6
+    assert not np.array_equal(train["image"][:10], test["image"])
+    # The data depends on data.split_seed, not on the model seed.
+    config.seed = 1
+    np.testing.assert_array_equal(
+        synthetic.load_source(config).pools["train"].columns["image"], train["image"]
+    )
+    config.data.split_seed = 2
+    assert not np.array_equal(
+        synthetic.load_source(config).pools["train"].columns["image"], train["image"]
+    )
+    # decode returns the stored image.
+    row = {k: v[0] for k, v in train.items()}
+    np.testing.assert_array_equal(np.asarray(source.pools["train"].decode(row)), train["image"][0])
+
+
+def test_linear_baseline_beats_chance():
+    """Gradient-orientation features + linear models learn class and valence/arousal."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.preprocessing import StandardScaler
+
+    size, cells = 48, 8
+    train = synthetic.draw_faces(640, size, 8, seed=10)
+    val = synthetic.draw_faces(240, size, 8, seed=11)
+
+    def features(images: np.ndarray) -> np.ndarray:
+        # Cheap HOG: gradient magnitude binned by orientation (8 bins) over an 8x8 grid of cells.
+        cell = np.arange(size) * cells // size
+        cell_index = (cell[:, None] * cells + cell[None, :]) * 8
+        out = []
+        for im in images:
+            g = cv2.cvtColor(im, cv2.COLOR_RGB2GRAY).astype(np.float32)
+            gx, gy = cv2.Sobel(g, cv2.CV_32F, 1, 0), cv2.Sobel(g, cv2.CV_32F, 0, 1)
+            mag, ang = cv2.cartToPolar(gx, gy)
+            bins = (ang % np.pi / np.pi * 8).astype(int) % 8
+            hist = np.bincount((cell_index + bins).ravel(), mag.ravel(), cells * cells * 8)
+            out.append(np.sqrt(hist))
+        return np.stack(out)
+
+    x_train, x_val = features(train["image"]), features(val["image"])
+    scaler = StandardScaler().fit(x_train)
+    x_train, x_val = scaler.transform(x_train), scaler.transform(x_val)
+    clf = LogisticRegression(C=0.01, max_iter=500).fit(x_train, train["expression"])
+    accuracy = (clf.predict(x_val) == val["expression"]).mean()
+    assert accuracy > 0.4, accuracy  # Chance is 0.125.
+    for key in ("valence", "arousal"):
+        pred = Ridge(alpha=300.0).fit(x_train, train[key]).predict(x_val)
+        corr = np.corrcoef(pred, val[key])[0, 1]
+        assert corr > 0.5, (key, corr)

@@ -1,0 +1,131 @@
+"""Train/eval steps, losses, checkpoints."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from affect_jax import checkpointing, train
+from affect_jax.data import pipeline
+from tests.conftest import tiny_config
+
+
+def _one_batch(config, n=8):
+    splits = pipeline.make_splits(config)
+    batches = pipeline.train_batches(splits.train, config, 0, n)
+    return next(batches.as_numpy_iterator())
+
+
+def test_loss_goes_down_when_overfitting_one_batch():
+    config = tiny_config(learning_rate=1e-3)
+    config.model.dropout = 0.0
+    config.model.width = 1 / 8
+    config.model.hidden_sizes = (64,)
+    mesh = train.make_mesh()
+    graphdef, tx, state = train.create_train_state(config, train.create_model(config))
+    step = jax.jit(train.make_train_step(graphdef, tx, config))
+    batch = train.shard_batch(_one_batch(config), mesh)
+    losses = []
+    for _ in range(60):
+        state, out = step(state, batch)
+        losses.append(float(out["loss"]))
+    assert losses[-1] < 0.2 * losses[0], losses
+    assert int(state["step"]) == 60
+
+
+def test_compute_loss_weights_mask_and_missing_valence_arousal():
+    logits = jnp.array([[2.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    va_pred = jnp.array([[0.5, 0.5], [0.0, 0.0], [9.0, 9.0]])
+    batch = {
+        "expression": jnp.array([0, 1, 0]),
+        "valence_arousal": jnp.array([[0.0, 1.0], [0.0, 0.0], [0.0, 0.0]]),
+        "has_va": jnp.array([1.0, 0.0, 1.0]),
+        "mask": jnp.array([1.0, 1.0, 0.0]),  # the third row is padding
+    }
+    weights = tiny_config().loss_weights
+    weights.classification, weights.regression = 0.7, 2.0
+    loss, terms = train.compute_loss(
+        {"class_logits": logits, "valence_arousal": va_pred}, batch, weights)
+    log_softmax = jax.nn.log_softmax(logits)
+    ce = -(log_softmax[0, 0] + log_softmax[1, 1]) / 2
+    mse = (0.25 + 0.25) / 2  # only row 0 has valence/arousal and is not padding
+    np.testing.assert_allclose(terms["ce"], ce, rtol=1e-6)
+    np.testing.assert_allclose(terms["mse"], mse, rtol=1e-6)
+    np.testing.assert_allclose(loss, 0.7 * ce + 2.0 * mse, rtol=1e-6)
+
+
+def test_weighted_ccc_matches_numpy():
+    rng = np.random.default_rng(0)
+    y, p = rng.normal(size=50), rng.normal(size=50) + 0.3
+    cov = np.cov(y, p, bias=True)
+    expected = 2 * cov[0, 1] / (cov[0, 0] + cov[1, 1] + (y.mean() - p.mean()) ** 2)
+    got = train.weighted_ccc(jnp.asarray(y), jnp.asarray(p), jnp.ones(50))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_ccc_loss_term_is_added_when_weighted():
+    config = tiny_config()
+    config.loss_weights.ccc = 0.5
+    graphdef, tx, state = train.create_train_state(config, train.create_model(config))
+    batch = train.shard_batch(_one_batch(config), train.make_mesh())
+    _, out = jax.jit(train.make_train_step(graphdef, tx, config))(state, batch)
+    np.testing.assert_allclose(
+        out["loss"], out["ce"] + out["mse"] + 0.5 * out["ccc_loss"], rtol=1e-5)
+
+
+def test_frozen_backbone_does_not_change(tiny):
+    tiny.model.freeze_backbone = True
+    graphdef, tx, state = train.create_train_state(tiny, train.create_model(tiny))
+    before = jax.tree.map(np.array, {"p": state["params"]["backbone"],
+                                     "s": state["batch_stats"]})
+    head_before = np.array(jax.tree.leaves(state["params"]["class_output"])[0])
+    batch = train.shard_batch(_one_batch(tiny), train.make_mesh())
+    state, _ = jax.jit(train.make_train_step(graphdef, tx, tiny))(state, batch)
+    after = {"p": state["params"]["backbone"], "s": state["batch_stats"]}
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, after))
+    assert not np.array_equal(head_before, jax.tree.leaves(state["params"]["class_output"])[0])
+
+
+def test_non_finite_loss_names_the_step():
+    config = tiny_config(learning_rate=1e12)
+    config.model.dropout = 0.0
+    graphdef, tx, state = train.create_train_state(config, train.create_model(config))
+    step = jax.jit(train.make_train_step(graphdef, tx, config))
+    batch = train.shard_batch(_one_batch(config), train.make_mesh())
+    with pytest.raises(train.NonFiniteLossError, match=r"at step \d+"):
+        for i in range(20):
+            state, out = step(state, batch)
+            train._fetch_checked(out, i)
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path, tiny):
+    graphdef, tx, state = train.create_train_state(tiny, train.create_model(tiny))
+    batch = train.shard_batch(_one_batch(tiny), train.make_mesh())
+    state, _ = jax.jit(train.make_train_step(graphdef, tx, tiny))(state, batch)
+    manager = checkpointing.create_manager(str(tmp_path), tiny)
+    checkpointing.save(manager, 1, state, {"mean_ccc": 0.5, "accuracy": 0.2})
+    manager.wait_until_finished()
+    _, _, fresh = train.create_train_state(tiny, train.create_model(tiny))
+    restored, epoch = checkpointing.restore_latest(manager, fresh)
+    assert epoch == 1
+    jax.tree.map(np.testing.assert_array_equal,
+                 jax.tree.map(np.asarray, state), jax.tree.map(np.asarray, restored))
+
+
+def test_best_checkpoint_kept_beside_latest(tmp_path, tiny):
+    tiny.keep_checkpoints = 1
+    _, _, state = train.create_train_state(tiny, train.create_model(tiny))
+    manager = checkpointing.create_manager(str(tmp_path), tiny)
+    for epoch, ccc in enumerate([0.1, 0.6, float("nan"), 0.3], start=1):
+        checkpointing.save(manager, epoch, state, {"mean_ccc": ccc})
+        manager.wait_until_finished()
+    assert manager.best_step() == 2
+    assert sorted(manager.all_steps()) == [2, 4]
+
+
+def test_batch_size_must_divide_devices(tiny):
+    class FakeMesh:
+        devices = np.zeros(3)
+
+    with pytest.raises(ValueError, match="batch_size=8 is not divisible by the 3 devices"):
+        train.check_batch_size(8, FakeMesh(), "batch_size")
