@@ -12,6 +12,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
+from affect_jax.metrics import REGRESSION_METRICS, VA_DIMENSIONS
+
+REGRESSION_KEYS = {f"{d}_{m}" for d in (*VA_DIMENSIONS, "mean") for m in REGRESSION_METRICS}
+
 
 def _metric_getter(config: ml_collections.ConfigDict):
     name, mode = config.best_metric, config.best_mode
@@ -20,6 +24,9 @@ def _metric_getter(config: ml_collections.ConfigDict):
     worst = -math.inf if mode == "max" else math.inf
 
     def get(saved_metrics: dict[str, float]) -> float:
+        if name in REGRESSION_KEYS and not REGRESSION_KEYS & set(saved_metrics):
+            # Expression-only data (class folders) has no valence/arousal metric to rank by.
+            return get_accuracy(saved_metrics)
         if name not in saved_metrics:
             raise KeyError(
                 f"config.best_metric={name!r} is not a validation metric; available: "
@@ -29,20 +36,33 @@ def _metric_getter(config: ml_collections.ConfigDict):
         # A NaN metric (e.g. CCC of a constant prediction) ranks last, never first.
         return worst if math.isnan(value) else value
 
+    def get_accuracy(saved_metrics: dict[str, float]) -> float:
+        value = float(saved_metrics["accuracy"])
+        sign = 1.0 if mode == "max" else -1.0  # 'min' mode ranks by -accuracy
+        return -math.inf * sign if math.isnan(value) else sign * value
+
     return get
 
 
-def create_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-    """A manager in ``workdir/checkpoints`` that keeps the latest N and the best one."""
+def create_manager(workdir: str, config: ml_collections.ConfigDict,
+                   read_only: bool = False) -> ocp.CheckpointManager:
+    """A manager in ``workdir/checkpoints`` that keeps the latest N and the best one.
+
+    ``read_only`` (evaluation, prediction) neither creates, cleans up nor deletes anything, so it
+    is safe beside a run that is still training.
+    """
     get_metric = _metric_getter(config)
     options = ocp.CheckpointManagerOptions(
+        read_only=read_only,
+        create=not read_only,
         best_fn=get_metric,
         best_mode=config.best_mode,
         preservation_policy=policies.AnyPreservationPolicy([
             policies.LatestN(n=config.keep_checkpoints),
             policies.BestN(get_metric_fn=get_metric, reverse=config.best_mode == "min", n=1),
         ]),
-        cleanup_tmp_directories=True,  # leftovers of a save interrupted by a kill
+        # Leftovers of a save interrupted by a kill.
+        cleanup_tmp_directories=not read_only,
     )
     return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
                                  options=options)

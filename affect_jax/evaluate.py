@@ -11,7 +11,7 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from affect_jax import checkpointing, models, train
+from affect_jax import checkpointing, distributed, models, train
 from affect_jax.data import pipeline
 
 
@@ -26,14 +26,15 @@ def evaluate(
 
     The output is ``workdir/eval_<split>_<checkpoint>[_flip].json``.
     """
-    manager = checkpointing.create_manager(workdir, config)
+    manager = checkpointing.create_manager(workdir, config, read_only=True)
     step = manager.best_step() if checkpoint == "best" else manager.latest_step()
     if step is None:
         raise FileNotFoundError(
             f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first with "
             f"--mode=train --workdir={workdir}"
         )
-    splits = pipeline.make_splits(config)
+    with distributed.chief_first("make_splits"):  # process 0 may prepare a shared cache
+        splits = pipeline.make_splits(config)
     pools = {"train": splits.train, "validation": splits.validation, "test": splits.test}
     pool = pools.get(split)
     if pool is None:
@@ -44,11 +45,13 @@ def evaluate(
     # Weights come from the checkpoint: no ImageNet file is needed to build the model.
     model = models.create_model(config, nnx.Rngs(params=config.seed))
     graphdef, _, like = train.create_train_state(config, model)
-    state = train.replicate(checkpointing.restore(manager, step, like), mesh)
+    # Restored into this mesh's shardings, whatever the device count that saved it.
+    state = checkpointing.restore(manager, step, train.replicate(like, mesh))
     manager.close()
 
     eval_step = jax.jit(train.make_eval_step(graphdef, flip_tta=flip_tta))
-    batches = pipeline.eval_batches(pool, config, config.eval_batch_size)
+    batches = pipeline.eval_batches(pool, config, config.eval_batch_size, jax.process_index(),
+                                    jax.process_count())
     scores = train.score_predictions(
         train.predict_split(eval_step, state, batches, mesh),
         splits.source.class_names, splits.source.has_valence_arousal, config.loss_weights,

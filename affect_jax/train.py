@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from affect_jax import checkpointing, metrics, models
+from affect_jax import checkpointing, distributed, metrics, models
 from affect_jax.data import pipeline
 
 State = dict[str, Any]
@@ -70,11 +70,42 @@ def _param_labels(params: nnx.State) -> Any:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
+def scale_by_keras_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """Keras's Adam direction: ``m * sqrt(1 - b2^t) / (1 - b1^t) / (sqrt(v) + eps)``.
+
+    ``optax.scale_by_adam`` adds ``eps`` to the bias-corrected ``sqrt(v_hat)``; Keras adds it to
+    the raw ``sqrt(v)``, i.e. Keras's effective eps is ``eps / sqrt(1 - b2^t)`` (32x larger at
+    step 1 with b2=0.999). That matters for near-zero gradients (e.g. conv biases before
+    BatchNorm): tests/test_keras_train_parity.py measured 8e-3 relative weight differences after
+    one step with ``optax.adam``. Same state (``ScaleByAdamState``) as optax's Adam.
+    """
+
+    def init_fn(params):
+        zeros = optax.tree.zeros_like(params)
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros,
+                                      nu=optax.tree.zeros_like(params))
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+        t = count.astype(jnp.float32)
+        alpha = jnp.sqrt(1 - b2**t) / (1 - b1**t)
+        updates = jax.tree.map(lambda m, v: alpha * m / (jnp.sqrt(v) + eps), mu, nu)
+        return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def create_optimizer(config: ml_collections.ConfigDict, params: nnx.State):
-    """Adam (Keras defaults for b1, b2, epsilon); the backbone frozen or on its own rate."""
+    """Keras's Adam (and its b1, b2, epsilon); the backbone frozen or on its own rate."""
 
     def adam(lr: float) -> optax.GradientTransformation:
-        return optax.adam(lr, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_epsilon)
+        return optax.chain(
+            scale_by_keras_adam(config.adam_b1, config.adam_b2, config.adam_epsilon),
+            optax.scale_by_learning_rate(lr),
+        )
 
     backbone_lr = config.backbone_learning_rate
     if backbone_lr < 0:
@@ -220,9 +251,13 @@ def make_mesh() -> jax.sharding.Mesh:
 
 
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, what: str) -> None:
+    """The global batch must split evenly over the devices and over the processes."""
     n = mesh.devices.size
     if batch_size % n:
         raise ValueError(f"config.{what}={batch_size} is not divisible by the {n} devices")
+    p = jax.process_count()
+    if batch_size % p:
+        raise ValueError(f"config.{what}={batch_size} is not divisible by the {p} processes")
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> Batch:
@@ -232,7 +267,17 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> Batch:
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    """The same value on every device of the mesh."""
+    sharding = NamedSharding(mesh, P())
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    # Every process holds the same value (same seed, same checkpoint); device_put would check
+    # that with one cross-process gather per leaf.
+    def place(x: Any) -> jax.Array:
+        value = np.asarray(x)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree.map(place, tree)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,15 +289,23 @@ def predict_split(
     eval_step: Callable, state: State, batches: Iterable[dict[str, np.ndarray]],
     mesh: jax.sharding.Mesh,
 ) -> dict[str, np.ndarray]:
-    """Runs ``eval_step`` over padded batches; returns the unpadded per-example arrays."""
+    """Runs ``eval_step`` over padded batches; returns the unpadded per-example arrays.
+
+    With several processes, ``batches`` are this process's slices and the result is the whole
+    split's, gathered from every process (the same on all).
+    """
     collected: dict[str, list[np.ndarray]] = {}
     for batch in batches:
-        keep = batch["mask"] > 0
-        outputs = jax.device_get(eval_step(state, shard_batch(batch, mesh)))
-        rows = {**outputs, "expression": batch["expression"],
-                "target_valence_arousal": batch["valence_arousal"], "has_va": batch["has_va"]}
+        global_batch = shard_batch(batch, mesh)
+        outputs = eval_step(state, global_batch)
+        rows = distributed.to_host({
+            **outputs, "expression": global_batch["expression"],
+            "target_valence_arousal": global_batch["valence_arousal"],
+            "has_va": global_batch["has_va"], "mask": global_batch["mask"],
+        })
+        keep = rows.pop("mask") > 0
         for k, v in rows.items():
-            collected.setdefault(k, []).append(np.asarray(v)[keep])
+            collected.setdefault(k, []).append(v[keep])
     return {k: np.concatenate(v) for k, v in collected.items()}
 
 
@@ -363,12 +416,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     check_batch_size(config.batch_size, mesh, "batch_size")
     check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
 
-    splits = pipeline.make_splits(config, workdir if is_chief else None)
+    # Process 0 first: it may prepare a data cache (TFDS) the others then read.
+    with distributed.chief_first("make_splits"):
+        splits = pipeline.make_splits(config, workdir if is_chief else None)
     class_names = splits.source.class_names
     has_va = splits.source.has_valence_arousal
     if not has_va:
         logging.warning("Data %r has no valence/arousal: the regression loss and metrics are "
-                        "skipped.", splits.source.name)
+                        "skipped%s.", splits.source.name,
+                        f", and checkpoints are ranked by accuracy, not {config.best_metric}"
+                        if config.best_metric in checkpointing.REGRESSION_KEYS else "")
     spe = pipeline.steps_per_epoch(len(splits.train), config.batch_size)
     if config.steps_per_epoch > 0:
         spe = min(spe, config.steps_per_epoch)
@@ -378,8 +435,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     graphdef, tx, state = create_train_state(config, model)
     del model
     manager = checkpointing.create_manager(workdir, config)
-    state, completed = checkpointing.restore_latest(manager, state)
-    state = replicate(state, mesh)
+    # Restored into the current mesh's shardings, whatever the device count that saved it.
+    state, completed = checkpointing.restore_latest(manager, replicate(state, mesh))
     history_path = os.path.join(workdir, "metrics.jsonl")
     if is_chief:
         _truncate_history(history_path, completed)
@@ -393,29 +450,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write_hparams({k: str(v) for k, v in config.to_dict().items()
                               if not isinstance(v, dict)})
 
-    local_batch = config.batch_size // jax.process_count()
+    process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
     # Throughput and ETA are timed from the end of the first (compiling) step.
     timer_start, timed_steps = None, 0
     for epoch in range(completed, config.num_epochs):
         epoch_start = time.time()
         outputs, labels, targets, va_flags = [], [], [], []
         pending = None  # outputs of the previous step, fetched after the next is dispatched
-        batches = pipeline.train_batches(splits.train, config, epoch, local_batch)
+        batches = pipeline.train_batches(splits.train, config, epoch, config.batch_size,
+                                         **process)
         for i, batch in enumerate(batches.take(spe).as_numpy_iterator()):
             step = epoch * spe + i
+            global_batch = shard_batch(batch, mesh)
             if timer_start is None:
                 compile_start = time.time()
-                state, out = train_step(state, shard_batch(batch, mesh))
+                state, out = train_step(state, global_batch)
                 jax.block_until_ready(out)
                 logging.info("First step (with compilation) took %.1f s",
                              time.time() - compile_start)
                 timer_start = time.time()
             else:
-                state, out = train_step(state, shard_batch(batch, mesh))
+                state, out = train_step(state, global_batch)
                 timed_steps += 1
-            labels.append(batch["expression"])
-            targets.append(batch["valence_arousal"])
-            va_flags.append(batch["has_va"])
+            # The whole global batch's targets (other processes hold the rest of it).
+            batch_targets = distributed.to_host(
+                {k: global_batch[k] for k in ("expression", "valence_arousal", "has_va")})
+            labels.append(batch_targets["expression"])
+            targets.append(batch_targets["valence_arousal"])
+            va_flags.append(batch_targets["has_va"])
             if pending is not None:
                 outputs.append(_fetch_checked(pending, step - 1))
             pending = out
@@ -437,13 +499,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         val = score_predictions(
             predict_split(eval_step, state,
                           pipeline.eval_batches(splits.validation, config,
-                                                config.eval_batch_size), mesh),
+                                                config.eval_batch_size, **process), mesh),
             class_names, has_va, config.loss_weights,
         )
         record.update({f"val_{k}": v for k, v in val.items()})
         record["epoch_time_s"] = time.time() - epoch_start
         record["train_time_s"] = train_time
-        state["epoch"] = jnp.asarray(epoch + 1, jnp.int32)
+        state["epoch"] = replicate(jnp.asarray(epoch + 1, jnp.int32), mesh)
         if is_chief:
             _append_jsonl(history_path, record)
         scalars = {k: v for k, v in record.items() if np.isscalar(v) and k != "epoch"}
@@ -460,11 +522,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     manager.wait_until_finished()
     final = finalize(config, workdir, manager, state, splits, mesh, graphdef)
     manager.close()
+    writer.close()
     return final
 
 
 def _fetch_checked(out: dict[str, jax.Array], step: int) -> dict[str, np.ndarray]:
-    out = jax.device_get(out)
+    out = distributed.to_host(out)
     if not math.isfinite(float(out["loss"])):
         raise NonFiniteLossError(
             f"training loss is {float(out['loss'])} at step {step + 1} "
@@ -489,7 +552,8 @@ def finalize(config, workdir, manager, state, splits, mesh, graphdef) -> dict[st
     eval_step = jax.jit(make_eval_step(graphdef))
     scores = score_predictions(
         predict_split(eval_step, state, pipeline.eval_batches(
-            splits.validation, config, config.eval_batch_size), mesh),
+            splits.validation, config, config.eval_batch_size, jax.process_index(),
+            jax.process_count()), mesh),
         splits.source.class_names, splits.source.has_valence_arousal, config.loss_weights,
     )
     final = {
@@ -504,9 +568,10 @@ def finalize(config, workdir, manager, state, splits, mesh, graphdef) -> dict[st
         "split": "validation",
         "num_examples": len(splits.validation),
         "metrics": scores,
-        "time_per_epoch_s": _epoch_times(workdir),
     }
     if jax.process_index() == 0:
+        # Only process 0 writes (and so can read) the history.
+        final["time_per_epoch_s"] = _epoch_times(workdir)
         with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
             json.dump(json_safe(final), f, indent=2)
         from affect_jax import report  # matplotlib only where reports are written

@@ -70,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- Numerics and speed --------------------------------------------------------------------
     config.compute_dtype = 'float32'  # 'float32' or 'bfloat16' (params and loss stay float32).
+    # Convolution path (affect_jax/ops/conv.py; docs/performance.md): 'auto' (fastest measured
+    # on the backend), 'xla' (plain lax.conv), 'dot1x1', 'dot' or 'im2col'. Same results.
+    config.conv_impl = 'auto'
 
     # --- Run ---------------------------------------------------------------------------------
     config.seed = 0  # Model init, dropout and data order.

@@ -2,12 +2,19 @@
 
 import os
 import runpy
+import tempfile
 
+import jax
 import ml_collections
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
+# One persistent XLA cache for the whole suite (this process and the runs it starts): most of a
+# tiny run's time is compiling, and every run compiles the same programs.
+XLA_CACHE = os.path.join(tempfile.gettempdir(), f"affect_jax_tests_xla_{os.getuid()}")
+jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def load_config(name: str) -> ml_collections.ConfigDict:
@@ -30,7 +37,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
     config.num_epochs = 2
     config.steps_per_epoch = 4
     config.log_every_steps = 2
-    config.compilation_cache_dir = ""
+    config.compilation_cache_dir = XLA_CACHE
     config.update_from_flattened_dict(overrides)
     return config
 
@@ -47,5 +54,5 @@ TINY_FLAGS = [
     "--config.data.source=synthetic", "--config.data.synthetic_size=120",
     "--config.data.image_size=32", "--config.batch_size=8", "--config.eval_batch_size=16",
     "--config.num_epochs=3", "--config.steps_per_epoch=4", "--config.log_every_steps=2",
-    "--config.compilation_cache_dir=",
+    f"--config.compilation_cache_dir={XLA_CACHE}",
 ]

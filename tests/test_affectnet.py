@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from affect_jax.data import affectnet, affectnet_tfds
+from affect_jax.data import affectnet, affectnet_tfds, pipeline
 from affect_jax.data.affectnet import DataError
 from tests.conftest import load_config
 
@@ -534,7 +534,6 @@ def test_nothing_usable_is_a_clear_error_and_caches_nothing(tmp_path):
 
 
 def test_source_feeds_the_input_pipeline(tmp_path):
-    pipeline = pytest.importorskip("affect_jax.data.pipeline")
     _npy_release(str(tmp_path / "data" / "val_set"), per_class=5)
     config = _config(tmp_path / "data", tmp_path / "tfds", image_size=32)
     config.augment.enabled = True

@@ -131,3 +131,21 @@ def test_study_config_without_data_says_what_to_pass(tmp_path):
     result = _run(cmd)
     assert result.returncode != 0
     assert "--config.data.dir" in result.stderr and "synthetic" in result.stderr
+
+
+def test_eval_mode_scores_a_checkpoint_on_a_chosen_split(reference_run):
+    workdir, _ = reference_run
+    result = _run(_main(workdir, "--mode=eval", "--checkpoint=latest", "--split=test",
+                        "--flip_tta"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    scored = json.load(open(os.path.join(workdir, "eval_test_latest_flip.json")))
+    assert scored["split"] == "test" and scored["epoch"] == 3 and scored["flip_tta"]
+    assert scored["num_examples"] == 120 // 5  # the synthetic source's held-out pool
+    assert sum(map(sum, scored["metrics"]["confusion_matrix"])) == scored["num_examples"]
+    # Scoring the best checkpoint on validation reproduces the training run's final metrics.
+    result = _run(_main(workdir, "--mode=eval"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = json.load(open(os.path.join(workdir, "eval_validation_best.json")))
+    final = json.load(open(os.path.join(workdir, "final_metrics.json")))
+    assert best["epoch"] == final["best_epoch"]
+    assert _same(best["metrics"], final["metrics"])

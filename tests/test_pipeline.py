@@ -40,6 +40,9 @@ def test_split_errors_are_clear():
         pipeline.stratified_split(np.zeros(10, int), 1.5, 0)
     with pytest.raises(pipeline.DataConfigError, match="fewer than 2"):
         pipeline.stratified_split(np.array([0, 0, 0, 1]), 0.5, 0)
+    with pytest.raises(pipeline.DataConfigError, match="7 validation / 25 training examples, "
+                                                       "fewer than the 8 classes"):
+        pipeline.stratified_split(np.arange(32) % 8, 0.2, 0)
 
 
 def test_train_batches_deterministic_per_epoch_and_resumable(tiny):

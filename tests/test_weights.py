@@ -136,6 +136,7 @@ def images():
 @pytest.fixture(scope='module')
 def resnet(tmp_path_factory, images):
     d = tmp_path_factory.mktemp('resnet')
+    keras.utils.set_random_seed(1)  # Reproducible kernels (and so reproducible errors).
     rng = np.random.default_rng(1)
     top = keras.applications.ResNet50(weights=None, include_top=True, input_shape=(32, 32, 3),
                                       classifier_activation=None)
@@ -159,12 +160,14 @@ def resnet(tmp_path_factory, images):
         'keras3_nameless': strip_keras3_names(d / 'resnet50_top.weights.h5',
                                               d / 'resnet50_nameless.weights.h5'),
     }
-    return {'files': files, 'features': features, 'logits': logits, 'dir': d}
+    yield {'files': files, 'features': features, 'logits': logits, 'dir': d}
+    shutil.rmtree(d, ignore_errors=True)  # ~0.6 GB; pytest would keep it for 3 sessions.
 
 
 @pytest.fixture(scope='module')
 def vgg(tmp_path_factory, images):
     d = tmp_path_factory.mktemp('vgg')
+    keras.utils.set_random_seed(2)
     rng = np.random.default_rng(2)
     out = {'features': {}, 'logits': {}, 'files': {}}
     first = None
@@ -186,7 +189,8 @@ def vgg(tmp_path_factory, images):
             out['files']['keras3_top32'] = str(d / 'vgg16_top32.weights.h5')
             out['files']['legacy_notop'] = write_legacy_h5(
                 d / 'vgg16_notop.h5', model, skip=('flatten', 'fc1', 'fc2', 'predictions'))
-    return out
+    yield out
+    shutil.rmtree(d, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,6 +372,7 @@ def test_bad_files_are_refused_and_leave_model_unchanged(
     with pytest.raises(weights.WeightFileError, match=match):
         weights.load_keras_h5(resnet_model, str(path))
     _assert_same(before, _snapshot(resnet_model))
+    shutil.rmtree(tmp_path, ignore_errors=True)  # Edited ~100 MB copies.
 
 
 def test_old_resnet50_md5_is_refused(resnet, resnet_model, monkeypatch):
@@ -394,6 +399,7 @@ def test_official_name_with_other_md5_warns(resnet, tmp_path):
     shutil.copy(resnet['files']['legacy_notop'], path)
     with pytest.warns(UserWarning, match='not the official 4d473c1dd8becc155b73f8504c6f6626'):
         _loaded('resnet50', str(path))
+    os.remove(path)
 
 
 # --------------------------------------------------------------------------------------------

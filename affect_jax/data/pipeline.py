@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from collections.abc import Iterator, Mapping
 
 import ml_collections
@@ -84,6 +85,14 @@ def stratified_split(
         raise DataConfigError(
             f"classes {rare} have fewer than 2 examples: a stratified split needs at least 2 each"
         )
+    num_classes = int((counts > 0).sum())
+    num_val = math.ceil(val_fraction * len(labels))
+    if min(num_val, len(labels) - num_val) < num_classes:
+        raise DataConfigError(
+            f"config.data.val_fraction={val_fraction} of {len(labels)} examples gives "
+            f"{num_val} validation / {len(labels) - num_val} training examples, fewer than the "
+            f"{num_classes} classes: a stratified split needs one of each class on both sides"
+        )
     train_idx, val_idx = train_test_split(
         np.arange(len(labels)), test_size=val_fraction, random_state=seed, stratify=labels
     )
@@ -130,7 +139,8 @@ def preprocess(image: tf.Tensor, mode: str) -> tf.Tensor:
     return image / 127.5 - 1.0
 
 
-def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
+def resize_image(image: tf.Tensor, size: int) -> tf.Tensor:
+    """Any-size image -> float32 ``[size, size, 3]`` (bilinear, antialiased), as in training."""
     image = tf.cast(image, tf.float32)
     same = tf.logical_and(tf.shape(image)[0] == size, tf.shape(image)[1] == size)
     resized = tf.cond(
@@ -147,7 +157,7 @@ def _example_fn(pool: ExamplePool, config: ml_collections.ConfigDict, train: boo
     augment = train and config.augment.enabled
 
     def fn(row: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        image = _resize(pool.decode(row), size)
+        image = resize_image(pool.decode(row), size)
         if augment:
             image = augment_lib.augment_image(image, row["_seed"], config.augment)
         va = tf.stack([row["valence"], row["arousal"]])
@@ -186,37 +196,88 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return steps
 
 
+def process_rows(num_rows: int, batch_size: int, process_index: int,
+                 process_count: int) -> np.ndarray:
+    """Positions this process reads from ``num_rows`` rows cut into global batches.
+
+    Process ``p`` of ``P`` takes rows ``[p * b, (p + 1) * b)`` (``b = batch_size // P``) of every
+    global batch, so the processes' local batches together are exactly the single-process batch,
+    in the order of the 'data' mesh (devices are ordered by process).
+    """
+    if batch_size % process_count:
+        raise DataConfigError(
+            f"batch size {batch_size} is not divisible by the {process_count} processes"
+        )
+    if num_rows % batch_size:
+        raise ValueError(f"{num_rows} rows are not whole batches of {batch_size}")
+    local = batch_size // process_count
+    batches = np.arange(num_rows).reshape(-1, batch_size)
+    return batches[:, process_index * local:(process_index + 1) * local].reshape(-1)
+
+
 def train_batches(
     pool: ExamplePool,
     config: ml_collections.ConfigDict,
     epoch: int,
     batch_size: int,
     start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> tf.data.Dataset:
-    """One epoch of training batches (full batches only) from ``start_step`` on."""
+    """One epoch of training batches (full batches only) from ``start_step`` on.
+
+    ``batch_size`` is the global batch; with several processes each yields its own
+    ``batch_size // process_count`` rows of every global batch (``process_rows``).
+    """
     n = len(pool)
     perm = epoch_permutation(n, config.seed, epoch)
-    columns = {k: np.asarray(v)[perm] for k, v in pool.columns.items()}
-    # Per-example stateless augmentation seed: (seed, epoch * n + position).
-    columns["_seed"] = np.stack(
+    # Per-example stateless augmentation seed: (seed, epoch * n + global position), so an
+    # example is augmented the same whichever process reads it.
+    seeds = np.stack(
         [np.full(n, config.seed, np.int64), epoch * n + np.arange(n, dtype=np.int64)], axis=1
     )
+    rows = process_rows(n // batch_size * batch_size, batch_size, process_index, process_count)
+    columns = {k: np.asarray(v)[perm[rows]] for k, v in pool.columns.items()}
+    columns["_seed"] = seeds[rows]
+    local_batch = batch_size // process_count
     ds = tf.data.Dataset.from_tensor_slices(columns)
-    ds = ds.skip(start_step * batch_size)
+    ds = ds.skip(start_step * local_batch)
     ds = ds.map(_example_fn(pool, config, train=True), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.batch(local_batch, drop_remainder=True)
     return ds.prefetch(2).with_options(_options())
 
 
 def eval_batches(
-    pool: ExamplePool, config: ml_collections.ConfigDict, batch_size: int
+    pool: ExamplePool,
+    config: ml_collections.ConfigDict,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Every example exactly once; the last batch padded to ``batch_size`` with ``mask`` 0."""
-    ds = tf.data.Dataset.from_tensor_slices(dict(pool.columns))
-    ds = ds.map(_example_fn(pool, config, train=False), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(batch_size).prefetch(2).with_options(_options())
-    for batch in ds.as_numpy_iterator():
-        yield pad_batch(batch, batch_size)
+    """Every example exactly once; the last batch padded to ``batch_size`` with ``mask`` 0.
+
+    ``batch_size`` is the global batch; with several processes each yields its own slice of
+    every (padded) global batch, so all processes yield the same number of batches.
+    """
+    n = len(pool)
+    if n == 0:
+        return
+    padded = -(-n // batch_size) * batch_size
+    rows = process_rows(padded, batch_size, process_index, process_count)
+    valid = rows < n
+    # Padding rows decode a real example, then are zeroed (mask 0 included) below.
+    columns = {k: np.asarray(v)[np.minimum(rows, n - 1)] for k, v in pool.columns.items()}
+    columns["_valid"] = valid
+    example_fn = _example_fn(pool, config, train=False)
+
+    def fn(row: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        example = example_fn(row)
+        return {k: tf.where(row["_valid"], v, tf.zeros_like(v)) for k, v in example.items()}
+
+    ds = tf.data.Dataset.from_tensor_slices(columns)
+    ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size // process_count).prefetch(2).with_options(_options())
+    yield from ds.as_numpy_iterator()
 
 
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:

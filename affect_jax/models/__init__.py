@@ -11,6 +11,7 @@ from flax import nnx
 from affect_jax.models.multitask import POOLINGS, MultiTaskModel
 from affect_jax.models.resnet50 import ResNet50
 from affect_jax.models.vgg16 import VGG16
+from affect_jax.ops.conv import IMPLS as CONV_IMPLS
 
 BACKBONES = ('resnet50', 'vgg16')
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -70,7 +71,11 @@ def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> MultiTask
         raise ValueError(f'config.model.width must be a number > 0, got {m.width!r}')
     image_size = int(config.data.get('image_size', 224))
     dtype = COMPUTE_DTYPES[config.compute_dtype]
-    backbone = create_backbone(m.name, include_top=False, width=m.width, dtype=dtype, rngs=rngs)
+    conv_impl = config.get('conv_impl', 'auto')
+    if conv_impl not in CONV_IMPLS:
+        raise ValueError(f'config.conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}')
+    backbone = create_backbone(m.name, include_top=False, width=m.width, dtype=dtype,
+                               conv_impl=conv_impl, rngs=rngs)
     return MultiTaskModel(
         backbone,
         num_classes=num_classes,

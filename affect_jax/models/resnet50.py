@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from affect_jax.ops.conv import Conv
+
 # (stage name, filters, blocks, stride of the first block) as in keras resnet.stack1 calls.
 _STAGES = (('conv2', 64, 3, 1), ('conv3', 128, 4, 2), ('conv4', 256, 6, 2), ('conv5', 512, 3, 2))
 _EXPANSION = 4
@@ -63,6 +65,7 @@ class ResNet50(nnx.Module):
       include_top: add global average pooling and `predictions` (logits, no softmax).
       width: channel multiplier (1.0 = Keras architecture).
       dtype: compute dtype; parameters and BatchNorm statistics are always float32.
+      conv_impl: convolution path (`affect_jax.ops.conv.IMPLS`); all compute the same function.
       rngs: initialisation randomness.
     """
 
@@ -75,6 +78,7 @@ class ResNet50(nnx.Module):
         width: float = 1.0,
         *,
         dtype: Any = jnp.float32,
+        conv_impl: str = 'auto',
         rngs: nnx.Rngs,
     ):
         if width <= 0:
@@ -84,9 +88,10 @@ class ResNet50(nnx.Module):
         self.dtype = dtype
 
         def conv(name: str, cin: int, cout: int, k: int, stride: int, padding: str) -> None:
-            setattr(self, name, nnx.Conv(
+            setattr(self, name, Conv(
                 cin, cout, (k, k), strides=(stride, stride), padding=padding, use_bias=True,
-                dtype=dtype, param_dtype=jnp.float32, kernel_init=KERNEL_INIT, rngs=rngs,
+                dtype=dtype, param_dtype=jnp.float32, kernel_init=KERNEL_INIT, impl=conv_impl,
+                rngs=rngs,
             ))
 
         def bn(name: str, c: int) -> None:

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from affect_jax.ops.conv import Conv
+
 # (block, number of convs, channels) as in keras.applications.vgg16.
 _BLOCKS = ((1, 2, 64), (2, 2, 128), (3, 3, 256), (4, 3, 512), (5, 3, 512))
 _FC_UNITS = 4096
@@ -49,6 +51,7 @@ class VGG16(nnx.Module):
       input_size: square input side; only needed with the top, whose fc1 input size
         depends on it (224 for the ImageNet weights).
       dtype: compute dtype; parameters are always float32.
+      conv_impl: convolution path (`affect_jax.ops.conv.IMPLS`); all compute the same function.
       rngs: initialisation randomness.
     """
 
@@ -62,6 +65,7 @@ class VGG16(nnx.Module):
         *,
         input_size: int = 224,
         dtype: Any = jnp.float32,
+        conv_impl: str = 'auto',
         rngs: nnx.Rngs,
     ):
         if width <= 0:
@@ -75,9 +79,9 @@ class VGG16(nnx.Module):
             out_ch = _scaled(channels, width)
             for i in range(1, n_convs + 1):
                 name = f'block{block}_conv{i}'
-                conv = nnx.Conv(
+                conv = Conv(
                     in_ch, out_ch, (3, 3), padding='SAME', dtype=dtype,
-                    param_dtype=jnp.float32, kernel_init=KERNEL_INIT, rngs=rngs,
+                    param_dtype=jnp.float32, kernel_init=KERNEL_INIT, impl=conv_impl, rngs=rngs,
                 )
                 setattr(self, name, conv)
                 conv_names.append(name)

@@ -1,0 +1,1 @@
+"""Custom operations (fast CPU convolution paths)."""

@@ -1,0 +1,98 @@
+"""One end-to-end ``main`` run on each AffectNet layout (tiny files in the real formats)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, TINY_FLAGS
+from tests.test_affectnet import (
+    OFFICIAL_HEADER,
+    _corrupt,
+    _jpeg,
+    _npy_release,
+    _official_image,
+    _official_row,
+    _write_csv,
+)
+
+PER_CLASS = 5  # 8 classes x 5: a stratified 80/20 split has every class on both sides
+
+
+def _official(root):
+    images = os.path.join(root, "Manually_Annotated_Images")
+    train_rows, val_rows = [], []
+    for c in range(8):
+        for k in range(PER_CLASS + 1):  # the last face of each class goes to validation.csv
+            rel = f"{c}/{k}.jpg"
+            _official_image(images, rel, (48, 40), (4 + k, 5, 30, 30))
+            row = _official_row(rel, (4 + k, 5, 30, 30), expression=c,
+                                valence=0.2 * k - 0.4, arousal=0.1 * c - 0.3)
+            (val_rows if k == PER_CLASS else train_rows).append(row)
+    train_rows.append(_official_row("0/0.jpg", (4, 5, 30, 30), expression=9))  # Uncertain
+    _write_csv(os.path.join(root, "training.csv"), train_rows, OFFICIAL_HEADER)
+    _write_csv(os.path.join(root, "validation.csv"), val_rows, OFFICIAL_HEADER)
+
+
+def _folders(root):
+    names = ["neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt"]
+    rng = np.random.default_rng(0)
+    for name in names:
+        for k in range(PER_CLASS):
+            _jpeg(os.path.join(root, name, f"{k}.jpg"),
+                  rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    _corrupt(os.path.join(root, "happy", "broken.jpg"))
+
+
+def _manifest(root):
+    rows = []
+    for c in range(8):
+        for k in range(PER_CLASS):
+            _jpeg(os.path.join(root, "faces", f"{c}_{k}.jpg"), (30 * c, 40 * k, 90))
+            rows.append([f"faces/{c}_{k}.jpg", c, f"{0.1 * k:.2f}", f"{-0.1 * c:.2f}"])
+    rows.append(["faces/missing.jpg", 1, "0.1", "0.1"])
+    _write_csv(os.path.join(root, "labels.csv"), rows, ["path", "expression", "valence",
+                                                         "arousal"])
+
+
+LAYOUTS = {
+    "npy": lambda root: _npy_release(os.path.join(root, "val_set"), per_class=PER_CLASS),
+    "official": _official,
+    "folders": _folders,
+    "manifest": _manifest,
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_main_trains_and_evaluates_on_each_layout(tmp_path, layout):
+    data, workdir = tmp_path / "data", tmp_path / "run"
+    LAYOUTS[layout](str(data))
+    cmd = [sys.executable, "-m", "affect_jax.main", "--config=configs/default.py",
+           f"--workdir={workdir}", *TINY_FLAGS, "--config.data.source=affectnet",
+           f"--config.data.dir={data}", f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
+           "--config.batch_size=4", "--config.num_epochs=1", "--config.steps_per_epoch=2"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    report = json.load(open(workdir / "data_report.json"))
+    final = json.load(open(workdir / "final_metrics.json"))
+    assert final["data_source"] == "affectnet" and final["num_classes"] == 8
+    assert final["num_examples"] == 8  # 20% of the 40 kept (training.csv for official)
+    assert sum(map(sum, final["metrics"]["confusion_matrix"])) == 8
+    counts = report["counts"] if "counts" in report else report
+    assert json.dumps(counts).count("dropped") > 0
+    if layout == "folders":
+        assert "mean_ccc" not in final["metrics"]
+        assert "no valence/arousal" in result.stderr
+        assert "ranked by accuracy" in result.stderr
+    else:
+        assert np.isfinite(final["metrics"]["valence_rmse"])
+    if layout == "official":  # validation.csv is the held-out test split
+        result = subprocess.run(cmd + ["--mode=eval", "--split=test"], cwd=REPO,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        scored = json.load(open(workdir / "eval_test_best.json"))
+        assert scored["num_examples"] == 8

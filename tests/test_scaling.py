@@ -1,0 +1,248 @@
+"""Data parallelism over devices and processes (docs/scaling.md).
+
+A run on 1, 2 or 4 CPU devices, or on 2 processes joined by jax.distributed (gloo), gives the
+same losses and metrics as on one device, and its checkpoints resume on another device count.
+Each device count needs its own process (JAX fixes it at start-up), so runs are subprocesses of
+``affect_jax.main``. They share a persistent XLA cache (in pytest's cache directory) so that a
+device count compiles once.
+
+Tolerance: every logged loss and metric within ``ATOL`` of the one-device run. Different
+device counts reduce float32 sums (BatchNorm moments, gradients) in different orders; measured
+differences are about 1e-6 (losses agree to the printed digit).
+"""
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from affect_jax import distributed, train
+from affect_jax.data import pipeline
+from affect_jax.data.source import ExamplePool, decode_raw_image
+from tests.conftest import REPO, TINY_FLAGS
+
+ATOL = 1e-4
+EPOCHS = ["--config.num_epochs=2", "--config.steps_per_epoch=2"]
+TIMEOUT = 600
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process: input sharding, flags, errors
+# ---------------------------------------------------------------------------------------------
+
+
+def _pool(n: int) -> ExamplePool:
+    rng = np.random.default_rng(0)
+    return ExamplePool({
+        "image": rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),
+        "expression": (np.arange(n) % 5).astype(np.int32),
+        "valence": rng.uniform(-1, 1, n).astype(np.float32),
+        "arousal": np.arange(n, dtype=np.float32),  # the row's index: where each example went
+        "id": np.arange(n),
+    }, decode_raw_image)
+
+
+def test_processes_read_their_slices_of_the_single_process_batches(tiny):
+    tiny.data.image_size = 8
+    tiny.augment.enabled = True  # per-example seeds: same augmentation whichever process reads
+    pool = _pool(50)
+
+    def batches(index, count, start=0):
+        ds = pipeline.train_batches(pool, tiny, 1, 8, start_step=start, process_index=index,
+                                    process_count=count)
+        return list(ds.as_numpy_iterator())
+
+    single = batches(0, 1)
+    halves = batches(0, 2), batches(1, 2)
+    assert len(single) == len(halves[0]) == len(halves[1]) == 50 // 8
+    for whole, first, second in zip(single, *halves, strict=True):
+        for key in whole:
+            np.testing.assert_array_equal(whole[key], np.concatenate([first[key], second[key]]))
+    resumed = batches(1, 2, start=3)
+    for a, b in zip(halves[1][3:], resumed, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_eval_batches_over_processes_score_every_example_once(tiny):
+    tiny.data.image_size = 8
+    pool = _pool(37)
+    per_process = [list(pipeline.eval_batches(pool, tiny, 16, p, 4)) for p in range(4)]
+    assert [len(b) for b in per_process] == [3, 3, 3, 3]  # same count: no process waits alone
+    single = list(pipeline.eval_batches(pool, tiny, 16))
+    for i, whole in enumerate(single):
+        for key in whole:
+            np.testing.assert_array_equal(
+                whole[key], np.concatenate([b[i][key] for b in per_process]))
+    rows = np.concatenate([b["valence_arousal"][:, 1] for b in single])
+    mask = np.concatenate([b["mask"] for b in single])
+    np.testing.assert_array_equal(np.sort(rows[mask > 0]), np.arange(37))
+    assert not rows[mask == 0].any()  # padding is zeros
+
+
+def test_batch_must_split_over_devices_and_processes(monkeypatch):
+    with pytest.raises(pipeline.DataConfigError, match="3 processes"):
+        pipeline.process_rows(16, 8, 0, 3)
+    mesh = train.make_mesh()
+    train.check_batch_size(6, mesh, "batch_size")
+    monkeypatch.setattr(train.jax, "process_count", lambda: 4)
+    with pytest.raises(ValueError, match="batch_size=6 is not divisible by the 4 processes"):
+        train.check_batch_size(6, mesh, "batch_size")
+
+
+def test_distributed_initialize_is_a_no_op_for_one_process(monkeypatch):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+                 "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_PROCESS_ADDRESSES",
+                 "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.detected_cluster() is None
+    assert not distributed.initialize()
+    assert not distributed.initialize("10.0.0.1:1234", 2, 0, mode="off")
+    with pytest.raises(ValueError, match="--num_processes"):
+        distributed.initialize("10.0.0.1:1234")  # would wait forever for the others
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert distributed.detected_cluster() is None  # a one-task job is a plain run
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert distributed.detected_cluster() == "slurm"
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: subprocesses of affect_jax.main
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def xla_cache(request) -> str:
+    return str(request.config.cache.mkdir("affect_jax_xla"))
+
+
+def _env(cache: str, devices: int = 1) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "JAX_PLATFORMS": "cpu",
+        "JAX_NUM_CPU_DEVICES": str(devices),
+        # The tiny model's programs compile in well under JAX's 1 s caching threshold.
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    })
+    return env
+
+
+def _command(workdir, cache: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "affect_jax.main", "--config=configs/default.py",
+            f"--workdir={workdir}", *TINY_FLAGS, *EPOCHS,
+            f"--config.compilation_cache_dir={cache}", *extra]
+
+
+def _run(workdir, cache: str, *extra: str, devices: int = 1) -> None:
+    result = subprocess.run(_command(workdir, cache, *extra), cwd=REPO, env=_env(cache, devices),
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _numbers(value, prefix="") -> dict[str, float]:
+    """Flat {path: number} of the numeric leaves of a JSON value."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items()
+                for k, v in _numbers(item, f"{prefix}{key}.").items()}
+    if isinstance(value, list):
+        return {k: v for i, item in enumerate(value)
+                for k, v in _numbers(item, f"{prefix}{i}.").items()}
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {prefix.rstrip("."): float(value)}
+    return {}
+
+
+def _results(workdir) -> dict[str, float]:
+    """Every epoch's losses and metrics and the final metrics (not timings)."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        history = [json.loads(line) for line in f if line.strip()]
+    with open(os.path.join(workdir, "final_metrics.json")) as f:
+        final = json.load(f)
+    numbers = _numbers({"history": history, "final": final["metrics"],
+                        "best_epoch": final["best_epoch"]})
+    return {k: v for k, v in numbers.items() if not k.endswith("time_s")}
+
+
+def assert_same_results(workdir, reference) -> float:
+    """Same losses and metrics as ``reference`` within ATOL; returns the largest difference."""
+    got, want = _results(workdir), _results(reference)
+    assert got.keys() == want.keys(), set(got) ^ set(want)
+    worst = 0.0
+    for key, value in want.items():
+        if math.isnan(value):
+            assert math.isnan(got[key]), key
+            continue
+        assert abs(got[key] - value) <= ATOL, (key, got[key], value)
+        worst = max(worst, abs(got[key] - value))
+    print(f"{workdir}: max difference {worst:.3g}")
+    return worst
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, xla_cache) -> str:
+    """Two epochs on one device."""
+    workdir = str(tmp_path_factory.mktemp("one_device"))
+    _run(workdir, xla_cache)
+    return workdir
+
+
+def test_two_devices_match_one(reference, xla_cache, tmp_path):
+    _run(tmp_path, xla_cache, devices=2)
+    assert_same_results(tmp_path, reference)
+
+
+def test_checkpoints_resume_across_device_counts(reference, xla_cache, tmp_path):
+    # Epoch 1 on 4 devices, epoch 2 (and the final scoring) on 1.
+    four_then_one = tmp_path / "four_then_one"
+    _run(four_then_one, xla_cache, "--config.num_epochs=1", devices=4)
+    _run(four_then_one, xla_cache, devices=1)
+    assert_same_results(four_then_one, reference)
+    # The one-device run's epoch-1 checkpoint, as if killed then; epoch 2 on 4 devices.
+    one_then_four = tmp_path / "one_then_four"
+    shutil.copytree(reference, one_then_four)
+    shutil.rmtree(one_then_four / "checkpoints" / "2")
+    os.remove(one_then_four / "final_metrics.json")
+    _run(one_then_four, xla_cache, devices=4)
+    assert_same_results(one_then_four, reference)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(reference, xla_cache, tmp_path):
+    address = f"127.0.0.1:{_free_port()}"
+    workdir = tmp_path / "run"
+    procs, logs = [], []
+    for index in range(2):
+        logs.append(open(tmp_path / f"process_{index}.log", "w+"))
+        cmd = _command(workdir, xla_cache, f"--coordinator_address={address}",
+                       "--num_processes=2", f"--process_id={index}")
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(xla_cache), stdout=logs[-1],
+                                      stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for index, (code, log) in enumerate(zip(codes, logs, strict=True)):
+        log.seek(0)
+        text = log.read()
+        log.close()
+        assert code == 0, text[-3000:]
+        assert f"process {index} of 2" in text
+    assert_same_results(workdir, reference)
+    # Only process 0 writes the logs: one history line per epoch, one TensorBoard file.
+    with open(workdir / "metrics.jsonl") as f:
+        assert len(f.readlines()) == 2
+    assert len([f for f in os.listdir(workdir) if f.startswith("events.out.tfevents")]) == 1
