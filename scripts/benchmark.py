@@ -338,6 +338,7 @@ def _run_group(specs: list[dict[str, Any]], steps: int, do_eval: bool) -> list[d
                 env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
             print(f"  starting {spec['label']} ...", flush=True)
             workers.append(Worker(spec, env))
+            print(f"    ready: compile {workers[-1].info.get('compile_s', 0):.1f}s", flush=True)
         times: dict[str, list[list[float]]] = {w.spec["label"]: [[], []] for w in workers}
         for r in range(steps):
             order = workers[r % len(workers):] + workers[:r % len(workers)]
@@ -345,6 +346,8 @@ def _run_group(specs: list[dict[str, Any]], steps: int, do_eval: bool) -> list[d
                 times[w.spec["label"]][0].append(w.call("train")["t"])
                 if do_eval and w.spec["kind"] != "input":
                     times[w.spec["label"]][1].append(w.call("eval")["t"])
+            print(f"  round {r + 1}/{steps}: " + ", ".join(
+                f"{k} {v[0][-1]:.2f}s" for k, v in times.items()), flush=True)
         results = []
         for w in workers:
             train_t, eval_t = times[w.spec["label"]]

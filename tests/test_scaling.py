@@ -3,12 +3,16 @@
 A run on 1, 2 or 4 CPU devices, or on 2 processes joined by jax.distributed (gloo), gives the
 same losses and metrics as on one device, and its checkpoints resume on another device count.
 Each device count needs its own process (JAX fixes it at start-up), so runs are subprocesses of
-``affect_jax.main``. They share a persistent XLA cache (in pytest's cache directory) so that a
-device count compiles once.
+``affect_jax.main`` (sharing the suite's persistent XLA cache).
 
-Tolerance: every logged loss and metric within ``ATOL`` of the one-device run. Different
-device counts reduce float32 sums (BatchNorm moments, gradients) in different orders; measured
-differences are about 1e-6 (losses agree to the printed digit).
+Tolerance: every logged loss and metric within ``ATOL`` of the one-device run. Different device
+counts reduce float32 sums (BatchNorm moments, gradients, the loss) in different orders, so
+predictions may differ in the last bits (measured: losses identical; metrics within 5e-7, the
+largest a correlation of the barely trained model's nearly constant predictions).
+Ranking metrics are the exception: the tiny, barely trained model's class probabilities of
+different examples can be within one float32 ulp of each other, and a last-bit change then swaps
+a pair; one swapped pair moves the macro ROC-AUC by 1 / (8 classes * positives * negatives)
+(about 0.002 here) and the PR-AUC by a few times that, hence ``RANK_ATOL`` for ``auc``/``pr_auc``.
 """
 
 import json
@@ -28,6 +32,7 @@ from affect_jax.data.source import ExamplePool, decode_raw_image
 from tests.conftest import REPO, TINY_FLAGS
 
 ATOL = 1e-4
+RANK_ATOL = 0.02
 EPOCHS = ["--config.num_epochs=2", "--config.steps_per_epoch=2"]
 TIMEOUT = 600
 
@@ -112,17 +117,31 @@ def test_distributed_initialize_is_a_no_op_for_one_process(monkeypatch):
     assert distributed.detected_cluster() == "slurm"
 
 
+def test_distributed_initialize_passes_flags_env_or_nothing(monkeypatch):
+    calls = []
+    monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda *a: calls.append(a))
+    for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_PROCESS_ADDRESSES",
+                 "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.initialize("10.0.0.1:1234", 4, 3)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.2:99")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    assert distributed.initialize()
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert distributed.initialize()  # JAX reads the rest from SLURM
+    assert calls == [("10.0.0.1:1234", 4, 3), ("10.0.0.2:99", 2, 1), (None, None, None)]
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: subprocesses of affect_jax.main
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def xla_cache(request) -> str:
-    return str(request.config.cache.mkdir("affect_jax_xla"))
-
-
-def _env(cache: str, devices: int = 1) -> dict[str, str]:
+def _env(devices: int = 1) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
         "JAX_PLATFORMS": "cpu",
@@ -133,14 +152,13 @@ def _env(cache: str, devices: int = 1) -> dict[str, str]:
     return env
 
 
-def _command(workdir, cache: str, *extra: str) -> list[str]:
+def _command(workdir, *extra: str) -> list[str]:
     return [sys.executable, "-m", "affect_jax.main", "--config=configs/default.py",
-            f"--workdir={workdir}", *TINY_FLAGS, *EPOCHS,
-            f"--config.compilation_cache_dir={cache}", *extra]
+            f"--workdir={workdir}", *TINY_FLAGS, *EPOCHS, *extra]
 
 
-def _run(workdir, cache: str, *extra: str, devices: int = 1) -> None:
-    result = subprocess.run(_command(workdir, cache, *extra), cwd=REPO, env=_env(cache, devices),
+def _run(workdir, *extra: str, devices: int = 1) -> None:
+    result = subprocess.run(_command(workdir, *extra), cwd=REPO, env=_env(devices),
                             capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -173,42 +191,44 @@ def assert_same_results(workdir, reference) -> float:
     """Same losses and metrics as ``reference`` within ATOL; returns the largest difference."""
     got, want = _results(workdir), _results(reference)
     assert got.keys() == want.keys(), set(got) ^ set(want)
-    worst = 0.0
+    worst = {"ranking": 0.0, "other": 0.0}
     for key, value in want.items():
         if math.isnan(value):
             assert math.isnan(got[key]), key
             continue
-        assert abs(got[key] - value) <= ATOL, (key, got[key], value)
-        worst = max(worst, abs(got[key] - value))
-    print(f"{workdir}: max difference {worst:.3g}")
-    return worst
+        kind = "ranking" if key.rsplit(".", 1)[-1].endswith("auc") else "other"
+        difference = abs(got[key] - value)
+        assert difference <= (RANK_ATOL if kind == "ranking" else ATOL), (key, got[key], value)
+        worst[kind] = max(worst[kind], difference)
+    print(f"{workdir}: max difference {worst['other']:.3g} (auc, pr_auc: {worst['ranking']:.3g})")
+    return worst["other"]
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, xla_cache) -> str:
+def reference(tmp_path_factory) -> str:
     """Two epochs on one device."""
     workdir = str(tmp_path_factory.mktemp("one_device"))
-    _run(workdir, xla_cache)
+    _run(workdir)
     return workdir
 
 
-def test_two_devices_match_one(reference, xla_cache, tmp_path):
-    _run(tmp_path, xla_cache, devices=2)
+def test_two_devices_match_one(reference, tmp_path):
+    _run(tmp_path, devices=2)
     assert_same_results(tmp_path, reference)
 
 
-def test_checkpoints_resume_across_device_counts(reference, xla_cache, tmp_path):
+def test_checkpoints_resume_across_device_counts(reference, tmp_path):
     # Epoch 1 on 4 devices, epoch 2 (and the final scoring) on 1.
     four_then_one = tmp_path / "four_then_one"
-    _run(four_then_one, xla_cache, "--config.num_epochs=1", devices=4)
-    _run(four_then_one, xla_cache, devices=1)
+    _run(four_then_one, "--config.num_epochs=1", devices=4)
+    _run(four_then_one, devices=1)
     assert_same_results(four_then_one, reference)
     # The one-device run's epoch-1 checkpoint, as if killed then; epoch 2 on 4 devices.
     one_then_four = tmp_path / "one_then_four"
     shutil.copytree(reference, one_then_four)
     shutil.rmtree(one_then_four / "checkpoints" / "2")
     os.remove(one_then_four / "final_metrics.json")
-    _run(one_then_four, xla_cache, devices=4)
+    _run(one_then_four, devices=4)
     assert_same_results(one_then_four, reference)
 
 
@@ -218,15 +238,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(reference, xla_cache, tmp_path):
+def test_two_processes_match_one_process(reference, tmp_path):
     address = f"127.0.0.1:{_free_port()}"
     workdir = tmp_path / "run"
     procs, logs = [], []
     for index in range(2):
         logs.append(open(tmp_path / f"process_{index}.log", "w+"))
-        cmd = _command(workdir, xla_cache, f"--coordinator_address={address}",
+        cmd = _command(workdir, f"--coordinator_address={address}",
                        "--num_processes=2", f"--process_id={index}")
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(xla_cache), stdout=logs[-1],
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=logs[-1],
                                       stderr=subprocess.STDOUT))
     try:
         codes = [p.wait(timeout=TIMEOUT) for p in procs]

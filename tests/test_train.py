@@ -19,6 +19,7 @@ def _one_batch(config, n=8):
 def test_loss_goes_down_when_overfitting_one_batch():
     config = tiny_config(learning_rate=1e-3)
     config.model.dropout = 0.0
+    config.model.name = "resnet50"
     config.model.width = 1 / 8
     config.model.hidden_sizes = (64,)
     mesh = train.make_mesh()

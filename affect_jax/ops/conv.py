@@ -30,7 +30,7 @@ IMPLS = ('auto', 'xla', 'dot1x1', 'dot', 'im2col')
 Padding = str | Sequence[tuple[int, int]]
 _DN = ('NHWC', 'HWIO', 'NHWC')
 # What 'auto' means on CPU: the winner of scripts/benchmark.py (docs/performance.md).
-_AUTO_CPU = 'xla'
+_AUTO_CPU = 'dot1x1'
 
 
 def resolve_impl(impl: str) -> str:
