@@ -13,7 +13,9 @@ as `dot_general` so that XLA's matmul kernels run them.
 * ``'dot'``: 'dot1x1', plus kxk convolutions with XLA's forward and input gradient but the
   weight gradient as one patches^T @ dy matrix product (custom VJP).
 * ``'im2col'``: every convolution as patches @ kernel (forward, and both gradients as dots).
-* ``'auto'``: the fastest correct path on this backend (see `resolve_impl`).
+* ``'auto'``: the fastest correct path on this backend: 'dot1x1' on CPU (ResNet50 train step
+  1.5-2.2x 'xla', no extra memory; 'dot'/'im2col' add ~1.5 GB for no reliable gain), 'xla'
+  elsewhere.
 """
 
 from __future__ import annotations
