@@ -26,7 +26,6 @@ Float32 limits, measured against float64 runs of the same step (see the report o
   below block4 are 2e-3 away from float64 (1e-6 with it off, as affect-jax's).
 """
 
-import importlib.util
 import json
 import logging
 import os
@@ -41,9 +40,6 @@ from flax import nnx
 
 from affect_jax import train, weights
 from tests.conftest import REPO, load_config
-
-if importlib.util.find_spec('keras') is None:
-    pytest.skip('keras is not installed', allow_module_level=True)
 
 SIZE = 64
 BATCH = 8

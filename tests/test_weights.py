@@ -19,6 +19,7 @@ import sys
 
 import h5py
 import jax
+import keras  # a test dependency: writes genuine Keras weight files
 import numpy as np
 import pytest
 from flax import nnx
@@ -26,8 +27,6 @@ from flax import nnx
 from affect_jax import weights
 from affect_jax.models import create_backbone, create_model
 from tests.conftest import REPO, tiny_config
-
-keras = pytest.importorskip('keras')
 
 SIZES = (32, 64)
 RTOL = 1e-5
@@ -110,7 +109,7 @@ def write_legacy_h5(path, model, *, old_vgg_names=False, chunks=1, skip=()):
 
 def write_keras_legacy(path, model):
     """Keras's own legacy writer (what model.save_weights('x.h5') did before Keras 3)."""
-    legacy = pytest.importorskip('keras.src.legacy.saving.legacy_h5_format')
+    from keras.src.legacy.saving import legacy_h5_format as legacy
     with h5py.File(path, 'w') as f:
         legacy.save_weights_to_hdf5_group(f, model)
     return str(path)
