@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers
 from flax import nnx
@@ -520,7 +521,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"{val['mean_ccc']:.3f}" if "mean_ccc" in val else "n/a",
         )
     manager.wait_until_finished()
-    final = finalize(config, workdir, manager, state, splits, mesh, graphdef)
+    final = finalize(config, workdir, manager, state, splits, mesh, eval_step)
     manager.close()
     writer.close()
     return final
@@ -544,12 +545,14 @@ def _epoch_times(workdir: str) -> dict[str, float]:
             "max": float(np.max(times))}
 
 
-def finalize(config, workdir, manager, state, splits, mesh, graphdef) -> dict[str, Any]:
+def finalize(
+    config: ml_collections.ConfigDict, workdir: str, manager: ocp.CheckpointManager,
+    state: State, splits: pipeline.DataSplits, mesh: jax.sharding.Mesh, eval_step: Callable,
+) -> dict[str, Any]:
     """Scores the best checkpoint on validation; writes final_metrics.json and the reports."""
     best = manager.best_step() or int(state["epoch"])
     if best != int(state["epoch"]):
         state = checkpointing.restore(manager, best, state)
-    eval_step = jax.jit(make_eval_step(graphdef))
     scores = score_predictions(
         predict_split(eval_step, state, pipeline.eval_batches(
             splits.validation, config, config.eval_batch_size, jax.process_index(),
