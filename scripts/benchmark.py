@@ -19,7 +19,7 @@ first call), peak RSS, achieved GFLOP/s (XLA's cost analysis of the affect-jax s
 nominal FLOPs for every contender), and per-round ratios affect-jax / peer with their spread.
 
 Levers: ``--lever`` takes ``key=value`` items joined by ``+``; keys: ``conv`` (config.conv_impl:
-auto, xla, dot1x1, dot, im2col), ``xla_flags`` (appended to XLA_FLAGS in that worker),
+auto, xla, dot1x1, dot, im2col, onednn), ``xla_flags`` (appended to XLA_FLAGS in that worker),
 ``donate`` (0/1: donate the train state). ``--lever=default`` is conv=auto. The first lever is
 the baseline the others are compared with.
 """
@@ -86,6 +86,32 @@ def _parse_lever(lever: str) -> dict[str, str]:
     return out
 
 
+def _nominal_flops(config, batch) -> float:
+    """XLA's cost analysis of the train step with plain XLA convolutions (nothing compiled).
+
+    The same nominal FLOPs for every lever: XLA cannot count inside custom calls (oneDNN).
+    """
+    import jax
+
+    from affect_jax import train
+
+    reference = config.copy_and_resolve_references()
+    reference.conv_impl = "xla"
+    built = {}
+
+    def build():
+        model = train.create_model(reference)
+        built["graphdef"], built["tx"], state = train.create_train_state(reference, model)
+        return state
+
+    state = jax.eval_shape(build)
+    lowered = jax.jit(train.make_train_step(built["graphdef"], built["tx"], reference)).lower(
+        state, batch)
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
 def _jax_worker(spec: dict[str, Any]):
     import jax
     import jax.numpy as jnp
@@ -125,9 +151,7 @@ def _jax_worker(spec: dict[str, Any]):
                       donate_argnums=donate).lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     eval_c = jax.jit(train.make_eval_step(graphdef)).lower(state, batch).compile()
-    cost = train_c.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    flops = _nominal_flops(config, batch)
     hlo = train_c.as_text()
     holder = {"state": state}
 
@@ -141,7 +165,7 @@ def _jax_worker(spec: dict[str, Any]):
     info = {
         "compile_s": compile_s, "flops": flops,
         "hlo_convolutions": hlo.count(" convolution("), "hlo_dots": hlo.count(" dot("),
-        "onednn_calls": hlo.count("__onednn"),
+        "onednn_calls": hlo.count("affect_jax_onednn_conv"),
     }
     return train_once, eval_once, info
 

@@ -1,4 +1,7 @@
-"""Fast convolution paths (affect_jax/ops/conv.py) against lax.conv: forward and gradients."""
+"""Fast convolution paths (affect_jax/ops/conv.py, ops/onednn.py) and max pooling
+(ops/pool.py) against lax: forward and gradients."""
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +10,8 @@ import pytest
 from flax import nnx
 
 from affect_jax.ops import conv as conv_ops
+from affect_jax.ops import onednn
+from affect_jax.ops.pool import max_pool
 
 # (kernel, stride, padding, input side, cin, cout): every conv shape ResNet50/VGG16 use, small.
 CASES = [
@@ -17,7 +22,23 @@ CASES = [
     (7, 2, 'VALID', 17, 3, 4),  # stem (after ZeroPadding2D(3))
     (3, 1, ((1, 2), (0, 1)), 7, 4, 3),  # explicit asymmetric padding
 ]
-FAST = ('dot1x1', 'dot', 'im2col')
+ONEDNN = ('onednn',) if onednn.available() else ()
+FAST = ('dot1x1', 'dot', 'im2col', *ONEDNN)
+needs_onednn = pytest.mark.skipif(not onednn.available(),
+                                  reason=f'oneDNN path unavailable: {onednn.unavailable_reason()}')
+
+
+def test_onednn_path_is_built_where_ci_expects_it():
+    """CI installs the extension; AFFECT_JAX_ONEDNN=0 runs the suite without it."""
+    if os.environ.get('AFFECT_JAX_ONEDNN', '1') == '0':
+        assert not onednn.available()
+        assert 'AFFECT_JAX_ONEDNN' in onednn.unavailable_reason()
+        assert conv_ops.resolve_impl('auto') == 'dot1x1'
+        with pytest.raises(ValueError, match="'onednn' is unavailable.*AFFECT_JAX_ONEDNN"):
+            conv_ops.resolve_impl('onednn')
+    elif os.environ.get('CI'):
+        assert onednn.available(), onednn.unavailable_reason()
+        assert conv_ops.resolve_impl('auto') == 'onednn'
 
 
 def _loss(impl, x, w, k_s_pad):
@@ -97,7 +118,7 @@ def test_conv_module_matches_nnx_conv(dtype):
     assert _rel(a, b) <= tol
 
 
-@pytest.mark.parametrize('impl', ['xla', 'dot'])
+@pytest.mark.parametrize('impl', ['xla', 'dot', pytest.param('onednn', marks=needs_onednn)])
 def test_model_gradients_agree_across_impls(impl):
     """A tiny ResNet50 loss: same value and parameter gradients for every path.
 
@@ -122,3 +143,114 @@ def test_model_gradients_agree_across_impls(impl):
     assert _rel(l1, l0) <= 1e-4
     g1, g0 = (np.concatenate([np.ravel(v) for v in jax.tree.leaves(g)]) for g in (g1, g0))
     assert np.linalg.norm(g1 - g0) <= 1e-4 * np.linalg.norm(g0)
+
+
+@needs_onednn
+@pytest.mark.parametrize('k, s, pad', [(1, 2, 'VALID'), (3, 1, 'SAME'), (7, 2, 'VALID')])
+def test_onednn_bfloat16_compute_between_float32_activations(k, s, pad):
+    """The model's mixed-precision use: float32 x and kernel, bfloat16 convolution inside.
+
+    Output and gradients come back float32 and are as close to the float32 reference as XLA's
+    own bfloat16 convolution of the same inputs (2e-2 relative: an 8-bit mantissa)."""
+    x = jax.random.normal(jax.random.key(0), (2, 11, 11, 16))
+    w = jax.random.normal(jax.random.key(1), (k, k, 16, 8)) * 0.2
+
+    def run(impl, compute):
+        def loss(a, b):
+            y = conv_ops.conv2d(a, b, (s, s), pad, impl, compute_dtype=compute)
+            r = jax.random.normal(jax.random.key(7), y.shape, jnp.float32)
+            return jnp.sum(jnp.tanh(y) * r), y
+        (_, y), (dx, dw) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(x, w)
+        return y, dx, dw
+
+    ref32 = run('xla', None)
+    xla16 = run('xla', jnp.bfloat16)
+    got = run('onednn', jnp.bfloat16)
+    for name, a, b, c in zip(('y', 'dx', 'dw'), got, ref32, xla16, strict=True):
+        assert a.dtype == jnp.float32, name
+        assert _rel(a, b) <= 2e-2, (name, _rel(a, b))
+        assert _rel(a, c) <= 2e-2, (name, _rel(a, c))
+
+
+def test_onednn_unavailable_falls_back_with_a_clear_error(monkeypatch):
+    monkeypatch.setattr(onednn, '_load', lambda: (None, 'not built in this test'))
+    assert conv_ops.resolve_impl('auto') == 'dot1x1'
+    with pytest.raises(ValueError, match="'onednn' is unavailable: not built in this test"):
+        conv_ops.resolve_impl('onednn')
+    with pytest.raises(RuntimeError, match='not built in this test'):
+        onednn.conv2d(jnp.ones((1, 4, 4, 3)), jnp.ones((1, 1, 3, 2)), (1, 1), ((0, 0), (0, 0)))
+
+
+@needs_onednn
+def test_onednn_rejects_unsupported_dtypes():
+    with pytest.raises(TypeError, match='float32 or bfloat16'):
+        onednn.conv2d(jnp.ones((1, 4, 4, 3), jnp.float16), jnp.ones((1, 1, 3, 2), jnp.float16),
+                      (1, 1), ((0, 0), (0, 0)))
+
+
+def _reduce_window_max(x, window, strides):
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, *window, 1), (1, *strides, 1),
+                                 'VALID')
+
+
+@pytest.mark.parametrize('shape, window, strides', [
+    ((2, 9, 9, 3), (3, 3), (2, 2)),  # ResNet50 stem (after ZeroPadding2D(1))
+    ((2, 8, 7, 4), (2, 2), (2, 2)),  # VGG16, odd width floors
+    ((1, 10, 10, 2), (3, 3), (1, 1)),  # overlapping windows
+])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_max_pool_matches_reduce_window(shape, window, strides, dtype):
+    x = jax.random.normal(jax.random.key(0), shape).astype(dtype)  # ties have probability ~0
+    y, vjp = jax.vjp(lambda a: max_pool(a, window, strides), x)
+    y_ref, vjp_ref = jax.vjp(lambda a: _reduce_window_max(a, window, strides), x)
+    assert y.dtype == dtype and np.array_equal(np.asarray(y, np.float32),
+                                                np.asarray(y_ref, np.float32))
+    dy = jax.random.normal(jax.random.key(1), y.shape).astype(dtype)
+    assert _rel(vjp(dy)[0], vjp_ref(dy)[0]) <= (1e-6 if dtype == jnp.float32 else 1e-2)
+
+
+def test_max_pool_gradient_on_ties_matches_tensorflow():
+    """Ties (ReLU zeros, padding) send the gradient to the first maximum, as TF's MaxPoolGrad."""
+    tf = pytest.importorskip('tensorflow')
+    rng = np.random.default_rng(0)
+    x = np.maximum(rng.normal(size=(2, 9, 9, 3)), 0).round(1).astype(np.float32)  # many ties
+    dy = rng.normal(size=(2, 4, 4, 3)).astype(np.float32)
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        yt = tf.nn.max_pool2d(xt, 3, 2, 'VALID')
+    dx_tf = tape.gradient(yt, xt, output_gradients=tf.constant(dy)).numpy()
+    y, vjp = jax.vjp(lambda a: max_pool(a, (3, 3), (2, 2)), jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(y), yt.numpy())
+    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(dy))[0]), dx_tf, atol=1e-6)
+
+
+@pytest.mark.parametrize('shift', [0.0, 100.0])  # 100: caffe-range activations (two-pass var)
+def test_batch_norm_matches_nnx_batch_norm(shift):
+    """Same output, running statistics and gradients as nnx.BatchNorm's autodiff (training)."""
+    from affect_jax.ops.batch_norm import BatchNorm
+
+    x = jax.random.normal(jax.random.key(0), (4, 5, 5, 6)) * 3 + shift
+    r = jax.random.normal(jax.random.key(1), x.shape)
+    results = []
+    for cls in (nnx.BatchNorm, BatchNorm):
+        bn = cls(6, momentum=0.99, epsilon=1.001e-5, use_fast_variance=False, rngs=nnx.Rngs(0))
+        bn.scale.value = jax.random.uniform(jax.random.key(2), (6,)) + 0.5
+        bn.bias.value = jax.random.normal(jax.random.key(3), (6,))
+        graphdef, params, rest = nnx.split(bn, nnx.Param, ...)
+
+        def loss(p, a, graphdef=graphdef, rest=rest):
+            m = nnx.merge(graphdef, p, rest, copy=True)
+            y = m(a, use_running_average=False)
+            return jnp.sum(jnp.tanh(y) * r), (y, nnx.state(m, nnx.BatchStat))
+
+        (_, (y, stats)), (dp, dx) = jax.jit(
+            jax.value_and_grad(loss, (0, 1), has_aux=True))(params, x)
+        results.append(jax.tree.leaves((y, stats, dp, dx)))
+    for got, want in zip(*results, strict=True):
+        assert _rel(got, want) <= 1e-5
+    # Inference mode is nnx.BatchNorm's own code path.
+    bn = BatchNorm(6, rngs=nnx.Rngs(0))
+    ref = nnx.BatchNorm(6, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(bn(x, use_running_average=True),
+                                  ref(x, use_running_average=True))

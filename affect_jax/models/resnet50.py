@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from affect_jax.ops.conv import Conv
+from affect_jax.ops.batch_norm import BatchNorm
+from affect_jax.ops.conv import Conv, activation_dtype
+from affect_jax.ops.pool import max_pool
 
 # (stage name, filters, blocks, stride of the first block) as in keras resnet.stack1 calls.
 _STAGES = (('conv2', 64, 3, 1), ('conv3', 128, 4, 2), ('conv4', 256, 6, 2), ('conv5', 512, 3, 2))
@@ -64,7 +66,8 @@ class ResNet50(nnx.Module):
     Args:
       include_top: add global average pooling and `predictions` (logits, no softmax).
       width: channel multiplier (1.0 = Keras architecture).
-      dtype: compute dtype; parameters and BatchNorm statistics are always float32.
+      dtype: compute dtype; parameters and BatchNorm statistics are always float32 (and with
+        conv_impl 'onednn' so are the activations between convolutions: `activation_dtype`).
       conv_impl: convolution path (`affect_jax.ops.conv.IMPLS`); all compute the same function.
       rngs: initialisation randomness.
     """
@@ -86,6 +89,8 @@ class ResNet50(nnx.Module):
         self.include_top = include_top
         self.width = float(width)
         self.dtype = dtype
+        act_dtype = activation_dtype(dtype, conv_impl)
+        self.act_dtype = act_dtype
 
         def conv(name: str, cin: int, cout: int, k: int, stride: int, padding: str) -> None:
             setattr(self, name, Conv(
@@ -97,8 +102,8 @@ class ResNet50(nnx.Module):
         def bn(name: str, c: int) -> None:
             # Two-pass variance, as Keras computes it: E[x^2] - E[x]^2 loses precision on the
             # large activations of caffe-range (ImageNet-preprocessed) inputs.
-            setattr(self, name, nnx.BatchNorm(
-                c, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
+            setattr(self, name, BatchNorm(
+                c, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=act_dtype,
                 param_dtype=jnp.float32, use_fast_variance=False, rngs=rngs,
             ))
 
@@ -160,14 +165,12 @@ class ResNet50(nnx.Module):
         Returns the conv5_block3_out feature map [B, h, w, C], or 1000 logits with the top.
         `train=True` normalises with batch statistics and updates the running averages.
         """
-        x = _zero_pad(x.astype(self.dtype), 3)
+        x = _zero_pad(x.astype(self.act_dtype), 3)
         x = self.conv1_bn(self.conv1_conv(x), use_running_average=not train)
         x = jax.nn.relu(x)
         # Zero padding before the max-pool matches Keras (inputs are >= 0 after the ReLU).
         x = _zero_pad(x, 1)
-        x = jax.lax.reduce_window(
-            x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), 'VALID'
-        )
+        x = max_pool(x, (3, 3), (2, 2))
         for prefix, shortcut in self._blocks:
             x = self._block(x, prefix, shortcut, train)
         if not self.include_top:

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from affect_jax.ops.conv import Conv
+from affect_jax.ops.conv import Conv, activation_dtype
+from affect_jax.ops.pool import max_pool
 
 # (block, number of convs, channels) as in keras.applications.vgg16.
 _BLOCKS = ((1, 2, 64), (2, 2, 128), (3, 3, 256), (4, 3, 512), (5, 3, 512))
@@ -37,9 +38,7 @@ def keras_layer_names(include_top: bool) -> tuple[str, ...]:
 
 def _max_pool_2x2(x: jax.Array) -> jax.Array:
     # Keras MaxPooling2D((2, 2), strides=(2, 2)) with 'valid' padding floors odd sizes.
-    return jax.lax.reduce_window(
-        x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID'
-    )
+    return max_pool(x, (2, 2), (2, 2))
 
 
 class VGG16(nnx.Module):
@@ -50,7 +49,8 @@ class VGG16(nnx.Module):
       width: channel multiplier (1.0 = Keras architecture; also scales fc1/fc2).
       input_size: square input side; only needed with the top, whose fc1 input size
         depends on it (224 for the ImageNet weights).
-      dtype: compute dtype; parameters are always float32.
+      dtype: compute dtype; parameters are always float32 (and with conv_impl 'onednn' so are
+        the activations between convolutions: `activation_dtype`).
       conv_impl: convolution path (`affect_jax.ops.conv.IMPLS`); all compute the same function.
       rngs: initialisation randomness.
     """
@@ -73,6 +73,7 @@ class VGG16(nnx.Module):
         self.include_top = include_top
         self.width = float(width)
         self.dtype = dtype
+        self.act_dtype = activation_dtype(dtype, conv_impl)
         conv_names = []
         in_ch = 3
         for block, n_convs, channels in _BLOCKS:
@@ -111,7 +112,7 @@ class VGG16(nnx.Module):
         `train` is accepted for interface parity with ResNet50 (VGG16 has no BatchNorm).
         """
         del train
-        x = x.astype(self.dtype)
+        x = x.astype(self.act_dtype)
         idx = 0
         for _, n_convs, _ in _BLOCKS:
             for _ in range(n_convs):

@@ -13,9 +13,11 @@ as `dot_general` so that XLA's matmul kernels run them.
 * ``'dot'``: 'dot1x1', plus kxk convolutions with XLA's forward and input gradient but the
   weight gradient as one patches^T @ dy matrix product (custom VJP).
 * ``'im2col'``: every convolution as patches @ kernel (forward, and both gradients as dots).
-* ``'auto'``: the fastest correct path on this backend: 'dot1x1' on CPU (ResNet50 train step
-  1.5-2.2x 'xla', no extra memory; 'dot'/'im2col' add ~1.5 GB for no reliable gain), 'xla'
-  elsewhere.
+* ``'onednn'``: every convolution (forward and both gradients) by oneDNN through an XLA FFI
+  custom call (`ops.onednn`; AVX-512 float32, AMX bfloat16). CPU only; one device per process.
+* ``'auto'``: the fastest correct path on this backend: on CPU 'onednn' when it is available
+  and the process has one device, else 'dot1x1' (ResNet50 train step 1.5-2.2x 'xla'; 'dot' and
+  'im2col' add ~1.5 GB for no reliable gain); 'xla' elsewhere.
 """
 
 from __future__ import annotations
@@ -28,21 +30,38 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-IMPLS = ('auto', 'xla', 'dot1x1', 'dot', 'im2col')
+from affect_jax.ops import onednn
+
+IMPLS = ('auto', 'xla', 'dot1x1', 'dot', 'im2col', 'onednn')
 Padding = str | Sequence[tuple[int, int]]
 _DN = ('NHWC', 'HWIO', 'NHWC')
-# What 'auto' means on CPU: the winner of scripts/benchmark.py (docs/performance.md).
-_AUTO_CPU = 'dot1x1'
 
 
 def resolve_impl(impl: str) -> str:
     """Maps 'auto' to the fastest measured path for the default backend."""
     if impl not in IMPLS:
         raise ValueError(f'conv impl must be one of {IMPLS}, got {impl!r}')
+    if impl == 'onednn' and not onednn.available():
+        raise ValueError(f"conv impl 'onednn' is unavailable: {onednn.unavailable_reason()}; "
+                         "use 'auto' to fall back to XLA's convolutions")
     if impl != 'auto':
         return impl
-    # Measured on XLA:CPU (docs/performance.md); on GPU/TPU XLA's own convolutions win.
-    return _AUTO_CPU if jax.default_backend() == 'cpu' else 'xla'
+    # The winners of scripts/benchmark.py on XLA:CPU (docs/performance.md); on GPU/TPU XLA's
+    # own convolutions win. The custom call has no partitioning rule, so with several devices
+    # XLA would gather the batch onto each: there 'dot1x1' is faster.
+    if jax.default_backend() != 'cpu':
+        return 'xla'
+    return 'onednn' if onednn.available() and jax.device_count() == 1 else 'dot1x1'
+
+
+def activation_dtype(compute_dtype: Any, impl: str) -> Any:
+    """The dtype of a backbone's activations between convolutions run by `impl`.
+
+    With 'onednn', only the convolutions compute in `compute_dtype`; BatchNorm, ReLU, residual
+    sums and pooling stay float32, because XLA:CPU runs those elementwise ops several times
+    slower in bfloat16 (it converts element by element) and float32 is the better numerics.
+    """
+    return jnp.float32 if resolve_impl(impl) == 'onednn' else compute_dtype
 
 
 def explicit_padding(
@@ -122,11 +141,13 @@ def conv2d(
     strides: Sequence[int] = (1, 1),
     padding: Padding = 'VALID',
     impl: str = 'xla',
+    compute_dtype: Any = None,
 ) -> jax.Array:
     """NHWC x HWIO convolution (no dilation, no groups) through the chosen `impl` path.
 
     Every path computes the same function and gradients as `lax.conv_general_dilated`
-    (tests/test_ops.py); they differ only in which XLA kernels run it.
+    (tests/test_ops.py); they differ only in which kernels run it. The result has `x`'s dtype;
+    `compute_dtype` (default: `x`'s) is the dtype the convolution runs in.
     """
     impl = resolve_impl(impl)
     if x.ndim != 4 or kernel.ndim != 4 or x.shape[-1] != kernel.shape[2]:
@@ -134,6 +155,17 @@ def conv2d(
     s = (int(strides[0]), int(strides[1]))
     k = (int(kernel.shape[0]), int(kernel.shape[1]))
     pads = explicit_padding(padding, tuple(x.shape[1:3]), k, s)
+    if impl == 'onednn':
+        return onednn.conv2d(x, kernel, s, pads, compute_dtype)
+    out_dtype = x.dtype
+    if compute_dtype is not None:
+        x, kernel = x.astype(compute_dtype), kernel.astype(compute_dtype)
+    return _conv_xla_paths(x, kernel, s, pads, k, impl).astype(out_dtype)
+
+
+def _conv_xla_paths(x: jax.Array, kernel: jax.Array, s: tuple[int, int],
+                    pads: tuple[tuple[int, int], tuple[int, int]], k: tuple[int, int],
+                    impl: str) -> jax.Array:
     if impl == 'xla':
         return _xla_conv(x, kernel, s, pads)
     if k == (1, 1) or impl == 'im2col':
@@ -185,10 +217,12 @@ class Conv(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
-        bias = self.bias[...] if self.bias is not None else None
         dtype = self.dtype or jnp.result_type(x, kernel)
-        x, kernel = x.astype(dtype), kernel.astype(dtype)
-        y = conv2d(x, kernel, self.strides, self.padding, self.impl)
-        if bias is not None:
-            y = y + bias.astype(dtype)
+        if resolve_impl(self.impl) != 'onednn':
+            x = x.astype(dtype)
+        # oneDNN casts inside its custom VJP, so float32 activations around a bfloat16
+        # convolution get float32 gradients without an extra rounding.
+        y = conv2d(x, kernel, self.strides, self.padding, self.impl, compute_dtype=dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
         return y

@@ -1,0 +1,138 @@
+"""oneDNN convolutions for XLA:CPU through an XLA FFI custom call (`onednn_conv.cc`).
+
+The shared library is compiled by the package's own install (setup.py) against the oneDNN of
+the `onednn-cpu-gomp` wheel. When it was not built, cannot be loaded, or is switched off with
+``AFFECT_JAX_ONEDNN=0``, `available()` is False and `ops.conv` falls back to XLA's kernels;
+`unavailable_reason()` says why.
+
+`conv2d` is differentiable (custom VJP: oneDNN's input- and weight-gradient kernels) and
+computes `lax.conv_general_dilated`'s function for NHWC x HWIO in float32 or bfloat16.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import os
+from importlib import metadata
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ONEDNN_DIST = 'onednn-cpu-gomp'
+ONEDNN_VERSION = 30200  # 3.2.0, the version setup.py compiles against
+_EXTENSION = 'affect_jax.ops._onednn_conv'
+_TARGETS = {
+    'forward': ('affect_jax_onednn_conv_forward', 'AffectJaxConvForward'),
+    'backward_data': ('affect_jax_onednn_conv_backward_data', 'AffectJaxConvBackwardData'),
+    'backward_weights': ('affect_jax_onednn_conv_backward_weights',
+                         'AffectJaxConvBackwardWeights'),
+}
+DTYPES = (jnp.float32, jnp.bfloat16)
+Pads = tuple[tuple[int, int], tuple[int, int]]
+
+
+def _find_libdnnl() -> str:
+    try:
+        files = metadata.distribution(ONEDNN_DIST).files or []
+    except metadata.PackageNotFoundError as e:
+        raise OSError(f'the {ONEDNN_DIST} wheel is not installed') from e
+    for f in files:
+        if f.name == 'libdnnl.so.3':
+            return str(f.locate())
+    raise OSError(f'{ONEDNN_DIST} is installed but holds no libdnnl.so.3')
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """Loads and registers the custom calls once: (library, '') or (None, why not)."""
+    if os.environ.get('AFFECT_JAX_ONEDNN', '1').strip().lower() in ('0', 'false', 'off', 'no'):
+        return None, 'switched off by AFFECT_JAX_ONEDNN'
+    spec = importlib.util.find_spec(_EXTENSION)
+    if spec is None or not spec.origin:
+        return None, ('the oneDNN extension was not built at install time (see the install log; '
+                      'it needs g++ and the onednn-devel-cpu-gomp build dependency)')
+    try:
+        # Global so the extension's DT_NEEDED libdnnl.so.3 resolves to this copy.
+        ctypes.CDLL(_find_libdnnl(), mode=ctypes.RTLD_GLOBAL)
+        lib = ctypes.CDLL(spec.origin)
+    except OSError as e:
+        return None, f'cannot load the oneDNN extension: {e}'
+    lib.affect_jax_onednn_version.restype = ctypes.c_int
+    version = lib.affect_jax_onednn_version()
+    if version != ONEDNN_VERSION:
+        return None, f'libdnnl is version {version}, the extension was built for {ONEDNN_VERSION}'
+    for target, symbol in _TARGETS.values():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                    platform='cpu')
+    return lib, ''
+
+
+def available() -> bool:
+    """True when the oneDNN custom calls are built, loadable and registered."""
+    return _load()[0] is not None
+
+
+def unavailable_reason() -> str:
+    """Why `available()` is False ('' when it is True)."""
+    return _load()[1]
+
+
+def _call(direction: str, out: jax.ShapeDtypeStruct, a: jax.Array, b: jax.Array,
+          strides: tuple[int, int], pads: Pads) -> jax.Array:
+    if not available():
+        raise RuntimeError(f'oneDNN convolutions are unavailable: {unavailable_reason()}')
+    (pt, pb), (pl, pr) = pads
+    return jax.ffi.ffi_call(_TARGETS[direction][0], out)(
+        a, b, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+        pad_top=np.int64(pt), pad_bottom=np.int64(pb), pad_left=np.int64(pl),
+        pad_right=np.int64(pr))
+
+
+def _out_shape(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads):
+    (pt, pb), (pl, pr) = pads
+    kh, kw, _, cout = kernel.shape
+    ho = (x.shape[1] + pt + pb - kh) // strides[0] + 1
+    wo = (x.shape[2] + pl + pr - kw) // strides[1] + 1
+    return jax.ShapeDtypeStruct((x.shape[0], ho, wo, cout), x.dtype)
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads,
+           compute_dtype: Any = None) -> jax.Array:
+    """NHWC x HWIO convolution by oneDNN; `strides` and explicit `pads` as `lax` takes them.
+
+    Computes in `compute_dtype` (float32 or bfloat16; default `x.dtype`) and returns `x.dtype`,
+    so bfloat16 convolutions can sit between float32 activations: the casts happen inside,
+    and the gradients come back in the dtypes of `x` and `kernel`.
+    """
+    compute = jnp.dtype(compute_dtype or x.dtype)
+    if compute not in DTYPES:
+        raise TypeError(f'oneDNN conv computes in float32 or bfloat16, not {compute}')
+    return _conv2d(x, kernel, strides, pads, compute)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv2d(x, kernel, strides, pads, compute):
+    xc, kc = x.astype(compute), kernel.astype(compute)
+    return _call('forward', _out_shape(xc, kc, strides, pads), xc, kc, strides, pads
+                 ).astype(x.dtype)
+
+
+def _conv2d_fwd(x, kernel, strides, pads, compute):
+    xc = x.astype(compute)  # saved in the compute dtype: half the memory for bfloat16
+    return _conv2d(x, kernel, strides, pads, compute), (xc, kernel)
+
+
+def _conv2d_bwd(strides, pads, compute, residuals, dy):
+    xc, kernel = residuals
+    kc, dyc = kernel.astype(compute), dy.astype(compute)
+    dx = _call('backward_data', jax.ShapeDtypeStruct(xc.shape, compute), dyc, kc, strides, pads)
+    dw = _call('backward_weights', jax.ShapeDtypeStruct(kc.shape, compute), xc, dyc, strides,
+               pads)
+    return dx.astype(dy.dtype), dw.astype(kernel.dtype)
+
+
+_conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)

@@ -1,0 +1,80 @@
+"""Builds the optional oneDNN convolution custom call (affect_jax/ops/onednn_conv.cc).
+
+Everything else about the package is in pyproject.toml. The extension is compiled from source
+by this install, against the headers of the `onednn-devel-cpu-gomp` build dependency and the
+`libdnnl.so.3` of `onednn-cpu-gomp` (both from PyPI), and the vendored XLA FFI headers of
+jaxlib 0.10.2 (third_party/xla_ffi). If that is impossible (no C++ compiler, another platform,
+AFFECT_JAX_BUILD_ONEDNN=0), the install still succeeds without it and affect-jax falls back to
+XLA's convolutions (`affect_jax.ops.onednn.unavailable_reason()` says why).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _dist_file(dist: str, suffix: str) -> Path | None:
+    """The installed file of distribution `dist` whose recorded path ends with `suffix`."""
+    try:
+        files = metadata.distribution(dist).files or []
+    except metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.as_posix().endswith(suffix):
+            return Path(str(f.locate())).resolve()
+    return None
+
+
+def _onednn_extension() -> list[Extension]:
+    if os.environ.get('AFFECT_JAX_BUILD_ONEDNN', '1') == '0':
+        print('affect-jax: AFFECT_JAX_BUILD_ONEDNN=0, not building the oneDNN extension')
+        return []
+    if sys.platform != 'linux' or platform.machine() != 'x86_64':
+        print('affect-jax: the oneDNN extension is built on Linux x86_64 only')
+        return []
+    header = _dist_file('onednn-devel-cpu-gomp', 'include/oneapi/dnnl/dnnl.hpp')
+    library = _dist_file('onednn-cpu-gomp', '/libdnnl.so.3')
+    if header is None or library is None:
+        print('affect-jax: onednn-devel-cpu-gomp not found in the build environment; '
+              'building without the oneDNN extension')
+        return []
+    return [Extension(
+        'affect_jax.ops._onednn_conv',
+        sources=['affect_jax/ops/onednn_conv.cc'],
+        include_dirs=[str(header.parent.parent.parent), str(ROOT / 'third_party' / 'xla_ffi')],
+        # Linking the file records its soname (libdnnl.so.3) as a dependency; at run time
+        # affect_jax.ops.onednn loads the installed onednn-cpu-gomp copy before the extension.
+        extra_objects=[str(library)],
+        extra_compile_args=['-std=c++17', '-O2', '-w'],
+        language='c++',
+    )]
+
+
+class OptionalBuildExt(build_ext):
+    """A failed extension build is a warning: the package works without it."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as e:  # noqa: BLE001 - any compiler/toolchain failure
+            print(f'affect-jax: WARNING: oneDNN extension not built ({e}); '
+                  'convolutions will use XLA')
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception as e:  # noqa: BLE001
+            print(f'affect-jax: WARNING: oneDNN extension not built ({e}); '
+                  'convolutions will use XLA')
+
+
+setup(ext_modules=_onednn_extension(), cmdclass={'build_ext': OptionalBuildExt})
