@@ -48,9 +48,10 @@ def _onednn_extension() -> list[Extension]:
               'building without the oneDNN extension')
         return []
     return [Extension(
-        'affect_jax.ops._onednn_conv',
-        sources=['affect_jax/ops/onednn_conv.cc'],
-        include_dirs=[str(header.parent.parent.parent), str(ROOT / 'third_party' / 'xla_ffi')],
+        'affect_jax.ops._onednn',
+        sources=['affect_jax/ops/onednn_conv.cc', 'affect_jax/ops/onednn_batch_norm.cc'],
+        include_dirs=[str(header.parent.parent.parent), str(ROOT / 'third_party' / 'xla_ffi'),
+                      str(ROOT)],
         # Linking the file records its soname (libdnnl.so.3) as a dependency; at run time
         # affect_jax.ops.onednn loads the installed onednn-cpu-gomp copy before the extension.
         extra_objects=[str(library)],

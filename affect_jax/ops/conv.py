@@ -142,12 +142,13 @@ def conv2d(
     padding: Padding = 'VALID',
     impl: str = 'xla',
     compute_dtype: Any = None,
+    bias: jax.Array | None = None,
 ) -> jax.Array:
     """NHWC x HWIO convolution (no dilation, no groups) through the chosen `impl` path.
 
     Every path computes the same function and gradients as `lax.conv_general_dilated`
     (tests/test_ops.py); they differ only in which kernels run it. The result has `x`'s dtype;
-    `compute_dtype` (default: `x`'s) is the dtype the convolution runs in.
+    `compute_dtype` (default: `x`'s) is the dtype the convolution runs in; `bias` [O] is added.
     """
     impl = resolve_impl(impl)
     if x.ndim != 4 or kernel.ndim != 4 or x.shape[-1] != kernel.shape[2]:
@@ -155,12 +156,15 @@ def conv2d(
     s = (int(strides[0]), int(strides[1]))
     k = (int(kernel.shape[0]), int(kernel.shape[1]))
     pads = explicit_padding(padding, tuple(x.shape[1:3]), k, s)
-    if impl == 'onednn':
-        return onednn.conv2d(x, kernel, s, pads, compute_dtype)
+    if impl == 'onednn':  # adds the bias in its kernel
+        return onednn.conv2d(x, kernel, s, pads, compute_dtype, bias)
     out_dtype = x.dtype
     if compute_dtype is not None:
         x, kernel = x.astype(compute_dtype), kernel.astype(compute_dtype)
-    return _conv_xla_paths(x, kernel, s, pads, k, impl).astype(out_dtype)
+    y = _conv_xla_paths(x, kernel, s, pads, k, impl)
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    return y.astype(out_dtype)
 
 
 def _conv_xla_paths(x: jax.Array, kernel: jax.Array, s: tuple[int, int],
@@ -222,7 +226,6 @@ class Conv(nnx.Module):
             x = x.astype(dtype)
         # oneDNN casts inside its custom VJP, so float32 activations around a bfloat16
         # convolution get float32 gradients without an extra rounding.
-        y = conv2d(x, kernel, self.strides, self.padding, self.impl, compute_dtype=dtype)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
-        return y
+        bias = self.bias[...] if self.bias is not None else None
+        return conv2d(x, kernel, self.strides, self.padding, self.impl, compute_dtype=dtype,
+                      bias=bias)

@@ -1,4 +1,7 @@
-"""oneDNN convolutions for XLA:CPU through an XLA FFI custom call (`onednn_conv.cc`).
+"""oneDNN convolutions and BatchNorm for XLA:CPU through XLA FFI custom calls.
+
+Kernels: `onednn_conv.cc` (convolution forward, input and weight gradients) and
+`onednn_batch_norm.cc` (training-mode batch normalization forward and backward).
 
 The shared library is compiled by the package's own install (setup.py) against the oneDNN of
 the `onednn-cpu-gomp` wheel. When it was not built, cannot be loaded, or is switched off with
@@ -6,7 +9,8 @@ the `onednn-cpu-gomp` wheel. When it was not built, cannot be loaded, or is swit
 `unavailable_reason()` says why.
 
 `conv2d` is differentiable (custom VJP: oneDNN's input- and weight-gradient kernels) and
-computes `lax.conv_general_dilated`'s function for NHWC x HWIO in float32 or bfloat16.
+computes `lax.conv_general_dilated`'s function for NHWC x HWIO in float32 or bfloat16;
+`batch_norm_forward`/`batch_norm_backward` are the two halves of `ops.batch_norm`'s VJP.
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ import numpy as np
 
 ONEDNN_DIST = 'onednn-cpu-gomp'
 ONEDNN_VERSION = 30200  # 3.2.0, the version setup.py compiles against
-_EXTENSION = 'affect_jax.ops._onednn_conv'
+_EXTENSION = 'affect_jax.ops._onednn'
 _TARGETS = {
     'forward': ('affect_jax_onednn_conv_forward', 'AffectJaxConvForward'),
     'backward_data': ('affect_jax_onednn_conv_backward_data', 'AffectJaxConvBackwardData'),
     'backward_weights': ('affect_jax_onednn_conv_backward_weights',
                          'AffectJaxConvBackwardWeights'),
+    'batch_norm_forward': ('affect_jax_onednn_batch_norm_forward', 'AffectJaxBatchNormForward'),
+    'batch_norm_backward': ('affect_jax_onednn_batch_norm_backward',
+                            'AffectJaxBatchNormBackward'),
 }
 DTYPES = (jnp.float32, jnp.bfloat16)
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -81,58 +88,97 @@ def unavailable_reason() -> str:
     return _load()[1]
 
 
-def _call(direction: str, out: jax.ShapeDtypeStruct, a: jax.Array, b: jax.Array,
-          strides: tuple[int, int], pads: Pads) -> jax.Array:
+def _require() -> None:
     if not available():
-        raise RuntimeError(f'oneDNN convolutions are unavailable: {unavailable_reason()}')
+        raise RuntimeError(f'oneDNN kernels are unavailable: {unavailable_reason()}')
+
+
+def batch_norm_forward(x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float
+                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode BatchNorm of NHWC `x`: (y, batch mean, biased batch variance)."""
+    _require()
+    c = x.shape[-1]
+    stats = jax.ShapeDtypeStruct((c,), jnp.float32)
+    return jax.ffi.ffi_call(_TARGETS['batch_norm_forward'][0],
+                            (jax.ShapeDtypeStruct(x.shape, x.dtype), stats, stats))(
+        x, scale.astype(jnp.float32), shift.astype(jnp.float32), epsilon=np.float32(epsilon))
+
+
+def batch_norm_backward(x: jax.Array, dy: jax.Array, mean: jax.Array, var: jax.Array,
+                        scale: jax.Array, epsilon: float
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Gradients (dx, dscale, dshift) of `batch_norm_forward` for output cotangent `dy`."""
+    _require()
+    stats = jax.ShapeDtypeStruct(mean.shape, jnp.float32)
+    return jax.ffi.ffi_call(_TARGETS['batch_norm_backward'][0],
+                            (jax.ShapeDtypeStruct(x.shape, x.dtype), stats, stats))(
+        x, dy.astype(x.dtype), mean, var, scale.astype(jnp.float32),
+        epsilon=np.float32(epsilon))
+
+
+def _call(direction: str, out: Any, *operands: jax.Array, strides: tuple[int, int],
+          pads: Pads) -> Any:
+    _require()
     (pt, pb), (pl, pr) = pads
     return jax.ffi.ffi_call(_TARGETS[direction][0], out)(
-        a, b, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+        *operands, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
         pad_top=np.int64(pt), pad_bottom=np.int64(pb), pad_left=np.int64(pl),
         pad_right=np.int64(pr))
 
 
-def _out_shape(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads):
+def _out_shape(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads
+               ) -> tuple[int, int, int, int]:
     (pt, pb), (pl, pr) = pads
     kh, kw, _, cout = kernel.shape
     ho = (x.shape[1] + pt + pb - kh) // strides[0] + 1
     wo = (x.shape[2] + pl + pr - kw) // strides[1] + 1
-    return jax.ShapeDtypeStruct((x.shape[0], ho, wo, cout), x.dtype)
+    return (x.shape[0], ho, wo, cout)
+
+
+def _written(dtype: Any, compute: Any) -> Any:
+    """oneDNN writes float32 results directly; other dtypes are computed in `compute`."""
+    return jnp.float32 if jnp.dtype(dtype) == jnp.float32 else compute
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads,
-           compute_dtype: Any = None) -> jax.Array:
-    """NHWC x HWIO convolution by oneDNN; `strides` and explicit `pads` as `lax` takes them.
+           compute_dtype: Any = None, bias: jax.Array | None = None) -> jax.Array:
+    """NHWC x HWIO convolution (+ `bias` [O]) by oneDNN; `strides` and `pads` as `lax` takes.
 
     Computes in `compute_dtype` (float32 or bfloat16; default `x.dtype`) and returns `x.dtype`,
-    so bfloat16 convolutions can sit between float32 activations: the casts happen inside,
-    and the gradients come back in the dtypes of `x` and `kernel`.
+    so bfloat16 convolutions can sit between float32 activations: inputs are cast inside,
+    float32 results are written by oneDNN directly, and the gradients come back in the dtypes
+    of `x`, `kernel` and `bias`.
     """
     compute = jnp.dtype(compute_dtype or x.dtype)
     if compute not in DTYPES:
         raise TypeError(f'oneDNN conv computes in float32 or bfloat16, not {compute}')
-    return _conv2d(x, kernel, strides, pads, compute)
+    if bias is None:
+        bias = jnp.zeros((kernel.shape[-1],), jnp.float32)
+    return _conv2d(x, kernel, bias, strides, pads, compute)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv2d(x, kernel, strides, pads, compute):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _conv2d(x, kernel, bias, strides, pads, compute):
     xc, kc = x.astype(compute), kernel.astype(compute)
-    return _call('forward', _out_shape(xc, kc, strides, pads), xc, kc, strides, pads
-                 ).astype(x.dtype)
+    out = jax.ShapeDtypeStruct(_out_shape(xc, kc, strides, pads), _written(x.dtype, compute))
+    y = _call('forward', out, xc, kc, bias.astype(jnp.float32), strides=strides, pads=pads)
+    return y.astype(x.dtype)
 
 
-def _conv2d_fwd(x, kernel, strides, pads, compute):
+def _conv2d_fwd(x, kernel, bias, strides, pads, compute):
     xc = x.astype(compute)  # saved in the compute dtype: half the memory for bfloat16
-    return _conv2d(x, kernel, strides, pads, compute), (xc, kernel)
+    return _conv2d(x, kernel, bias, strides, pads, compute), (xc, kernel, bias)
 
 
 def _conv2d_bwd(strides, pads, compute, residuals, dy):
-    xc, kernel = residuals
+    xc, kernel, bias = residuals
     kc, dyc = kernel.astype(compute), dy.astype(compute)
-    dx = _call('backward_data', jax.ShapeDtypeStruct(xc.shape, compute), dyc, kc, strides, pads)
-    dw = _call('backward_weights', jax.ShapeDtypeStruct(kc.shape, compute), xc, dyc, strides,
-               pads)
-    return dx.astype(dy.dtype), dw.astype(kernel.dtype)
+    dx = _call('backward_data', jax.ShapeDtypeStruct(xc.shape, _written(dy.dtype, compute)),
+               dyc, kc, strides=strides, pads=pads)
+    dw, db = _call('backward_weights', (
+        jax.ShapeDtypeStruct(kc.shape, _written(kernel.dtype, compute)),
+        jax.ShapeDtypeStruct(bias.shape, jnp.float32)), xc, dyc, strides=strides, pads=pads)
+    return dx.astype(dy.dtype), dw.astype(kernel.dtype), db.astype(bias.dtype)
 
 
 _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)

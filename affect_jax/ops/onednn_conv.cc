@@ -7,27 +7,27 @@
 //
 // Layouts are the ones JAX uses: activations NHWC, kernels HWIO, row-major. Activations stay
 // NHWC (oneDNN's brgemm kernels run on it directly); the kernel is reordered to the blocked
-// layout the chosen kernel wants on every call (a small copy next to the convolution).
+// layout the chosen kernel wants on every call (a small copy next to the convolution). The
+// bias is added by the forward kernel and its gradient comes with the weight gradient; with
+// bfloat16 compute, results may be written as float32 (no separate conversion pass).
 // Primitive descriptors are built once per (direction, dtype, shape, stride, padding) and
 // cached; scratch memory is per call so concurrent calls from XLA threads are safe.
 
 #include <cstdint>
-#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
-#include <unordered_map>
 
-#include "oneapi/dnnl/dnnl.hpp"
-#include "xla/ffi/api/ffi.h"
+#include "affect_jax/ops/onednn_common.h"
 
 namespace ffi = xla::ffi;
-using dnnl::memory;
-using Tag = dnnl::memory::format_tag;
 
 namespace {
+
+using namespace affect_jax;  // NOLINT: the shared helpers of onednn_common.h
+using Tag = dnnl::memory::format_tag;
 
 enum Direction : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 
@@ -38,55 +38,69 @@ struct Geometry {
   int64_t ow() const { return (w + pl + pr - kw) / sw + 1; }
 };
 
-using Key = std::tuple<int64_t, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                       int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
+// Direction, the dtypes of the activation / output-side / kernel buffers, then the geometry.
+using Key = std::tuple<int64_t, int, int, int, int64_t, int64_t, int64_t, int64_t, int64_t,
+                       int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
 
-Key MakeKey(Direction d, memory::data_type dt, const Geometry& g) {
-  return Key(d, static_cast<int>(dt), g.n, g.h, g.w, g.c, g.kh, g.kw, g.o, g.sh, g.sw, g.pt,
-             g.pb, g.pl, g.pr);
+struct Dtypes {
+  memory::data_type act, out, weights, compute;
+};
+
+Key MakeKey(Direction d, const Dtypes& t, const Geometry& g) {
+  return Key(d, static_cast<int>(t.act), static_cast<int>(t.out), static_cast<int>(t.weights),
+             g.n, g.h, g.w, g.c, g.kh, g.kw, g.o, g.sh, g.sw, g.pt, g.pb, g.pl, g.pr);
 }
 
 struct Plan {
   dnnl::primitive primitive;
-  memory::desc src, dst, weights_user, weights_primitive, scratchpad;
+  memory::desc src, dst, bias, weights_user, weights_primitive, scratchpad;
   bool reorder_weights = false;
   dnnl::reorder weights_reorder;  // user->primitive (forward, data) or back (weights)
 };
 
-dnnl::engine& Engine() {
-  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  return engine;
-}
-
-std::shared_ptr<Plan> BuildPlan(Direction d, memory::data_type dt, const Geometry& g) {
+std::shared_ptr<Plan> BuildPlan(Direction d, const Dtypes& t, const Geometry& g) {
   auto plan = std::make_shared<Plan>();
-  plan->src = memory::desc({g.n, g.c, g.h, g.w}, dt, Tag::nhwc);
-  plan->dst = memory::desc({g.n, g.o, g.oh(), g.ow()}, dt, Tag::nhwc);
-  plan->weights_user = memory::desc({g.o, g.c, g.kh, g.kw}, dt, Tag::hwio);
-  const memory::desc weights_any({g.o, g.c, g.kh, g.kw}, dt, Tag::any);
+  const memory::dims src_dims = {g.n, g.c, g.h, g.w}, dst_dims = {g.n, g.o, g.oh(), g.ow()};
+  const memory::dims weights_dims = {g.o, g.c, g.kh, g.kw};
+  plan->src = memory::desc(src_dims, t.act, Tag::nhwc);
+  plan->dst = memory::desc(dst_dims, t.out, Tag::nhwc);
+  plan->bias = memory::desc({g.o}, memory::data_type::f32, Tag::a);
+  plan->weights_user = memory::desc(weights_dims, t.weights, Tag::hwio);
+  const memory::desc weights_any(weights_dims, d == kBackwardWeights ? t.weights : t.compute,
+                                 Tag::any);
   const memory::dims strides = {g.sh, g.sw}, pad_l = {g.pt, g.pl}, pad_r = {g.pb, g.pr};
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   const auto algo = dnnl::algorithm::convolution_direct;
-  dnnl::convolution_forward::primitive_desc fwd(
-      Engine(), dnnl::prop_kind::forward_training, algo, plan->src, weights_any, plan->dst,
-      strides, pad_l, pad_r, attr);
+  const auto training = dnnl::prop_kind::forward_training;
   if (d == kForward) {
+    dnnl::convolution_forward::primitive_desc fwd(Engine(), training, algo, plan->src,
+                                                  weights_any, plan->bias, plan->dst, strides,
+                                                  pad_l, pad_r, attr);
     plan->weights_primitive = fwd.weights_desc();
     plan->scratchpad = fwd.scratchpad_desc();
     plan->primitive = dnnl::convolution_forward(fwd);
-  } else if (d == kBackwardData) {
-    dnnl::convolution_backward_data::primitive_desc bwd(
-        Engine(), algo, plan->src, weights_any, plan->dst, strides, pad_l, pad_r, fwd, attr);
-    plan->weights_primitive = bwd.weights_desc();
-    plan->scratchpad = bwd.scratchpad_desc();
-    plan->primitive = dnnl::convolution_backward_data(bwd);
   } else {
-    dnnl::convolution_backward_weights::primitive_desc bwd(
-        Engine(), algo, plan->src, weights_any, plan->dst, strides, pad_l, pad_r, fwd, attr);
-    plan->weights_primitive = bwd.diff_weights_desc();
-    plan->scratchpad = bwd.scratchpad_desc();
-    plan->primitive = dnnl::convolution_backward_weights(bwd);
+    // The forward pass these gradients belong to (oneDNN picks matching kernels from it).
+    const memory::desc src_c(src_dims, t.compute, Tag::nhwc), dst_c(dst_dims, t.compute,
+                                                                     Tag::nhwc);
+    const memory::desc weights_c(weights_dims, t.compute, Tag::any);
+    dnnl::convolution_forward::primitive_desc hint(Engine(), training, algo, src_c, weights_c,
+                                                   plan->bias, dst_c, strides, pad_l, pad_r);
+    if (d == kBackwardData) {
+      dnnl::convolution_backward_data::primitive_desc bwd(
+          Engine(), algo, plan->src, weights_any, plan->dst, strides, pad_l, pad_r, hint, attr);
+      plan->weights_primitive = bwd.weights_desc();
+      plan->scratchpad = bwd.scratchpad_desc();
+      plan->primitive = dnnl::convolution_backward_data(bwd);
+    } else {
+      dnnl::convolution_backward_weights::primitive_desc bwd(
+          Engine(), algo, plan->src, weights_any, plan->bias, plan->dst, strides, pad_l, pad_r,
+          hint, attr);
+      plan->weights_primitive = bwd.diff_weights_desc();
+      plan->scratchpad = bwd.scratchpad_desc();
+      plan->primitive = dnnl::convolution_backward_weights(bwd);
+    }
   }
   plan->reorder_weights = plan->weights_primitive != plan->weights_user;
   if (plan->reorder_weights) {
@@ -100,76 +114,66 @@ std::shared_ptr<Plan> BuildPlan(Direction d, memory::data_type dt, const Geometr
   return plan;
 }
 
-std::shared_ptr<Plan> GetPlan(Direction d, memory::data_type dt, const Geometry& g) {
+std::shared_ptr<Plan> GetPlan(Direction d, const Dtypes& t, const Geometry& g) {
   static std::mutex mutex;
   static std::map<Key, std::shared_ptr<Plan>> cache;
-  const Key key = MakeKey(d, dt, g);
+  const Key key = MakeKey(d, t, g);
   {
     std::lock_guard<std::mutex> lock(mutex);
     auto it = cache.find(key);
     if (it != cache.end()) return it->second;
   }
-  auto plan = BuildPlan(d, dt, g);  // outside the lock: building JIT-compiles kernels
+  auto plan = BuildPlan(d, t, g);  // outside the lock: building JIT-compiles kernels
   std::lock_guard<std::mutex> lock(mutex);
   return cache.emplace(key, plan).first->second;
 }
 
-struct FreeDeleter {
-  void operator()(void* p) const { std::free(p); }
-};
-using Buffer = std::unique_ptr<void, FreeDeleter>;
-
-Buffer Allocate(size_t bytes) {
-  if (bytes == 0) return Buffer(nullptr);
-  const size_t rounded = (bytes + 63) / 64 * 64;
-  return Buffer(std::aligned_alloc(64, rounded));
-}
-
-ffi::Error DataTypeOf(ffi::DataType t, memory::data_type* out) {
-  switch (t) {
-    case ffi::DataType::F32: *out = memory::data_type::f32; return ffi::Error::Success();
-    case ffi::DataType::BF16: *out = memory::data_type::bf16; return ffi::Error::Success();
-    default:
-      return ffi::Error::InvalidArgument("affect_jax oneDNN conv: dtype must be f32 or bf16");
-  }
-}
-
-ffi::Error CheckRank4(const ffi::AnyBuffer& b, const char* what) {
-  if (b.dimensions().size() != 4) {
-    return ffi::Error::InvalidArgument(std::string("affect_jax oneDNN conv: ") + what +
-                                       " must be rank 4");
-  }
-  return ffi::Error::Success();
+ffi::Error Invalid(const std::string& what) {
+  return ffi::Error::InvalidArgument("affect_jax oneDNN conv: " + what);
 }
 
 // Runs direction `d`. `act` is the NHWC input (forward, weights) or input gradient (data);
-// `out` the NHWC output (forward) or output gradient (data, weights); `weights` HWIO.
+// `out` the NHWC output (forward) or output gradient (data, weights); `weights` the HWIO kernel
+// (forward, data) or its gradient (weights); `bias` [O] float32, the bias (forward) or its
+// gradient (weights). The compute dtype is that of the kernel (forward, data) or of the input
+// (weights); the buffers written may be float32 instead.
 ffi::Error Run(Direction d, ffi::AnyBuffer act, ffi::AnyBuffer out, ffi::AnyBuffer weights,
-               int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+               ffi::AnyBuffer* bias, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
+               int64_t pl, int64_t pr) {
   for (auto [b, what] : {std::pair{&act, "input"}, {&out, "output"}, {&weights, "kernel"}}) {
-    if (auto e = CheckRank4(*b, what); e.failure()) return e;
+    if (auto e = CheckRank(*b, 4, "conv", what); e.failure()) return e;
   }
-  memory::data_type dt;
-  if (auto e = DataTypeOf(act.element_type(), &dt); e.failure()) return e;
-  if (out.element_type() != act.element_type() || weights.element_type() != act.element_type()) {
-    return ffi::Error::InvalidArgument("affect_jax oneDNN conv: operands differ in dtype");
+  Dtypes t;
+  if (auto e = DataTypeOf(act.element_type(), "conv", &t.act); e.failure()) return e;
+  if (auto e = DataTypeOf(out.element_type(), "conv", &t.out); e.failure()) return e;
+  if (auto e = DataTypeOf(weights.element_type(), "conv", &t.weights); e.failure()) return e;
+  // Which buffers are read in the compute dtype, and which may be written as float32.
+  const memory::data_type read[2] = {
+      d == kForward ? t.act : t.out, d == kBackwardWeights ? t.act : t.weights};
+  const memory::data_type written = d == kForward ? t.out : d == kBackwardData ? t.act
+                                                                              : t.weights;
+  t.compute = read[1];
+  if (read[0] != read[1]) return Invalid("the operands it reads differ in dtype");
+  if (written != t.compute && written != memory::data_type::f32) {
+    return Invalid("the result must be float32 or the compute dtype");
   }
   auto a = act.dimensions(), k = weights.dimensions(), o = out.dimensions();
   Geometry g{a[0], a[1], a[2], a[3], k[0], k[1], k[3], sh, sw, pt, pb, pl, pr};
   if (k[2] != g.c || o[0] != g.n || o[1] != g.oh() || o[2] != g.ow() || o[3] != g.o) {
-    return ffi::Error::InvalidArgument("affect_jax oneDNN conv: inconsistent shapes");
+    return Invalid("inconsistent shapes");
+  }
+  if (bias != nullptr && (bias->element_type() != ffi::DataType::F32 ||
+                          bias->dimensions().size() != 1 || bias->dimensions()[0] != g.o)) {
+    return Invalid("bias must be float32 [O]");
   }
   try {
-    auto plan = GetPlan(d, dt, g);
-    // One convolution at a time: each already uses every core (OpenMP), and XLA may run
-    // independent custom calls (e.g. a layer's two gradients) concurrently, which would
-    // oversubscribe the cores and stall OpenMP's barriers.
-    static std::mutex execution;
-    std::lock_guard<std::mutex> serial(execution);
+    auto plan = GetPlan(d, t, g);
+    std::lock_guard<std::mutex> serial(ExecutionMutex());
     auto& engine = Engine();
     dnnl::stream stream(engine);
     memory act_m(plan->src, engine, act.untyped_data());
     memory out_m(plan->dst, engine, out.untyped_data());
+    memory bias_m(plan->bias, engine, bias != nullptr ? bias->untyped_data() : nullptr);
     memory weights_user(plan->weights_user, engine, weights.untyped_data());
     Buffer weights_buffer, scratch_buffer = Allocate(plan->scratchpad.get_size());
     memory weights_m = weights_user;
@@ -183,7 +187,8 @@ ffi::Error Run(Direction d, ffi::AnyBuffer act, ffi::AnyBuffer out, ffi::AnyBuff
     }
     if (d == kForward) {
       plan->primitive.execute(stream, {{DNNL_ARG_SRC, act_m}, {DNNL_ARG_WEIGHTS, weights_m},
-                                       {DNNL_ARG_DST, out_m}, {DNNL_ARG_SCRATCHPAD, scratch_m}});
+                                       {DNNL_ARG_BIAS, bias_m}, {DNNL_ARG_DST, out_m},
+                                       {DNNL_ARG_SCRATCHPAD, scratch_m}});
     } else if (d == kBackwardData) {
       plan->primitive.execute(stream, {{DNNL_ARG_DIFF_SRC, act_m},
                                        {DNNL_ARG_WEIGHTS, weights_m},
@@ -192,6 +197,7 @@ ffi::Error Run(Direction d, ffi::AnyBuffer act, ffi::AnyBuffer out, ffi::AnyBuff
     } else {
       plan->primitive.execute(stream, {{DNNL_ARG_SRC, act_m},
                                        {DNNL_ARG_DIFF_WEIGHTS, weights_m},
+                                       {DNNL_ARG_DIFF_BIAS, bias_m},
                                        {DNNL_ARG_DIFF_DST, out_m},
                                        {DNNL_ARG_SCRATCHPAD, scratch_m}});
       if (plan->reorder_weights) {
@@ -207,20 +213,24 @@ ffi::Error Run(Direction d, ffi::AnyBuffer act, ffi::AnyBuffer out, ffi::AnyBuff
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
-                   int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  return Run(kForward, x, *y, w, sh, sw, pt, pb, pl, pr);
+// y = conv(x, w) + bias.
+ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
+                   ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw, int64_t pt,
+                   int64_t pb, int64_t pl, int64_t pr) {
+  return Run(kForward, x, *y, w, &bias, sh, sw, pt, pb, pl, pr);
 }
 
 ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
                         int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  return Run(kBackwardData, *dx, dy, w, sh, sw, pt, pb, pl, pr);
+  return Run(kBackwardData, *dx, dy, w, nullptr, sh, sw, pt, pb, pl, pr);
 }
 
+// (dw, dbias) from x and dy.
 ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
-                           int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
-                           int64_t pr) {
-  return Run(kBackwardWeights, x, dy, *dw, sh, sw, pt, pb, pl, pr);
+                           ffi::Result<ffi::AnyBuffer> dbias, int64_t sh, int64_t sw,
+                           int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  ffi::AnyBuffer db = *dbias;
+  return Run(kBackwardWeights, x, dy, *dw, &db, sh, sw, pt, pb, pl, pr);
 }
 
 }  // namespace
@@ -231,6 +241,7 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi:
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AffectJaxConvForward, Forward,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>() AFFECT_JAX_CONV_ATTRS);
@@ -245,10 +256,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AffectJaxConvBackwardWeights, BackwardWeights,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>() AFFECT_JAX_CONV_ATTRS);
 
-// Lets Python check it loaded the library it was built against.
-extern "C" int affect_jax_onednn_version() {
-  const dnnl_version_t* v = dnnl_version();
-  return v->major * 10000 + v->minor * 100 + v->patch;
-}
