@@ -49,7 +49,7 @@ def _onednn_extension() -> list[Extension]:
         return []
     return [Extension(
         'affect_jax.ops._onednn',
-        sources=['affect_jax/ops/onednn_conv.cc', 'affect_jax/ops/onednn_batch_norm.cc'],
+        sources=['affect_jax/ops/onednn_conv.cc'],
         include_dirs=[str(header.parent.parent.parent), str(ROOT / 'third_party' / 'xla_ffi'),
                       str(ROOT)],
         # Linking the file records its soname (libdnnl.so.3) as a dependency; at run time

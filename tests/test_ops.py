@@ -1,7 +1,6 @@
 """Fast convolution paths (affect_jax/ops/conv.py, ops/onednn.py) and max pooling
 (ops/pool.py) against lax: forward and gradients."""
 
-import functools
 import os
 
 import jax
@@ -229,17 +228,16 @@ def test_max_pool_gradient_on_ties_matches_tensorflow():
     np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(dy))[0]), dx_tf, atol=1e-6)
 
 
-@pytest.mark.parametrize('impl', ['xla', pytest.param('onednn', marks=needs_onednn)])
 @pytest.mark.parametrize('shift', [0.0, 100.0])  # 100: caffe-range activations (two-pass var)
-def test_batch_norm_matches_nnx_batch_norm(shift, impl):
+def test_batch_norm_matches_nnx_batch_norm(shift):
     """Same output, running statistics and gradients as nnx.BatchNorm's autodiff (training),
-    to 2e-5 relative (measured <= 9e-6: oneDNN sums in another order)."""
+    to 1e-5 relative (measured <= 6e-7)."""
     from affect_jax.ops.batch_norm import BatchNorm
 
     x = jax.random.normal(jax.random.key(0), (4, 5, 5, 6)) * 3 + shift
     r = jax.random.normal(jax.random.key(1), x.shape)
     results = []
-    for make in (nnx.BatchNorm, functools.partial(BatchNorm, impl=impl)):
+    for make in (nnx.BatchNorm, BatchNorm):
         bn = make(6, momentum=0.99, epsilon=1.001e-5, use_fast_variance=False,
                   rngs=nnx.Rngs(0))
         bn.scale.value = jax.random.uniform(jax.random.key(2), (6,)) + 0.5
@@ -255,40 +253,9 @@ def test_batch_norm_matches_nnx_batch_norm(shift, impl):
             jax.value_and_grad(loss, (0, 1), has_aux=True))(params, x)
         results.append(jax.tree.leaves((y, stats, dp, dx)))
     for got, want in zip(*results, strict=True):
-        assert _rel(got, want) <= 2e-5
+        assert _rel(got, want) <= 1e-5
     # Inference mode is nnx.BatchNorm's own code path.
     bn = BatchNorm(6, rngs=nnx.Rngs(0))
     ref = nnx.BatchNorm(6, rngs=nnx.Rngs(0))
     np.testing.assert_array_equal(bn(x, use_running_average=True),
                                   ref(x, use_running_average=True))
-
-
-@needs_onednn
-def test_onednn_batch_norm_bfloat16_matches_xla():
-    """bfloat16 activations: oneDNN's kernels and the jnp path agree to bf16 rounding."""
-    from affect_jax.ops.batch_norm import batch_norm_train
-
-    x = (jax.random.normal(jax.random.key(0), (4, 6, 6, 8)) * 2 + 1).astype(jnp.bfloat16)
-    scale = jax.random.uniform(jax.random.key(1), (8,)) + 0.5
-    shift = jax.random.normal(jax.random.key(2), (8,))
-    r = jax.random.normal(jax.random.key(3), x.shape)
-
-    def run(impl):
-        def loss(a, s, b):
-            y, mean, var = batch_norm_train(a, s, b, 1e-3, impl)
-            return jnp.sum(jnp.tanh(y.astype(jnp.float32)) * r), (y, mean, var)
-        (_, outs), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(
-            x, scale, shift)
-        return (*outs, *grads)
-
-    for name, a, b in zip(('y', 'mean', 'var', 'dx', 'dscale', 'dshift'), run('onednn'),
-                          run('xla'), strict=True):
-        assert a.dtype == b.dtype, name
-        assert _rel(a, b) <= 1e-2, (name, _rel(a, b))
-
-
-def test_batch_norm_rejects_unknown_impl():
-    from affect_jax.ops.batch_norm import BatchNorm
-
-    with pytest.raises(ValueError, match='BatchNorm impl'):
-        BatchNorm(4, impl='cudnn', rngs=nnx.Rngs(0))

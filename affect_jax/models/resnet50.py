@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from affect_jax.ops.batch_norm import BatchNorm
-from affect_jax.ops.conv import Conv, activation_dtype, resolve_impl
+from affect_jax.ops.conv import Conv, activation_dtype
 from affect_jax.ops.pool import max_pool
 
 # (stage name, filters, blocks, stride of the first block) as in keras resnet.stack1 calls.
@@ -91,8 +91,6 @@ class ResNet50(nnx.Module):
         self.dtype = dtype
         act_dtype = activation_dtype(dtype, conv_impl)
         self.act_dtype = act_dtype
-        # oneDNN's BatchNorm kernels come with its convolutions ('onednn').
-        bn_impl = 'onednn' if resolve_impl(conv_impl) == 'onednn' else 'xla'
 
         def conv(name: str, cin: int, cout: int, k: int, stride: int, padding: str) -> None:
             setattr(self, name, Conv(
@@ -106,7 +104,7 @@ class ResNet50(nnx.Module):
             # large activations of caffe-range (ImageNet-preprocessed) inputs.
             setattr(self, name, BatchNorm(
                 c, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=act_dtype,
-                param_dtype=jnp.float32, use_fast_variance=False, impl=bn_impl, rngs=rngs,
+                param_dtype=jnp.float32, use_fast_variance=False, rngs=rngs,
             ))
 
         stem = _scaled(64, width)

@@ -1,7 +1,4 @@
-"""oneDNN convolutions and BatchNorm for XLA:CPU through XLA FFI custom calls.
-
-Kernels: `onednn_conv.cc` (convolution forward, input and weight gradients) and
-`onednn_batch_norm.cc` (training-mode batch normalization forward and backward).
+"""oneDNN convolutions for XLA:CPU through XLA FFI custom calls (`onednn_conv.cc`).
 
 The shared library is compiled by the package's own install (setup.py) against the oneDNN of
 the `onednn-cpu-gomp` wheel. When it was not built, cannot be loaded, or is switched off with
@@ -9,8 +6,7 @@ the `onednn-cpu-gomp` wheel. When it was not built, cannot be loaded, or is swit
 `unavailable_reason()` says why.
 
 `conv2d` is differentiable (custom VJP: oneDNN's input- and weight-gradient kernels) and
-computes `lax.conv_general_dilated`'s function for NHWC x HWIO in float32 or bfloat16;
-`batch_norm_forward`/`batch_norm_backward` are the two halves of `ops.batch_norm`'s VJP.
+computes `lax.conv_general_dilated`'s function for NHWC x HWIO in float32 or bfloat16.
 """
 
 from __future__ import annotations
@@ -34,9 +30,6 @@ _TARGETS = {
     'backward_data': ('affect_jax_onednn_conv_backward_data', 'AffectJaxConvBackwardData'),
     'backward_weights': ('affect_jax_onednn_conv_backward_weights',
                          'AffectJaxConvBackwardWeights'),
-    'batch_norm_forward': ('affect_jax_onednn_batch_norm_forward', 'AffectJaxBatchNormForward'),
-    'batch_norm_backward': ('affect_jax_onednn_batch_norm_backward',
-                            'AffectJaxBatchNormBackward'),
 }
 DTYPES = (jnp.float32, jnp.bfloat16)
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -90,30 +83,7 @@ def unavailable_reason() -> str:
 
 def _require() -> None:
     if not available():
-        raise RuntimeError(f'oneDNN kernels are unavailable: {unavailable_reason()}')
-
-
-def batch_norm_forward(x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float
-                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Training-mode BatchNorm of NHWC `x`: (y, batch mean, biased batch variance)."""
-    _require()
-    c = x.shape[-1]
-    stats = jax.ShapeDtypeStruct((c,), jnp.float32)
-    return jax.ffi.ffi_call(_TARGETS['batch_norm_forward'][0],
-                            (jax.ShapeDtypeStruct(x.shape, x.dtype), stats, stats))(
-        x, scale.astype(jnp.float32), shift.astype(jnp.float32), epsilon=np.float32(epsilon))
-
-
-def batch_norm_backward(x: jax.Array, dy: jax.Array, mean: jax.Array, var: jax.Array,
-                        scale: jax.Array, epsilon: float
-                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Gradients (dx, dscale, dshift) of `batch_norm_forward` for output cotangent `dy`."""
-    _require()
-    stats = jax.ShapeDtypeStruct(mean.shape, jnp.float32)
-    return jax.ffi.ffi_call(_TARGETS['batch_norm_backward'][0],
-                            (jax.ShapeDtypeStruct(x.shape, x.dtype), stats, stats))(
-        x, dy.astype(x.dtype), mean, var, scale.astype(jnp.float32),
-        epsilon=np.float32(epsilon))
+        raise RuntimeError(f'oneDNN convolutions are unavailable: {unavailable_reason()}')
 
 
 def _call(direction: str, out: Any, *operands: jax.Array, strides: tuple[int, int],

@@ -1,4 +1,4 @@
-// Shared by the oneDNN custom calls (onednn_conv.cc, onednn_batch_norm.cc).
+// Engine, serialisation, buffers and argument checks for the oneDNN custom calls.
 #ifndef AFFECT_JAX_OPS_ONEDNN_COMMON_H_
 #define AFFECT_JAX_OPS_ONEDNN_COMMON_H_
 
