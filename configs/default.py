@@ -69,9 +69,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss_weights.ccc = 0.0  # Weight of (1 - CCC) per dimension (HSEmotion); off.
 
     # --- Numerics and speed --------------------------------------------------------------------
-    config.compute_dtype = 'float32'  # 'float32' or 'bfloat16' (params and loss stay float32).
-    # Convolution path (affect_jax/ops/conv.py; docs/performance.md): 'auto' (fastest measured
-    # on the backend), 'xla' (plain lax.conv), 'dot1x1', 'dot' or 'im2col'. Same results.
+    # 'float32' or 'bfloat16' (params, optimizer and loss stay float32; with the oneDNN path
+    # only the convolutions run in bfloat16, activations between them stay float32).
+    config.compute_dtype = 'float32'
+    # Convolution path (affect_jax/ops/conv.py; docs/performance.md): 'auto' (on CPU 'onednn'
+    # when its extension is built and there is one device per process, else 'dot1x1'),
+    # 'onednn', 'xla' (plain lax.conv), 'dot1x1', 'dot' or 'im2col'. Same results.
     config.conv_impl = 'auto'
 
     # --- Run ---------------------------------------------------------------------------------
