@@ -259,7 +259,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AffectJaxConvBackwardWeights, BackwardWeights,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>() AFFECT_JAX_CONV_ATTRS);
 
-
 // Lets Python check it loaded the libdnnl it was built against.
 extern "C" int affect_jax_onednn_version() {
   const dnnl_version_t* v = dnnl_version();
