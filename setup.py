@@ -50,8 +50,7 @@ def _onednn_extension() -> list[Extension]:
     return [Extension(
         'affect_jax.ops._onednn',
         sources=['affect_jax/ops/onednn_conv.cc'],
-        include_dirs=[str(header.parent.parent.parent), str(ROOT / 'third_party' / 'xla_ffi'),
-                      str(ROOT)],
+        include_dirs=[str(header.parent.parent.parent), str(ROOT / 'third_party' / 'xla_ffi')],
         # Linking the file records its soname (libdnnl.so.3) as a dependency; at run time
         # affect_jax.ops.onednn loads the installed onednn-cpu-gomp copy before the extension.
         extra_objects=[str(library)],
@@ -60,22 +59,29 @@ def _onednn_extension() -> list[Extension]:
     )]
 
 
+def _not_built(error: Exception) -> None:
+    print(f'affect-jax: WARNING: oneDNN extension not built ({error}); '
+          'convolutions will use XLA')
+
+
 class OptionalBuildExt(build_ext):
-    """A failed extension build is a warning: the package works without it."""
+    """A failed extension build is a warning: the package works without it.
+
+    Both steps are guarded: a failed compile, and then (editable installs) the copy of the
+    library that was never built.
+    """
 
     def run(self) -> None:
         try:
             super().run()
         except Exception as e:  # noqa: BLE001 - any compiler/toolchain failure
-            print(f'affect-jax: WARNING: oneDNN extension not built ({e}); '
-                  'convolutions will use XLA')
+            _not_built(e)
 
     def build_extension(self, ext: Extension) -> None:
         try:
             super().build_extension(ext)
         except Exception as e:  # noqa: BLE001
-            print(f'affect-jax: WARNING: oneDNN extension not built ({e}); '
-                  'convolutions will use XLA')
+            _not_built(e)
 
 
 setup(ext_modules=_onednn_extension(), cmdclass={'build_ext': OptionalBuildExt})

@@ -14,20 +14,58 @@
 // cached; scratch memory is per call so concurrent calls from XLA threads are safe.
 
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
 
-#include "affect_jax/ops/onednn_common.h"
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-using namespace affect_jax;  // NOLINT: the shared helpers of onednn_common.h
+using dnnl::memory;
 using Tag = dnnl::memory::format_tag;
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// One oneDNN primitive at a time: each already uses every core (OpenMP), and XLA may run
+// independent custom calls (e.g. a layer's two gradients) concurrently, which would
+// oversubscribe the cores and stall OpenMP's barriers.
+std::mutex& ExecutionMutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+using Buffer = std::unique_ptr<void, FreeDeleter>;
+
+Buffer Allocate(size_t bytes) {
+  if (bytes == 0) return Buffer(nullptr);
+  const size_t rounded = (bytes + 63) / 64 * 64;
+  return Buffer(std::aligned_alloc(64, rounded));
+}
+
+ffi::Error Invalid(const std::string& what) {
+  return ffi::Error::InvalidArgument("affect_jax oneDNN conv: " + what);
+}
+
+ffi::Error DataTypeOf(ffi::DataType t, memory::data_type* out) {
+  switch (t) {
+    case ffi::DataType::F32: *out = memory::data_type::f32; return ffi::Error::Success();
+    case ffi::DataType::BF16: *out = memory::data_type::bf16; return ffi::Error::Success();
+    default: return Invalid("dtype must be f32 or bf16");
+  }
+}
 
 enum Direction : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 
@@ -128,10 +166,6 @@ std::shared_ptr<Plan> GetPlan(Direction d, const Dtypes& t, const Geometry& g) {
   return cache.emplace(key, plan).first->second;
 }
 
-ffi::Error Invalid(const std::string& what) {
-  return ffi::Error::InvalidArgument("affect_jax oneDNN conv: " + what);
-}
-
 // Runs direction `d`. `act` is the NHWC input (forward, weights) or input gradient (data);
 // `out` the NHWC output (forward) or output gradient (data, weights); `weights` the HWIO kernel
 // (forward, data) or its gradient (weights); `bias` [O] float32, the bias (forward) or its
@@ -141,12 +175,12 @@ ffi::Error Run(Direction d, ffi::AnyBuffer act, ffi::AnyBuffer out, ffi::AnyBuff
                ffi::AnyBuffer* bias, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
                int64_t pl, int64_t pr) {
   for (auto [b, what] : {std::pair{&act, "input"}, {&out, "output"}, {&weights, "kernel"}}) {
-    if (auto e = CheckRank(*b, 4, "conv", what); e.failure()) return e;
+    if (b->dimensions().size() != 4) return Invalid(std::string(what) + " must be rank 4");
   }
   Dtypes t;
-  if (auto e = DataTypeOf(act.element_type(), "conv", &t.act); e.failure()) return e;
-  if (auto e = DataTypeOf(out.element_type(), "conv", &t.out); e.failure()) return e;
-  if (auto e = DataTypeOf(weights.element_type(), "conv", &t.weights); e.failure()) return e;
+  if (auto e = DataTypeOf(act.element_type(), &t.act); e.failure()) return e;
+  if (auto e = DataTypeOf(out.element_type(), &t.out); e.failure()) return e;
+  if (auto e = DataTypeOf(weights.element_type(), &t.weights); e.failure()) return e;
   // Which buffers are read in the compute dtype, and which may be written as float32.
   const memory::data_type read[2] = {
       d == kForward ? t.act : t.out, d == kBackwardWeights ? t.act : t.weights};
