@@ -20,7 +20,10 @@ nominal FLOPs for every contender), and per-round ratios affect-jax / peer with 
 
 Levers: ``--lever`` takes ``key=value`` items joined by ``+``; keys: ``conv`` (config.conv_impl:
 auto, xla, dot1x1, dot, im2col, onednn), ``xla_flags`` (appended to XLA_FLAGS in that worker),
-``donate`` (0/1: donate the train state). ``--lever=default`` is conv=auto. The first lever is
+``donate`` (0/1: donate the train state), ``malloc`` (glibc settings of that worker:
+``reuse`` keeps freed memory in one heap, so XLA's per-step temporary buffer is not mapped and
+zero-filled again every step; ``hugepages`` backs large blocks with transparent huge pages).
+``--lever=default`` is conv=auto. The first lever is
 the baseline the others are compared with.
 """
 
@@ -74,14 +77,25 @@ def _send(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+# glibc reads these when the process starts, so they are set in the worker's environment.
+MALLOC_ENV = {
+    "reuse": {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
+              "MALLOC_TRIM_THRESHOLD_": str(1 << 40)},
+    "hugepages": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+}
+
+
 def _parse_lever(lever: str) -> dict[str, str]:
     if lever in ("", "default"):
         return {}
     out = {}
     for item in lever.split("+"):
         key, sep, value = item.partition("=")
-        if not sep or key not in ("conv", "xla_flags", "donate"):
-            raise app.UsageError(f"bad --lever item {item!r} (keys: conv, xla_flags, donate)")
+        if not sep or key not in ("conv", "xla_flags", "donate", "malloc"):
+            raise app.UsageError(
+                f"bad --lever item {item!r} (keys: conv, xla_flags, donate, malloc)")
+        if key == "malloc" and value not in MALLOC_ENV:
+            raise app.UsageError(f"bad malloc lever {value!r} (one of {sorted(MALLOC_ENV)})")
         out[key] = value
     return out
 
@@ -157,7 +171,7 @@ def _jax_worker(spec: dict[str, Any]):
 
     def train_once() -> None:
         holder["state"], out = train_c(holder["state"], batch)
-        jax.block_until_ready(out["loss"])
+        jax.block_until_ready((holder["state"], out))
 
     def eval_once() -> None:
         jax.block_until_ready(eval_c(holder["state"], batch))
@@ -357,7 +371,9 @@ def _run_group(specs: list[dict[str, Any]], steps: int, do_eval: bool) -> list[d
     try:
         for spec in specs:  # Started one after another: compile times are not contended.
             env = dict(os.environ)
-            xla_flags = _parse_lever(spec.get("lever", "")).get("xla_flags", "")
+            lever = _parse_lever(spec.get("lever", ""))
+            env.update(MALLOC_ENV.get(lever.get("malloc", ""), {}))
+            xla_flags = lever.get("xla_flags", "")
             if xla_flags:
                 env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
             print(f"  starting {spec['label']} ...", flush=True)

@@ -20,8 +20,11 @@ Float32 limits, measured against float64 runs of the same step (see the report o
   residual branch (as in zero-init-residual training). With gamma ~ U(0.5, 1.5) the random
   ResNet50's training-mode gradients are chaotic: float32 (JAX or Keras) misses float64 by up to
   0.4 relative and the updates by 8e-3.
-* ResNet50 conv biases feed a BatchNorm, so their exact gradient is zero and both frameworks
-  update them by round-off times that gain; they are checked to ZERO_GRAD_RTOL.
+* ResNet50 conv biases feed a training-mode BatchNorm, so their exact gradient is zero.
+  affect-jax stops it (`ResNet50._conv_bn`), so they stay unchanged; Keras's float32 step moves
+  them by round-off times that gain (up to 2e-4 relative on `conv1_conv`). For them the
+  reference is the same Keras step in float64 (gradient ~1e-14, so unchanged to ~1e-10), also
+  to 1e-4; their distance to Keras's float32 step is reported.
 * Keras runs in a subprocess with TF_ENABLE_ONEDNN_OPTS=0: with oneDNN on, TF's VGG16 gradients
   below block4 are 2e-3 away from float64 (1e-6 with it off, as affect-jax's).
 """
@@ -50,7 +53,6 @@ HEADS = ('neck_0', 'class_output', 'reg_output')
 RESIDUAL_GAMMA = (0.02, 0.1)  # gamma of each residual branch's last BatchNorm (`*_3_bn`)
 LOSS_RTOL = 1e-5
 WEIGHT_RTOL = 1e-4
-ZERO_GRAD_RTOL = 1e-3
 RESULTS: dict[str, dict[str, object]] = {}
 logger = logging.getLogger(__name__)
 
@@ -63,15 +65,20 @@ def report_errors(request):
         return
     lines = ['one train step, affect-jax vs Keras (max|jax - keras| / max|keras| per tensor):']
     for arch, r in sorted(RESULTS.items()):
-        lines += [
+        lines.append(
             f"  {arch}: loss {r['loss']:.2e}; worst weight {r['weight']:.2e} "
             f"({r['weight_name']}); worst BN statistic {r['stat']:.2e} ({r['stat_name']}); "
-            f"worst zero-gradient conv bias {r['zero_grad']:.2e} ({r['zero_grad_name']}); "
-            f"{r['tensors']} tensors",
-        ]
+            f"{r['tensors']} tensors")
+        if 'zero_grad' in r:
+            lines.append(
+                '    zero-gradient conv biases: vs Keras float64 {:.2e} ({}); vs Keras float32 '
+                '{:.2e} ({}); Keras float32 vs its float64 {:.2e} ({})'.format(
+                    r['zero_grad'][1], r['zero_grad'][0], r['zero_grad_f32'][1],
+                    r['zero_grad_f32'][0], r['keras_f32_vs_f64'][1], r['keras_f32_vs_f64'][0]))
     for line in lines:
         logger.info(line)
-    request.config.cache.set('affect_jax/keras_train_parity', RESULTS)
+    if getattr(request.config, 'cache', None) is not None:  # None under -p no:cacheprovider
+        request.config.cache.set('affect_jax/keras_train_parity', RESULTS)
     reporter = request.config.pluginmanager.getplugin('terminalreporter')
     capture = request.config.pluginmanager.getplugin('capturemanager')
     if reporter is not None and capture is not None:
@@ -171,15 +178,16 @@ def _save(base, model, workdir: str, tag: str) -> None:
     np.savez(os.path.join(workdir, f'{tag}_heads.npz'), **heads)
 
 
-def run_keras_step(arch: str, workdir: str) -> None:
-    """Builds the Keras model, saves its weights, takes one step, saves them again."""
+def run_keras_step(arch: str, workdir: str, floatxs: list[str]) -> None:
+    """Builds the Keras model, saves its weights and takes one step in each of `floatxs`.
+
+    Every run starts from the float32 model's weights (`before`); it saves `after_{floatx}`.
+    """
     import keras
 
     config = _config(arch)
     batch = dict(np.load(os.path.join(workdir, 'batch.npz')))
-    base, model = _keras_model(keras, arch, config)
-    _save(base, model, workdir, 'before')
-
+    onehot = np.eye(NUM_CLASSES)[batch['expression']]
     # Keras's cross-entropy on a softmax output should use the softmax's logits
     # (`_keras_logits`): log-softmax, as optax; record that it did (like for like at 1e-5).
     nn = keras.src.backend.nn
@@ -189,17 +197,27 @@ def run_keras_step(arch: str, workdir: str) -> None:
         used_logits.append(bool(from_logits or hasattr(output, '_keras_logits')))
         return original(target, output, from_logits=from_logits, axis=axis)
 
-    nn.categorical_crossentropy = spy
-    onehot = np.eye(NUM_CLASSES, dtype=np.float32)[batch['expression']]
-    loss = model.train_on_batch(
-        batch['image'], {'class_output': onehot, 'reg_output': batch['valence_arousal']},
-        return_dict=True,
-    )['loss']
-    nn.categorical_crossentropy = original
-    _save(base, model, workdir, 'after')
+    base, model = _keras_model(keras, arch, config)
+    _save(base, model, workdir, 'before')
+    start = model.get_weights()
+    result = {'num_weights': len(model.weights)}
+    for floatx in floatxs:
+        keras.config.set_dtype_policy(floatx)
+        base, model = _keras_model(keras, arch, config)
+        model.set_weights(start)
+        used_logits.clear()
+        nn.categorical_crossentropy = spy
+        loss = model.train_on_batch(
+            batch['image'].astype(floatx),
+            {'class_output': onehot.astype(floatx),
+             'reg_output': batch['valence_arousal'].astype(floatx)},
+            return_dict=True,
+        )['loss']
+        nn.categorical_crossentropy = original
+        _save(base, model, workdir, f'after_{floatx}')
+        result[floatx] = {'loss': float(loss), 'used_logits': list(used_logits)}
     with open(os.path.join(workdir, 'keras.json'), 'w') as f:
-        json.dump({'loss': float(loss), 'used_logits': used_logits,
-                   'num_weights': len(model.weights)}, f)
+        json.dump(result, f)
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,15 +253,25 @@ def _worst(errors: dict[str, float]) -> tuple[str, float]:
     return name, errors[name]
 
 
+def _expected(config, workdir, tag: str) -> dict[str, np.ndarray]:
+    """Every Keras variable (kernels, biases, gamma, beta, moving mean/variance) of `tag`."""
+    model = nnx.eval_shape(lambda: train.create_model(config))
+    _load_from_keras(model, workdir, tag)
+    _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    return _flat(params) | _flat(stats)
+
+
 @pytest.mark.parametrize('arch', ['resnet50', 'vgg16'])
 def test_one_train_step_matches_keras(arch, tmp_path):
     config = _config(arch)
     batch = _batch(np.random.default_rng(SEEDS[arch]))
     np.savez(tmp_path / 'batch.npz', **batch)
+    # The float64 step is the reference for ResNet50's zero-gradient conv biases.
+    floatxs = ['float32', 'float64'] if arch == 'resnet50' else ['float32']
     env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS='0',
                PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
     keras_proc = subprocess.Popen(
-        [sys.executable, '-m', 'tests.test_keras_train_parity', arch, str(tmp_path)],
+        [sys.executable, '-m', 'tests.test_keras_train_parity', arch, str(tmp_path), *floatxs],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # Compiled while Keras runs (the executable depends on shapes, not on values).
@@ -253,7 +281,7 @@ def test_one_train_step_matches_keras(arch, tmp_path):
         global_batch = train.shard_batch(batch, mesh)
         step = jax.jit(train.make_train_step(graphdef, tx, config)).lower(
             train.replicate(state, mesh), global_batch).compile()
-        log = keras_proc.communicate(timeout=600)[0]
+        log = keras_proc.communicate(timeout=900)[0]
     finally:
         if keras_proc.poll() is None:
             keras_proc.kill()
@@ -261,41 +289,47 @@ def test_one_train_step_matches_keras(arch, tmp_path):
     assert keras_proc.returncode == 0, log[-3000:]
     with open(tmp_path / 'keras.json') as f:
         keras_result = json.load(f)
-    assert keras_result['used_logits'] and all(keras_result['used_logits']), (
+    used_logits = keras_result['float32']['used_logits']
+    assert used_logits and all(used_logits), (
         'Keras cross-entropy did not use the softmax logits')
 
     _load_from_keras(model, tmp_path, 'before')
     _, _, state = train.create_train_state(config, model)
+    start = _flat(state['params'])
     new_state, out = step(train.replicate(state, mesh), global_batch)
     got = _flat(new_state['params']) | _flat(new_state['batch_stats'])
     stat_names = set(_flat(new_state['batch_stats']))
-
-    expected_model = nnx.eval_shape(lambda: train.create_model(config))
-    _load_from_keras(expected_model, tmp_path, 'after')
-    _, exp_params, exp_stats = nnx.split(expected_model, nnx.Param, nnx.BatchStat)
-    expected = _flat(exp_params) | _flat(exp_stats)
-    # Every Keras variable (kernels, biases, gamma, beta, moving mean/variance) is compared.
+    expected = _expected(config, tmp_path, 'after_float32')
     assert set(got) == set(expected)
     assert len(expected) == keras_result['num_weights']
 
     errors = {k: _rel(got[k], expected[k]) for k in expected}
-    # Every ResNet50 conv feeds a BatchNorm: its bias has an exactly zero gradient.
     zero_grad = {k for k in errors if arch == 'resnet50' and k.endswith('_conv/bias')}
     weight_name, weight_err = _worst(
         {k: v for k, v in errors.items() if k not in stat_names | zero_grad})
     stat_name, stat_err = _worst({k: errors[k] for k in stat_names})
-    zero_grad_name, zero_grad_err = _worst({k: errors[k] for k in zero_grad})
-    loss_err = abs(float(out['loss']) - keras_result['loss']) / abs(keras_result['loss'])
+    keras_loss = keras_result['float32']['loss']
+    loss_err = abs(float(out['loss']) - keras_loss) / abs(keras_loss)
     RESULTS[arch] = {
         'loss': loss_err, 'weight': weight_err, 'weight_name': weight_name, 'stat': stat_err,
-        'stat_name': stat_name, 'zero_grad': zero_grad_err, 'zero_grad_name': zero_grad_name,
-        'tensors': len(expected),
+        'stat_name': stat_name, 'tensors': len(expected),
     }
-    assert loss_err <= LOSS_RTOL, f"loss {float(out['loss'])} vs Keras {keras_result['loss']}"
+    if zero_grad:
+        expected64 = _expected(config, tmp_path, 'after_float64')
+        RESULTS[arch] |= {
+            'zero_grad': _worst({k: _rel(got[k], expected64[k]) for k in zero_grad}),
+            'zero_grad_f32': _worst({k: errors[k] for k in zero_grad}),
+            'keras_f32_vs_f64': _worst({k: _rel(expected[k], expected64[k]) for k in zero_grad}),
+        }
+    assert loss_err <= LOSS_RTOL, f"loss {float(out['loss'])} vs Keras {keras_loss}"
     assert stat_err <= WEIGHT_RTOL, f'{stat_name}: {stat_err:.2e}'
     assert weight_err <= WEIGHT_RTOL, f'{weight_name}: {weight_err:.2e}'
-    assert zero_grad_err <= ZERO_GRAD_RTOL, f'{zero_grad_name}: {zero_grad_err:.2e}'
+    if zero_grad:
+        for k in zero_grad:  # Stopped: unchanged, as in exact arithmetic.
+            np.testing.assert_array_equal(got[k], start[k], err_msg=k)
+        name, err = RESULTS[arch]['zero_grad']
+        assert err <= WEIGHT_RTOL, f'{name} vs Keras float64: {err:.2e}'
 
 
 if __name__ == '__main__':
-    run_keras_step(sys.argv[1], sys.argv[2])
+    run_keras_step(sys.argv[1], sys.argv[2], sys.argv[3:])

@@ -107,6 +107,22 @@ def test_batchnorm_train_flag(tiny_resnet):
     np.testing.assert_array_equal(before, model.conv1_bn.mean[...])
 
 
+def test_resnet_conv_bias_gradient_is_zero_in_training(tiny_resnet):
+    """Every conv feeds a BatchNorm: in training mode its bias cancels (exact gradient 0, which
+    the model returns instead of round-off); with running statistics it does not."""
+    model = nnx.clone(tiny_resnet)  # Training mode updates the running statistics.
+    x = jax.random.normal(jax.random.key(2), (4, 32, 32, 3))
+    for train in (True, False):
+        grads = nnx.to_flat_state(
+            nnx.grad(lambda m, t=train: jnp.sum(jnp.sin(m(x, train=t))))(model))
+        biases = {k: v for k, v in grads if k[-1] == 'bias' and k[-2].endswith('_conv')}
+        kernels = {k: v for k, v in grads if k[-1] == 'kernel'}
+        assert len(biases) == len(kernels) == 53
+        assert all(np.any(np.asarray(v[...]) != 0) for v in kernels.values())
+        nonzero = [k for k, v in biases.items() if np.any(np.asarray(v[...]) != 0)]
+        assert nonzero == ([] if train else list(biases)), train
+
+
 def _config(**overrides):
     config = tiny_config()
     config.update_from_flattened_dict(overrides)

@@ -229,9 +229,11 @@ def test_max_pool_gradient_on_ties_matches_tensorflow():
 
 
 @pytest.mark.parametrize('shift', [0.0, 100.0])  # 100: caffe-range activations (two-pass var)
-def test_batch_norm_matches_nnx_batch_norm(shift):
+@pytest.mark.parametrize('relu', [False, True])
+def test_batch_norm_matches_nnx_batch_norm(shift, relu):
     """Same output, running statistics and gradients as nnx.BatchNorm's autodiff (training),
-    to 1e-5 relative (measured <= 6e-7)."""
+    and the same output in inference mode, to 1e-5 relative (measured <= 6e-7); `relu` as
+    jax.nn.relu after it."""
     from affect_jax.ops.batch_norm import BatchNorm
 
     x = jax.random.normal(jax.random.key(0), (4, 5, 5, 6)) * 3 + shift
@@ -244,18 +246,35 @@ def test_batch_norm_matches_nnx_batch_norm(shift):
         bn.bias.value = jax.random.normal(jax.random.key(3), (6,))
         graphdef, params, rest = nnx.split(bn, nnx.Param, ...)
 
-        def loss(p, a, graphdef=graphdef, rest=rest):
+        def loss(p, a, graphdef=graphdef, rest=rest, fused=make is BatchNorm):
             m = nnx.merge(graphdef, p, rest, copy=True)
-            y = m(a, use_running_average=False)
-            return jnp.sum(jnp.tanh(y) * r), (y, nnx.state(m, nnx.BatchStat))
+            if fused:
+                y = m(a, use_running_average=False, relu=relu)
+            else:
+                y = m(a, use_running_average=False)
+                y = jax.nn.relu(y) if relu else y
+            y_eval = m(a, use_running_average=True)  # with the updated running statistics
+            return jnp.sum(jnp.tanh(y) * r), (y, y_eval, nnx.state(m, nnx.BatchStat))
 
-        (_, (y, stats)), (dp, dx) = jax.jit(
-            jax.value_and_grad(loss, (0, 1), has_aux=True))(params, x)
-        results.append(jax.tree.leaves((y, stats, dp, dx)))
+        (_, aux), (dp, dx) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(params, x)
+        results.append(jax.tree.leaves((aux, dp, dx)))
     for got, want in zip(*results, strict=True):
         assert _rel(got, want) <= 1e-5
-    # Inference mode is nnx.BatchNorm's own code path.
-    bn = BatchNorm(6, rngs=nnx.Rngs(0))
-    ref = nnx.BatchNorm(6, rngs=nnx.Rngs(0))
-    np.testing.assert_array_equal(bn(x, use_running_average=True),
-                                  ref(x, use_running_average=True))
+
+
+def test_batch_norm_bfloat16_activations_compute_in_float32():
+    """bfloat16 in and out, float32 inside (as Keras's mixed precision): the result is the
+    float32 BatchNorm of the same bfloat16 input, rounded once, in both modes."""
+    from affect_jax.ops.batch_norm import BatchNorm
+
+    x = (jax.random.normal(jax.random.key(0), (4, 5, 5, 6)) * 3 + 100).astype(jnp.bfloat16)
+    for ura in (False, True):
+        outs = []
+        for dtype in (jnp.bfloat16, jnp.float32):
+            bn = BatchNorm(6, dtype=dtype, use_fast_variance=False, rngs=nnx.Rngs(0))
+            bn.mean.value = jnp.full((6,), 100.0)
+            outs.append((bn(x, use_running_average=ura), bn.mean[...]))
+        (y16, mean16), (y32, mean32) = outs
+        assert y16.dtype == jnp.bfloat16 and mean16.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(y16), np.asarray(y32.astype(jnp.bfloat16)))
+        np.testing.assert_array_equal(np.asarray(mean16), np.asarray(mean32))

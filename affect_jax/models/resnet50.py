@@ -144,19 +144,24 @@ class ResNet50(nnx.Module):
             size = (size - 1) // stride + 1  # strided 1x1 'valid' conv
         return size, size, self.num_features
 
+    def _conv_bn(self, name: str, x: jax.Array, train: bool, relu: bool = False) -> jax.Array:
+        """`{name}_conv`, `{name}_bn`, then a ReLU if `relu` (fused into the BatchNorm).
+
+        In training mode the BatchNorm subtracts the batch mean, so the conv bias cancels and
+        its exact gradient is zero. Computed, it is float32 round-off, which Adam (~lr * g /
+        (|g| + eps)) turns into moves of up to lr: a random walk of the bias away from the
+        BatchNorm's running mean. The bias still shifts the batch mean (and so the running
+        mean) in the forward pass, as in Keras.
+        """
+        conv = getattr(self, f'{name}_conv')
+        bn = getattr(self, f'{name}_bn')
+        return bn(conv(x, stop_bias_gradient=train), use_running_average=not train, relu=relu)
+
     def _block(self, x: jax.Array, prefix: str, shortcut: bool, train: bool) -> jax.Array:
-        ura = not train
-
-        def layer(name: str) -> Any:
-            return getattr(self, f'{prefix}_{name}')
-
-        if shortcut:
-            sc = layer('0_bn')(layer('0_conv')(x), use_running_average=ura)
-        else:
-            sc = x
-        y = jax.nn.relu(layer('1_bn')(layer('1_conv')(x), use_running_average=ura))
-        y = jax.nn.relu(layer('2_bn')(layer('2_conv')(y), use_running_average=ura))
-        y = layer('3_bn')(layer('3_conv')(y), use_running_average=ura)
+        sc = self._conv_bn(f'{prefix}_0', x, train) if shortcut else x
+        y = self._conv_bn(f'{prefix}_1', x, train, relu=True)
+        y = self._conv_bn(f'{prefix}_2', y, train, relu=True)
+        y = self._conv_bn(f'{prefix}_3', y, train)
         return jax.nn.relu(sc + y)
 
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -166,8 +171,7 @@ class ResNet50(nnx.Module):
         `train=True` normalises with batch statistics and updates the running averages.
         """
         x = _zero_pad(x.astype(self.act_dtype), 3)
-        x = self.conv1_bn(self.conv1_conv(x), use_running_average=not train)
-        x = jax.nn.relu(x)
+        x = self._conv_bn('conv1', x, train, relu=True)
         # Zero padding before the max-pool matches Keras (inputs are >= 0 after the ReLU).
         x = _zero_pad(x, 1)
         x = max_pool(x, (3, 3), (2, 2))

@@ -27,37 +27,49 @@ def _axes(x: jax.Array) -> tuple[int, ...]:
     return tuple(range(x.ndim - 1))
 
 
-def _forward(x, scale, bias, epsilon):
+def _forward(x, scale, bias, epsilon, relu):
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, _axes(x))
     var = jnp.mean(jnp.square(x32 - mean), _axes(x))  # two-pass: exact for large means
     inv = jax.lax.rsqrt(var + epsilon)
-    y = ((x32 - mean) * (scale * inv) + bias).astype(x.dtype)
-    return y, mean, var, inv
+    y = _normalise(x32, mean, scale * inv, bias)
+    if relu:
+        y = jnp.maximum(y, 0.0)
+    return y.astype(x.dtype), mean, var, inv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array,
-                     epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _normalise(x32, mean, scale_inv, bias):
+    return (x32 - mean) * scale_inv + bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
+                     relu: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Normalises `x` [..., C] over all but the last axis: (y, batch mean, biased variance).
 
-    Gradients flow through `y` only; the statistics are for running averages (callers must
-    not differentiate through them).
+    With `relu`, y is the ReLU of the normalised `x`, and the backward pass recomputes the
+    ReLU's mask from `x` (which it reads anyway) instead of keeping the pre-ReLU activation:
+    one float32 activation less in memory and one pass less per layer. Gradients flow through
+    `y` only; the statistics are for running averages (callers must not differentiate
+    through them).
     """
-    y, mean, var, _ = _forward(x, scale, bias, epsilon)
+    y, mean, var, _ = _forward(x, scale, bias, epsilon, relu)
     return y, mean, var
 
 
-def _batch_norm_train_fwd(x, scale, bias, epsilon):
-    y, mean, var, inv = _forward(x, scale, bias, epsilon)
-    return (y, mean, var), (x, mean, inv, scale)
+def _batch_norm_train_fwd(x, scale, bias, epsilon, relu):
+    y, mean, var, inv = _forward(x, scale, bias, epsilon, relu)
+    return (y, mean, var), (x, mean, inv, scale, bias)
 
 
-def _batch_norm_train_bwd(epsilon, residuals, cotangents):
+def _batch_norm_train_bwd(epsilon, relu, residuals, cotangents):
     del epsilon
-    x, mean, inv, scale = residuals
+    x, mean, inv, scale, bias = residuals
+    x32 = x.astype(jnp.float32)
     dy = cotangents[0].astype(jnp.float32)
-    x_hat = (x.astype(jnp.float32) - mean) * inv
+    if relu:  # The forward's expression, so the mask is bit-identical.
+        dy = jnp.where(_normalise(x32, mean, scale * inv, bias) > 0, dy, 0.0)
+    x_hat = (x32 - mean) * inv
     n = math.prod(x.shape[:-1])
     sum_dy = jnp.sum(dy, _axes(x))
     sum_dy_x_hat = jnp.sum(dy * x_hat, _axes(x))
@@ -71,21 +83,29 @@ batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 class BatchNorm(nnx.BatchNorm):
     """`nnx.BatchNorm` (same parameters, statistics and results) with `batch_norm_train`.
 
-    Used in training mode for the plain case (last-axis features, scale and bias, no mask, no
-    named-axis reduction, two-pass variance); every other case is `nnx.BatchNorm`'s own code.
+    For the plain case (last-axis features, scale and bias, no mask, no named-axis reduction,
+    two-pass variance) it computes in float32 in both modes and returns `dtype` (so bfloat16
+    activations are normalised as Keras's mixed precision does); every other case is
+    `nnx.BatchNorm`'s own code.
     """
 
     def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
-                 mask: Any = None) -> jax.Array:
+                 mask: Any = None, relu: bool = False) -> jax.Array:
+        """As `nnx.BatchNorm`; `relu` applies a ReLU to the result (fused in training mode)."""
         ura = self.use_running_average if use_running_average is None else use_running_average
         plain = (mask is None and self.axis_name is None and self.axis in (-1, x.ndim - 1)
                  and self.scale is not None and self.bias is not None
                  and not self.use_fast_variance)
-        if ura or not plain:
-            return super().__call__(x, use_running_average=ura, mask=mask)
+        if not plain:
+            y = super().__call__(x, use_running_average=ura, mask=mask)
+            return jax.nn.relu(y) if relu else y
         dtype = self.dtype or x.dtype
-        y, mean, var = batch_norm_train(x.astype(dtype), self.scale[...].astype(jnp.float32),
-                                        self.bias[...].astype(jnp.float32), self.epsilon)
+        scale, bias = self.scale[...].astype(jnp.float32), self.bias[...].astype(jnp.float32)
+        if ura:
+            inv = jax.lax.rsqrt(self.var[...] + self.epsilon)
+            y = _normalise(x.astype(jnp.float32), self.mean[...], scale * inv, bias)
+            return (jax.nn.relu(y) if relu else y).astype(dtype)
+        y, mean, var = batch_norm_train(x.astype(dtype), scale, bias, self.epsilon, relu)
         mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
         self.mean[...] = self.momentum * self.mean[...] + (1 - self.momentum) * mean
         self.var[...] = self.momentum * self.var[...] + (1 - self.momentum) * var

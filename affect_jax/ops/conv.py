@@ -219,7 +219,9 @@ class Conv(nnx.Module):
             else None
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, stop_bias_gradient: bool = False) -> jax.Array:
+        """`stop_bias_gradient`: the bias gets an exactly zero gradient (for a caller that knows
+        its effect cancels, e.g. before a BatchNorm that normalises with batch statistics)."""
         kernel = self.kernel[...]
         dtype = self.dtype or jnp.result_type(x, kernel)
         if resolve_impl(self.impl) != 'onednn':
@@ -227,5 +229,7 @@ class Conv(nnx.Module):
         # oneDNN casts inside its custom VJP, so float32 activations around a bfloat16
         # convolution get float32 gradients without an extra rounding.
         bias = self.bias[...] if self.bias is not None else None
+        if bias is not None and stop_bias_gradient:
+            bias = jax.lax.stop_gradient(bias)
         return conv2d(x, kernel, self.strides, self.padding, self.impl, compute_dtype=dtype,
                       bias=bias)

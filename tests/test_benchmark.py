@@ -1,0 +1,29 @@
+"""scripts/benchmark.py: lever parsing and the per-worker environment it implies."""
+
+import sys
+
+import pytest
+from absl import app
+
+from tests.conftest import REPO
+
+sys.path.insert(0, f'{REPO}/scripts')
+import benchmark  # noqa: E402
+
+
+def test_levers_parse():
+    assert benchmark._parse_lever('default') == {}
+    assert benchmark._parse_lever('conv=onednn+malloc=reuse') == {
+        'conv': 'onednn', 'malloc': 'reuse'}
+    assert benchmark._parse_lever('xla_flags=--a=1 --b=2') == {'xla_flags': '--a=1 --b=2'}
+    assert benchmark.MALLOC_ENV['reuse']['MALLOC_MMAP_MAX_'] == '0'
+
+
+@pytest.mark.parametrize('lever, match', [
+    ('conv', 'bad --lever item'),
+    ('threads=4', 'keys: conv'),
+    ('malloc=tcmalloc', 'bad malloc lever'),
+])
+def test_bad_levers_are_usage_errors(lever, match):
+    with pytest.raises(app.UsageError, match=match):
+        benchmark._parse_lever(lever)
