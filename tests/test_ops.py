@@ -260,6 +260,12 @@ def test_batch_norm_matches_nnx_batch_norm(shift, relu):
         results.append(jax.tree.leaves((aux, dp, dx)))
     for got, want in zip(*results, strict=True):
         assert _rel(got, want) <= 1e-5
+    # Inference mode computes exactly nnx.BatchNorm's expression (bit-identical).
+    bns = [make(6, rngs=nnx.Rngs(0)) for make in (BatchNorm, nnx.BatchNorm)]
+    for bn in bns:
+        bn.mean.value = jax.random.normal(jax.random.key(4), (6,)) + shift
+        bn.var.value = jax.random.uniform(jax.random.key(5), (6,)) + 0.5
+    np.testing.assert_array_equal(*(bn(x, use_running_average=True) for bn in bns))
 
 
 def test_batch_norm_bfloat16_activations_compute_in_float32():

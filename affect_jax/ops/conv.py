@@ -58,8 +58,8 @@ def activation_dtype(compute_dtype: Any, impl: str) -> Any:
     """The dtype of a backbone's activations between convolutions run by `impl`.
 
     With 'onednn', only the convolutions compute in `compute_dtype`; BatchNorm, ReLU, residual
-    sums and pooling stay float32, because XLA:CPU runs those elementwise ops several times
-    slower in bfloat16 (it converts element by element) and float32 is the better numerics.
+    sums and pooling stay float32. bfloat16 activations measured 8% faster, but the bf16 demo
+    (VGG16 from scratch) then stayed at chance for one seed of two (docs/performance.md).
     """
     return jnp.float32 if resolve_impl(impl) == 'onednn' else compute_dtype
 
