@@ -217,6 +217,26 @@ def make_train_step(
     return train_step
 
 
+def make_train_steps(
+    train_step: Callable[[State, Batch], tuple[State, dict[str, jax.Array]]],
+) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
+    """Several steps in one XLA execution: ``(state, batches) -> (state, outputs)``.
+
+    ``batches`` hold consecutive batches stacked on a leading axis; the outputs are stacked the
+    same way. Why: XLA:CPU maps its temporaries afresh for every execution and page-faults them
+    in (~3 GB and ~1 s for a ResNet50 step at batch 32, docs/performance.md); a ``lax.scan``
+    reuses them for every step of the call. Keras calls this ``steps_per_execution``.
+    """
+
+    def train_steps(state: State, batches: Batch) -> tuple[State, dict[str, jax.Array]]:
+        if jax.tree.leaves(batches)[0].shape[0] == 1:  # no loop around a single step
+            state, out = train_step(state, jax.tree.map(lambda x: x[0], batches))
+            return state, jax.tree.map(lambda x: x[None], out)
+        return jax.lax.scan(train_step, state, batches)
+
+    return train_steps
+
+
 def make_eval_step(
     graphdef: nnx.GraphDef, flip_tta: bool = False
 ) -> Callable[[State, Batch], dict[str, jax.Array]]:
@@ -261,9 +281,15 @@ def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, what: str) -> Non
         raise ValueError(f"config.{what}={batch_size} is not divisible by the {p} processes")
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> Batch:
-    """Process-local NumPy batch -> global arrays split over the 'data' axis."""
-    sharding = NamedSharding(mesh, P("data"))
+def shard_batch(
+    batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh, stacked: bool = False
+) -> Batch:
+    """Process-local NumPy batch -> global arrays split over the 'data' axis.
+
+    ``stacked``: the arrays hold several batches on a leading axis (``make_train_steps``);
+    the rows, on the second axis, are split.
+    """
+    sharding = NamedSharding(mesh, P(None, "data") if stacked else P("data"))
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
@@ -416,6 +442,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mesh = make_mesh()
     check_batch_size(config.batch_size, mesh, "batch_size")
     check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+    per_call = config.steps_per_execution
+    if not isinstance(per_call, int) or per_call < 1:
+        raise ValueError(f"config.steps_per_execution={per_call!r}; expected an integer >= 1")
 
     # Process 0 first: it may prepare a data cache (TFDS) the others then read.
     with distributed.chief_first("make_splits"):
@@ -444,7 +473,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if completed:
         logging.info("Resumed from epoch %d (step %d) in %s", completed, completed * spe, workdir)
 
-    train_step = jax.jit(make_train_step(graphdef, tx, config), donate_argnums=(0,))
+    train_steps = jax.jit(make_train_steps(make_train_step(graphdef, tx, config)),
+                          donate_argnums=(0,))
     eval_step = jax.jit(make_eval_step(graphdef))
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
     if completed == 0:
@@ -452,46 +482,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                               if not isinstance(v, dict)})
 
     process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
-    # Throughput and ETA are timed from the end of the first (compiling) step.
-    timer_start, timed_steps = None, 0
+    # Throughput and ETA are timed from the end of the first (compiling) call.
+    timer_start, timed_steps, compiled = None, 0, set()
     for epoch in range(completed, config.num_epochs):
         epoch_start = time.time()
         outputs, labels, targets, va_flags = [], [], [], []
-        pending = None  # outputs of the previous step, fetched after the next is dispatched
-        batches = pipeline.train_batches(splits.train, config, epoch, config.batch_size,
-                                         **process)
-        for i, batch in enumerate(batches.take(spe).as_numpy_iterator()):
-            step = epoch * spe + i
-            global_batch = shard_batch(batch, mesh)
-            if timer_start is None:
+        pending = None  # (first step, outputs) of the previous call, fetched after the next
+        # Chunks of per_call consecutive batches (the last one may be shorter): one call each.
+        chunks = pipeline.train_batches(
+            splits.train, config, epoch, config.batch_size, **process,
+        ).take(spe).batch(per_call).prefetch(1)
+        step = epoch * spe  # steps done before this chunk
+        for chunk in chunks.as_numpy_iterator():
+            global_chunk = shard_batch(chunk, mesh, stacked=True)
+            n = len(chunk["mask"])
+            if n not in compiled:  # the first call, or the first shorter last chunk
                 compile_start = time.time()
-                state, out = train_step(state, global_batch)
+                state, out = train_steps(state, global_chunk)
                 jax.block_until_ready(out)
-                logging.info("First step (with compilation) took %.1f s",
-                             time.time() - compile_start)
-                timer_start = time.time()
+                seconds = time.time() - compile_start
+                logging.info("Call of %d steps with compilation took %.1f s", n, seconds)
+                compiled.add(n)
+                # Excluded from the throughput.
+                timer_start = time.time() if timer_start is None else timer_start + seconds
             else:
-                state, out = train_step(state, global_batch)
-                timed_steps += 1
-            # The whole global batch's targets (other processes hold the rest of it).
-            batch_targets = distributed.to_host(
-                {k: global_batch[k] for k in ("expression", "valence_arousal", "has_va")})
-            labels.append(batch_targets["expression"])
-            targets.append(batch_targets["valence_arousal"])
-            va_flags.append(batch_targets["has_va"])
+                state, out = train_steps(state, global_chunk)
+                timed_steps += n
+            # The whole global batches' targets (other processes hold the rest of them).
+            chunk_targets = distributed.to_host(
+                {k: global_chunk[k] for k in ("expression", "valence_arousal", "has_va")})
+            labels.append(chunk_targets["expression"].reshape(-1))
+            targets.append(chunk_targets["valence_arousal"].reshape(-1, 2))
+            va_flags.append(chunk_targets["has_va"].reshape(-1))
             if pending is not None:
-                outputs.append(_fetch_checked(pending, step - 1))
-            pending = out
-            if (step + 1) % config.log_every_steps == 0:
+                outputs += _fetch_checked(*pending)
+            pending = (step, out)
+            if (step + n) // config.log_every_steps > step // config.log_every_steps:
                 rate = timed_steps / max(time.time() - timer_start, 1e-9)
-                eta = (total_steps - step - 1) / rate if rate else float("nan")
+                eta = (total_steps - step - n) / rate if rate else float("nan")
                 logging.info(
                     "epoch %d/%d step %d/%d (%d/%d in epoch): loss %.4f, %.1f img/s, ETA %s",
-                    epoch + 1, config.num_epochs, step + 1, total_steps, i + 1, spe,
-                    float(out["loss"]), rate * config.batch_size,
+                    epoch + 1, config.num_epochs, step + n, total_steps, step + n - epoch * spe,
+                    spe, float(out["loss"][-1]), rate * config.batch_size,
                     _format_seconds(eta) if math.isfinite(eta) else "(measuring)",
                 )
-        outputs.append(_fetch_checked(pending, epoch * spe + spe - 1))
+            step += n
+        outputs += _fetch_checked(*pending)
         train_time = time.time() - epoch_start
         record = {"epoch": epoch + 1, "step": (epoch + 1) * spe}
         record.update(_epoch_train_metrics(
@@ -527,15 +563,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return final
 
 
-def _fetch_checked(out: dict[str, jax.Array], step: int) -> dict[str, np.ndarray]:
+def _fetch_checked(first_step: int, out: dict[str, jax.Array]) -> list[dict[str, np.ndarray]]:
+    """Per-step host copies of a call's stacked outputs; stops at a non-finite loss.
+
+    ``first_step``: steps done before the call (so its first step is number first_step + 1).
+    """
     out = distributed.to_host(out)
-    if not math.isfinite(float(out["loss"])):
-        raise NonFiniteLossError(
-            f"training loss is {float(out['loss'])} at step {step + 1} "
-            f"(cross-entropy {float(out['ce'])}, MSE {float(out['mse'])}); stopping. Try a "
-            "lower learning rate, or check the data for bad values."
-        )
-    return out
+    per_step = [{k: v[i] for k, v in out.items()} for i in range(len(out["loss"]))]
+    for i, o in enumerate(per_step):
+        if not math.isfinite(float(o["loss"])):
+            raise NonFiniteLossError(
+                f"training loss is {float(o['loss'])} at step {first_step + i + 1} "
+                f"(cross-entropy {float(o['ce'])}, MSE {float(o['mse'])}); stopping. Try a "
+                "lower learning rate, or check the data for bad values."
+            )
+    return per_step
 
 
 def _epoch_times(workdir: str) -> dict[str, float]:

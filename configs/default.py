@@ -76,6 +76,10 @@ def get_config() -> ml_collections.ConfigDict:
     # when its extension is built and there is one device per process, else 'dot1x1'),
     # 'onednn', 'xla' (plain lax.conv), 'dot1x1', 'dot' or 'im2col'. Same results.
     config.conv_impl = 'auto'
+    # Training steps per XLA execution (a lax.scan over that many batches; Keras's
+    # steps_per_execution). XLA:CPU maps its temporaries afresh for every execution, so
+    # several steps per call save that time (docs/performance.md). Same results as 1.
+    config.steps_per_execution = 8
 
     # --- Run ---------------------------------------------------------------------------------
     config.seed = 0  # Model init, dropout and data order.

@@ -5,10 +5,12 @@ r"""Training/eval step and input-pipeline speed of affect-jax, optionally agains
       [--output=benchmark.json]
 
 Model: the project's multi-task model (backbone, global average pool, Dense(8) softmax CE and
-Dense(2) MSE, Adam 1e-4; no hidden layer, no dropout) on random 224x224 images, one whole jitted
-train step (forward, backward, Adam, BatchNorm statistics). ``--compare`` builds the same model in
-Keras 3 / TensorFlow (`keras.applications`, ``mixed_bfloat16`` policy for bf16) and PyTorch
-(scripts/torch_models.py, channels_last, ``torch.autocast`` bf16) when they are installed.
+Dense(2) MSE, Adam 1e-4; no hidden layer, no dropout) on random 224x224 images, whole jitted
+train steps (forward, backward, Adam, BatchNorm statistics), called as the training driver calls
+them (``steps_per_execution`` steps per call; every time is per step). ``--compare`` builds the
+same model in Keras 3 / TensorFlow (`keras.applications`, ``mixed_bfloat16`` policy for bf16) and
+PyTorch (scripts/torch_models.py, channels_last, ``torch.autocast`` bf16) when they are
+installed, each called once per step (as ``model.fit`` and a PyTorch loop do).
 
 Every contender (each ``--lever`` of affect-jax, Keras, PyTorch) runs in its own worker process,
 so peak RSS and XLA flags are per contender; the workers stay alive and the parent runs them
@@ -20,10 +22,11 @@ nominal FLOPs for every contender), and per-round ratios affect-jax / peer with 
 
 Levers: ``--lever`` takes ``key=value`` items joined by ``+``; keys: ``conv`` (config.conv_impl:
 auto, xla, dot1x1, dot, im2col, onednn), ``xla_flags`` (appended to XLA_FLAGS in that worker),
-``donate`` (0/1: donate the train state), ``malloc`` (glibc settings of that worker:
+``donate`` (0/1: donate the train state), ``steps`` (config.steps_per_execution: train steps
+per XLA call; times are per step), ``malloc`` (glibc settings of that worker:
 ``reuse`` keeps freed memory in one heap, so XLA's per-step temporary buffer is not mapped and
 zero-filled again every step; ``hugepages`` backs large blocks with transparent huge pages).
-``--lever=default`` is conv=auto. The first lever is
+``--lever=default`` is the config's defaults (conv=auto, steps=8). The first lever is
 the baseline the others are compared with.
 """
 
@@ -50,7 +53,8 @@ flags.DEFINE_list("dtype", ["float32"], "Compute dtypes: float32, bfloat16.")
 flags.DEFINE_integer("batch_size", 32, "Global batch size.")
 flags.DEFINE_integer("image_size", 224, "Square input side.")
 flags.DEFINE_integer("steps", 5, "Timed rounds (>= 5 for a median with spread).")
-flags.DEFINE_integer("warmup", 2, "Untimed steps per contender after compilation.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps per contender after compilation (at least "
+                     "one call).")
 flags.DEFINE_integer("num_classes", 8, "Classes of the expression head.")
 flags.DEFINE_multi_string("lever", ["default"], "affect-jax variants (see module doc).")
 flags.DEFINE_bool("compare", False, "Also run Keras/TF and PyTorch (when installed).")
@@ -91,9 +95,11 @@ def _parse_lever(lever: str) -> dict[str, str]:
     out = {}
     for item in lever.split("+"):
         key, sep, value = item.partition("=")
-        if not sep or key not in ("conv", "xla_flags", "donate", "malloc"):
+        if not sep or key not in ("conv", "xla_flags", "donate", "malloc", "steps"):
             raise app.UsageError(
-                f"bad --lever item {item!r} (keys: conv, xla_flags, donate, malloc)")
+                f"bad --lever item {item!r} (keys: conv, xla_flags, donate, malloc, steps)")
+        if key == "steps" and not (value.isdigit() and int(value) >= 1):
+            raise app.UsageError(f"bad steps lever {value!r} (an integer >= 1)")
         if key == "malloc" and value not in MALLOC_ENV:
             raise app.UsageError(f"bad malloc lever {value!r} (one of {sorted(MALLOC_ENV)})")
         out[key] = value
@@ -160,9 +166,12 @@ def _jax_worker(spec: dict[str, Any]):
         "has_va": jnp.ones((b,), jnp.float32),
     }
     donate = (0,) if lever.get("donate", "1") == "1" else ()
+    # As the training driver calls it: steps_per_execution batches per call.
+    per_call = int(lever.get("steps", config.steps_per_execution))
+    chunk = {name: jnp.stack([value] * per_call) for name, value in batch.items()}
     t0 = time.perf_counter()
-    train_c = jax.jit(train.make_train_step(graphdef, tx, config),
-                      donate_argnums=donate).lower(state, batch).compile()
+    train_c = jax.jit(train.make_train_steps(train.make_train_step(graphdef, tx, config)),
+                      donate_argnums=donate).lower(state, chunk).compile()
     compile_s = time.perf_counter() - t0
     eval_c = jax.jit(train.make_eval_step(graphdef)).lower(state, batch).compile()
     flops = _nominal_flops(config, batch)
@@ -170,14 +179,14 @@ def _jax_worker(spec: dict[str, Any]):
     holder = {"state": state}
 
     def train_once() -> None:
-        holder["state"], out = train_c(holder["state"], batch)
+        holder["state"], out = train_c(holder["state"], chunk)
         jax.block_until_ready((holder["state"], out))
 
     def eval_once() -> None:
         jax.block_until_ready(eval_c(holder["state"], batch))
 
     info = {
-        "compile_s": compile_s, "flops": flops,
+        "compile_s": compile_s, "flops": flops, "steps_per_call": per_call,
         "hlo_convolutions": hlo.count(" convolution("), "hlo_dots": hlo.count(" dot("),
         "onednn_calls": hlo.count("affect_jax_onednn_conv"),
     }
@@ -299,7 +308,9 @@ def run_worker(spec: dict[str, Any]) -> None:
     builder = {"jax": _jax_worker, "keras": _keras_worker, "torch": _torch_worker,
                "input": _input_worker}[spec["kind"]]
     train_once, eval_once, info = builder(spec)
-    for _ in range(spec["warmup"]):
+    # --warmup counts steps; a call may run several.
+    per_call = info.get("steps_per_call", 1)
+    for _ in range(max(1, -(-spec["warmup"] // per_call))):
         train_once()
         if eval_once is not None:
             eval_once()
@@ -311,7 +322,8 @@ def run_worker(spec: dict[str, Any]) -> None:
         fn = train_once if cmd == "train" else eval_once
         t0 = time.perf_counter()
         fn()
-        _send({"t": time.perf_counter() - t0, "rss_mb": _peak_rss_mb()})
+        seconds = time.perf_counter() - t0
+        _send({"t": seconds / (per_call if cmd == "train" else 1), "rss_mb": _peak_rss_mb()})
 
 
 # ---------------------------------------------------------------------------------------------

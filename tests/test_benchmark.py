@@ -16,6 +16,7 @@ def test_levers_parse():
     assert benchmark._parse_lever('conv=onednn+malloc=reuse') == {
         'conv': 'onednn', 'malloc': 'reuse'}
     assert benchmark._parse_lever('xla_flags=--a=1 --b=2') == {'xla_flags': '--a=1 --b=2'}
+    assert benchmark._parse_lever('steps=1') == {'steps': '1'}
     assert benchmark.MALLOC_ENV['reuse']['MALLOC_MMAP_MAX_'] == '0'
 
 
@@ -23,6 +24,8 @@ def test_levers_parse():
     ('conv', 'bad --lever item'),
     ('threads=4', 'keys: conv'),
     ('malloc=tcmalloc', 'bad malloc lever'),
+    ('steps=0', 'bad steps lever'),
+    ('steps=four', 'bad steps lever'),
 ])
 def test_bad_levers_are_usage_errors(lever, match):
     with pytest.raises(app.UsageError, match=match):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from tests.conftest import REPO, TINY_FLAGS
@@ -105,6 +106,29 @@ def test_sigkill_and_rerun_gives_identical_results(reference_run, tmp_path, kill
     want = json.load(open(os.path.join(reference, "final_metrics.json")))
     assert _same(got["metrics"], want["metrics"])
     assert got["best_epoch"] == want["best_epoch"]
+
+
+def test_steps_per_execution_that_does_not_divide_the_epoch(reference_run, tmp_path):
+    """3 steps per call over 4-step epochs (calls of 3 and 1) trains as 4 calls of 1 would."""
+    reference, _ = reference_run  # the default: one call of 4 steps per epoch
+    result = _run(_main(str(tmp_path), "--config.steps_per_execution=3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("Call of 1 steps with compilation") == 1  # not every epoch
+    for step in (3, 4, 7, 8, 11, 12):  # a progress line for every call that passes 2, 4, ...
+        assert f"step {step}/12 " in result.stderr, step
+    got, want = _val_history(str(tmp_path)), _val_history(reference)
+    assert [r["step"] for r in got] == [4, 8, 12]
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys()
+        for key in g:  # NaN (undefined metrics) equals NaN
+            np.testing.assert_allclose(np.asarray(g[key], float), np.asarray(w[key], float),
+                                       rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_bad_steps_per_execution_is_a_clear_error(tmp_path):
+    result = _run(_main(str(tmp_path), "--config.steps_per_execution=0"))
+    assert result.returncode != 0
+    assert "config.steps_per_execution=0" in result.stderr
 
 
 def test_unknown_config_key_is_a_clear_error(tmp_path):

@@ -87,16 +87,56 @@ def test_frozen_backbone_does_not_change(tiny):
     assert not np.array_equal(head_before, jax.tree.leaves(state["params"]["class_output"])[0])
 
 
+def _stack(batch, k):
+    return {name: np.stack([value] * k) for name, value in batch.items()}
+
+
 def test_non_finite_loss_names_the_step():
     config = tiny_config(learning_rate=1e12)
     config.model.dropout = 0.0
     graphdef, tx, state = train.create_train_state(config, train.create_model(config))
+    steps = jax.jit(train.make_train_steps(train.make_train_step(graphdef, tx, config)))
+    chunk = train.shard_batch(_stack(_one_batch(config), 20), train.make_mesh(), stacked=True)
+    _, out = steps(state, chunk)
+    losses = np.asarray(out["loss"])
+    first_bad = int(np.argmin(np.isfinite(losses)))
+    assert not np.isfinite(losses[first_bad]) and np.isfinite(losses[:first_bad]).all()
+    # Steps 1-100 ran before this call: the message names the global step number.
+    with pytest.raises(train.NonFiniteLossError, match=rf"at step {100 + first_bad + 1} "):
+        train._fetch_checked(100, out)
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet50"])
+def test_several_steps_per_call_match_one_step_per_call(name):
+    """The lax.scan of make_train_steps computes what the same steps called one by one do."""
+    config = tiny_config()
+    config.model.name = name
+    config.model.width = 1 / 16
+    mesh = train.make_mesh()
+    graphdef, tx, state = train.create_train_state(config, train.create_model(config))
+    splits = pipeline.make_splits(config)
+    batches = list(pipeline.train_batches(splits.train, config, 0, 8).take(3)
+                   .as_numpy_iterator())
     step = jax.jit(train.make_train_step(graphdef, tx, config))
-    batch = train.shard_batch(_one_batch(config), train.make_mesh())
-    with pytest.raises(train.NonFiniteLossError, match=r"at step \d+"):
-        for i in range(20):
-            state, out = step(state, batch)
-            train._fetch_checked(out, i)
+    one_by_one, outs = state, []
+    for batch in batches:
+        one_by_one, out = step(one_by_one, train.shard_batch(batch, mesh))
+        outs.append(out)
+    chunk = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+    steps = jax.jit(train.make_train_steps(train.make_train_step(graphdef, tx, config)))
+    together, stacked = steps(state, train.shard_batch(chunk, mesh, stacked=True))
+    assert int(together["step"]) == 3
+    for a, b in zip(jax.tree.leaves(one_by_one), jax.tree.leaves(together), strict=True):
+        np.testing.assert_allclose(np.asarray(b, np.float64), np.asarray(a, np.float64),
+                                   rtol=1e-5, atol=1e-6)
+    for i, out in enumerate(outs):
+        for key, value in out.items():
+            np.testing.assert_allclose(stacked[key][i], value, rtol=1e-5, atol=1e-6)
+    # A chunk of one step takes the plain step (no loop) and still stacks its outputs.
+    _, single = steps(state, train.shard_batch(
+        {k: v[:1] for k, v in chunk.items()}, mesh, stacked=True))
+    assert single["loss"].shape == (1,)
+    np.testing.assert_allclose(single["loss"][0], outs[0]["loss"], rtol=1e-6)
 
 
 def test_checkpoint_round_trip_is_exact(tmp_path, tiny):
