@@ -502,7 +502,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 state, out = train_steps(state, global_chunk)
                 jax.block_until_ready(out)
                 seconds = time.time() - compile_start
-                logging.info("Call of %d steps with compilation took %.1f s", n, seconds)
+                logging.info("Call of %d step%s with compilation took %.1f s", n,
+                             "s" if n > 1 else "", seconds)
                 compiled.add(n)
                 # Excluded from the throughput.
                 timer_start = time.time() if timer_start is None else timer_start + seconds

@@ -113,7 +113,7 @@ def test_steps_per_execution_that_does_not_divide_the_epoch(reference_run, tmp_p
     reference, _ = reference_run  # the default: one call of 4 steps per epoch
     result = _run(_main(str(tmp_path), "--config.steps_per_execution=3"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stderr.count("Call of 1 steps with compilation") == 1  # not every epoch
+    assert result.stderr.count("Call of 1 step with compilation") == 1  # not every epoch
     for step in (3, 4, 7, 8, 11, 12):  # a progress line for every call that passes 2, 4, ...
         assert f"step {step}/12 " in result.stderr, step
     got, want = _val_history(str(tmp_path)), _val_history(reference)
@@ -123,6 +123,22 @@ def test_steps_per_execution_that_does_not_divide_the_epoch(reference_run, tmp_p
         for key in g:  # NaN (undefined metrics) equals NaN
             np.testing.assert_allclose(np.asarray(g[key], float), np.asarray(w[key], float),
                                        rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_resumed_run_takes_its_train_steps_from_the_compilation_cache(tmp_path):
+    workdir, cache = str(tmp_path / "run"), str(tmp_path / "xla_cache")
+    first = _run(_main(workdir, "--config.num_epochs=1",
+                       f"--config.compilation_cache_dir={cache}"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert any(name.startswith("jit_train_steps-") for name in os.listdir(cache))
+    # JAX_LOG_COMPILES makes JAX log persistent-cache hits as warnings.
+    env = dict(os.environ, JAX_LOG_COMPILES="1")
+    resumed = subprocess.run(
+        _main(workdir, "--config.num_epochs=2", f"--config.compilation_cache_dir={cache}"),
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from epoch 1" in resumed.stderr
+    assert "Persistent compilation cache hit for 'jit_train_steps'" in resumed.stderr
 
 
 def test_bad_steps_per_execution_is_a_clear_error(tmp_path):

@@ -106,9 +106,22 @@ def test_non_finite_loss_names_the_step():
         train._fetch_checked(100, out)
 
 
+def _relative_distance(a, b):
+    """||a - b|| / ||a|| over all elements of two pytrees."""
+    a, b = (np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)])
+            for t in (a, b))
+    return np.linalg.norm(a - b) / np.linalg.norm(a)
+
+
 @pytest.mark.parametrize("name", ["vgg16", "resnet50"])
 def test_several_steps_per_call_match_one_step_per_call(name):
-    """The lax.scan of make_train_steps computes what the same steps called one by one do."""
+    """The lax.scan of make_train_steps computes what the same steps called one by one do.
+
+    Up to float32 round-off: with oneDNN's convolutions the states are bit-identical; with
+    XLA's, XLA orders the loop body's reductions differently, and Adam turns round-off in
+    near-zero gradients into +-lr moves (measured: state 1.2e-5, loss 4e-5 relative). The same
+    steps with the batches in reverse order are >= 1.4e-3 apart.
+    """
     config = tiny_config()
     config.model.name = name
     config.model.width = 1 / 16
@@ -126,12 +139,13 @@ def test_several_steps_per_call_match_one_step_per_call(name):
     steps = jax.jit(train.make_train_steps(train.make_train_step(graphdef, tx, config)))
     together, stacked = steps(state, train.shard_batch(chunk, mesh, stacked=True))
     assert int(together["step"]) == 3
-    for a, b in zip(jax.tree.leaves(one_by_one), jax.tree.leaves(together), strict=True):
-        np.testing.assert_allclose(np.asarray(b, np.float64), np.asarray(a, np.float64),
-                                   rtol=1e-5, atol=1e-6)
-    for i, out in enumerate(outs):
+    for group in ("params", "batch_stats", "opt_state"):
+        if jax.tree.leaves(one_by_one[group]):
+            assert _relative_distance(one_by_one[group], together[group]) < 1e-4, group
+    for i, out in enumerate(outs):  # per-step outputs, in order
         for key, value in out.items():
-            np.testing.assert_allclose(stacked[key][i], value, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(stacked[key][i], value, rtol=1e-3, atol=1e-3,
+                                       err_msg=f"{key} of step {i + 1}")
     # A chunk of one step takes the plain step (no loop) and still stacks its outputs.
     _, single = steps(state, train.shard_batch(
         {k: v[:1] for k, v in chunk.items()}, mesh, stacked=True))
