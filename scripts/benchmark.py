@@ -24,8 +24,8 @@ Levers: ``--lever`` takes ``key=value`` items joined by ``+``; keys: ``conv`` (c
 auto, xla, dot1x1, dot, im2col, onednn), ``xla_flags`` (appended to XLA_FLAGS in that worker),
 ``donate`` (0/1: donate the train state), ``steps`` (config.steps_per_execution: train steps
 per XLA call; times are per step), ``malloc`` (glibc settings of that worker:
-``reuse`` keeps freed memory in one heap, so XLA's per-step temporary buffer is not mapped and
-zero-filled again every step; ``hugepages`` backs large blocks with transparent huge pages).
+``reuse`` keeps freed memory in one heap, so XLA's per-call temporary buffer is not mapped and
+zero-filled again every call; ``hugepages`` backs large blocks with transparent huge pages).
 ``--lever=default`` is the config's defaults (conv=auto, steps=8). The first lever is
 the baseline the others are compared with.
 """

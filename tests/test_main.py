@@ -18,8 +18,9 @@ def _main(workdir, *extra, config="configs/default.py"):
             f"--workdir={workdir}", *TINY_FLAGS, *extra]
 
 
-def _run(cmd, timeout=600):
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def _run(cmd, timeout=600, env=None):
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 def _same(a, b):
@@ -132,10 +133,9 @@ def test_resumed_run_takes_its_train_steps_from_the_compilation_cache(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert any(name.startswith("jit_train_steps-") for name in os.listdir(cache))
     # JAX_LOG_COMPILES makes JAX log persistent-cache hits as warnings.
-    env = dict(os.environ, JAX_LOG_COMPILES="1")
-    resumed = subprocess.run(
+    resumed = _run(
         _main(workdir, "--config.num_epochs=2", f"--config.compilation_cache_dir={cache}"),
-        cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+        env=dict(os.environ, JAX_LOG_COMPILES="1"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resumed from epoch 1" in resumed.stderr
     assert "Persistent compilation cache hit for 'jit_train_steps'" in resumed.stderr

@@ -87,8 +87,9 @@ def test_frozen_backbone_does_not_change(tiny):
     assert not np.array_equal(head_before, jax.tree.leaves(state["params"]["class_output"])[0])
 
 
-def _stack(batch, k):
-    return {name: np.stack([value] * k) for name, value in batch.items()}
+def _stack(batches):
+    """Batches stacked on a leading axis, as the driver feeds ``make_train_steps``."""
+    return {name: np.stack([b[name] for b in batches]) for name in batches[0]}
 
 
 def test_non_finite_loss_names_the_step():
@@ -96,7 +97,7 @@ def test_non_finite_loss_names_the_step():
     config.model.dropout = 0.0
     graphdef, tx, state = train.create_train_state(config, train.create_model(config))
     steps = jax.jit(train.make_train_steps(train.make_train_step(graphdef, tx, config)))
-    chunk = train.shard_batch(_stack(_one_batch(config), 20), train.make_mesh(), stacked=True)
+    chunk = train.shard_batch(_stack([_one_batch(config)] * 20), train.make_mesh(), stacked=True)
     _, out = steps(state, chunk)
     losses = np.asarray(out["loss"])
     first_bad = int(np.argmin(np.isfinite(losses)))
@@ -135,7 +136,7 @@ def test_several_steps_per_call_match_one_step_per_call(name):
     for batch in batches:
         one_by_one, out = step(one_by_one, train.shard_batch(batch, mesh))
         outs.append(out)
-    chunk = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+    chunk = _stack(batches)
     steps = jax.jit(train.make_train_steps(train.make_train_step(graphdef, tx, config)))
     together, stacked = steps(state, train.shard_batch(chunk, mesh, stacked=True))
     assert int(together["step"]) == 3
