@@ -69,9 +69,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss_weights.ccc = 0.0  # Weight of (1 - CCC) per dimension (HSEmotion); off.
 
     # --- Numerics and speed --------------------------------------------------------------------
-    # 'float32' or 'bfloat16' (params, optimizer and loss stay float32; with the oneDNN path
-    # only the convolutions run in bfloat16, activations between them stay float32).
+    # 'float32' or 'bfloat16' (params, optimizer and loss stay float32; BatchNorm computes in
+    # float32).
     config.compute_dtype = 'float32'
+    # Activations between layers with compute_dtype='bfloat16': 'compute' (bfloat16, as Keras's
+    # mixed_bfloat16: faster, half the memory), 'float32' (only the convolutions round), or
+    # 'auto': 'compute' for ResNet50 (BatchNorm renormalises every layer), 'float32' for VGG16
+    # (from scratch, bfloat16 activations left one demo seed of three at chance).
+    config.activation_dtype = 'auto'
     # Convolution path (affect_jax/ops/conv.py; docs/performance.md): 'auto' (on CPU 'onednn'
     # when its extension is built and there is one device per process, else 'dot1x1'),
     # 'onednn', 'xla' (plain lax.conv), 'dot1x1', 'dot' or 'im2col'. Same results.

@@ -7,13 +7,14 @@ import pytest
 from flax import nnx
 
 from affect_jax.models import (
+    COMPUTE_DTYPES,
     MultiTaskModel,
+    activation_dtype,
     create_backbone,
     create_model,
     resnet50,
     vgg16,
 )
-from affect_jax.ops.conv import activation_dtype
 from tests.conftest import tiny_config
 
 TINY = 1 / 16
@@ -37,8 +38,10 @@ def test_backbone_output_shapes(arch, size, dtype):
     features = nnx.eval_shape(lambda: create_backbone(arch, False, TINY, dtype=dtype))
     y = _abstract_call(features, (2, size, size, 3))
     h, w, c = features.feature_shape(size)
-    # Feature maps are in the activation dtype (float32 around oneDNN's bf16 convolutions).
-    assert (y.shape, y.dtype) == ((2, h, w, c), activation_dtype(dtype, 'auto'))
+    assert (y.shape, y.dtype) == ((2, h, w, c), dtype)  # activations default to `dtype`
+    mixed = nnx.eval_shape(lambda: create_backbone(arch, False, TINY, dtype=dtype,
+                                                   activation_dtype=jnp.float32))
+    assert _abstract_call(mixed, (2, size, size, 3)).dtype == jnp.float32
     assert h == w == size // 32  # Both architectures downsample by 32.
     assert c == (128 if arch == 'resnet50' else 32)  # 2048 / 16, 512 / 16.
     kwargs = {'input_size': size} if arch == 'vgg16' else {}
@@ -196,6 +199,7 @@ def test_dropout_uses_call_time_rngs():
         ('model.name', 'resnet18', 'config.model.name'),
         ('model.pooling', 'sum', 'config.model.pooling'),
         ('compute_dtype', 'float16', 'config.compute_dtype'),
+        ('activation_dtype', 'bfloat16', 'config.activation_dtype'),
         ('data.num_classes', 1, 'config.data.num_classes'),
         ('model.dropout', 1.0, 'config.model.dropout'),
         ('model.width', 0.0, 'config.model.width'),
@@ -218,3 +222,25 @@ def test_other_errors():
     with pytest.raises(ValueError, match='include_top=False'):
         MultiTaskModel(create_backbone('vgg16', True, TINY, input_size=32), num_classes=8,
                        rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize(
+    'name, compute, setting, expected',
+    [
+        ('resnet50', 'bfloat16', 'auto', jnp.bfloat16),
+        ('vgg16', 'bfloat16', 'auto', jnp.float32),
+        ('vgg16', 'bfloat16', 'compute', jnp.bfloat16),
+        ('resnet50', 'bfloat16', 'float32', jnp.float32),
+        ('resnet50', 'float32', 'compute', jnp.float32),
+        ('vgg16', 'float32', 'auto', jnp.float32),
+    ],
+)
+def test_activation_dtype_setting(name, compute, setting, expected):
+    config = _config(**{'model.name': name, 'compute_dtype': compute,
+                        'activation_dtype': setting})
+    model = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(0)))
+    assert model.backbone.act_dtype == expected
+    assert activation_dtype(name, COMPUTE_DTYPES[compute], setting) == expected
+    features = _abstract_call(model.backbone, (2, 32, 32, 3), train=True)
+    assert features.dtype == expected
+

@@ -115,10 +115,14 @@ def test_conv_module_matches_nnx_conv(dtype):
     ref.bias.value = jax.random.normal(jax.random.key(3), (6,))
     nnx.update(ours, nnx.state(ref, nnx.Param))
     x = jax.random.normal(jax.random.key(2), (2, 9, 9, 4))
-    a, b = ours(x), ref(x)
+    a, b = ours(x.astype(dtype)), ref(x)
     assert a.dtype == b.dtype == dtype
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     assert _rel(a, b) <= tol
+    # Unlike nnx.Conv, the result keeps the input's dtype: float32 activations around a
+    # bfloat16 convolution (config.activation_dtype='float32').
+    c = ours(x)
+    assert c.dtype == jnp.float32 and _rel(c, b.astype(jnp.float32)) <= tol
 
 
 @pytest.mark.parametrize('impl', ['xla', 'dot', pytest.param('onednn', marks=needs_onednn)])

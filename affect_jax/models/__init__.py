@@ -15,11 +15,30 @@ from affect_jax.ops.conv import IMPLS as CONV_IMPLS
 
 BACKBONES = ('resnet50', 'vgg16')
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+ACTIVATION_DTYPES = ('auto', 'compute', 'float32')
+# 'auto': the compute dtype where BatchNorm renormalises every layer (ResNet50), float32 where
+# nothing does (VGG16): from scratch, VGG16 with bfloat16 activations stayed at chance for one
+# demo seed of three (docs/performance.md).
+_AUTO_ACTIVATIONS = {'resnet50': 'compute', 'vgg16': 'float32'}
 
 __all__ = [
-    'BACKBONES', 'COMPUTE_DTYPES', 'MultiTaskModel', 'POOLINGS', 'ResNet50', 'VGG16',
-    'create_backbone', 'create_model',
+    'ACTIVATION_DTYPES', 'BACKBONES', 'COMPUTE_DTYPES', 'MultiTaskModel', 'POOLINGS',
+    'ResNet50', 'VGG16', 'activation_dtype', 'create_backbone', 'create_model',
 ]
+
+
+def activation_dtype(name: str, compute_dtype: Any, setting: str = 'auto') -> Any:
+    """The dtype of backbone `name`'s activations between layers under `setting`.
+
+    'compute': the compute dtype (Keras's `mixed_bfloat16`, PyTorch's autocast); 'float32':
+    only the convolutions round to the compute dtype; 'auto': per architecture (above).
+    """
+    if setting not in ACTIVATION_DTYPES:
+        raise ValueError(
+            f'config.activation_dtype must be one of {ACTIVATION_DTYPES}, got {setting!r}')
+    if setting == 'auto':
+        setting = _AUTO_ACTIVATIONS[name]
+    return compute_dtype if setting == 'compute' else jnp.float32
 
 
 def create_backbone(
@@ -74,8 +93,9 @@ def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> MultiTask
     conv_impl = config.get('conv_impl', 'auto')
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f'config.conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}')
+    act_dtype = activation_dtype(m.name, dtype, config.get('activation_dtype', 'auto'))
     backbone = create_backbone(m.name, include_top=False, width=m.width, dtype=dtype,
-                               conv_impl=conv_impl, rngs=rngs)
+                               activation_dtype=act_dtype, conv_impl=conv_impl, rngs=rngs)
     return MultiTaskModel(
         backbone,
         num_classes=num_classes,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from affect_jax.ops.batch_norm import BatchNorm
-from affect_jax.ops.conv import Conv, activation_dtype
+from affect_jax.ops.conv import Conv
 from affect_jax.ops.pool import max_pool
 
 # (stage name, filters, blocks, stride of the first block) as in keras resnet.stack1 calls.
@@ -66,8 +66,9 @@ class ResNet50(nnx.Module):
     Args:
       include_top: add global average pooling and `predictions` (logits, no softmax).
       width: channel multiplier (1.0 = Keras architecture).
-      dtype: compute dtype; parameters and BatchNorm statistics are always float32 (and with
-        conv_impl 'onednn' so are the activations between convolutions: `activation_dtype`).
+      dtype: compute dtype; parameters and BatchNorm statistics are always float32.
+      activation_dtype: dtype of the activations between layers (default: `dtype`); float32
+        with a bfloat16 `dtype` rounds only inside the convolutions.
       conv_impl: convolution path (`affect_jax.ops.conv.IMPLS`); all compute the same function.
       rngs: initialisation randomness.
     """
@@ -81,6 +82,7 @@ class ResNet50(nnx.Module):
         width: float = 1.0,
         *,
         dtype: Any = jnp.float32,
+        activation_dtype: Any = None,
         conv_impl: str = 'auto',
         rngs: nnx.Rngs,
     ):
@@ -89,7 +91,7 @@ class ResNet50(nnx.Module):
         self.include_top = include_top
         self.width = float(width)
         self.dtype = dtype
-        act_dtype = activation_dtype(dtype, conv_impl)
+        act_dtype = activation_dtype or dtype
         self.act_dtype = act_dtype
 
         def conv(name: str, cin: int, cout: int, k: int, stride: int, padding: str) -> None:

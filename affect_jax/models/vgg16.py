@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from affect_jax.ops.conv import Conv, activation_dtype
+from affect_jax.ops.conv import Conv
 from affect_jax.ops.pool import max_pool
 
 # (block, number of convs, channels) as in keras.applications.vgg16.
@@ -49,8 +49,9 @@ class VGG16(nnx.Module):
       width: channel multiplier (1.0 = Keras architecture; also scales fc1/fc2).
       input_size: square input side; only needed with the top, whose fc1 input size
         depends on it (224 for the ImageNet weights).
-      dtype: compute dtype; parameters are always float32 (and with conv_impl 'onednn' so are
-        the activations between convolutions: `activation_dtype`).
+      dtype: compute dtype; parameters are always float32.
+      activation_dtype: dtype of the activations between layers (default: `dtype`); float32
+        with a bfloat16 `dtype` rounds only inside the convolutions.
       conv_impl: convolution path (`affect_jax.ops.conv.IMPLS`); all compute the same function.
       rngs: initialisation randomness.
     """
@@ -65,6 +66,7 @@ class VGG16(nnx.Module):
         *,
         input_size: int = 224,
         dtype: Any = jnp.float32,
+        activation_dtype: Any = None,
         conv_impl: str = 'auto',
         rngs: nnx.Rngs,
     ):
@@ -73,7 +75,7 @@ class VGG16(nnx.Module):
         self.include_top = include_top
         self.width = float(width)
         self.dtype = dtype
-        self.act_dtype = activation_dtype(dtype, conv_impl)
+        self.act_dtype = activation_dtype or dtype
         conv_names = []
         in_ch = 3
         for block, n_convs, channels in _BLOCKS:

@@ -54,16 +54,6 @@ def resolve_impl(impl: str) -> str:
     return 'onednn' if onednn.available() and jax.device_count() == 1 else 'dot1x1'
 
 
-def activation_dtype(compute_dtype: Any, impl: str) -> Any:
-    """The dtype of a backbone's activations between convolutions run by `impl`.
-
-    With 'onednn', only the convolutions compute in `compute_dtype`; BatchNorm, ReLU, residual
-    sums and pooling stay float32. bfloat16 activations measured 8% faster, but the bf16 demo
-    (VGG16 from scratch) then stayed at chance for one seed of two (docs/performance.md).
-    """
-    return jnp.float32 if resolve_impl(impl) == 'onednn' else compute_dtype
-
-
 def explicit_padding(
     padding: Padding, in_hw: tuple[int, int], kernel_hw: tuple[int, int],
     strides: tuple[int, int],
@@ -186,8 +176,9 @@ _DEFAULT_BIAS_INIT = nnx.initializers.zeros_init()
 class Conv(nnx.Module):
     """Drop-in for the `nnx.Conv` uses in this package: same `kernel` (HWIO) and `bias` params.
 
-    Only what the backbones need: 2-D, no dilation, no feature groups. Inputs and the kernel are
-    cast to `dtype` (compute dtype) as `nnx.Conv` does; parameters stay `param_dtype`.
+    Only what the backbones need: 2-D, no dilation, no feature groups. The convolution computes
+    in `dtype` (compute dtype) as `nnx.Conv`'s does, but its result keeps the input's dtype, so
+    float32 activations can surround a bfloat16 convolution; parameters stay `param_dtype`.
     """
 
     def __init__(
@@ -224,10 +215,8 @@ class Conv(nnx.Module):
         its effect cancels, e.g. before a BatchNorm that normalises with batch statistics)."""
         kernel = self.kernel[...]
         dtype = self.dtype or jnp.result_type(x, kernel)
-        if resolve_impl(self.impl) != 'onednn':
-            x = x.astype(dtype)
-        # oneDNN casts inside its custom VJP, so float32 activations around a bfloat16
-        # convolution get float32 gradients without an extra rounding.
+        # conv2d casts to `dtype` inside (oneDNN inside its custom VJP), so float32
+        # activations around a bfloat16 convolution get float32 gradients.
         bias = self.bias[...] if self.bias is not None else None
         if bias is not None and stop_bias_gradient:
             bias = jax.lax.stop_gradient(bias)
