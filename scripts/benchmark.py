@@ -23,10 +23,11 @@ nominal FLOPs for every contender), and per-round ratios affect-jax / peer with 
 Levers: ``--lever`` takes ``key=value`` items joined by ``+``; keys: ``conv`` (config.conv_impl:
 auto, xla, dot1x1, dot, im2col, onednn), ``xla_flags`` (appended to XLA_FLAGS in that worker),
 ``donate`` (0/1: donate the train state), ``steps`` (config.steps_per_execution: train steps
-per XLA call; times are per step), ``malloc`` (glibc settings of that worker:
-``reuse`` keeps freed memory in one heap, so XLA's per-call temporary buffer is not mapped and
-zero-filled again every call; ``hugepages`` backs large blocks with transparent huge pages).
-``--lever=default`` is the config's defaults (conv=auto, steps=8). The first lever is
+per XLA call; times are per step), ``act`` (config.activation_dtype: auto, compute, float32),
+``malloc`` (glibc settings of that worker: ``reuse`` keeps freed memory in one heap, so XLA's
+per-call temporary buffer is not mapped and zero-filled again every call; ``hugepages`` backs
+large blocks with transparent huge pages).
+``--lever=default`` is the config's defaults (conv=auto, steps=8, act=auto). The first lever is
 the baseline the others are compared with.
 """
 
@@ -89,17 +90,22 @@ MALLOC_ENV = {
 }
 
 
+LEVER_KEYS = ("conv", "xla_flags", "donate", "malloc", "steps", "act")
+ACTIVATION_DTYPES = ("auto", "compute", "float32")  # affect_jax.models.ACTIVATION_DTYPES
+
+
 def _parse_lever(lever: str) -> dict[str, str]:
     if lever in ("", "default"):
         return {}
     out = {}
     for item in lever.split("+"):
         key, sep, value = item.partition("=")
-        if not sep or key not in ("conv", "xla_flags", "donate", "malloc", "steps"):
-            raise app.UsageError(
-                f"bad --lever item {item!r} (keys: conv, xla_flags, donate, malloc, steps)")
+        if not sep or key not in LEVER_KEYS:
+            raise app.UsageError(f"bad --lever item {item!r} (keys: {', '.join(LEVER_KEYS)})")
         if key == "steps" and not (value.isdigit() and int(value) >= 1):
             raise app.UsageError(f"bad steps lever {value!r} (an integer >= 1)")
+        if key == "act" and value not in ACTIVATION_DTYPES:
+            raise app.UsageError(f"bad act lever {value!r} (one of {ACTIVATION_DTYPES})")
         if key == "malloc" and value not in MALLOC_ENV:
             raise app.UsageError(f"bad malloc lever {value!r} (one of {sorted(MALLOC_ENV)})")
         out[key] = value
@@ -152,6 +158,7 @@ def _jax_worker(spec: dict[str, Any]):
     config.data.image_size = spec["image_size"]
     config.compute_dtype = spec["dtype"]
     config.conv_impl = lever.get("conv", "auto")
+    config.activation_dtype = lever.get("act", "auto")
     config.batch_size = b = spec["batch_size"]
     s = spec["image_size"]
     model = train.create_model(config)

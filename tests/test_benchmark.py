@@ -17,6 +17,7 @@ def test_levers_parse():
         'conv': 'onednn', 'malloc': 'reuse'}
     assert benchmark._parse_lever('xla_flags=--a=1 --b=2') == {'xla_flags': '--a=1 --b=2'}
     assert benchmark._parse_lever('steps=1') == {'steps': '1'}
+    assert benchmark._parse_lever('act=float32+steps=1') == {'act': 'float32', 'steps': '1'}
     assert benchmark.MALLOC_ENV['reuse']['MALLOC_MMAP_MAX_'] == '0'
 
 
@@ -26,7 +27,14 @@ def test_levers_parse():
     ('malloc=tcmalloc', 'bad malloc lever'),
     ('steps=0', 'bad steps lever'),
     ('steps=four', 'bad steps lever'),
+    ('act=bfloat16', 'bad act lever'),
 ])
 def test_bad_levers_are_usage_errors(lever, match):
     with pytest.raises(app.UsageError, match=match):
         benchmark._parse_lever(lever)
+
+
+def test_act_lever_takes_the_configs_values():
+    from affect_jax.models import ACTIVATION_DTYPES
+
+    assert benchmark.ACTIVATION_DTYPES == ACTIVATION_DTYPES
