@@ -75,7 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Activations between layers with compute_dtype='bfloat16': 'compute' (bfloat16, as Keras's
     # mixed_bfloat16: faster, half the memory), 'float32' (only the convolutions round), or
     # 'auto': 'compute' for ResNet50 (BatchNorm renormalises every layer), 'float32' for VGG16
-    # (from scratch, bfloat16 activations left one demo seed of three at chance).
+    # (from scratch, bfloat16 activations left one demo seed of two at chance).
     config.activation_dtype = 'auto'
     # Convolution path (affect_jax/ops/conv.py; docs/performance.md): 'auto' (on CPU 'onednn'
     # when its extension is built and there is one device per process, else 'dot1x1'),
