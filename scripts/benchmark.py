@@ -91,7 +91,8 @@ MALLOC_ENV = {
 
 
 LEVER_KEYS = ("conv", "xla_flags", "donate", "malloc", "steps", "act")
-ACTIVATION_DTYPES = ("auto", "compute", "float32")  # affect_jax.models.ACTIVATION_DTYPES
+# affect_jax.models.ACTIVATION_DTYPES (tested equal); the parent process does not import jax.
+ACTIVATION_DTYPES = ("auto", "compute", "float32")
 
 
 def _parse_lever(lever: str) -> dict[str, str]:
