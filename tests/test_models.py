@@ -243,4 +243,3 @@ def test_activation_dtype_setting(name, compute, setting, expected):
     assert activation_dtype(name, COMPUTE_DTYPES[compute], setting) == expected
     features = _abstract_call(model.backbone, (2, 32, 32, 3), train=True)
     assert features.dtype == expected
-
