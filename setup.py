@@ -49,12 +49,14 @@ def _onednn_extension() -> list[Extension]:
         return []
     return [Extension(
         'affect_jax.ops._onednn',
-        sources=['affect_jax/ops/onednn_conv.cc'],
+        sources=['affect_jax/ops/onednn_conv.cc', 'affect_jax/ops/batch_norm_kernels.cc'],
         include_dirs=[str(header.parent.parent.parent), str(ROOT / 'third_party' / 'xla_ffi')],
         # Linking the file records its soname (libdnnl.so.3) as a dependency; at run time
         # affect_jax.ops.onednn loads the installed onednn-cpu-gomp copy before the extension.
         extra_objects=[str(library)],
-        extra_compile_args=['-std=c++17', '-O2', '-w'],
+        # No FMA contraction: the BatchNorm kernels recompute the forward's ReLU mask exactly.
+        extra_compile_args=['-std=c++17', '-O3', '-fopenmp', '-ffp-contract=off', '-w'],
+        extra_link_args=['-fopenmp'],
         language='c++',
     )]
 

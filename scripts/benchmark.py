@@ -24,11 +24,12 @@ Levers: ``--lever`` takes ``key=value`` items joined by ``+``; keys: ``conv`` (c
 auto, xla, dot1x1, dot, im2col, onednn), ``xla_flags`` (appended to XLA_FLAGS in that worker),
 ``donate`` (0/1: donate the train state), ``steps`` (config.steps_per_execution: train steps
 per XLA call; times are per step), ``act`` (config.activation_dtype: auto, compute, float32),
+``bn`` (config.batch_norm_impl: auto, xla, native),
 ``malloc`` (glibc settings of that worker: ``reuse`` keeps freed memory in one heap, so XLA's
 per-call temporary buffer is not mapped and zero-filled again every call; ``hugepages`` backs
 large blocks with transparent huge pages).
-``--lever=default`` is the config's defaults (conv=auto, steps=8, act=auto). The first lever is
-the baseline the others are compared with.
+``--lever=default`` is the config's defaults (conv=auto, steps=8, act=auto, bn=auto). The first
+lever is the baseline the others are compared with.
 """
 
 from __future__ import annotations
@@ -90,9 +91,11 @@ MALLOC_ENV = {
 }
 
 
-LEVER_KEYS = ("conv", "xla_flags", "donate", "malloc", "steps", "act")
-# affect_jax.models.ACTIVATION_DTYPES (tested equal); the parent process does not import jax.
+LEVER_KEYS = ("conv", "xla_flags", "donate", "malloc", "steps", "act", "bn")
+# affect_jax.models.ACTIVATION_DTYPES and affect_jax.ops.batch_norm.IMPLS (tested equal); the
+# parent process does not import jax.
 ACTIVATION_DTYPES = ("auto", "compute", "float32")
+BATCH_NORM_IMPLS = ("auto", "xla", "native")
 
 
 def _parse_lever(lever: str) -> dict[str, str]:
@@ -107,6 +110,8 @@ def _parse_lever(lever: str) -> dict[str, str]:
             raise app.UsageError(f"bad steps lever {value!r} (an integer >= 1)")
         if key == "act" and value not in ACTIVATION_DTYPES:
             raise app.UsageError(f"bad act lever {value!r} (one of {ACTIVATION_DTYPES})")
+        if key == "bn" and value not in BATCH_NORM_IMPLS:
+            raise app.UsageError(f"bad bn lever {value!r} (one of {BATCH_NORM_IMPLS})")
         if key == "malloc" and value not in MALLOC_ENV:
             raise app.UsageError(f"bad malloc lever {value!r} (one of {sorted(MALLOC_ENV)})")
         out[key] = value
@@ -160,6 +165,7 @@ def _jax_worker(spec: dict[str, Any]):
     config.compute_dtype = spec["dtype"]
     config.conv_impl = lever.get("conv", "auto")
     config.activation_dtype = lever.get("act", "auto")
+    config.batch_norm_impl = lever.get("bn", "auto")
     config.batch_size = b = spec["batch_size"]
     s = spec["image_size"]
     model = train.create_model(config)
@@ -197,6 +203,7 @@ def _jax_worker(spec: dict[str, Any]):
         "compile_s": compile_s, "flops": flops, "steps_per_call": per_call,
         "hlo_convolutions": hlo.count(" convolution("), "hlo_dots": hlo.count(" dot("),
         "onednn_calls": hlo.count("affect_jax_onednn_conv"),
+        "native_batch_norm_calls": hlo.count("affect_jax_batch_norm"),
     }
     return train_once, eval_once, info
 

@@ -18,6 +18,7 @@ def test_levers_parse():
     assert benchmark._parse_lever('xla_flags=--a=1 --b=2') == {'xla_flags': '--a=1 --b=2'}
     assert benchmark._parse_lever('steps=1') == {'steps': '1'}
     assert benchmark._parse_lever('act=float32+steps=1') == {'act': 'float32', 'steps': '1'}
+    assert benchmark._parse_lever('bn=xla') == {'bn': 'xla'}
     assert benchmark.MALLOC_ENV['reuse']['MALLOC_MMAP_MAX_'] == '0'
 
 
@@ -28,13 +29,16 @@ def test_levers_parse():
     ('steps=0', 'bad steps lever'),
     ('steps=four', 'bad steps lever'),
     ('act=bfloat16', 'bad act lever'),
+    ('bn=onednn', 'bad bn lever'),
 ])
 def test_bad_levers_are_usage_errors(lever, match):
     with pytest.raises(app.UsageError, match=match):
         benchmark._parse_lever(lever)
 
 
-def test_act_lever_takes_the_configs_values():
+def test_act_and_bn_levers_take_the_configs_values():
     from affect_jax.models import ACTIVATION_DTYPES
+    from affect_jax.ops.batch_norm import IMPLS
 
     assert benchmark.ACTIVATION_DTYPES == ACTIVATION_DTYPES
+    assert benchmark.BATCH_NORM_IMPLS == IMPLS

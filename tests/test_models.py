@@ -200,6 +200,7 @@ def test_dropout_uses_call_time_rngs():
         ('model.pooling', 'sum', 'config.model.pooling'),
         ('compute_dtype', 'float16', 'config.compute_dtype'),
         ('activation_dtype', 'bfloat16', 'config.activation_dtype'),
+        ('batch_norm_impl', 'onednn', 'config.batch_norm_impl'),
         ('data.num_classes', 1, 'config.data.num_classes'),
         ('model.dropout', 1.0, 'config.model.dropout'),
         ('model.width', 0.0, 'config.model.width'),

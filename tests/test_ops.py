@@ -1,7 +1,10 @@
 """Fast convolution paths (affect_jax/ops/conv.py, ops/onednn.py) and max pooling
 (ops/pool.py) against lax: forward and gradients."""
 
+import functools
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from affect_jax.ops import batch_norm as bn_ops
 from affect_jax.ops import conv as conv_ops
 from affect_jax.ops import onednn
 from affect_jax.ops.pool import max_pool
@@ -34,11 +38,16 @@ def test_onednn_path_is_built_where_ci_expects_it():
         assert not onednn.available()
         assert 'AFFECT_JAX_ONEDNN' in onednn.unavailable_reason()
         assert conv_ops.resolve_impl('auto') == 'dot1x1'
+        assert bn_ops.resolve_impl('auto') == 'xla'
         with pytest.raises(ValueError, match="'onednn' is unavailable.*AFFECT_JAX_ONEDNN"):
             conv_ops.resolve_impl('onednn')
+        with pytest.raises(ValueError, match="'native' is unavailable.*AFFECT_JAX_ONEDNN"):
+            bn_ops.resolve_impl('native')
     elif os.environ.get('CI'):
         assert onednn.available(), onednn.unavailable_reason()
         assert conv_ops.resolve_impl('auto') == 'onednn'
+        assert bn_ops.resolve_impl('auto', jnp.bfloat16) == 'native'
+        assert bn_ops.resolve_impl('auto', jnp.float32) == 'xla'
 
 
 def _loss(impl, x, w, b, k_s_pad):
@@ -186,6 +195,22 @@ def test_onednn_unavailable_falls_back_with_a_clear_error(monkeypatch):
         conv_ops.resolve_impl('onednn')
     with pytest.raises(RuntimeError, match='not built in this test'):
         onednn.conv2d(jnp.ones((1, 4, 4, 3)), jnp.ones((1, 1, 3, 2)), (1, 1), ((0, 0), (0, 0)))
+    assert bn_ops.resolve_impl('auto') == 'xla'
+    with pytest.raises(ValueError, match="'native' is unavailable: not built in this test"):
+        bn_ops.resolve_impl('native')
+    with pytest.raises(RuntimeError, match='not built in this test'):
+        bn_ops.native_batch_norm_train(jnp.ones((2, 3)), jnp.ones(3), jnp.zeros(3), 1e-3)
+
+
+@needs_onednn
+def test_stale_extension_is_reported_as_unavailable():
+    """An extension built before a kernel was added (editable installs) is not used."""
+    code = ("from affect_jax.ops import onednn; "
+            "onednn.BATCH_NORM_TARGETS['new'] = ('t', 'AffectJaxNoSuchKernel'); "
+            "print(onednn.available(), onednn.unavailable_reason())")
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.startswith('False the oneDNN extension is out of date (no AffectJaxNoSuchKernel)')
 
 
 @needs_onednn
@@ -232,36 +257,47 @@ def test_max_pool_gradient_on_ties_matches_tensorflow():
     np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(dy))[0]), dx_tf, atol=1e-6)
 
 
+BN_IMPLS = ['xla', pytest.param('native', marks=needs_onednn)]
+
+
+@pytest.mark.parametrize('impl', BN_IMPLS)
 @pytest.mark.parametrize('shift', [0.0, 100.0])  # 100: caffe-range activations (two-pass var)
-@pytest.mark.parametrize('relu', [False, True])
-def test_batch_norm_matches_nnx_batch_norm(shift, relu):
+@pytest.mark.parametrize('relu, residual', [(False, False), (True, False), (True, True)])
+def test_batch_norm_matches_nnx_batch_norm(shift, relu, residual, impl):
     """Same output, running statistics and gradients as nnx.BatchNorm's autodiff (training),
-    and the same output in inference mode, to 1e-5 relative (measured <= 6e-7); `relu` as
-    jax.nn.relu after it."""
+    and the same output in inference mode, to 1e-5 relative (measured <= 6e-7); `relu` and
+    `residual` as jax.nn.relu(residual + y) after it (a ResNet block's output), with the
+    residual's gradient too."""
     from affect_jax.ops.batch_norm import BatchNorm
 
     x = jax.random.normal(jax.random.key(0), (4, 5, 5, 6)) * 3 + shift
     r = jax.random.normal(jax.random.key(1), x.shape)
+    res = jax.random.normal(jax.random.key(6), x.shape) if residual else None
     results = []
-    for make in (nnx.BatchNorm, BatchNorm):
+    for make in (nnx.BatchNorm, functools.partial(BatchNorm, impl=impl)):
         bn = make(6, momentum=0.99, epsilon=1.001e-5, use_fast_variance=False,
                   rngs=nnx.Rngs(0))
         bn.scale.value = jax.random.uniform(jax.random.key(2), (6,)) + 0.5
         bn.bias.value = jax.random.normal(jax.random.key(3), (6,))
         graphdef, params, rest = nnx.split(bn, nnx.Param, ...)
 
-        def loss(p, a, graphdef=graphdef, rest=rest, fused=make is BatchNorm):
+        def loss(p, a, sc, graphdef=graphdef, rest=rest, fused=make is not nnx.BatchNorm):
             m = nnx.merge(graphdef, p, rest, copy=True)
             if fused:
-                y = m(a, use_running_average=False, relu=relu)
+                y = m(a, use_running_average=False, relu=relu, residual=sc)
+                y_eval = m(a, use_running_average=True, relu=relu, residual=sc)
             else:
-                y = m(a, use_running_average=False)
-                y = jax.nn.relu(y) if relu else y
-            y_eval = m(a, use_running_average=True)  # with the updated running statistics
+                y, y_eval = (m(a, use_running_average=ura) for ura in (False, True))
+                if sc is not None:
+                    y, y_eval = sc + y, sc + y_eval
+                if relu:
+                    y, y_eval = jax.nn.relu(y), jax.nn.relu(y_eval)
+            # y_eval: with the updated running statistics
             return jnp.sum(jnp.tanh(y) * r), (y, y_eval, nnx.state(m, nnx.BatchStat))
 
-        (_, aux), (dp, dx) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(params, x)
-        results.append(jax.tree.leaves((aux, dp, dx)))
+        (_, aux), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(
+            params, x, res)
+        results.append(jax.tree.leaves((aux, grads)))
     for got, want in zip(*results, strict=True):
         assert _rel(got, want) <= 1e-5
     # Inference mode computes exactly nnx.BatchNorm's expression (bit-identical).
@@ -272,7 +308,8 @@ def test_batch_norm_matches_nnx_batch_norm(shift, relu):
     np.testing.assert_array_equal(*(bn(x, use_running_average=True) for bn in bns))
 
 
-def test_batch_norm_bfloat16_activations_compute_in_float32():
+@pytest.mark.parametrize('impl', BN_IMPLS)
+def test_batch_norm_bfloat16_activations_compute_in_float32(impl):
     """bfloat16 in and out, float32 inside (as Keras's mixed precision): the result is the
     float32 BatchNorm of the same bfloat16 input, rounded once, in both modes."""
     from affect_jax.ops.batch_norm import BatchNorm
@@ -281,10 +318,96 @@ def test_batch_norm_bfloat16_activations_compute_in_float32():
     for ura in (False, True):
         outs = []
         for dtype in (jnp.bfloat16, jnp.float32):
-            bn = BatchNorm(6, dtype=dtype, use_fast_variance=False, rngs=nnx.Rngs(0))
+            bn = BatchNorm(6, dtype=dtype, use_fast_variance=False, impl=impl,
+                           rngs=nnx.Rngs(0))
             bn.mean.value = jnp.full((6,), 100.0)
             outs.append((bn(x, use_running_average=ura), bn.mean[...]))
         (y16, mean16), (y32, mean32) = outs
         assert y16.dtype == jnp.bfloat16 and mean16.dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(y16), np.asarray(y32.astype(jnp.bfloat16)))
         np.testing.assert_array_equal(np.asarray(mean16), np.asarray(mean32))
+
+
+def test_batch_norm_impl_is_validated():
+    from affect_jax.ops.batch_norm import BatchNorm
+
+    with pytest.raises(ValueError, match="batch_norm impl must be one of .*'fast'"):
+        BatchNorm(3, impl='fast', rngs=nnx.Rngs(0))
+
+
+@needs_onednn
+def test_native_batch_norm_rejects_bad_inputs():
+    """Unsupported dtypes fail in Python; inconsistent buffers reaching the kernel fail there
+    with a message naming the operand."""
+    with pytest.raises(TypeError, match='float32/bfloat16 x and float32 scale and bias'):
+        bn_ops.native_batch_norm_train(jnp.ones((2, 3), jnp.float16), jnp.ones(3),
+                                       jnp.zeros(3), 1e-3)
+    channel = jax.ShapeDtypeStruct((3,), jnp.float32)
+    call = jax.ffi.ffi_call(onednn.BATCH_NORM_TARGETS['forward'][0], (
+        jax.ShapeDtypeStruct((2, 3), jnp.bfloat16), channel, channel, channel))
+    with pytest.raises(Exception, match='affect_jax BatchNorm: y must have x.s shape and dtype'):
+        jax.block_until_ready(call(jnp.ones((2, 3)), jnp.ones(3), jnp.zeros(3),
+                                   epsilon=np.float32(1e-3), relu=np.int64(0)))
+    with pytest.raises(Exception, match=r'affect_jax BatchNorm: scale must be float32 \[channels'):
+        jax.block_until_ready(call(jnp.ones((2, 3), jnp.bfloat16), jnp.ones(4), jnp.zeros(3),
+                                   epsilon=np.float32(1e-3), relu=np.int64(0)))
+
+
+@needs_onednn
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_native_batch_norm_is_deterministic_and_handles_one_row(dtype):
+    """Fixed row split and in-order sums: the same bits on every call; a single row (fewer
+    rows than threads) normalises to the bias."""
+    x = (jax.random.normal(jax.random.key(0), (3000, 7)) * 5 + 50).astype(dtype)
+    scale, bias = jnp.full((7,), 2.0), jnp.arange(7.0)
+
+    def f(a):
+        return jax.vjp(lambda a: bn_ops.native_batch_norm_train(a, scale, bias, 1e-3, True)[0],
+                       a)[1](jnp.ones_like(a))[0]
+
+    first, second = jax.jit(f)(x), jax.jit(f)(x)
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
+    y, mean, var = bn_ops.native_batch_norm_train(x[:1], scale, bias, 1e-3)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(bias)[None])
+    np.testing.assert_array_equal(np.asarray(mean), np.asarray(x[0], np.float32))
+    np.testing.assert_array_equal(np.asarray(var), np.zeros(7))
+
+
+@needs_onednn
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('residual', [False, True])
+def test_native_batch_norm_matches_float64_numpy(dtype, residual):
+    """Caffe-range activations, fused ReLU (and residual), 2,000 rows split over threads:
+    statistics and gradients of the native kernels against float64 NumPy on the same (rounded)
+    input, to 3e-6 relative (float32 arithmetic; measured ~1e-6 where XLA's float32 path is
+    ~8e-6); bfloat16 results within one rounding."""
+    x = (jax.random.normal(jax.random.key(0), (5, 20, 20, 6)) * 3 + 100).astype(dtype)
+    dy = jax.random.normal(jax.random.key(1), x.shape).astype(dtype)
+    res = jax.random.normal(jax.random.key(4), x.shape).astype(dtype) if residual else None
+    scale = jax.random.uniform(jax.random.key(2), (6,)) + 0.5
+    bias = jax.random.normal(jax.random.key(3), (6,))
+    eps = 1.001e-5
+    (y, mean, var), vjp = jax.vjp(
+        lambda a, s, b, r: bn_ops.native_batch_norm_train(a, s, b, eps, True, r),
+        x, scale, bias, res)
+    dx, dscale, dbias, dres = vjp((dy, jnp.zeros(6), jnp.zeros(6)))
+
+    xs, g = (np.asarray(a, np.float64).reshape(-1, 6) for a in (x, dy))
+    rs = np.asarray(res, np.float64).reshape(-1, 6) if residual else 0.0
+    s, b = np.asarray(scale, np.float64), np.asarray(bias, np.float64)
+    m, v = xs.mean(0), xs.var(0)
+    x_hat = (xs - m) / np.sqrt(v + eps)
+    pre = x_hat * s + b + rs
+    g = g * (pre > 0)
+    n = len(xs)
+    want_dx = s / np.sqrt(v + eps) / n * (n * g - g.sum(0) - x_hat * (g * x_hat).sum(0))
+    pairs = [(mean, m), (var, v), (dscale, (g * x_hat).sum(0)), (dbias, g.sum(0)),
+             (y, np.maximum(pre, 0)), (dx, want_dx)]
+    if residual:
+        pairs.append((dres, g))
+    else:
+        assert dres is None
+    for got, want in pairs:
+        tol = 3e-6 if got.dtype == jnp.float32 else 8e-3  # bfloat16 results: one rounding
+        got = np.asarray(got, np.float64).reshape(want.shape)
+        assert np.max(np.abs(got - want)) <= tol * np.max(np.abs(want))

@@ -11,6 +11,7 @@ from flax import nnx
 from affect_jax.models.multitask import POOLINGS, MultiTaskModel
 from affect_jax.models.resnet50 import ResNet50
 from affect_jax.models.vgg16 import VGG16
+from affect_jax.ops.batch_norm import IMPLS as BATCH_NORM_IMPLS
 from affect_jax.ops.conv import IMPLS as CONV_IMPLS
 
 BACKBONES = ('resnet50', 'vgg16')
@@ -93,9 +94,16 @@ def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> MultiTask
     conv_impl = config.get('conv_impl', 'auto')
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f'config.conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}')
+    batch_norm_impl = config.get('batch_norm_impl', 'auto')
+    if batch_norm_impl not in BATCH_NORM_IMPLS:
+        raise ValueError(f'config.batch_norm_impl must be one of {BATCH_NORM_IMPLS}, '
+                         f'got {batch_norm_impl!r}')
     act_dtype = activation_dtype(m.name, dtype, config.get('activation_dtype', 'auto'))
+    # VGG16 has no BatchNorm.
+    extra = {'batch_norm_impl': batch_norm_impl} if m.name == 'resnet50' else {}
     backbone = create_backbone(m.name, include_top=False, width=m.width, dtype=dtype,
-                               activation_dtype=act_dtype, conv_impl=conv_impl, rngs=rngs)
+                               activation_dtype=act_dtype, conv_impl=conv_impl, rngs=rngs,
+                               **extra)
     return MultiTaskModel(
         backbone,
         num_classes=num_classes,

@@ -70,6 +70,8 @@ class ResNet50(nnx.Module):
       activation_dtype: dtype of the activations between layers (default: `dtype`); float32
         with a bfloat16 `dtype` rounds only inside the convolutions.
       conv_impl: convolution path (`affect_jax.ops.conv.IMPLS`); all compute the same function.
+      batch_norm_impl: training-mode BatchNorm path (`affect_jax.ops.batch_norm.IMPLS`); all
+        compute the same function.
       rngs: initialisation randomness.
     """
 
@@ -84,6 +86,7 @@ class ResNet50(nnx.Module):
         dtype: Any = jnp.float32,
         activation_dtype: Any = None,
         conv_impl: str = 'auto',
+        batch_norm_impl: str = 'auto',
         rngs: nnx.Rngs,
     ):
         if width <= 0:
@@ -106,7 +109,8 @@ class ResNet50(nnx.Module):
             # large activations of caffe-range (ImageNet-preprocessed) inputs.
             setattr(self, name, BatchNorm(
                 c, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=act_dtype,
-                param_dtype=jnp.float32, use_fast_variance=False, rngs=rngs,
+                param_dtype=jnp.float32, use_fast_variance=False, impl=batch_norm_impl,
+                rngs=rngs,
             ))
 
         stem = _scaled(64, width)
@@ -146,8 +150,10 @@ class ResNet50(nnx.Module):
             size = (size - 1) // stride + 1  # strided 1x1 'valid' conv
         return size, size, self.num_features
 
-    def _conv_bn(self, name: str, x: jax.Array, train: bool, relu: bool = False) -> jax.Array:
-        """`{name}_conv`, `{name}_bn`, then a ReLU if `relu` (fused into the BatchNorm).
+    def _conv_bn(self, name: str, x: jax.Array, train: bool, relu: bool = False,
+                 residual: jax.Array | None = None) -> jax.Array:
+        """`{name}_conv`, `{name}_bn`, plus `residual`, then a ReLU if `relu` (the sum and the
+        ReLU are fused into the BatchNorm).
 
         In training mode the BatchNorm subtracts the batch mean, so the conv bias cancels and
         its exact gradient is zero. Computed, it is float32 round-off, which Adam (~lr * g /
@@ -157,14 +163,14 @@ class ResNet50(nnx.Module):
         """
         conv = getattr(self, f'{name}_conv')
         bn = getattr(self, f'{name}_bn')
-        return bn(conv(x, stop_bias_gradient=train), use_running_average=not train, relu=relu)
+        return bn(conv(x, stop_bias_gradient=train), use_running_average=not train, relu=relu,
+                  residual=residual)
 
     def _block(self, x: jax.Array, prefix: str, shortcut: bool, train: bool) -> jax.Array:
         sc = self._conv_bn(f'{prefix}_0', x, train) if shortcut else x
         y = self._conv_bn(f'{prefix}_1', x, train, relu=True)
         y = self._conv_bn(f'{prefix}_2', y, train, relu=True)
-        y = self._conv_bn(f'{prefix}_3', y, train)
-        return jax.nn.relu(sc + y)
+        return self._conv_bn(f'{prefix}_3', y, train, relu=True, residual=sc)
 
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """Runs the network on preprocessed NHWC images.

@@ -7,6 +7,14 @@ mean, variance (two-pass, as Keras), normalise; the backward pass the reductions
 dy * x_hat and one elementwise pass: the textbook minimum. Statistics and arithmetic are
 float32 whatever the activation dtype.
 
+Two paths compute it (`impl`): ``'xla'``, the jnp code here, and ``'native'``, the C++ kernels
+of `batch_norm_kernels.cc` (built into the oneDNN extension, `ops.onednn`), which make that
+minimum in memory passes too: XLA:CPU writes each reduction's float32 input to memory first.
+``'auto'`` picks 'native' for bfloat16 activations on CPU when the extension is available and
+the process has one device (a custom call has no partitioning rule), else 'xla'. For float32
+activations XLA has no conversions to materialise and the ResNet50 step was no faster with
+the native kernels (0.97x [0.92-1.03], same temporary memory; docs/performance.md).
+
 (oneDNN's batch-normalization kernels through the same custom-call route were measured 5-7%
 faster on the ResNet50 step but their float32 gradients left the Keras train-step parity at
 4e-3 instead of 2e-5, so they are not used: docs/performance.md.)
@@ -20,7 +28,26 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+from affect_jax.ops import onednn
+
+IMPLS = ('auto', 'xla', 'native')
+
+
+def resolve_impl(impl: str, dtype: Any = jnp.bfloat16) -> str:
+    """Validates `impl`; maps 'auto' to the faster path for activations of `dtype`."""
+    if impl not in IMPLS:
+        raise ValueError(f'batch_norm impl must be one of {IMPLS}, got {impl!r}')
+    if impl == 'native' and not onednn.available():
+        raise ValueError(f"batch_norm impl 'native' is unavailable: "
+                         f"{onednn.unavailable_reason()}; use 'auto' to fall back to XLA")
+    if impl != 'auto':
+        return impl
+    native = (jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == 'cpu'
+              and onednn.available() and jax.device_count() == 1)
+    return 'native' if native else 'xla'
 
 
 def _axes(x: jax.Array) -> tuple[int, ...]:
@@ -80,33 +107,122 @@ def _batch_norm_train_bwd(epsilon, relu, residuals, cotangents):
 batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
+def _native_call(direction: str, out: Any, *operands: jax.Array, **attrs: Any) -> Any:
+    if not onednn.available():  # also registers the kernels
+        raise RuntimeError(f'native BatchNorm is unavailable: {onednn.unavailable_reason()}')
+    return jax.ffi.ffi_call(onednn.BATCH_NORM_TARGETS[direction][0], out)(*operands, **attrs)
+
+
+def _rows(a: jax.Array) -> jax.Array:
+    return a.reshape(-1, a.shape[-1])
+
+
+def _native_forward(x, scale, bias, epsilon, relu, residual):
+    channel = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
+    out = (jax.ShapeDtypeStruct(_rows(x).shape, x.dtype), channel, channel, channel)
+    inputs = (_rows(x),) if residual is None else (_rows(x), _rows(residual))
+    y, mean, var, inv = _native_call(
+        'forward' if residual is None else 'forward_add', out, *inputs, scale, bias,
+        epsilon=np.float32(epsilon), relu=np.int64(relu))
+    return y.reshape(x.shape), mean, var, inv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def native_batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
+                            relu: bool = False, residual: jax.Array | None = None
+                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`batch_norm_train` by the C++ kernels: `x` float32 or bfloat16, `scale`/`bias` float32.
+
+    With `residual` (x's shape and dtype) y is the BatchNorm of `x` plus `residual`, then the
+    ReLU if `relu` (a ResNet block's output), rounded once. Sums are accumulated in float64
+    (statistics at least as exact as the two-pass float32 ones); the rest is the same float32
+    arithmetic.
+    """
+    if x.dtype not in onednn.DTYPES or scale.dtype != jnp.float32 or bias.dtype != jnp.float32:
+        raise TypeError(f'native BatchNorm takes float32/bfloat16 x and float32 scale and bias, '
+                        f'got {x.dtype}, {scale.dtype}, {bias.dtype}')
+    if residual is not None and (residual.shape, residual.dtype) != (x.shape, x.dtype):
+        raise TypeError(f'native BatchNorm: residual must have x\'s shape and dtype '
+                        f'{x.shape} {x.dtype}, got {residual.shape} {residual.dtype}')
+    y, mean, var, _ = _native_forward(x, scale, bias, epsilon, relu, residual)
+    return y, mean, var
+
+
+def _native_fwd(x, scale, bias, epsilon, relu, residual):
+    y, mean, var, inv = _native_forward(x, scale, bias, epsilon, relu, residual)
+    return (y, mean, var), (x, mean, inv, scale, bias, residual)
+
+
+def _native_bwd(epsilon, relu, saved, cotangents):
+    del epsilon
+    x, mean, inv, scale, bias, residual = saved
+    dy = _rows(cotangents[0].astype(x.dtype))
+    channel = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
+    rows = jax.ShapeDtypeStruct(dy.shape, x.dtype)
+    if residual is None:
+        dx, dscale, dbias = _native_call('backward', (rows, channel, channel), _rows(x), dy,
+                                         mean, inv, scale, bias, relu=np.int64(relu))
+        return dx.reshape(x.shape), dscale, dbias, None
+    dx, dres, dscale, dbias = _native_call(
+        'backward_add', (rows, rows, channel, channel), _rows(x), _rows(residual), dy, mean,
+        inv, scale, bias, relu=np.int64(relu))
+    return dx.reshape(x.shape), dscale, dbias, dres.reshape(x.shape)
+
+
+native_batch_norm_train.defvjp(_native_fwd, _native_bwd)
+
+
 class BatchNorm(nnx.BatchNorm):
     """`nnx.BatchNorm` (same parameters, statistics and results) with `batch_norm_train`.
 
     For the plain case (last-axis features, scale and bias, no mask, no named-axis reduction,
     two-pass variance) it computes in float32 in both modes and returns `dtype` (so bfloat16
-    activations are normalised as Keras's mixed precision does); every other case is
-    `nnx.BatchNorm`'s own code.
+    activations are normalised as Keras's mixed precision does), in training mode by the
+    `impl` path (`IMPLS`); every other case is `nnx.BatchNorm`'s own code.
     """
 
+    def __init__(self, num_features: int, *, impl: str = 'auto', **kwargs: Any):
+        resolve_impl(impl)  # validate early
+        super().__init__(num_features, **kwargs)
+        self.impl = impl
+
     def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
-                 mask: Any = None, relu: bool = False) -> jax.Array:
-        """As `nnx.BatchNorm`; `relu` applies a ReLU to the result (fused in training mode)."""
+                 mask: Any = None, relu: bool = False,
+                 residual: jax.Array | None = None) -> jax.Array:
+        """As `nnx.BatchNorm`; then `residual` is added to the result and `relu` applies a
+        ReLU (a ResNet block's `relu(shortcut + bn(x))`; fused in training mode, and with the
+        native kernels the sum is rounded to `dtype` once instead of twice)."""
         ura = self.use_running_average if use_running_average is None else use_running_average
         plain = (mask is None and self.axis_name is None and self.axis in (-1, x.ndim - 1)
                  and self.scale is not None and self.bias is not None
                  and not self.use_fast_variance)
         if not plain:
-            y = super().__call__(x, use_running_average=ura, mask=mask)
-            return jax.nn.relu(y) if relu else y
+            return _add_relu(super().__call__(x, use_running_average=ura, mask=mask), residual,
+                             relu)
         dtype = self.dtype or x.dtype
         scale, bias = self.scale[...].astype(jnp.float32), self.bias[...].astype(jnp.float32)
         if ura:
             inv = jax.lax.rsqrt(self.var[...] + self.epsilon)
             y = _normalise(x.astype(jnp.float32), self.mean[...], scale * inv, bias)
-            return (jax.nn.relu(y) if relu else y).astype(dtype)
-        y, mean, var = batch_norm_train(x.astype(dtype), scale, bias, self.epsilon, relu)
+            if residual is None:
+                return (jax.nn.relu(y) if relu else y).astype(dtype)
+            return _add_relu(y.astype(dtype), residual, relu)
+        x = x.astype(dtype)
+        if resolve_impl(self.impl, x.dtype) == 'native':
+            res = None if residual is None else residual.astype(dtype)
+            y, mean, var = native_batch_norm_train(x, scale, bias, self.epsilon, relu, res)
+        else:
+            y, mean, var = batch_norm_train(x, scale, bias, self.epsilon,
+                                            relu and residual is None)
+            if residual is not None:
+                y = _add_relu(y, residual, relu)
         mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
         self.mean[...] = self.momentum * self.mean[...] + (1 - self.momentum) * mean
         self.var[...] = self.momentum * self.var[...] + (1 - self.momentum) * var
         return y
+
+
+def _add_relu(y: jax.Array, residual: jax.Array | None, relu: bool) -> jax.Array:
+    if residual is not None:
+        y = residual + y
+    return jax.nn.relu(y) if relu else y

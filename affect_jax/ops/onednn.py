@@ -1,5 +1,8 @@
 """oneDNN convolutions for XLA:CPU through XLA FFI custom calls (`onednn_conv.cc`).
 
+The same extension holds affect-jax's training-mode BatchNorm kernels
+(`batch_norm_kernels.cc`, used by `ops.batch_norm`); this module loads and registers both.
+
 The shared library is compiled by the package's own install (setup.py) against the oneDNN of
 the `onednn-cpu-gomp` wheel. When it was not built, cannot be loaded, or is switched off with
 ``AFFECT_JAX_ONEDNN=0``, `available()` is False and `ops.conv` falls back to XLA's kernels;
@@ -30,6 +33,14 @@ _TARGETS = {
     'backward_data': ('affect_jax_onednn_conv_backward_data', 'AffectJaxConvBackwardData'),
     'backward_weights': ('affect_jax_onednn_conv_backward_weights',
                          'AffectJaxConvBackwardWeights'),
+}
+# The training-mode BatchNorm kernels built into the same extension (batch_norm_kernels.cc),
+# called by ops.batch_norm.
+BATCH_NORM_TARGETS = {
+    'forward': ('affect_jax_batch_norm_forward', 'AffectJaxBatchNormForward'),
+    'backward': ('affect_jax_batch_norm_backward', 'AffectJaxBatchNormBackward'),
+    'forward_add': ('affect_jax_batch_norm_add_forward', 'AffectJaxBatchNormAddForward'),
+    'backward_add': ('affect_jax_batch_norm_add_backward', 'AffectJaxBatchNormAddBackward'),
 }
 DTYPES = (jnp.float32, jnp.bfloat16)
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -65,7 +76,12 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     version = lib.affect_jax_onednn_version()
     if version != ONEDNN_VERSION:
         return None, f'libdnnl is version {version}, the extension was built for {ONEDNN_VERSION}'
-    for target, symbol in _TARGETS.values():
+    targets = (*_TARGETS.values(), *BATCH_NORM_TARGETS.values())
+    missing = [symbol for _, symbol in targets if not hasattr(lib, symbol)]
+    if missing:
+        return None, (f'the oneDNN extension is out of date (no {", ".join(missing)}); '
+                      'reinstall affect-jax to rebuild it')
+    for target, symbol in targets:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
                                     platform='cpu')
     return lib, ''

@@ -26,6 +26,14 @@
 
 namespace ffi = xla::ffi;
 
+// One oneDNN primitive (or BatchNorm kernel, batch_norm_kernels.cc) at a time: each already
+// uses every core (OpenMP), and XLA may run independent custom calls (e.g. a layer's two
+// gradients) concurrently, which would oversubscribe the cores and stall OpenMP's barriers.
+std::mutex& AffectJaxExecutionMutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
 namespace {
 
 using dnnl::memory;
@@ -34,14 +42,6 @@ using Tag = dnnl::memory::format_tag;
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
   return engine;
-}
-
-// One oneDNN primitive at a time: each already uses every core (OpenMP), and XLA may run
-// independent custom calls (e.g. a layer's two gradients) concurrently, which would
-// oversubscribe the cores and stall OpenMP's barriers.
-std::mutex& ExecutionMutex() {
-  static std::mutex mutex;
-  return mutex;
 }
 
 struct FreeDeleter {
@@ -202,7 +202,7 @@ ffi::Error Run(Direction d, ffi::AnyBuffer act, ffi::AnyBuffer out, ffi::AnyBuff
   }
   try {
     auto plan = GetPlan(d, t, g);
-    std::lock_guard<std::mutex> serial(ExecutionMutex());
+    std::lock_guard<std::mutex> serial(AffectJaxExecutionMutex());
     auto& engine = Engine();
     dnnl::stream stream(engine);
     memory act_m(plan->src, engine, act.untyped_data());
