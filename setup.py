@@ -1,11 +1,12 @@
-"""Builds the optional oneDNN convolution custom call (affect_jax/ops/onednn_conv.cc).
+"""Builds the optional C++ extension: oneDNN convolutions (affect_jax/ops/onednn_conv.cc) and
+the BatchNorm kernels (affect_jax/ops/batch_norm_kernels.cc, OpenMP), as XLA FFI custom calls.
 
 Everything else about the package is in pyproject.toml. The extension is compiled from source
 by this install, against the headers of the `onednn-devel-cpu-gomp` build dependency and the
 `libdnnl.so.3` of `onednn-cpu-gomp` (both from PyPI), and the vendored XLA FFI headers of
 jaxlib 0.10.2 (third_party/xla_ffi). If that is impossible (no C++ compiler, another platform,
 AFFECT_JAX_BUILD_ONEDNN=0), the install still succeeds without it and affect-jax falls back to
-XLA's convolutions (`affect_jax.ops.onednn.unavailable_reason()` says why).
+XLA's convolutions and BatchNorm (`affect_jax.ops.onednn.unavailable_reason()` says why).
 """
 
 from __future__ import annotations

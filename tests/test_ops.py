@@ -47,7 +47,8 @@ def test_onednn_path_is_built_where_ci_expects_it():
         assert onednn.available(), onednn.unavailable_reason()
         assert conv_ops.resolve_impl('auto') == 'onednn'
         assert bn_ops.resolve_impl('auto', jnp.bfloat16) == 'native'
-        assert bn_ops.resolve_impl('auto', jnp.float32) == 'xla'
+        assert bn_ops.resolve_impl('auto', jnp.float32) == 'native'
+        assert bn_ops.resolve_impl('auto', jnp.float16) == 'xla'
 
 
 def _loss(impl, x, w, b, k_s_pad):

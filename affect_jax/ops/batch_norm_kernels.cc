@@ -1,11 +1,14 @@
-// Training-mode BatchNorm (forward and backward, optional fused ReLU) as XLA FFI handlers.
+// Training-mode BatchNorm (forward and backward; optionally fused with a ReLU, and with a
+// ResNet block's residual sum before it) as XLA FFI handlers.
 //
 // Why hand-written: XLA:CPU (jaxlib 0.10) runs every reduction as a separate fusion that first
 // writes its float32 input expression to memory (the bfloat16 -> float32 convert, then
 // x - mean), so BatchNorm, the ~40% of a ResNet50 train step outside the convolutions, makes
 // several extra passes over each activation (docs/performance.md). These kernels make the
 // textbook minimum: forward one read for the statistics and one read + write to normalise;
-// backward one read of (x, dy) for the two channel sums and one read + write for dx.
+// backward one read of (x, dy) for the two channel sums and one read + write for dx. With a
+// residual, y = relu(BatchNorm(x) + residual) is formed in float32 and rounded once, and the
+// backward pass also writes the residual's gradient (dy through the ReLU) next to dx.
 //
 // Layout: x, y, dy, dx are [rows, channels] row-major (NHWC flattened), float32 or bfloat16;
 // statistics and parameters are float32 [channels]. Sums are accumulated in double, per
@@ -36,8 +39,8 @@ std::mutex& AffectJaxExecutionMutex();
 namespace {
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
-// AVX-512 where the CPU has it (4 bfloat16/float32 -> double conversions per element pair
-// are cheap there), with portable fallbacks; the loader picks one at run time.
+// AVX-512 where the CPU has it, else AVX2 or baseline x86-64: GCC builds each row kernel for
+// all three and the loader picks one at run time.
 #define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
 ALWAYS_INLINE float Load(const float* p, int64_t i) { return p[i]; }
@@ -257,7 +260,7 @@ VECTOR_CLONES void GradInputRows(bool bf16, bool relu, bool residual, const void
 #undef CALL
 }
 
-// Runs body(r0, r1, thread) over a fixed split of the rows into one block per thread.
+// Runs body(r0, r1, thread, threads) over a fixed split of the rows, one block per thread.
 template <typename Body>
 void ParallelRows(int64_t rows, int threads, Body body) {
 #pragma omp parallel num_threads(threads)
