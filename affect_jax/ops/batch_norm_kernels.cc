@@ -260,19 +260,29 @@ VECTOR_CLONES void GradInputRows(bool bf16, bool relu, bool residual, const void
 #undef CALL
 }
 
-// Runs body(r0, r1, thread, threads) over a fixed split of the rows, one block per thread.
+// Runs body(r0, r1, thread) over a fixed split of the rows, one block per thread.
 template <typename Body>
-void ParallelRows(int64_t rows, int threads, Body body) {
+void ParallelRows(int64_t rows, Body body) {
+  const int threads =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), rows)));
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t r0 = rows * t / nt, r1 = rows * (t + 1) / nt;
-    body(r0, r1, t, nt);
+    body(rows * t / nt, rows * (t + 1) / nt, t);
   }
 }
 
-int Threads(int64_t rows) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), rows)));
+// Two per-channel sums over all rows: sums(r0, r1, acc) adds rows [r0, r1) into acc[0, 2C).
+// Each thread accumulates its own block; the blocks are added in thread order (deterministic).
+template <typename Sums>
+std::vector<double> ChannelSums(int64_t rows, int64_t C, Sums sums) {
+  const int max_threads = omp_get_max_threads();
+  std::vector<double> partial(static_cast<size_t>(max_threads) * 2 * C, 0.0), total(2 * C, 0.0);
+  ParallelRows(rows, [&](int64_t r0, int64_t r1, int t) { sums(r0, r1, &partial[t * 2 * C]); });
+  for (int t = 0; t < max_threads; ++t) {
+    for (int64_t i = 0; i < 2 * C; ++i) total[i] += partial[t * 2 * C + i];
+  }
+  return total;
 }
 
 ffi::Error Invalid(const std::string& what) {
@@ -300,15 +310,6 @@ ffi::Error CheckChannels(const ffi::AnyBuffer& b, const char* what, int64_t C) {
 }
 
 float* F32(ffi::AnyBuffer& b) { return static_cast<float*>(b.untyped_data()); }
-
-// Per-thread partial sums (2 * C doubles each), reduced in thread order.
-void ReduceInOrder(const std::vector<double>& partial, int threads, int64_t C,
-                   std::vector<double>* total) {
-  total->assign(2 * C, 0.0);
-  for (int t = 0; t < threads; ++t) {
-    for (int64_t i = 0; i < 2 * C; ++i) (*total)[i] += partial[t * 2 * C + i];
-  }
-}
 
 ffi::Error CheckLike(const ffi::AnyBuffer& b, const char* what, const ffi::AnyBuffer& x) {
   int64_t rows, C, r, c;
@@ -345,13 +346,10 @@ ffi::Error ForwardImpl(ffi::AnyBuffer x, const ffi::AnyBuffer* residual_buffer,
     shift[c] = bf16 ? Load(static_cast<const uint16_t*>(x.untyped_data()), c)
                     : Load(static_cast<const float*>(x.untyped_data()), c);
   }
-  const int threads = Threads(rows);
-  std::vector<double> partial(static_cast<size_t>(threads) * 2 * C, 0.0), total;
   std::lock_guard<std::mutex> serial(AffectJaxExecutionMutex());
-  ParallelRows(rows, threads, [&](int64_t r0, int64_t r1, int t, int) {
-    StatsRows(bf16, x.untyped_data(), r0, r1, C, shift.data(), partial.data() + t * 2 * C);
+  const std::vector<double> total = ChannelSums(rows, C, [&](int64_t r0, int64_t r1, double* acc) {
+    StatsRows(bf16, x.untyped_data(), r0, r1, C, shift.data(), acc);
   });
-  ReduceInOrder(partial, threads, C, &total);
   float *mean = F32(mean_out), *var = F32(var_out), *inv = F32(inv_out);
   const float* s = F32(scale);
   for (int64_t c = 0; c < C; ++c) {
@@ -361,7 +359,7 @@ ffi::Error ForwardImpl(ffi::AnyBuffer x, const ffi::AnyBuffer* residual_buffer,
     inv[c] = 1.0f / std::sqrt(var[c] + epsilon);
     scale_inv[c] = s[c] * inv[c];
   }
-  ParallelRows(rows, threads, [&](int64_t r0, int64_t r1, int, int) {
+  ParallelRows(rows, [&](int64_t r0, int64_t r1, int) {
     NormaliseRows(bf16, relu, residual, x.untyped_data(), res, y.untyped_data(), r0, r1, C,
                   mean, scale_inv.data(), F32(bias));
   });
@@ -395,28 +393,26 @@ ffi::Error BackwardImpl(ffi::AnyBuffer x, const ffi::AnyBuffer* residual_buffer,
   void* dres = residual ? dres_buffer->untyped_data() : nullptr;
   const float *m = F32(mean), *iv = F32(inv), *s = F32(scale);
   const float n = static_cast<float>(rows);
-  std::vector<float> scale_inv(C), factor(C), sum_g(C), sum_g_x_hat(C);
+  std::vector<float> scale_inv(C), factor(C);
   for (int64_t c = 0; c < C; ++c) {
     scale_inv[c] = s[c] * iv[c];
     factor[c] = s[c] * iv[c] / n;
   }
-  const int threads = Threads(rows);
-  std::vector<double> partial(static_cast<size_t>(threads) * 2 * C, 0.0), total;
   std::lock_guard<std::mutex> serial(AffectJaxExecutionMutex());
-  ParallelRows(rows, threads, [&](int64_t r0, int64_t r1, int t, int) {
+  const std::vector<double> total = ChannelSums(rows, C, [&](int64_t r0, int64_t r1, double* acc) {
     GradSumsRows(bf16, relu, residual, x.untyped_data(), res, dy.untyped_data(), r0, r1, C, m,
-                 iv, scale_inv.data(), F32(bias), partial.data() + t * 2 * C);
+                 iv, scale_inv.data(), F32(bias), acc);
   });
-  ReduceInOrder(partial, threads, C, &total);
-  float *ds = F32(dscale), *db = F32(dbias);
+  // dbias and dscale are the two sums (of g and g * x_hat); dx is computed from them.
+  float *sum_g = F32(dbias), *sum_g_x_hat = F32(dscale);
   for (int64_t c = 0; c < C; ++c) {
-    sum_g[c] = db[c] = static_cast<float>(total[c]);
-    sum_g_x_hat[c] = ds[c] = static_cast<float>(total[C + c]);
+    sum_g[c] = static_cast<float>(total[c]);
+    sum_g_x_hat[c] = static_cast<float>(total[C + c]);
   }
-  ParallelRows(rows, threads, [&](int64_t r0, int64_t r1, int, int) {
+  ParallelRows(rows, [&](int64_t r0, int64_t r1, int) {
     GradInputRows(bf16, relu, residual, x.untyped_data(), res, dy.untyped_data(),
                   dx.untyped_data(), dres, r0, r1, C, m, iv, scale_inv.data(), F32(bias),
-                  factor.data(), sum_g.data(), sum_g_x_hat.data(), n);
+                  factor.data(), sum_g, sum_g_x_hat, n);
   });
   return ffi::Error::Success();
 }
