@@ -51,19 +51,19 @@ def test_onednn_path_is_built_where_ci_expects_it():
         assert bn_ops.resolve_impl('auto', jnp.float16) == 'xla'
 
 
-def _loss(impl, x, w, b, k_s_pad):
+def _loss(impl, x, w, b, k_s_pad, relu=False):
     _, s, pad = k_s_pad
-    y = conv_ops.conv2d(x, w, (s, s), pad, impl, bias=b)
+    y = conv_ops.conv2d(x, w, (s, s), pad, impl, bias=b, relu=relu)
     # A fixed random cotangent through a non-linear readout, so dx and dw are not trivial.
     r = jax.random.normal(jax.random.key(7), y.shape, jnp.float32)
     return jnp.sum(jnp.tanh(y.astype(jnp.float32)) * r), y
 
 
-def _run(impl, x, w, case, bias=None):
-    """(y, dx, dw[, dbias]) of a fixed non-linear readout of the convolution (+ bias)."""
+def _run(impl, x, w, case, bias=None, relu=False):
+    """(y, dx, dw[, dbias]) of a fixed non-linear readout of the convolution (+ bias, + ReLU)."""
     (_, y), grads = jax.jit(
-        jax.value_and_grad(lambda a, w_, b: _loss(impl, a, w_, b, case), argnums=(0, 1, 2),
-                           has_aux=True)
+        jax.value_and_grad(lambda a, w_, b: _loss(impl, a, w_, b, case, relu),
+                           argnums=(0, 1, 2), has_aux=True)
     )(x, w, bias)
     return (y, *(g for g in grads if g is not None))
 
@@ -85,6 +85,57 @@ def test_fast_paths_match_lax_conv_float32(k, s, pad, n, cin, cout):
         for name, a, b in zip(('y', 'dx', 'dw', 'dbias'), got, ref, strict=True):
             assert a.shape == b.shape and a.dtype == b.dtype, (impl, name)
             assert _rel(a, b) <= 1e-4, (impl, name, _rel(a, b))
+
+
+@pytest.mark.parametrize('k, s, pad, n, cin, cout', CASES[2:4])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_fused_relu_matches_conv_then_jax_relu(k, s, pad, n, cin, cout, dtype):
+    """`relu=True` (VGG16's conv + bias + ReLU, one kernel on the oneDNN path) computes
+    jax.nn.relu of lax.conv + bias, gradients included: 1e-4 relative in float32; in bfloat16
+    each path exactly as its own convolution followed by jax.nn.relu."""
+    x = jax.random.normal(jax.random.key(0), (2, n, n, cin)).astype(dtype)
+    w = (jax.random.normal(jax.random.key(1), (k, k, cin, cout)) * 0.3).astype(dtype)
+    bias = jax.random.normal(jax.random.key(2), (cout,)).astype(dtype)
+    case = (k, s, pad)
+
+    def unfused(impl):
+        def loss(a, w_, b):
+            y = jax.nn.relu(conv_ops.conv2d(a, w_, (s, s), pad, impl, bias=b))
+            r = jax.random.normal(jax.random.key(7), y.shape, jnp.float32)
+            return jnp.sum(jnp.tanh(y.astype(jnp.float32)) * r), y
+        (_, y), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(x, w, bias)
+        return (y, *grads)
+
+    ref = unfused('xla')
+    assert float(jnp.mean(ref[0] == 0)) > 0.2  # the ReLU is active on a good share of outputs
+    for impl in ('xla', *FAST):
+        got = _run(impl, x, w, case, bias, relu=True)
+        if dtype == jnp.float32:
+            for name, a, b in zip(('y', 'dx', 'dw', 'dbias'), got, ref, strict=True):
+                assert a.dtype == b.dtype and _rel(a, b) <= 1e-4, (impl, name, _rel(a, b))
+        else:
+            for name, a, b in zip(('y', 'dx', 'dw', 'dbias'), got, unfused(impl), strict=True):
+                np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                              np.asarray(b, np.float32), err_msg=f'{impl} {name}')
+
+
+@needs_onednn
+def test_onednn_fused_relu_keeps_no_float32_pre_activation():
+    """With float32 activations around a bfloat16 convolution, the fused ReLU's backward pass
+    needs only bfloat16 copies (input, output) besides the parameters."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 4, 6))
+    b = jnp.zeros((6,))
+
+    def saved(relu):
+        def f(a):
+            y = conv_ops.conv2d(a, w, (1, 1), 'SAME', 'onednn', jnp.bfloat16, b, relu=relu)
+            return y if relu else jax.nn.relu(y)
+        return [(r.shape, r.dtype) for r in jax.tree.leaves(jax.vjp(f, x)[1])
+                if r.shape[:1] == (2,)]
+
+    assert saved(True) == [((2, 8, 8, 4), jnp.bfloat16), ((2, 8, 8, 6), jnp.bfloat16)]
+    assert ((2, 8, 8, 6), jnp.float32) in saved(False)  # what the fusion removes
 
 
 @pytest.mark.parametrize('k, s, pad', [(1, 2, 'VALID'), (3, 1, 'SAME'), (7, 2, 'VALID')])
@@ -204,14 +255,29 @@ def test_onednn_unavailable_falls_back_with_a_clear_error(monkeypatch):
 
 
 @needs_onednn
-def test_stale_extension_is_reported_as_unavailable():
-    """An extension built before a kernel was added (editable installs) is not used."""
-    code = ("from affect_jax.ops import onednn; "
-            "onednn.BATCH_NORM_TARGETS['new'] = ('t', 'AffectJaxNoSuchKernel'); "
+@pytest.mark.parametrize('change, reason', [
+    ("BATCH_NORM_TARGETS['new'] = ('t', 'AffectJaxNoSuchKernel')", 'no AffectJaxNoSuchKernel'),
+    ('EXTENSION_REVISION = 99', 'revision 2, the Python code needs 99'),
+])
+def test_stale_extension_is_reported_as_unavailable(change, reason):
+    """An extension built from older sources (an editable install not rebuilt after a kernel
+    was added or a handler's signature changed) is not used."""
+    code = (f"from affect_jax.ops import onednn; onednn.{change}; "
             "print(onednn.available(), onednn.unavailable_reason())")
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                          check=True).stdout
-    assert out.startswith('False the oneDNN extension is out of date (no AffectJaxNoSuchKernel)')
+    assert out.startswith(f'False the oneDNN extension is out of date ({reason})'), out
+
+
+@needs_onednn
+def test_onednn_conv_kernel_rejects_a_bad_relu_attribute():
+    call = jax.ffi.ffi_call(onednn._TARGETS['forward'][0],
+                            jax.ShapeDtypeStruct((1, 4, 4, 2), jnp.float32))
+    with pytest.raises(Exception, match='affect_jax oneDNN conv: relu must be 0 or 1'):
+        jax.block_until_ready(call(
+            jnp.ones((1, 4, 4, 3)), jnp.ones((1, 1, 3, 2)), jnp.zeros(2), stride_h=np.int64(1),
+            stride_w=np.int64(1), pad_top=np.int64(0), pad_bottom=np.int64(0),
+            pad_left=np.int64(0), pad_right=np.int64(0), relu=np.int64(2)))
 
 
 @needs_onednn

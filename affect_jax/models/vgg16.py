@@ -118,7 +118,8 @@ class VGG16(nnx.Module):
         idx = 0
         for _, n_convs, _ in _BLOCKS:
             for _ in range(n_convs):
-                x = jax.nn.relu(getattr(self, self._conv_names[idx])(x))
+                # conv + bias + ReLU: one oneDNN kernel, no pre-activation kept for the backward.
+                x = getattr(self, self._conv_names[idx])(x, relu=True)
                 idx += 1
             x = _max_pool_2x2(x)
         if not self.include_top:

@@ -133,12 +133,14 @@ def conv2d(
     impl: str = 'xla',
     compute_dtype: Any = None,
     bias: jax.Array | None = None,
+    relu: bool = False,
 ) -> jax.Array:
     """NHWC x HWIO convolution (no dilation, no groups) through the chosen `impl` path.
 
     Every path computes the same function and gradients as `lax.conv_general_dilated`
     (tests/test_ops.py); they differ only in which kernels run it. The result has `x`'s dtype;
-    `compute_dtype` (default: `x`'s) is the dtype the convolution runs in; `bias` [O] is added.
+    `compute_dtype` (default: `x`'s) is the dtype the convolution runs in; `bias` [O] is added,
+    then `jax.nn.relu` applied if `relu` (fused into the convolution on the 'onednn' path).
     """
     impl = resolve_impl(impl)
     if x.ndim != 4 or kernel.ndim != 4 or x.shape[-1] != kernel.shape[2]:
@@ -146,14 +148,16 @@ def conv2d(
     s = (int(strides[0]), int(strides[1]))
     k = (int(kernel.shape[0]), int(kernel.shape[1]))
     pads = explicit_padding(padding, tuple(x.shape[1:3]), k, s)
-    if impl == 'onednn':  # adds the bias in its kernel
-        return onednn.conv2d(x, kernel, s, pads, compute_dtype, bias)
+    if impl == 'onednn':  # adds the bias and applies the ReLU in its kernel
+        return onednn.conv2d(x, kernel, s, pads, compute_dtype, bias, relu)
     out_dtype = x.dtype
     if compute_dtype is not None:
         x, kernel = x.astype(compute_dtype), kernel.astype(compute_dtype)
     y = _conv_xla_paths(x, kernel, s, pads, k, impl)
     if bias is not None:
         y = y + bias.astype(y.dtype)
+    if relu:
+        y = jax.nn.relu(y)
     return y.astype(out_dtype)
 
 
@@ -210,8 +214,10 @@ class Conv(nnx.Module):
             else None
         )
 
-    def __call__(self, x: jax.Array, *, stop_bias_gradient: bool = False) -> jax.Array:
-        """`stop_bias_gradient`: the bias gets an exactly zero gradient (for a caller that knows
+    def __call__(self, x: jax.Array, *, relu: bool = False,
+                 stop_bias_gradient: bool = False) -> jax.Array:
+        """`relu`: return `jax.nn.relu` of the result (one kernel on the oneDNN path).
+        `stop_bias_gradient`: the bias gets an exactly zero gradient (for a caller that knows
         its effect cancels, e.g. before a BatchNorm that normalises with batch statistics)."""
         kernel = self.kernel[...]
         dtype = self.dtype or jnp.result_type(x, kernel)
@@ -221,4 +227,4 @@ class Conv(nnx.Module):
         if bias is not None and stop_bias_gradient:
             bias = jax.lax.stop_gradient(bias)
         return conv2d(x, kernel, self.strides, self.padding, self.impl, compute_dtype=dtype,
-                      bias=bias)
+                      bias=bias, relu=relu)

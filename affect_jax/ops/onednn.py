@@ -27,6 +27,8 @@ import numpy as np
 
 ONEDNN_DIST = 'onednn-cpu-gomp'
 ONEDNN_VERSION = 30200  # 3.2.0, the version setup.py compiles against
+# affect_jax_extension_revision() of the current C++ sources (bumped with handler signatures).
+EXTENSION_REVISION = 2
 _EXTENSION = 'affect_jax.ops._onednn'
 _TARGETS = {
     'forward': ('affect_jax_onednn_conv_forward', 'AffectJaxConvForward'),
@@ -78,8 +80,12 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, f'libdnnl is version {version}, the extension was built for {ONEDNN_VERSION}'
     targets = (*_TARGETS.values(), *BATCH_NORM_TARGETS.values())
     missing = [symbol for _, symbol in targets if not hasattr(lib, symbol)]
-    if missing:
-        return None, (f'the oneDNN extension is out of date (no {", ".join(missing)}); '
+    revision = (lib.affect_jax_extension_revision()
+                if hasattr(lib, 'affect_jax_extension_revision') else 1)
+    if missing or revision != EXTENSION_REVISION:
+        what = f'no {", ".join(missing)}' if missing else (
+            f'revision {revision}, the Python code needs {EXTENSION_REVISION}')
+        return None, (f'the oneDNN extension is out of date ({what}); '
                       'reinstall affect-jax to rebuild it')
     for target, symbol in targets:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
@@ -103,13 +109,13 @@ def _require() -> None:
 
 
 def _call(direction: str, out: Any, *operands: jax.Array, strides: tuple[int, int],
-          pads: Pads) -> Any:
+          pads: Pads, **attrs: int) -> Any:
     _require()
     (pt, pb), (pl, pr) = pads
     return jax.ffi.ffi_call(_TARGETS[direction][0], out)(
         *operands, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
         pad_top=np.int64(pt), pad_bottom=np.int64(pb), pad_left=np.int64(pl),
-        pad_right=np.int64(pr))
+        pad_right=np.int64(pr), **{k: np.int64(v) for k, v in attrs.items()})
 
 
 def _out_shape(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads
@@ -127,37 +133,50 @@ def _written(dtype: Any, compute: Any) -> Any:
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads,
-           compute_dtype: Any = None, bias: jax.Array | None = None) -> jax.Array:
-    """NHWC x HWIO convolution (+ `bias` [O]) by oneDNN; `strides` and `pads` as `lax` takes.
+           compute_dtype: Any = None, bias: jax.Array | None = None,
+           relu: bool = False) -> jax.Array:
+    """NHWC x HWIO convolution (+ `bias` [O], then a ReLU if `relu`) by oneDNN; `strides` and
+    `pads` as `lax` takes.
 
     Computes in `compute_dtype` (float32 or bfloat16; default `x.dtype`) and returns `x.dtype`,
     so bfloat16 convolutions can sit between float32 activations: inputs are cast inside,
     float32 results are written by oneDNN directly, and the gradients come back in the dtypes
-    of `x`, `kernel` and `bias`.
+    of `x`, `kernel` and `bias`. The ReLU is applied by the convolution kernel to its float32
+    sums, and its gradient mask comes from the output, so no pre-activation is kept.
     """
     compute = jnp.dtype(compute_dtype or x.dtype)
     if compute not in DTYPES:
         raise TypeError(f'oneDNN conv computes in float32 or bfloat16, not {compute}')
     if bias is None:
         bias = jnp.zeros((kernel.shape[-1],), jnp.float32)
-    return _conv2d(x, kernel, bias, strides, pads, compute)
+    return _conv2d(x, kernel, bias, strides, pads, compute, bool(relu))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _conv2d(x, kernel, bias, strides, pads, compute):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _conv2d(x, kernel, bias, strides, pads, compute, relu):
     xc, kc = x.astype(compute), kernel.astype(compute)
     out = jax.ShapeDtypeStruct(_out_shape(xc, kc, strides, pads), _written(x.dtype, compute))
-    y = _call('forward', out, xc, kc, bias.astype(jnp.float32), strides=strides, pads=pads)
+    y = _call('forward', out, xc, kc, bias.astype(jnp.float32), strides=strides, pads=pads,
+              relu=relu)
     return y.astype(x.dtype)
 
 
-def _conv2d_fwd(x, kernel, bias, strides, pads, compute):
+def _conv2d_fwd(x, kernel, bias, strides, pads, compute, relu):
     xc = x.astype(compute)  # saved in the compute dtype: half the memory for bfloat16
-    return _conv2d(x, kernel, bias, strides, pads, compute), (xc, kernel, bias)
+    y = _conv2d(x, kernel, bias, strides, pads, compute, relu)
+    if not relu:
+        return y, (xc, kernel, bias)
+    # The ReLU's mask is y > 0, read from y in the compute dtype: the same value (and, after
+    # XLA's common-subexpression elimination, the same buffer) a following convolution saves
+    # as its input. Rounding to bfloat16 keeps the sign of every normal float32 (bfloat16 has
+    # float32's exponent range).
+    return y, (xc, kernel, bias, y.astype(compute))
 
 
-def _conv2d_bwd(strides, pads, compute, residuals, dy):
-    xc, kernel, bias = residuals
+def _conv2d_bwd(strides, pads, compute, relu, residuals, dy):
+    xc, kernel, bias = residuals[:3]
+    if relu:
+        dy = jnp.where(residuals[3] > 0, dy, jnp.zeros((), dy.dtype))
     kc, dyc = kernel.astype(compute), dy.astype(compute)
     dx = _call('backward_data', jax.ShapeDtypeStruct(xc.shape, _written(dy.dtype, compute)),
                dyc, kc, strides=strides, pads=pads)

@@ -9,8 +9,10 @@
 // NHWC (oneDNN's brgemm kernels run on it directly); the kernel is reordered to the blocked
 // layout the chosen kernel wants on every call (a small copy next to the convolution). The
 // bias is added by the forward kernel and its gradient comes with the weight gradient; with
-// bfloat16 compute, results may be written as float32 (no separate conversion pass).
-// Primitive descriptors are built once per (direction, dtype, shape, stride, padding) and
+// bfloat16 compute, results may be written as float32 (no separate conversion pass). The
+// forward kernel can also apply a ReLU to its float32 sums (a oneDNN post-op), so a
+// conv + bias + ReLU layer is one pass over its output.
+// Primitive descriptors are built once per (direction, ReLU, dtype, shape, stride, padding) and
 // cached; scratch memory is per call so concurrent calls from XLA threads are safe.
 
 #include <cstdint>
@@ -76,17 +78,20 @@ struct Geometry {
   int64_t ow() const { return (w + pl + pr - kw) / sw + 1; }
 };
 
-// Direction, the dtypes of the activation / output-side / kernel buffers, then the geometry.
-using Key = std::tuple<int64_t, int, int, int, int64_t, int64_t, int64_t, int64_t, int64_t,
-                       int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
+// Direction, ReLU, the dtypes of the activation / output-side / kernel buffers, then the
+// geometry.
+using Key = std::tuple<int64_t, bool, int, int, int, int64_t, int64_t, int64_t, int64_t,
+                       int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                       int64_t>;
 
 struct Dtypes {
   memory::data_type act, out, weights, compute;
 };
 
-Key MakeKey(Direction d, const Dtypes& t, const Geometry& g) {
-  return Key(d, static_cast<int>(t.act), static_cast<int>(t.out), static_cast<int>(t.weights),
-             g.n, g.h, g.w, g.c, g.kh, g.kw, g.o, g.sh, g.sw, g.pt, g.pb, g.pl, g.pr);
+Key MakeKey(Direction d, bool relu, const Dtypes& t, const Geometry& g) {
+  return Key(d, relu, static_cast<int>(t.act), static_cast<int>(t.out),
+             static_cast<int>(t.weights), g.n, g.h, g.w, g.c, g.kh, g.kw, g.o, g.sh, g.sw, g.pt,
+             g.pb, g.pl, g.pr);
 }
 
 struct Plan {
@@ -96,7 +101,8 @@ struct Plan {
   dnnl::reorder weights_reorder;  // user->primitive (forward, data) or back (weights)
 };
 
-std::shared_ptr<Plan> BuildPlan(Direction d, const Dtypes& t, const Geometry& g) {
+// `relu` (forward only): the kernel applies max(0, .) to its results before writing them.
+std::shared_ptr<Plan> BuildPlan(Direction d, bool relu, const Dtypes& t, const Geometry& g) {
   auto plan = std::make_shared<Plan>();
   const memory::dims src_dims = {g.n, g.c, g.h, g.w}, dst_dims = {g.n, g.o, g.oh(), g.ow()};
   const memory::dims weights_dims = {g.o, g.c, g.kh, g.kw};
@@ -112,6 +118,11 @@ std::shared_ptr<Plan> BuildPlan(Direction d, const Dtypes& t, const Geometry& g)
   const auto algo = dnnl::algorithm::convolution_direct;
   const auto training = dnnl::prop_kind::forward_training;
   if (d == kForward) {
+    if (relu) {
+      dnnl::post_ops post_ops;
+      post_ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+      attr.set_post_ops(post_ops);
+    }
     dnnl::convolution_forward::primitive_desc fwd(Engine(), training, algo, plan->src,
                                                   weights_any, plan->bias, plan->dst, strides,
                                                   pad_l, pad_r, attr);
@@ -152,16 +163,16 @@ std::shared_ptr<Plan> BuildPlan(Direction d, const Dtypes& t, const Geometry& g)
   return plan;
 }
 
-std::shared_ptr<Plan> GetPlan(Direction d, const Dtypes& t, const Geometry& g) {
+std::shared_ptr<Plan> GetPlan(Direction d, bool relu, const Dtypes& t, const Geometry& g) {
   static std::mutex mutex;
   static std::map<Key, std::shared_ptr<Plan>> cache;
-  const Key key = MakeKey(d, t, g);
+  const Key key = MakeKey(d, relu, t, g);
   {
     std::lock_guard<std::mutex> lock(mutex);
     auto it = cache.find(key);
     if (it != cache.end()) return it->second;
   }
-  auto plan = BuildPlan(d, t, g);  // outside the lock: building JIT-compiles kernels
+  auto plan = BuildPlan(d, relu, t, g);  // outside the lock: building JIT-compiles kernels
   std::lock_guard<std::mutex> lock(mutex);
   return cache.emplace(key, plan).first->second;
 }
@@ -170,10 +181,10 @@ std::shared_ptr<Plan> GetPlan(Direction d, const Dtypes& t, const Geometry& g) {
 // `out` the NHWC output (forward) or output gradient (data, weights); `weights` the HWIO kernel
 // (forward, data) or its gradient (weights); `bias` [O] float32, the bias (forward) or its
 // gradient (weights). The compute dtype is that of the kernel (forward, data) or of the input
-// (weights); the buffers written may be float32 instead.
+// (weights); the buffers written may be float32 instead. `relu`: forward with a ReLU.
 ffi::Error Run(Direction d, ffi::AnyBuffer act, ffi::AnyBuffer out, ffi::AnyBuffer weights,
                ffi::AnyBuffer* bias, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
-               int64_t pl, int64_t pr) {
+               int64_t pl, int64_t pr, bool relu = false) {
   for (auto [b, what] : {std::pair{&act, "input"}, {&out, "output"}, {&weights, "kernel"}}) {
     if (b->dimensions().size() != 4) return Invalid(std::string(what) + " must be rank 4");
   }
@@ -201,7 +212,7 @@ ffi::Error Run(Direction d, ffi::AnyBuffer act, ffi::AnyBuffer out, ffi::AnyBuff
     return Invalid("bias must be float32 [O]");
   }
   try {
-    auto plan = GetPlan(d, t, g);
+    auto plan = GetPlan(d, relu, t, g);
     std::lock_guard<std::mutex> serial(AffectJaxExecutionMutex());
     auto& engine = Engine();
     dnnl::stream stream(engine);
@@ -247,11 +258,12 @@ ffi::Error Run(Direction d, ffi::AnyBuffer act, ffi::AnyBuffer out, ffi::AnyBuff
   return ffi::Error::Success();
 }
 
-// y = conv(x, w) + bias.
+// y = conv(x, w) + bias, then max(0, y) if `relu` is 1.
 ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
                    ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw, int64_t pt,
-                   int64_t pb, int64_t pl, int64_t pr) {
-  return Run(kForward, x, *y, w, &bias, sh, sw, pt, pb, pl, pr);
+                   int64_t pb, int64_t pl, int64_t pr, int64_t relu) {
+  if (relu != 0 && relu != 1) return Invalid("relu must be 0 or 1");
+  return Run(kForward, x, *y, w, &bias, sh, sw, pt, pb, pl, pr, relu == 1);
 }
 
 ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
@@ -278,7 +290,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AffectJaxConvForward, Forward,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>() AFFECT_JAX_CONV_ATTRS);
+                                  .Ret<ffi::AnyBuffer>() AFFECT_JAX_CONV_ATTRS
+                                  .Attr<int64_t>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AffectJaxConvBackwardData, BackwardData,
                               ffi::Ffi::Bind()
@@ -292,6 +305,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AffectJaxConvBackwardWeights, BackwardWeights,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>() AFFECT_JAX_CONV_ATTRS);
+
+// Bumped whenever a handler's signature changes, so Python can tell an extension built from
+// older sources (an editable install not rebuilt) from a current one.
+extern "C" int affect_jax_extension_revision() { return 2; }
 
 // Lets Python check it loaded the libdnnl it was built against.
 extern "C" int affect_jax_onednn_version() {
