@@ -238,6 +238,11 @@ def test_onednn_bfloat16_compute_between_float32_activations(k, s, pad):
         assert a.dtype == jnp.float32, name
         assert _rel(a, b) <= 2e-2, (name, _rel(a, b))
         assert _rel(a, c) <= 2e-2, (name, _rel(a, c))
+    # The input gradient comes out of the bfloat16 convolution (the dtype autodiff of a bfloat16
+    # lax.conv gives it): bfloat16 values in a float32 array, unlike the float32 reference's.
+    def is_bf16(v):
+        return np.array_equal(v, v.astype(jnp.bfloat16).astype(jnp.float32))
+    assert is_bf16(got[1]) and not is_bf16(ref32[1])
 
 
 def test_onednn_unavailable_falls_back_with_a_clear_error(monkeypatch):
