@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from affect_jax import checkpointing, distributed, metrics, models
+from affect_jax import checkpointing, distributed, host_memory, metrics, models
 from affect_jax.data import pipeline
 
 State = dict[str, Any]
@@ -472,9 +472,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         _truncate_history(history_path, completed)
     if completed:
         logging.info("Resumed from epoch %d (step %d) in %s", completed, completed * spe, workdir)
+    # The initialisers' eager executables and heap are not needed again.
+    host_memory.release_host_memory(clear_jit_caches=True)
 
     train_steps = jax.jit(make_train_steps(make_train_step(graphdef, tx, config)),
                           donate_argnums=(0,))
+    executables = {}  # chunk length -> compiled train call
     eval_step = jax.jit(make_eval_step(graphdef))
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
     if completed == 0:
@@ -482,8 +485,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                               if not isinstance(v, dict)})
 
     process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
-    # Throughput and ETA are timed from the end of the first (compiling) call.
-    timer_start, timed_steps, compiled = None, 0, set()
+    # Throughput and ETA are timed from the end of the first call after compilation.
+    timer_start, timed_steps = None, 0
     for epoch in range(completed, config.num_epochs):
         epoch_start = time.time()
         outputs, labels, targets, va_flags = [], [], [], []
@@ -496,19 +499,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         for chunk in chunks.as_numpy_iterator():
             global_chunk = shard_batch(chunk, mesh, stacked=True)
             n = len(chunk["mask"])
-            if n not in compiled:  # the first call, or the first shorter last chunk
+            if n not in executables:  # the first call, or the first shorter last chunk
                 jax.block_until_ready(state)  # time this call alone, not the previous one
                 compile_start = time.time()
-                state, out = train_steps(state, global_chunk)
+                executables[n] = train_steps.lower(state, global_chunk).compile()
+                compile_seconds = time.time() - compile_start
+                # The compiler's freed heap, before the step's temporaries are mapped.
+                host_memory.release_host_memory()
+                state, out = executables[n](state, global_chunk)
                 jax.block_until_ready(out)
                 seconds = time.time() - compile_start
-                logging.info("Call of %d step%s with compilation took %.1f s", n,
-                             "s" if n > 1 else "", seconds)
-                compiled.add(n)
+                logging.info("Compiled the %d-step train call in %.1f s (or loaded it from the "
+                             "compilation cache); its first call took %.1f s", n,
+                             compile_seconds, seconds - compile_seconds)
                 # Excluded from the throughput.
                 timer_start = time.time() if timer_start is None else timer_start + seconds
             else:
-                state, out = train_steps(state, global_chunk)
+                state, out = executables[n](state, global_chunk)
                 timed_steps += n
             # The whole global batches' targets (other processes hold the rest of them).
             chunk_targets = distributed.to_host(
@@ -551,6 +558,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write_scalars(record["step"], scalars)
         writer.flush()
         checkpointing.save(manager, epoch + 1, state, val)
+        host_memory.release_host_memory()  # e.g. the evaluation step's compiler heap
         logging.info(
             "epoch %d/%d done in %s: train loss %.4f acc %.3f | val loss %.4f acc %.3f "
             "F1 %.3f mean CCC %s", epoch + 1, config.num_epochs,

@@ -73,10 +73,8 @@ def get_config() -> ml_collections.ConfigDict:
     # float32).
     config.compute_dtype = 'float32'
     # Activations between layers with compute_dtype='bfloat16': 'compute' (bfloat16, as Keras's
-    # mixed_bfloat16: less memory), 'float32' (only the convolutions round), or 'auto':
-    # 'compute' for ResNet50 (BatchNorm renormalises every layer; 1.08x faster), 'float32' for
-    # VGG16 (from scratch, bfloat16 activations left one demo seed of two at chance; and 1.10x
-    # faster with float32 ones). docs/performance.md.
+    # mixed_bfloat16: less memory), 'float32' (only the convolutions round), or 'auto'
+    # ('compute' for both backbones; VGG16's feature map stays float32). docs/performance.md.
     config.activation_dtype = 'auto'
     # Convolution path (affect_jax/ops/conv.py; docs/performance.md): 'auto' (on CPU 'onednn'
     # when its extension is built and there is one device per process, else 'dot1x1'),

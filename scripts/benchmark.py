@@ -149,7 +149,7 @@ def _jax_worker(spec: dict[str, Any]):
     import jax.numpy as jnp
     import numpy as np
 
-    from affect_jax import train
+    from affect_jax import host_memory, train
     from configs import default
 
     if spec.get("cache_dir"):
@@ -171,6 +171,7 @@ def _jax_worker(spec: dict[str, Any]):
     model = train.create_model(config)
     graphdef, tx, state = train.create_train_state(config, model)
     del model
+    host_memory.release_host_memory(clear_jit_caches=True)  # as the training driver does
     rng = np.random.default_rng(0)
     batch = {
         "image": jnp.asarray(rng.normal(size=(b, s, s, 3)).astype(np.float32)),
@@ -190,6 +191,7 @@ def _jax_worker(spec: dict[str, Any]):
     eval_c = jax.jit(train.make_eval_step(graphdef)).lower(state, batch).compile()
     flops = _nominal_flops(config, batch)
     hlo = train_c.as_text()
+    host_memory.release_host_memory()
     holder = {"state": state}
 
     def train_once() -> None:

@@ -114,7 +114,8 @@ def test_steps_per_execution_that_does_not_divide_the_epoch(reference_run, tmp_p
     reference, _ = reference_run  # the default: one call of 4 steps per epoch
     result = _run(_main(str(tmp_path), "--config.steps_per_execution=3"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stderr.count("Call of 1 step with compilation") == 1  # not every epoch
+    assert result.stderr.count("Compiled the 1-step train call") == 1  # not every epoch
+    assert result.stderr.count("Compiled the 3-step train call") == 1
     for step in (3, 4, 7, 8, 11, 12):  # a progress line for every call that passes 2, 4, ...
         assert f"step {step}/12 " in result.stderr, step
     got, want = _val_history(str(tmp_path)), _val_history(reference)

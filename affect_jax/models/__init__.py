@@ -17,10 +17,12 @@ from affect_jax.ops.conv import IMPLS as CONV_IMPLS
 BACKBONES = ('resnet50', 'vgg16')
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 ACTIVATION_DTYPES = ('auto', 'compute', 'float32')
-# 'auto': the compute dtype where BatchNorm renormalises every layer (ResNet50), float32 where
-# nothing does (VGG16): from scratch, VGG16 with bfloat16 activations stayed at chance for one
-# demo seed of two, and its step is faster with float32 ones (docs/performance.md).
-_AUTO_ACTIVATIONS = {'resnet50': 'compute', 'vgg16': 'float32'}
+# 'auto': the compute dtype for both. ResNet50's BatchNorm renormalises every layer. VGG16's
+# float32 activations did not change its forward pass on oneDNN (the next convolution rounds
+# them, ReLU and max pooling commute with the rounding; its feature map stays float32), only
+# where the max-pool gradient goes among values that tie once rounded, and cost 0.37 GB of
+# temporaries (docs/performance.md).
+_AUTO_ACTIVATIONS = {'resnet50': 'compute', 'vgg16': 'compute'}
 
 __all__ = [
     'ACTIVATION_DTYPES', 'BACKBONES', 'COMPUTE_DTYPES', 'MultiTaskModel', 'POOLINGS',

@@ -51,7 +51,8 @@ class VGG16(nnx.Module):
         depends on it (224 for the ImageNet weights).
       dtype: compute dtype; parameters are always float32.
       activation_dtype: dtype of the activations between layers (default: `dtype`); float32
-        with a bfloat16 `dtype` rounds only inside the convolutions.
+        with a bfloat16 `dtype` rounds only inside the convolutions. The returned feature map
+        is float32 either way (the last convolution writes float32).
       conv_impl: convolution path (`affect_jax.ops.conv.IMPLS`); all compute the same function.
       rngs: initialisation randomness.
     """
@@ -110,7 +111,7 @@ class VGG16(nnx.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """Runs the network on preprocessed NHWC images.
 
-        Returns the block5_pool feature map [B, h, w, C], or 1000 logits with the top.
+        Returns the float32 block5_pool feature map [B, h, w, C], or 1000 logits with the top.
         `train` is accepted for interface parity with ResNet50 (VGG16 has no BatchNorm).
         """
         del train
@@ -118,6 +119,10 @@ class VGG16(nnx.Module):
         idx = 0
         for _, n_convs, _ in _BLOCKS:
             for _ in range(n_convs):
+                if idx == len(self._conv_names) - 1:
+                    # The last convolution writes float32 (its input's dtype; the cast is
+                    # exact), so the feature map the head pools keeps full precision.
+                    x = x.astype(jnp.float32)
                 # conv + bias + ReLU: one oneDNN kernel, no pre-activation kept for the backward.
                 x = getattr(self, self._conv_names[idx])(x, relu=True)
                 idx += 1
