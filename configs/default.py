@@ -85,6 +85,11 @@ def get_config() -> ml_collections.ConfigDict:
     # 'xla'), 'native' (C++ kernels with the blocks' residual sum and ReLU fused: fewer passes
     # over memory, 1.1-1.5 GB less of it) or 'xla'. Same results (float32 round-off apart).
     config.batch_norm_impl = 'auto'
+    # Max-pool path (VGG16's five pools, ResNet50's stem; affect_jax/ops/pool.py): 'auto'
+    # ('native' on CPU when the same extension is built and there is one device per process,
+    # else 'xla'), 'native' (C++ kernels: one pass each way, the gradient from the recorded
+    # argmax) or 'xla'. Same results.
+    config.pool_impl = 'auto'
     # Training steps per XLA execution (a lax.scan over that many batches; Keras's
     # steps_per_execution). XLA:CPU maps its temporaries afresh for every execution, so
     # several steps per call save that time (docs/performance.md). Same results as 1 (bit for

@@ -24,12 +24,13 @@ Levers: ``--lever`` takes ``key=value`` items joined by ``+``; keys: ``conv`` (c
 auto, xla, dot1x1, dot, im2col, onednn), ``xla_flags`` (appended to XLA_FLAGS in that worker),
 ``donate`` (0/1: donate the train state), ``steps`` (config.steps_per_execution: train steps
 per XLA call; times are per step), ``act`` (config.activation_dtype: auto, compute, float32),
-``bn`` (config.batch_norm_impl: auto, xla, native),
+``bn`` (config.batch_norm_impl: auto, xla, native), ``pool`` (config.pool_impl: auto, xla,
+native),
 ``malloc`` (glibc settings of that worker: ``reuse`` keeps freed memory in one heap, so XLA's
 per-call temporary buffer is not mapped and zero-filled again every call; ``hugepages`` backs
 large blocks with transparent huge pages).
-``--lever=default`` is the config's defaults (conv=auto, steps=8, act=auto, bn=auto). The first
-lever is the baseline the others are compared with.
+``--lever=default`` is the config's defaults (conv=auto, steps=8, act=auto, bn=auto,
+pool=auto). The first lever is the baseline the others are compared with.
 """
 
 from __future__ import annotations
@@ -91,11 +92,12 @@ MALLOC_ENV = {
 }
 
 
-LEVER_KEYS = ("conv", "xla_flags", "donate", "malloc", "steps", "act", "bn")
-# affect_jax.models.ACTIVATION_DTYPES and affect_jax.ops.batch_norm.IMPLS (tested equal); the
-# parent process does not import jax.
+LEVER_KEYS = ("conv", "xla_flags", "donate", "malloc", "steps", "act", "bn", "pool")
+# affect_jax.models.ACTIVATION_DTYPES, affect_jax.ops.batch_norm.IMPLS and
+# affect_jax.ops.pool.IMPLS (tested equal); the parent process does not import jax.
 ACTIVATION_DTYPES = ("auto", "compute", "float32")
 BATCH_NORM_IMPLS = ("auto", "xla", "native")
+POOL_IMPLS = ("auto", "xla", "native")
 
 
 def _parse_lever(lever: str) -> dict[str, str]:
@@ -112,6 +114,8 @@ def _parse_lever(lever: str) -> dict[str, str]:
             raise app.UsageError(f"bad act lever {value!r} (one of {ACTIVATION_DTYPES})")
         if key == "bn" and value not in BATCH_NORM_IMPLS:
             raise app.UsageError(f"bad bn lever {value!r} (one of {BATCH_NORM_IMPLS})")
+        if key == "pool" and value not in POOL_IMPLS:
+            raise app.UsageError(f"bad pool lever {value!r} (one of {POOL_IMPLS})")
         if key == "malloc" and value not in MALLOC_ENV:
             raise app.UsageError(f"bad malloc lever {value!r} (one of {sorted(MALLOC_ENV)})")
         out[key] = value
@@ -166,6 +170,7 @@ def _jax_worker(spec: dict[str, Any]):
     config.conv_impl = lever.get("conv", "auto")
     config.activation_dtype = lever.get("act", "auto")
     config.batch_norm_impl = lever.get("bn", "auto")
+    config.pool_impl = lever.get("pool", "auto")
     config.batch_size = b = spec["batch_size"]
     s = spec["image_size"]
     model = train.create_model(config)

@@ -19,6 +19,7 @@ def test_levers_parse():
     assert benchmark._parse_lever('steps=1') == {'steps': '1'}
     assert benchmark._parse_lever('act=float32+steps=1') == {'act': 'float32', 'steps': '1'}
     assert benchmark._parse_lever('bn=xla') == {'bn': 'xla'}
+    assert benchmark._parse_lever('pool=xla+bn=native') == {'pool': 'xla', 'bn': 'native'}
     assert benchmark.MALLOC_ENV['reuse']['MALLOC_MMAP_MAX_'] == '0'
 
 
@@ -30,15 +31,17 @@ def test_levers_parse():
     ('steps=four', 'bad steps lever'),
     ('act=bfloat16', 'bad act lever'),
     ('bn=onednn', 'bad bn lever'),
+    ('pool=onednn', 'bad pool lever'),
 ])
 def test_bad_levers_are_usage_errors(lever, match):
     with pytest.raises(app.UsageError, match=match):
         benchmark._parse_lever(lever)
 
 
-def test_act_and_bn_levers_take_the_configs_values():
+def test_act_bn_and_pool_levers_take_the_configs_values():
     from affect_jax.models import ACTIVATION_DTYPES
-    from affect_jax.ops.batch_norm import IMPLS
+    from affect_jax.ops import batch_norm, pool
 
     assert benchmark.ACTIVATION_DTYPES == ACTIVATION_DTYPES
-    assert benchmark.BATCH_NORM_IMPLS == IMPLS
+    assert benchmark.BATCH_NORM_IMPLS == batch_norm.IMPLS
+    assert benchmark.POOL_IMPLS == pool.IMPLS

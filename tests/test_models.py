@@ -203,6 +203,7 @@ def test_dropout_uses_call_time_rngs():
         ('compute_dtype', 'float16', 'config.compute_dtype'),
         ('activation_dtype', 'bfloat16', 'config.activation_dtype'),
         ('batch_norm_impl', 'onednn', 'config.batch_norm_impl'),
+        ('pool_impl', 'onednn', 'config.pool_impl'),
         ('data.num_classes', 1, 'config.data.num_classes'),
         ('model.dropout', 1.0, 'config.model.dropout'),
         ('model.width', 0.0, 'config.model.width'),

@@ -13,6 +13,7 @@ from affect_jax.models.resnet50 import ResNet50
 from affect_jax.models.vgg16 import VGG16
 from affect_jax.ops.batch_norm import IMPLS as BATCH_NORM_IMPLS
 from affect_jax.ops.conv import IMPLS as CONV_IMPLS
+from affect_jax.ops.pool import IMPLS as POOL_IMPLS
 
 BACKBONES = ('resnet50', 'vgg16')
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -100,12 +101,15 @@ def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> MultiTask
     if batch_norm_impl not in BATCH_NORM_IMPLS:
         raise ValueError(f'config.batch_norm_impl must be one of {BATCH_NORM_IMPLS}, '
                          f'got {batch_norm_impl!r}')
+    pool_impl = config.get('pool_impl', 'auto')
+    if pool_impl not in POOL_IMPLS:
+        raise ValueError(f'config.pool_impl must be one of {POOL_IMPLS}, got {pool_impl!r}')
     act_dtype = activation_dtype(m.name, dtype, config.get('activation_dtype', 'auto'))
     # VGG16 has no BatchNorm.
     extra = {'batch_norm_impl': batch_norm_impl} if m.name == 'resnet50' else {}
     backbone = create_backbone(m.name, include_top=False, width=m.width, dtype=dtype,
-                               activation_dtype=act_dtype, conv_impl=conv_impl, rngs=rngs,
-                               **extra)
+                               activation_dtype=act_dtype, conv_impl=conv_impl,
+                               pool_impl=pool_impl, rngs=rngs, **extra)
     return MultiTaskModel(
         backbone,
         num_classes=num_classes,

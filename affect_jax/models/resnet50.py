@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from affect_jax.ops import pool
 from affect_jax.ops.batch_norm import BatchNorm
 from affect_jax.ops.conv import Conv
 from affect_jax.ops.pool import max_pool
@@ -72,6 +73,8 @@ class ResNet50(nnx.Module):
       conv_impl: convolution path (`affect_jax.ops.conv.IMPLS`); all compute the same function.
       batch_norm_impl: training-mode BatchNorm path (`affect_jax.ops.batch_norm.IMPLS`); all
         compute the same function.
+      pool_impl: the stem's max-pool path (`affect_jax.ops.pool.IMPLS`); all compute the same
+        function.
       rngs: initialisation randomness.
     """
 
@@ -87,6 +90,7 @@ class ResNet50(nnx.Module):
         activation_dtype: Any = None,
         conv_impl: str = 'auto',
         batch_norm_impl: str = 'auto',
+        pool_impl: str = 'auto',
         rngs: nnx.Rngs,
     ):
         if width <= 0:
@@ -96,6 +100,8 @@ class ResNet50(nnx.Module):
         self.dtype = dtype
         act_dtype = activation_dtype or dtype
         self.act_dtype = act_dtype
+        pool.resolve_impl(pool_impl)  # validate early
+        self.pool_impl = pool_impl
 
         def conv(name: str, cin: int, cout: int, k: int, stride: int, padding: str) -> None:
             setattr(self, name, Conv(
@@ -182,7 +188,7 @@ class ResNet50(nnx.Module):
         x = self._conv_bn('conv1', x, train, relu=True)
         # Zero padding before the max-pool matches Keras (inputs are >= 0 after the ReLU).
         x = _zero_pad(x, 1)
-        x = max_pool(x, (3, 3), (2, 2))
+        x = max_pool(x, (3, 3), (2, 2), self.pool_impl)
         for prefix, shortcut in self._blocks:
             x = self._block(x, prefix, shortcut, train)
         if not self.include_top:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from affect_jax.ops import pool
 from affect_jax.ops.conv import Conv
 from affect_jax.ops.pool import max_pool
 
@@ -36,9 +37,9 @@ def keras_layer_names(include_top: bool) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _max_pool_2x2(x: jax.Array) -> jax.Array:
+def _max_pool_2x2(x: jax.Array, impl: str) -> jax.Array:
     # Keras MaxPooling2D((2, 2), strides=(2, 2)) with 'valid' padding floors odd sizes.
-    return max_pool(x, (2, 2), (2, 2))
+    return max_pool(x, (2, 2), (2, 2), impl)
 
 
 class VGG16(nnx.Module):
@@ -54,6 +55,7 @@ class VGG16(nnx.Module):
         with a bfloat16 `dtype` rounds only inside the convolutions. The returned feature map
         is float32 either way (the last convolution writes float32).
       conv_impl: convolution path (`affect_jax.ops.conv.IMPLS`); all compute the same function.
+      pool_impl: max-pool path (`affect_jax.ops.pool.IMPLS`); all compute the same function.
       rngs: initialisation randomness.
     """
 
@@ -69,6 +71,7 @@ class VGG16(nnx.Module):
         dtype: Any = jnp.float32,
         activation_dtype: Any = None,
         conv_impl: str = 'auto',
+        pool_impl: str = 'auto',
         rngs: nnx.Rngs,
     ):
         if width <= 0:
@@ -77,6 +80,8 @@ class VGG16(nnx.Module):
         self.width = float(width)
         self.dtype = dtype
         self.act_dtype = activation_dtype or dtype
+        pool.resolve_impl(pool_impl)  # validate early
+        self.pool_impl = pool_impl
         conv_names = []
         in_ch = 3
         for block, n_convs, channels in _BLOCKS:
@@ -126,7 +131,7 @@ class VGG16(nnx.Module):
                 # conv + bias + ReLU: one oneDNN kernel, no pre-activation kept for the backward.
                 x = getattr(self, self._conv_names[idx])(x, relu=True)
                 idx += 1
-            x = _max_pool_2x2(x)
+            x = _max_pool_2x2(x, self.pool_impl)
         if not self.include_top:
             return x
         # Keras Flatten on channels_last flattens in (h, w, c) order, as reshape does.

@@ -24,11 +24,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <mutex>
 #include <string>
 #include <vector>
 
+#include "kernel_util.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -38,26 +38,9 @@ std::mutex& AffectJaxExecutionMutex();
 
 namespace {
 
-#define ALWAYS_INLINE inline __attribute__((always_inline))
-// AVX-512 where the CPU has it, else AVX2 or baseline x86-64: GCC builds each row kernel for
-// all three and the loader picks one at run time.
-#define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-
-ALWAYS_INLINE float Load(const float* p, int64_t i) { return p[i]; }
-ALWAYS_INLINE float Load(const uint16_t* p, int64_t i) {
-  const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-ALWAYS_INLINE void Store(float* p, int64_t i, float v) { p[i] = v; }
-// Round to nearest even, as XLA's convert; NaN stays a (quiet) NaN.
-ALWAYS_INLINE void Store(uint16_t* p, int64_t i, float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  p[i] = static_cast<uint16_t>(v != v ? ((bits >> 16) | 0x40u) : rounded);
-}
+using affect_jax::Load;
+using affect_jax::ParallelRows;
+using affect_jax::Store;
 
 ALWAYS_INLINE float Normalised(float x, float mean, float scale_inv, float bias) {
   return (x - mean) * scale_inv + bias;
@@ -258,18 +241,6 @@ VECTOR_CLONES void GradInputRows(bool bf16, bool relu, bool residual, const void
                       r0, r1, C, mean, inv, scale_inv, bias, factor, sum_g, sum_g_x_hat, n)
   AFFECT_JAX_DISPATCH(CALL)
 #undef CALL
-}
-
-// Runs body(r0, r1, thread) over a fixed split of the rows, one block per thread.
-template <typename Body>
-void ParallelRows(int64_t rows, Body body) {
-  const int threads =
-      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), rows)));
-#pragma omp parallel num_threads(threads)
-  {
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    body(rows * t / nt, rows * (t + 1) / nt, t);
-  }
 }
 
 // Two per-channel sums over all rows: sums(r0, r1, acc) adds rows [r0, r1) into acc[0, 2C).

@@ -1,7 +1,8 @@
 """oneDNN convolutions for XLA:CPU through XLA FFI custom calls (`onednn_conv.cc`).
 
-The same extension holds affect-jax's training-mode BatchNorm kernels
-(`batch_norm_kernels.cc`, used by `ops.batch_norm`); this module loads and registers both.
+The same extension holds affect-jax's training-mode BatchNorm and max-pool kernels
+(`batch_norm_kernels.cc`, `max_pool_kernels.cc`, used by `ops.batch_norm` and `ops.pool`);
+this module loads and registers them all.
 
 The shared library is compiled by the package's own install (setup.py) against the oneDNN of
 the `onednn-cpu-gomp` wheel. When it was not built, cannot be loaded, or is switched off with
@@ -28,7 +29,7 @@ import numpy as np
 ONEDNN_DIST = 'onednn-cpu-gomp'
 ONEDNN_VERSION = 30200  # 3.2.0, the version setup.py compiles against
 # affect_jax_extension_revision() of the current C++ sources (bumped with handler signatures).
-EXTENSION_REVISION = 2
+EXTENSION_REVISION = 3
 _EXTENSION = 'affect_jax.ops._onednn'
 _TARGETS = {
     'forward': ('affect_jax_onednn_conv_forward', 'AffectJaxConvForward'),
@@ -43,6 +44,11 @@ BATCH_NORM_TARGETS = {
     'backward': ('affect_jax_batch_norm_backward', 'AffectJaxBatchNormBackward'),
     'forward_add': ('affect_jax_batch_norm_add_forward', 'AffectJaxBatchNormAddForward'),
     'backward_add': ('affect_jax_batch_norm_add_backward', 'AffectJaxBatchNormAddBackward'),
+}
+# The max-pool kernels (max_pool_kernels.cc), called by ops.pool.
+MAX_POOL_TARGETS = {
+    'forward': ('affect_jax_max_pool_forward', 'AffectJaxMaxPoolForward'),
+    'backward': ('affect_jax_max_pool_backward', 'AffectJaxMaxPoolBackward'),
 }
 DTYPES = (jnp.float32, jnp.bfloat16)
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -78,7 +84,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     version = lib.affect_jax_onednn_version()
     if version != ONEDNN_VERSION:
         return None, f'libdnnl is version {version}, the extension was built for {ONEDNN_VERSION}'
-    targets = (*_TARGETS.values(), *BATCH_NORM_TARGETS.values())
+    targets = (*_TARGETS.values(), *BATCH_NORM_TARGETS.values(), *MAX_POOL_TARGETS.values())
     missing = [symbol for _, symbol in targets if not hasattr(lib, symbol)]
     revision = (lib.affect_jax_extension_revision()
                 if hasattr(lib, 'affect_jax_extension_revision') else 1)

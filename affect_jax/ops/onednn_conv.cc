@@ -28,7 +28,7 @@
 
 namespace ffi = xla::ffi;
 
-// One oneDNN primitive (or BatchNorm kernel, batch_norm_kernels.cc) at a time: each already
+// One oneDNN primitive (or BatchNorm or max-pool kernel) at a time: each already
 // uses every core (OpenMP), and XLA may run independent custom calls (e.g. a layer's two
 // gradients) concurrently, which would oversubscribe the cores and stall OpenMP's barriers.
 std::mutex& AffectJaxExecutionMutex() {
@@ -308,7 +308,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AffectJaxConvBackwardWeights, BackwardWeights,
 
 // Bumped whenever a handler's signature changes, so Python can tell an extension built from
 // older sources (an editable install not rebuilt) from a current one.
-extern "C" int affect_jax_extension_revision() { return 2; }
+extern "C" int affect_jax_extension_revision() { return 3; }
 
 // Lets Python check it loaded the libdnnl it was built against.
 extern "C" int affect_jax_onednn_version() {

@@ -1,19 +1,68 @@
-"""Max pooling whose gradient XLA:CPU runs fast.
+"""Max pooling with a fast gradient on CPU.
 
 `lax.reduce_window(max)` differentiates into a variadic reduce-window over (value, index)
 pairs that XLA:CPU runs slowly: the ResNet50 stem's 3x3/2 max-pool gradient alone took 1.5 s of
-a 6.7 s bfloat16 train step at batch 32, 224 px (docs/performance.md). Here the pool is the
-elementwise maximum of its kh*kw strided window views, and the gradient routes each output's
-cotangent to the first maximal element of its window (row-major), as TensorFlow's MaxPoolGrad
-does, through kh*kw strided pads that XLA fuses into one loop.
+a 6.7 s bfloat16 train step at batch 32, 224 px (docs/performance.md). Two paths (`impl`), with
+the same results: the gradient of each output goes to the first maximal element of its window
+(row-major), as TensorFlow's MaxPoolGrad does.
+
+* ``'xla'``: the pool is the elementwise maximum of its kh*kw strided window views, and the
+  gradient is routed through kh*kw strided pads that XLA fuses into one loop.
+* ``'native'``: the C++ kernels of `max_pool_kernels.cc` (built into the oneDNN extension,
+  `ops.onednn`): one pass forward, which also records each maximum's window position (uint8),
+  and one pass backward from those positions, so the pool's input is not kept for the
+  gradient. XLA:CPU runs the 'xla' form's bfloat16 gradient in several float32 passes.
+
+``'auto'`` picks 'native' for float32 and bfloat16 on CPU when the extension is available and
+the process has one device (a custom call has no partitioning rule), else 'xla'.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from affect_jax.ops import onednn
+
+IMPLS = ('auto', 'xla', 'native')
+
+
+def resolve_impl(impl: str, dtype: Any = jnp.float32) -> str:
+    """Validates `impl`; maps 'auto' to the path for activations of `dtype`."""
+    if impl not in IMPLS:
+        raise ValueError(f'max pool impl must be one of {IMPLS}, got {impl!r}')
+    if impl == 'native' and not onednn.available():
+        raise ValueError(f"max pool impl 'native' is unavailable: "
+                         f"{onednn.unavailable_reason()}; use 'auto' to fall back to XLA")
+    if impl != 'auto':
+        return impl
+    native = (jnp.dtype(dtype) in onednn.DTYPES and jax.default_backend() == 'cpu'
+              and onednn.available() and jax.device_count() == 1)
+    return 'native' if native else 'xla'
+
+
+def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
+             impl: str = 'auto') -> jax.Array:
+    """'VALID' max pooling of NHWC `x` (pad first for other paddings) by the `impl` path."""
+    if x.ndim != 4:
+        raise ValueError(f'max_pool needs NHWC input, got shape {x.shape}')
+    window, strides = tuple(int(k) for k in window), tuple(int(s) for s in strides)
+    if min(window + strides) < 1:
+        raise ValueError(f'max_pool window {window} and strides {strides} must be >= 1')
+    if x.shape[1] < window[0] or x.shape[2] < window[1]:
+        raise ValueError(f'max_pool window {window} is larger than the input {x.shape[1:3]}')
+    if resolve_impl(impl, x.dtype) == 'native':
+        if x.dtype not in onednn.DTYPES:
+            raise TypeError(f'native max_pool takes float32 or bfloat16, got {x.dtype}')
+        if window[0] * window[1] > 256:
+            raise ValueError(f'native max_pool takes windows of at most 256 positions, '
+                             f'got {window}')
+        return _native_max_pool(x, window, strides, x.shape[1:3])
+    return _xla_max_pool(x, window, strides)
 
 
 def _window_views(x: jax.Array, window: tuple[int, int], strides: tuple[int, int]):
@@ -30,23 +79,18 @@ def _window_views(x: jax.Array, window: tuple[int, int], strides: tuple[int, int
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int]) -> jax.Array:
-    """'VALID' max pooling of NHWC `x` (pad first for other paddings)."""
-    if x.ndim != 4:
-        raise ValueError(f'max_pool needs NHWC input, got shape {x.shape}')
-    if x.shape[1] < window[0] or x.shape[2] < window[1]:
-        raise ValueError(f'max_pool window {window} is larger than the input {x.shape[1:3]}')
+def _xla_max_pool(x, window, strides):
     # The maximum is exact in any dtype; XLA:CPU computes it far faster in float32.
     views, _ = _window_views(x.astype(jnp.float32), window, strides)
     return functools.reduce(jnp.maximum, views).astype(x.dtype)
 
 
-def _max_pool_fwd(x, window, strides):
-    y = max_pool(x, window, strides)
+def _xla_max_pool_fwd(x, window, strides):
+    y = _xla_max_pool(x, window, strides)
     return y, (x, y)
 
 
-def _max_pool_bwd(window, strides, residuals, dy):
+def _xla_max_pool_bwd(window, strides, residuals, dy):
     x, y = residuals
     views, (ho, wo) = _window_views(x.astype(jnp.float32), window, strides)
     y = y.astype(jnp.float32)
@@ -70,4 +114,43 @@ def _max_pool_bwd(window, strides, residuals, dy):
     return (dx.astype(dy.dtype),)
 
 
-max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+_xla_max_pool.defvjp(_xla_max_pool_fwd, _xla_max_pool_bwd)
+
+
+def _native_call(direction, out, *operands, window, strides):
+    if not onednn.available():  # also registers the kernels
+        raise RuntimeError(f'native max pool is unavailable: {onednn.unavailable_reason()}')
+    return jax.ffi.ffi_call(onednn.MAX_POOL_TARGETS[direction][0], out)(
+        *operands, window_h=np.int64(window[0]), window_w=np.int64(window[1]),
+        stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]))
+
+
+def _native_forward(x, window, strides):
+    (kh, kw), (sh, sw) = window, strides
+    shape = (x.shape[0], (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1, x.shape[3])
+    return _native_call('forward', (jax.ShapeDtypeStruct(shape, x.dtype),
+                                    jax.ShapeDtypeStruct(shape, jnp.uint8)),
+                        x, window=window, strides=strides)
+
+
+# `in_hw` (x's height and width) is static so the backward pass needs only the argmax.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _native_max_pool(x, window, strides, in_hw):
+    del in_hw
+    return _native_forward(x, window, strides)[0]
+
+
+def _native_max_pool_fwd(x, window, strides, in_hw):
+    del in_hw
+    y, argmax = _native_forward(x, window, strides)
+    return y, argmax
+
+
+def _native_max_pool_bwd(window, strides, in_hw, argmax, dy):
+    b, _, _, c = dy.shape
+    dx = _native_call('backward', jax.ShapeDtypeStruct((b, *in_hw, c), dy.dtype), argmax, dy,
+                      window=window, strides=strides)
+    return (dx,)
+
+
+_native_max_pool.defvjp(_native_max_pool_fwd, _native_max_pool_bwd)
