@@ -2,11 +2,11 @@
 //
 // Why hand-written: XLA:CPU (jaxlib 0.10) differentiates `reduce_window(max)` into a variadic
 // reduce-window it runs slowly, and the strided-view form of ops/pool.py still makes several
-// float32 passes: VGG16's five bfloat16 pools took ~1 s forward + backward at batch 32, 224 px
-// in isolation, and ResNet50's stem pool ~0.4 s (docs/performance.md). These kernels make one
-// read of the input and one write of the output and of the argmax forward, and one pass
-// backward, which reads the small argmax and output gradient and writes each input gradient
-// once.
+// float32 passes: VGG16's five bfloat16 pools took ~1.1 s forward + backward at batch 32,
+// 224 px in isolation (these kernels: 0.27 s), ResNet50's stem pool ~0.5 s (0.1 s)
+// (docs/performance.md). These kernels make one read of the input and one write of the output
+// and of the argmax forward, and one pass backward, which reads the small argmax and output
+// gradient and writes each input gradient once.
 //
 // Semantics (the same as ops/pool.py's XLA path and TensorFlow's MaxPool/MaxPoolGrad): 'VALID'
 // windows; the maximum is taken in the input dtype (exact); the gradient of each output goes
