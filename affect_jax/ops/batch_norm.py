@@ -34,22 +34,13 @@ from flax import nnx
 
 from affect_jax.ops import onednn
 
-IMPLS = ('auto', 'xla', 'native')
+IMPLS = onednn.KERNEL_IMPLS
 
 
 def resolve_impl(impl: str, dtype: Any = jnp.float32) -> str:
     """Validates `impl`; maps 'auto' to the path for activations of `dtype` (the native kernels
     take float32 and bfloat16)."""
-    if impl not in IMPLS:
-        raise ValueError(f'batch_norm impl must be one of {IMPLS}, got {impl!r}')
-    if impl == 'native' and not onednn.available():
-        raise ValueError(f"batch_norm impl 'native' is unavailable: "
-                         f"{onednn.unavailable_reason()}; use 'auto' to fall back to XLA")
-    if impl != 'auto':
-        return impl
-    native = (jnp.dtype(dtype) in onednn.DTYPES and jax.default_backend() == 'cpu'
-              and onednn.available() and jax.device_count() == 1)
-    return 'native' if native else 'xla'
+    return onednn.resolve_kernel_impl('batch_norm', impl, dtype)
 
 
 def _axes(x: jax.Array) -> tuple[int, ...]:
@@ -110,9 +101,8 @@ batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
 def _native_call(direction: str, out: Any, *operands: jax.Array, **attrs: Any) -> Any:
-    if not onednn.available():  # also registers the kernels
-        raise RuntimeError(f'native BatchNorm is unavailable: {onednn.unavailable_reason()}')
-    return jax.ffi.ffi_call(onednn.BATCH_NORM_TARGETS[direction][0], out)(*operands, **attrs)
+    return onednn.call_kernel('BatchNorm', onednn.BATCH_NORM_TARGETS[direction][0], out,
+                              *operands, **attrs)
 
 
 def _rows(a: jax.Array) -> jax.Array:

@@ -1,5 +1,6 @@
 // Helpers shared by the extension's hand-written kernels (batch_norm_kernels.cc,
-// max_pool_kernels.cc): float32/bfloat16 element access and the OpenMP row split.
+// max_pool_kernels.cc): the execution lock, float32/bfloat16 element access and the OpenMP
+// row split.
 
 #ifndef AFFECT_JAX_OPS_KERNEL_UTIL_H_
 #define AFFECT_JAX_OPS_KERNEL_UTIL_H_
@@ -9,6 +10,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+
+// The lock every kernel of the extension holds while it runs (defined in onednn_conv.cc): one
+// OpenMP parallel region at a time.
+std::mutex& AffectJaxExecutionMutex();
 
 namespace affect_jax {
 

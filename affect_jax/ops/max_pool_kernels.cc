@@ -29,9 +29,6 @@
 
 namespace ffi = xla::ffi;
 
-// The convolution handlers' lock (onednn_conv.cc): one OpenMP parallel region at a time.
-std::mutex& AffectJaxExecutionMutex();
-
 namespace {
 
 using affect_jax::Load;

@@ -109,6 +109,33 @@ def unavailable_reason() -> str:
     return _load()[1]
 
 
+# The paths of the extension's hand-written kernels (ops.batch_norm, ops.pool).
+KERNEL_IMPLS = ('auto', 'xla', 'native')
+
+
+def resolve_kernel_impl(what: str, impl: str, dtype: Any) -> str:
+    """Validates `impl` (one of KERNEL_IMPLS) for op `what`; maps 'auto' to 'native' for
+    float32/bfloat16 on CPU when the extension is available and the process has one device (a
+    custom call has no partitioning rule), else to 'xla'."""
+    if impl not in KERNEL_IMPLS:
+        raise ValueError(f'{what} impl must be one of {KERNEL_IMPLS}, got {impl!r}')
+    if impl == 'native' and not available():
+        raise ValueError(f"{what} impl 'native' is unavailable: "
+                         f"{unavailable_reason()}; use 'auto' to fall back to XLA")
+    if impl != 'auto':
+        return impl
+    native = (jnp.dtype(dtype) in DTYPES and jax.default_backend() == 'cpu' and available()
+              and jax.device_count() == 1)
+    return 'native' if native else 'xla'
+
+
+def call_kernel(what: str, target: str, out: Any, *operands: jax.Array, **attrs: Any) -> Any:
+    """Runs the extension's custom call `target` (op `what`, for the error) on `operands`."""
+    if not available():  # also registers the kernels
+        raise RuntimeError(f'native {what} is unavailable: {unavailable_reason()}')
+    return jax.ffi.ffi_call(target, out)(*operands, **attrs)
+
+
 def _require() -> None:
     if not available():
         raise RuntimeError(f'oneDNN convolutions are unavailable: {unavailable_reason()}')

@@ -28,21 +28,12 @@ import numpy as np
 
 from affect_jax.ops import onednn
 
-IMPLS = ('auto', 'xla', 'native')
+IMPLS = onednn.KERNEL_IMPLS
 
 
 def resolve_impl(impl: str, dtype: Any = jnp.float32) -> str:
     """Validates `impl`; maps 'auto' to the path for activations of `dtype`."""
-    if impl not in IMPLS:
-        raise ValueError(f'max pool impl must be one of {IMPLS}, got {impl!r}')
-    if impl == 'native' and not onednn.available():
-        raise ValueError(f"max pool impl 'native' is unavailable: "
-                         f"{onednn.unavailable_reason()}; use 'auto' to fall back to XLA")
-    if impl != 'auto':
-        return impl
-    native = (jnp.dtype(dtype) in onednn.DTYPES and jax.default_backend() == 'cpu'
-              and onednn.available() and jax.device_count() == 1)
-    return 'native' if native else 'xla'
+    return onednn.resolve_kernel_impl('max pool', impl, dtype)
 
 
 def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
@@ -118,10 +109,9 @@ _xla_max_pool.defvjp(_xla_max_pool_fwd, _xla_max_pool_bwd)
 
 
 def _native_call(direction, out, *operands, window, strides):
-    if not onednn.available():  # also registers the kernels
-        raise RuntimeError(f'native max pool is unavailable: {onednn.unavailable_reason()}')
-    return jax.ffi.ffi_call(onednn.MAX_POOL_TARGETS[direction][0], out)(
-        *operands, window_h=np.int64(window[0]), window_w=np.int64(window[1]),
+    return onednn.call_kernel(
+        'max pool', onednn.MAX_POOL_TARGETS[direction][0], out, *operands,
+        window_h=np.int64(window[0]), window_w=np.int64(window[1]),
         stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]))
 
 
