@@ -1,6 +1,6 @@
 """Builds the optional C++ extension: oneDNN convolutions (affect_jax/ops/onednn_conv.cc), the
-BatchNorm and max-pool kernels (affect_jax/ops/batch_norm_kernels.cc, max_pool_kernels.cc;
-OpenMP), as XLA FFI custom calls.
+Winograd F(4x4, 3x3) convolutions (winograd_kernels.cc; oneDNN matmul), the BatchNorm and
+max-pool kernels (batch_norm_kernels.cc, max_pool_kernels.cc; OpenMP), as XLA FFI custom calls.
 
 Everything else about the package is in pyproject.toml. The extension is compiled from source
 by this install, against the headers of the `onednn-devel-cpu-gomp` build dependency and the
@@ -52,7 +52,7 @@ def _onednn_extension() -> list[Extension]:
     return [Extension(
         'affect_jax.ops._onednn',
         sources=['affect_jax/ops/onednn_conv.cc', 'affect_jax/ops/batch_norm_kernels.cc',
-                 'affect_jax/ops/max_pool_kernels.cc'],
+                 'affect_jax/ops/max_pool_kernels.cc', 'affect_jax/ops/winograd_kernels.cc'],
         depends=['affect_jax/ops/kernel_util.h'],
         include_dirs=[str(header.parent.parent.parent), str(ROOT / 'third_party' / 'xla_ffi')],
         # Linking the file records its soname (libdnnl.so.3) as a dependency; at run time

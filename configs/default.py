@@ -76,9 +76,11 @@ def get_config() -> ml_collections.ConfigDict:
     # mixed_bfloat16: less memory), 'float32' (only the convolutions round), or 'auto'
     # ('compute' for both backbones; VGG16's feature map stays float32). docs/performance.md.
     config.activation_dtype = 'auto'
-    # Convolution path (affect_jax/ops/conv.py; docs/performance.md): 'auto' (on CPU 'onednn'
-    # when its extension is built and there is one device per process, else 'dot1x1'),
-    # 'onednn', 'xla' (plain lax.conv), 'dot1x1', 'dot' or 'im2col'. Same results.
+    # Convolution path (affect_jax/ops/conv.py; docs/performance.md): 'auto' (on CPU
+    # 'winograd' when its extension is built and there is one device per process, else
+    # 'dot1x1'), 'winograd' ('onednn', with float32 3x3 stride-1 convolutions by Winograd's
+    # F(4x4, 3x3): VGG16 float32 1.95x), 'onednn', 'xla' (plain lax.conv), 'dot1x1', 'dot' or
+    # 'im2col'. Same results (float32 round-off apart).
     config.conv_impl = 'auto'
     # Training-mode BatchNorm path (ResNet50; affect_jax/ops/batch_norm.py): 'auto' ('native'
     # on CPU when the same extension is built and there is one device per process, else

@@ -21,7 +21,8 @@ first call), peak RSS, achieved GFLOP/s (XLA's cost analysis of the affect-jax s
 nominal FLOPs for every contender), and per-round ratios affect-jax / peer with their spread.
 
 Levers: ``--lever`` takes ``key=value`` items joined by ``+``; keys: ``conv`` (config.conv_impl:
-auto, xla, dot1x1, dot, im2col, onednn), ``xla_flags`` (appended to XLA_FLAGS in that worker),
+auto, xla, dot1x1, dot, im2col, onednn, winograd), ``xla_flags`` (appended to XLA_FLAGS in that
+worker),
 ``donate`` (0/1: donate the train state), ``steps`` (config.steps_per_execution: train steps
 per XLA call; times are per step), ``act`` (config.activation_dtype: auto, compute, float32),
 ``bn`` (config.batch_norm_impl: auto, xla, native), ``pool`` (config.pool_impl: auto, xla,

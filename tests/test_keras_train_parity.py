@@ -7,7 +7,8 @@ affect-jax model holding the same weights (backbone through a Keras `.weights.h5
 `load_keras_h5`, heads copied) take one training step on the same batch (dropout off). Random
 biases and BatchNorm parameters/statistics make every tensor's update visible. Errors are
 relative per tensor, max|jax - keras| / max|keras|: the loss must agree to 1e-5 and every
-updated weight and BatchNorm statistic to 1e-4. They are printed in the terminal summary and
+updated weight and BatchNorm statistic to 1e-4 (3e-4 for weights with the Winograd
+convolutions, WINOGRAD_WEIGHT_RTOL). They are printed in the terminal summary and
 stored in the pytest cache (`affect_jax/keras_train_parity`).
 
 Float32 limits, measured against float64 runs of the same step (see the report of issue 3):
@@ -42,6 +43,7 @@ import pytest
 from flax import nnx
 
 from affect_jax import train, weights
+from affect_jax.ops import conv as conv_ops
 from tests.conftest import REPO, load_config
 
 SIZE = 64
@@ -53,6 +55,12 @@ HEADS = ('neck_0', 'class_output', 'reg_output')
 RESIDUAL_GAMMA = (0.02, 0.1)  # gamma of each residual branch's last BatchNorm (`*_3_bn`)
 LOSS_RTOL = 1e-5
 WEIGHT_RTOL = 1e-4
+# With conv_impl 'winograd' (auto's choice where the extension is built) F(4x4, 3x3) computes
+# the float32 3x3 convolutions; its round-off (~1e-6 relative in each gradient, tests/test_ops)
+# passes through Adam's first-step gain. Measured on this VGG16 step against Keras's float64
+# step: 1.5e-4 (block2_conv2), where Keras's own float32 step is 9.6e-5 from it and oneDNN's
+# direct convolutions 1.5e-6; TF with its oneDNN path on is 2e-3 away (module docstring).
+WINOGRAD_WEIGHT_RTOL = 3e-4
 RESULTS: dict[str, dict[str, object]] = {}
 logger = logging.getLogger(__name__)
 
@@ -323,7 +331,9 @@ def test_one_train_step_matches_keras(arch, tmp_path):
         }
     assert loss_err <= LOSS_RTOL, f"loss {float(out['loss'])} vs Keras {keras_loss}"
     assert stat_err <= WEIGHT_RTOL, f'{stat_name}: {stat_err:.2e}'
-    assert weight_err <= WEIGHT_RTOL, f'{weight_name}: {weight_err:.2e}'
+    weight_rtol = (WINOGRAD_WEIGHT_RTOL if conv_ops.resolve_impl(config.conv_impl) == 'winograd'
+                   else WEIGHT_RTOL)
+    assert weight_err <= weight_rtol, f'{weight_name}: {weight_err:.2e}'
     if zero_grad:
         for k in zero_grad:  # Stopped: unchanged, as in exact arithmetic.
             np.testing.assert_array_equal(got[k], start[k], err_msg=k)

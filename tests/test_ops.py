@@ -14,7 +14,7 @@ from flax import nnx
 
 from affect_jax.ops import batch_norm as bn_ops
 from affect_jax.ops import conv as conv_ops
-from affect_jax.ops import onednn
+from affect_jax.ops import onednn, winograd
 from affect_jax.ops import pool as pool_ops
 from affect_jax.ops.pool import max_pool
 
@@ -27,7 +27,7 @@ CASES = [
     (7, 2, 'VALID', 17, 3, 4),  # stem (after ZeroPadding2D(3))
     (3, 1, ((1, 2), (0, 1)), 7, 4, 3),  # explicit asymmetric padding
 ]
-ONEDNN = ('onednn',) if onednn.available() else ()
+ONEDNN = ('onednn', 'winograd') if onednn.available() else ()
 FAST = ('dot1x1', 'dot', 'im2col', *ONEDNN)
 needs_onednn = pytest.mark.skipif(not onednn.available(),
                                   reason=f'oneDNN path unavailable: {onednn.unavailable_reason()}')
@@ -46,7 +46,7 @@ def test_onednn_path_is_built_where_ci_expects_it():
             bn_ops.resolve_impl('native')
     elif os.environ.get('CI'):
         assert onednn.available(), onednn.unavailable_reason()
-        assert conv_ops.resolve_impl('auto') == 'onednn'
+        assert conv_ops.resolve_impl('auto') == 'winograd'
         assert bn_ops.resolve_impl('auto', jnp.bfloat16) == 'native'
         assert bn_ops.resolve_impl('auto', jnp.float32) == 'native'
         assert bn_ops.resolve_impl('auto', jnp.float16) == 'xla'
@@ -249,8 +249,9 @@ def test_onednn_bfloat16_compute_between_float32_activations(k, s, pad):
 def test_onednn_unavailable_falls_back_with_a_clear_error(monkeypatch):
     monkeypatch.setattr(onednn, '_load', lambda: (None, 'not built in this test'))
     assert conv_ops.resolve_impl('auto') == 'dot1x1'
-    with pytest.raises(ValueError, match="'onednn' is unavailable: not built in this test"):
-        conv_ops.resolve_impl('onednn')
+    for impl in ('onednn', 'winograd'):
+        with pytest.raises(ValueError, match=f"'{impl}' is unavailable: not built in this test"):
+            conv_ops.resolve_impl(impl)
     with pytest.raises(RuntimeError, match='not built in this test'):
         onednn.conv2d(jnp.ones((1, 4, 4, 3)), jnp.ones((1, 1, 3, 2)), (1, 1), ((0, 0), (0, 0)))
     assert bn_ops.resolve_impl('auto') == 'xla'
@@ -294,6 +295,154 @@ def test_onednn_rejects_unsupported_dtypes():
     with pytest.raises(TypeError, match='float32 or bfloat16'):
         onednn.conv2d(jnp.ones((1, 4, 4, 3), jnp.float16), jnp.ones((1, 1, 3, 2), jnp.float16),
                       (1, 1), ((0, 0), (0, 0)))
+
+
+# (batch, height, width, cin, cout, pads, relu, chunk): partial tiles on both edges, channel
+# blocks of 64 plus a remainder, several chunks with a partial last one, VALID and asymmetric
+# padding, a bias and a ReLU.
+WINOGRAD_CASES = [
+    (2, 14, 13, 8, 5, ((1, 1), (1, 1)), False, None),
+    (3, 9, 11, 70, 67, ((1, 1), (1, 1)), True, 16),
+    (2, 10, 10, 3, 4, ((0, 0), (0, 0)), False, 7),
+    (1, 7, 6, 5, 6, ((2, 1), (0, 2)), True, 3),
+]
+
+
+def _winograd_and_xla(x, w, b, pads, relu, chunk):
+    """(y, dx, dw, db) of the same non-linear readout through Winograd and through lax.conv."""
+    def loss(conv, a, k, c):
+        y = conv(a, k, c)
+        r = jax.random.normal(jax.random.key(7), y.shape, jnp.float32)
+        return jnp.sum(jnp.tanh(y) * r), y
+
+    def run(conv):
+        (_, y), grads = jax.jit(jax.value_and_grad(
+            functools.partial(loss, conv), argnums=(0, 1, 2), has_aux=True))(x, w, b)
+        return (y, *grads)
+
+    return (run(lambda a, k, c: winograd.conv3x3(a, k, c, pads, relu, chunk)),
+            run(lambda a, k, c: conv_ops.conv2d(a, k, (1, 1), pads, 'xla', bias=c, relu=relu)))
+
+
+@needs_onednn
+@pytest.mark.parametrize('n, h, w, cin, cout, pads, relu, chunk', WINOGRAD_CASES)
+def test_winograd_matches_lax_conv(n, h, w, cin, cout, pads, relu, chunk):
+    """F(4x4, 3x3) computes the convolution and both gradients to float32 rounding."""
+    x = jax.random.normal(jax.random.key(0), (n, h, w, cin))
+    k = jax.random.normal(jax.random.key(1), (3, 3, cin, cout)) * 0.3
+    b = jax.random.normal(jax.random.key(2), (cout,))
+    got, ref = _winograd_and_xla(x, k, b, pads, relu, chunk)
+    for name, a, r in zip(('y', 'dx', 'dw', 'db'), got, ref, strict=True):
+        assert a.shape == r.shape and a.dtype == r.dtype == jnp.float32, name
+        assert _rel(a, r) <= 1e-4, (name, _rel(a, r))
+
+
+@needs_onednn
+def test_winograd_matches_tensorflow_conv2d():
+    """Against TensorFlow's Conv2D forward and gradients (the study's Keras stack)."""
+    tf = pytest.importorskip('tensorflow')
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 17, 16, 24)).astype(np.float32)
+    k = (rng.normal(size=(3, 3, 24, 20)) * 0.2).astype(np.float32)
+    dy = rng.normal(size=(2, 17, 16, 20)).astype(np.float32)
+    xt, kt = tf.constant(x), tf.constant(k)
+    with tf.GradientTape() as tape:
+        tape.watch([xt, kt])
+        yt = tf.nn.conv2d(xt, kt, 1, 'SAME')
+    dx_tf, dk_tf = tape.gradient(yt, [xt, kt], output_gradients=tf.constant(dy))
+    y, vjp = jax.vjp(lambda a, b: winograd.conv3x3(a, b, None, ((1, 1), (1, 1))),
+                     jnp.asarray(x), jnp.asarray(k))
+    dx, dk = vjp(jnp.asarray(dy))
+    for name, a, r in (('y', y, yt), ('dx', dx, dx_tf), ('dw', dk, dk_tf)):
+        assert _rel(a, r.numpy()) <= 1e-4, (name, _rel(a, r.numpy()))
+
+
+def _uses_winograd(x, w, strides=(1, 1), padding='SAME', compute_dtype=None) -> bool:
+    def f(a, b):
+        return conv_ops.conv2d(a, b, strides, padding, 'winograd', compute_dtype=compute_dtype)
+    return winograd_target() in jax.jit(jax.grad(lambda a, b: f(a, b).sum(), (0, 1))).lower(
+        x, w).as_text()
+
+
+def winograd_target() -> str:
+    return onednn.WINOGRAD_TARGETS['forward'][0]
+
+
+@needs_onednn
+def test_winograd_impl_takes_only_the_convolutions_it_speeds_up():
+    """conv_impl='winograd': F(4x4, 3x3) for float32 3x3 stride-1 convolutions with outputs of
+    at least MIN_OUTPUT_SIZE and MIN_IN_CHANNELS input channels; oneDNN's direct kernels for
+    every other convolution (and the same results either way)."""
+    big, small = winograd.MIN_OUTPUT_SIZE, winograd.MIN_OUTPUT_SIZE - 1
+    c = winograd.MIN_IN_CHANNELS
+    w3 = jnp.ones((3, 3, c, 4))
+    assert _uses_winograd(jnp.ones((1, big, big, c)), w3)
+    assert _uses_winograd(jnp.ones((1, big + 2, big + 2, c)), w3, padding='VALID')
+    assert not _uses_winograd(jnp.ones((1, small, big, c)), w3)  # too small: 2x2-tile waste
+    assert not _uses_winograd(jnp.ones((1, big, big, 3)), jnp.ones((3, 3, 3, 4)))  # RGB input
+    assert not _uses_winograd(jnp.ones((1, 2 * big, 2 * big, c)), w3, strides=(2, 2))
+    assert not _uses_winograd(jnp.ones((1, big, big, c)), jnp.ones((1, 1, c, 4)))
+    assert not _uses_winograd(jnp.ones((1, big, big, c)), w3, compute_dtype=jnp.bfloat16)
+    assert not _uses_winograd(jnp.ones((1, big, big, c), jnp.bfloat16), w3.astype(jnp.bfloat16))
+    x = jax.random.normal(jax.random.key(0), (2, big + 1, big, c))
+    w = jax.random.normal(jax.random.key(1), (3, 3, c, 5)) * 0.3
+    b = jax.random.normal(jax.random.key(2), (5,))
+    got = _run('winograd', x, w, (3, 1, 'SAME'), b, relu=True)
+    ref = _run('xla', x, w, (3, 1, 'SAME'), b, relu=True)
+    for name, a, r in zip(('y', 'dx', 'dw', 'dbias'), got, ref, strict=True):
+        assert _rel(a, r) <= 1e-4, (name, _rel(a, r))
+
+
+@needs_onednn
+def test_winograd_model_is_the_same_function_as_onednn():
+    """A tiny VGG16 (64 px, quarter width) in float32: the same loss and parameter gradients
+    with conv_impl='winograd' as with 'onednn' (6 of its 13 convolutions go to Winograd)."""
+    from affect_jax.models import create_backbone
+    x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+
+    def loss_and_grads(conv_impl):
+        model = create_backbone('vgg16', False, 1 / 4, conv_impl=conv_impl, rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def loss(p):
+            return jnp.mean(nnx.merge(graphdef, p)(x) ** 2)
+
+        step = jax.jit(jax.value_and_grad(loss))
+        return step(params), step.lower(params).as_text().count(winograd_target())
+
+    (l0, g0), n0 = loss_and_grads('onednn')
+    (l1, g1), n1 = loss_and_grads('winograd')
+    assert n0 == 0 and n1 > 0
+    assert _rel(l1, l0) <= 1e-4
+    g1, g0 = (np.concatenate([np.ravel(v) for v in jax.tree.leaves(g)]) for g in (g1, g0))
+    assert np.linalg.norm(g1 - g0) <= 1e-4 * np.linalg.norm(g0)
+
+
+@needs_onednn
+def test_winograd_rejects_bad_inputs():
+    with pytest.raises(ValueError, match=r'winograd conv3x3 needs .*\(5, 5, 4, 2\)'):
+        winograd.conv3x3(jnp.ones((1, 8, 8, 4)), jnp.ones((5, 5, 4, 2)), None, ((1, 1), (1, 1)))
+    with pytest.raises(ValueError, match='padding 0-2'):
+        winograd.conv3x3(jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 2)), None, ((3, 3), (1, 1)))
+    x, w, b = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 2)), jnp.zeros(2)
+    attrs = dict(pad_top=np.int64(1), pad_left=np.int64(1), relu=np.int64(0),
+                 flip=np.int64(0), chunk_tiles=np.int64(16))
+
+    def forward(out_shape, *args, **changed):
+        call = jax.ffi.ffi_call(winograd_target(), jax.ShapeDtypeStruct(out_shape, jnp.float32))
+        return jax.block_until_ready(call(*args, **{**attrs, **changed}))
+
+    for args, out, changed, message in [
+        ((x, jnp.ones((3, 3, 5, 2)), b), (1, 8, 8, 2), {}, r'kernel must be \[3, 3, C, K\]'),
+        ((x, w, b), (1, 8, 8, 2), {'flip': np.int64(1)}, r'kernel must be \[3, 3, K, C\]'),
+        ((x, w, b), (1, 11, 8, 2), {}, 'y has no 3x3 stride-1 output size of x'),
+        ((x, w, b), (1, 8, 8, 2), {'pad_top': np.int64(3)}, 'padding must be 0, 1 or 2'),
+        ((x, w, jnp.zeros(3)), (1, 8, 8, 2), {}, r'bias must be \[K\]'),
+        ((x.astype(jnp.bfloat16), w, b), (1, 8, 8, 2), {}, 'x must be float32 of rank 4'),
+        ((x, w, b), (1, 8, 8, 2), {'chunk_tiles': np.int64(0)}, 'chunk_tiles must be >= 1'),
+    ]:
+        with pytest.raises(Exception, match='affect_jax winograd conv: ' + message):
+            forward(out, *args, **changed)
 
 
 def _reduce_window_max(x, window, strides):
@@ -456,6 +605,49 @@ def test_backbone_is_the_same_function_with_either_pool_impl(name, dtype):
     else:
         g0, g1 = (np.concatenate([np.ravel(v) for v in jax.tree.leaves(g)]) for g in (g0, g1))
         assert np.linalg.norm(g1 - g0) <= 1e-2 * np.linalg.norm(g0)
+
+
+@needs_onednn
+@pytest.mark.parametrize('conv_impl, dtype, size', [
+    ('onednn', jnp.float32, 9), ('onednn', jnp.bfloat16, 8), ('xla', jnp.float32, 8),
+    ('winograd', jnp.float32, 17)])
+def test_conv_relu_max_pool_is_conv_relu_then_pool_without_keeping_the_relu_output(
+        conv_impl, dtype, size):
+    """VGG16's block end: the same output and gradients, bit for bit, as conv + bias + ReLU and
+    then the pool; the backward pass keeps the pool's output and positions, not the ReLU's
+    output (one 4-D activation fewer)."""
+    from affect_jax.ops.conv_pool import conv_relu_max_pool
+    c = winograd.MIN_IN_CHANNELS
+    x = jax.random.normal(jax.random.key(0), (2, size, size, c)).astype(dtype)
+    k = (jax.random.normal(jax.random.key(1), (3, 3, c, 6)) * 0.3).astype(dtype)
+    b = (jax.random.normal(jax.random.key(2), (6,)) * 0.1).astype(dtype)
+
+    def fused(a, w, bias):
+        return conv_relu_max_pool(a, w, bias, 'SAME', conv_impl, dtype, (2, 2), (2, 2),
+                                  'native')
+
+    def separate(a, w, bias):
+        y = conv_ops.conv2d(a, w, (1, 1), 'SAME', conv_impl, compute_dtype=dtype, bias=bias,
+                            relu=True)
+        return max_pool(y, (2, 2), (2, 2), 'native')
+
+    def run(f):
+        y, vjp = jax.vjp(f, x, k, b)
+        dy = jax.random.normal(jax.random.key(3), y.shape).astype(dtype)
+        return y, *vjp(dy)
+
+    for a, r in zip(jax.jit(lambda: run(fused))(), jax.jit(lambda: run(separate))(),
+                    strict=True):
+        assert a.dtype == r.dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(r, np.float32))
+
+    def saved_activations(f):
+        return sorted((r.shape, str(r.dtype)) for r in jax.tree.leaves(jax.vjp(f, x, k, b)[1])
+                      if r.ndim == 4 and r.shape[0] == 2 and r.shape[-1] == 6)
+    half = size // 2
+    assert saved_activations(fused) == sorted([((2, half, half, 6), str(x.dtype)),
+                                               ((2, half, half, 6), 'uint8')])
+    assert any(shape == (2, size, size, 6) for shape, _ in saved_activations(separate))
 
 
 BN_IMPLS = ['xla', pytest.param('native', marks=needs_onednn)]

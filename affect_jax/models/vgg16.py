@@ -14,7 +14,7 @@ from flax import nnx
 
 from affect_jax.ops import pool
 from affect_jax.ops.conv import Conv
-from affect_jax.ops.pool import max_pool
+from affect_jax.ops.conv_pool import conv_relu_max_pool
 
 # (block, number of convs, channels) as in keras.applications.vgg16.
 _BLOCKS = ((1, 2, 64), (2, 2, 128), (3, 3, 256), (4, 3, 512), (5, 3, 512))
@@ -37,9 +37,13 @@ def keras_layer_names(include_top: bool) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _max_pool_2x2(x: jax.Array, impl: str) -> jax.Array:
-    # Keras MaxPooling2D((2, 2), strides=(2, 2)) with 'valid' padding floors odd sizes.
-    return max_pool(x, (2, 2), (2, 2), impl)
+def _conv_relu_max_pool_2x2(conv: Conv, x: jax.Array, pool_impl: str) -> jax.Array:
+    """A block's last conv + bias + ReLU, then Keras's MaxPooling2D((2, 2), strides=(2, 2)) with
+    'valid' padding (odd sizes floor), differentiated without keeping the ReLU's output
+    (`ops.conv_pool`)."""
+    kernel = conv.kernel[...]
+    return conv_relu_max_pool(x, kernel, conv.bias[...], conv.padding, conv.impl,
+                              conv.dtype or jnp.result_type(x, kernel), (2, 2), (2, 2), pool_impl)
 
 
 class VGG16(nnx.Module):
@@ -123,15 +127,18 @@ class VGG16(nnx.Module):
         x = x.astype(self.act_dtype)
         idx = 0
         for _, n_convs, _ in _BLOCKS:
-            for _ in range(n_convs):
+            for i in range(n_convs):
                 if idx == len(self._conv_names) - 1:
                     # The last convolution writes float32 (its input's dtype; the cast is
                     # exact), so the feature map the head pools keeps full precision.
                     x = x.astype(jnp.float32)
-                # conv + bias + ReLU: one oneDNN kernel, no pre-activation kept for the backward.
-                x = getattr(self, self._conv_names[idx])(x, relu=True)
+                conv = getattr(self, self._conv_names[idx])
                 idx += 1
-            x = _max_pool_2x2(x, self.pool_impl)
+                if i < n_convs - 1:
+                    # conv + bias + ReLU: one oneDNN kernel, no pre-activation kept.
+                    x = conv(x, relu=True)
+                else:
+                    x = _conv_relu_max_pool_2x2(conv, x, self.pool_impl)
         if not self.include_top:
             return x
         # Keras Flatten on channels_last flattens in (h, w, c) order, as reshape does.

@@ -15,9 +15,14 @@ as `dot_general` so that XLA's matmul kernels run them.
 * ``'im2col'``: every convolution as patches @ kernel (forward, and both gradients as dots).
 * ``'onednn'``: every convolution (forward and both gradients) by oneDNN through an XLA FFI
   custom call (`ops.onednn`; AVX-512 float32, AMX bfloat16). CPU only; one device per process.
-* ``'auto'``: the fastest correct path on this backend: on CPU 'onednn' when it is available
-  and the process has one device, else 'dot1x1' (ResNet50 train step 1.5-2.2x 'xla'; 'dot' and
-  'im2col' add ~1.5 GB for no reliable gain); 'xla' elsewhere.
+* ``'winograd'``: 'onednn', except float32 3x3 stride-1 convolutions whose output is at least
+  `winograd.MIN_OUTPUT_SIZE` wide and high and whose input has at least
+  `winograd.MIN_IN_CHANNELS` channels: those by Winograd's F(4x4, 3x3) (`ops.winograd`; a
+  quarter of the multiply-adds, the same result to float32 rounding; VGG16's float32 train
+  step 1.95x 'onednn'). bfloat16 convolutions are 'onednn''s.
+* ``'auto'``: the fastest correct path on this backend: on CPU 'winograd' when the extension
+  is available and the process has one device, else 'dot1x1' (ResNet50 train step 1.5-2.2x
+  'xla'; 'dot' and 'im2col' add ~1.5 GB for no reliable gain); 'xla' elsewhere.
 """
 
 from __future__ import annotations
@@ -30,9 +35,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from affect_jax.ops import onednn
+from affect_jax.ops import onednn, winograd
 
-IMPLS = ('auto', 'xla', 'dot1x1', 'dot', 'im2col', 'onednn')
+IMPLS = ('auto', 'xla', 'dot1x1', 'dot', 'im2col', 'onednn', 'winograd')
 Padding = str | Sequence[tuple[int, int]]
 _DN = ('NHWC', 'HWIO', 'NHWC')
 
@@ -41,8 +46,8 @@ def resolve_impl(impl: str) -> str:
     """Maps 'auto' to the fastest measured path for the default backend."""
     if impl not in IMPLS:
         raise ValueError(f'conv impl must be one of {IMPLS}, got {impl!r}')
-    if impl == 'onednn' and not onednn.available():
-        raise ValueError(f"conv impl 'onednn' is unavailable: {onednn.unavailable_reason()}; "
+    if impl in ('onednn', 'winograd') and not onednn.available():
+        raise ValueError(f'conv impl {impl!r} is unavailable: {onednn.unavailable_reason()}; '
                          "use 'auto' to fall back to XLA's convolutions")
     if impl != 'auto':
         return impl
@@ -51,7 +56,7 @@ def resolve_impl(impl: str) -> str:
     # XLA would gather the batch onto each: there 'dot1x1' is faster.
     if jax.default_backend() != 'cpu':
         return 'xla'
-    return 'onednn' if onednn.available() and jax.device_count() == 1 else 'dot1x1'
+    return 'winograd' if onednn.available() and jax.device_count() == 1 else 'dot1x1'
 
 
 def explicit_padding(
@@ -148,7 +153,10 @@ def conv2d(
     s = (int(strides[0]), int(strides[1]))
     k = (int(kernel.shape[0]), int(kernel.shape[1]))
     pads = explicit_padding(padding, tuple(x.shape[1:3]), k, s)
-    if impl == 'onednn':  # adds the bias and applies the ReLU in its kernel
+    if impl == 'winograd' and winograd.preferred(x.shape, kernel.shape, s, pads,
+                                                 compute_dtype or x.dtype):
+        return winograd.conv3x3(x, kernel, bias, pads, relu)
+    if impl in ('onednn', 'winograd'):  # adds the bias and applies the ReLU in its kernel
         return onednn.conv2d(x, kernel, s, pads, compute_dtype, bias, relu)
     out_dtype = x.dtype
     if compute_dtype is not None:

@@ -1,8 +1,8 @@
 """oneDNN convolutions for XLA:CPU through XLA FFI custom calls (`onednn_conv.cc`).
 
-The same extension holds affect-jax's training-mode BatchNorm and max-pool kernels
-(`batch_norm_kernels.cc`, `max_pool_kernels.cc`, used by `ops.batch_norm` and `ops.pool`);
-this module loads and registers them all.
+The same extension holds affect-jax's Winograd convolutions and its training-mode BatchNorm and
+max-pool kernels (`winograd_kernels.cc`, `batch_norm_kernels.cc`, `max_pool_kernels.cc`, used
+by `ops.winograd`, `ops.batch_norm` and `ops.pool`); this module loads and registers them all.
 
 The shared library is compiled by the package's own install (setup.py) against the oneDNN of
 the `onednn-cpu-gomp` wheel. When it was not built, cannot be loaded, or is switched off with
@@ -29,7 +29,7 @@ import numpy as np
 ONEDNN_DIST = 'onednn-cpu-gomp'
 ONEDNN_VERSION = 30200  # 3.2.0, the version setup.py compiles against
 # affect_jax_extension_revision() of the current C++ sources (bumped with handler signatures).
-EXTENSION_REVISION = 3
+EXTENSION_REVISION = 4
 _EXTENSION = 'affect_jax.ops._onednn'
 _TARGETS = {
     'forward': ('affect_jax_onednn_conv_forward', 'AffectJaxConvForward'),
@@ -49,6 +49,12 @@ BATCH_NORM_TARGETS = {
 MAX_POOL_TARGETS = {
     'forward': ('affect_jax_max_pool_forward', 'AffectJaxMaxPoolForward'),
     'backward': ('affect_jax_max_pool_backward', 'AffectJaxMaxPoolBackward'),
+}
+# The Winograd F(4x4, 3x3) convolution kernels (winograd_kernels.cc), called by ops.winograd.
+WINOGRAD_TARGETS = {
+    'forward': ('affect_jax_winograd_forward', 'AffectJaxWinogradForward'),
+    'backward_weights': ('affect_jax_winograd_backward_weights',
+                         'AffectJaxWinogradBackwardWeights'),
 }
 DTYPES = (jnp.float32, jnp.bfloat16)
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -84,7 +90,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     version = lib.affect_jax_onednn_version()
     if version != ONEDNN_VERSION:
         return None, f'libdnnl is version {version}, the extension was built for {ONEDNN_VERSION}'
-    targets = (*_TARGETS.values(), *BATCH_NORM_TARGETS.values(), *MAX_POOL_TARGETS.values())
+    targets = (*_TARGETS.values(), *BATCH_NORM_TARGETS.values(), *MAX_POOL_TARGETS.values(),
+               *WINOGRAD_TARGETS.values())
     missing = [symbol for _, symbol in targets if not hasattr(lib, symbol)]
     revision = (lib.affect_jax_extension_revision()
                 if hasattr(lib, 'affect_jax_extension_revision') else 1)

@@ -308,7 +308,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AffectJaxConvBackwardWeights, BackwardWeights,
 
 // Bumped whenever a handler's signature changes, so Python can tell an extension built from
 // older sources (an editable install not rebuilt) from a current one.
-extern "C" int affect_jax_extension_revision() { return 3; }
+extern "C" int affect_jax_extension_revision() { return 4; }
 
 // Lets Python check it loaded the libdnnl it was built against.
 extern "C" int affect_jax_onednn_version() {

@@ -39,21 +39,31 @@ def resolve_impl(impl: str, dtype: Any = jnp.float32) -> str:
 def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
              impl: str = 'auto') -> jax.Array:
     """'VALID' max pooling of NHWC `x` (pad first for other paddings) by the `impl` path."""
-    if x.ndim != 4:
-        raise ValueError(f'max_pool needs NHWC input, got shape {x.shape}')
     window, strides = tuple(int(k) for k in window), tuple(int(s) for s in strides)
-    if min(window + strides) < 1:
-        raise ValueError(f'max_pool window {window} and strides {strides} must be >= 1')
-    if x.shape[1] < window[0] or x.shape[2] < window[1]:
-        raise ValueError(f'max_pool window {window} is larger than the input {x.shape[1:3]}')
+    _check(x.shape, window, strides)
     if resolve_impl(impl, x.dtype) == 'native':
-        if x.dtype not in onednn.DTYPES:
-            raise TypeError(f'native max_pool takes float32 or bfloat16, got {x.dtype}')
-        if window[0] * window[1] > 256:
-            raise ValueError(f'native max_pool takes windows of at most 256 positions, '
-                             f'got {window}')
+        check_native(x.shape, x.dtype, window, strides)
         return _native_max_pool(x, window, strides, x.shape[1:3])
     return _xla_max_pool(x, window, strides)
+
+
+def _check(shape: tuple[int, ...], window: tuple[int, int], strides: tuple[int, int]) -> None:
+    if len(shape) != 4:
+        raise ValueError(f'max_pool needs NHWC input, got shape {shape}')
+    if min(window + strides) < 1:
+        raise ValueError(f'max_pool window {window} and strides {strides} must be >= 1')
+    if shape[1] < window[0] or shape[2] < window[1]:
+        raise ValueError(f'max_pool window {window} is larger than the input {shape[1:3]}')
+
+
+def check_native(shape: tuple[int, ...], dtype: Any, window: tuple[int, int],
+                 strides: tuple[int, int]) -> None:
+    """Raises a clear error unless the native kernels can pool an input of `shape`/`dtype`."""
+    _check(shape, window, strides)
+    if dtype not in onednn.DTYPES:
+        raise TypeError(f'native max_pool takes float32 or bfloat16, got {dtype}')
+    if window[0] * window[1] > 256:
+        raise ValueError(f'native max_pool takes windows of at most 256 positions, got {window}')
 
 
 def _window_views(x: jax.Array, window: tuple[int, int], strides: tuple[int, int]):
@@ -115,7 +125,10 @@ def _native_call(direction, out, *operands, window, strides):
         stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]))
 
 
-def _native_forward(x, window, strides):
+def native_forward(x: jax.Array, window: tuple[int, int], strides: tuple[int, int]
+                   ) -> tuple[jax.Array, jax.Array]:
+    """The native kernel's pooled output and uint8 window positions of its maxima (not
+    differentiable; `max_pool` is)."""
     (kh, kw), (sh, sw) = window, strides
     shape = (x.shape[0], (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1, x.shape[3])
     return _native_call('forward', (jax.ShapeDtypeStruct(shape, x.dtype),
@@ -127,20 +140,25 @@ def _native_forward(x, window, strides):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _native_max_pool(x, window, strides, in_hw):
     del in_hw
-    return _native_forward(x, window, strides)[0]
+    return native_forward(x, window, strides)[0]
 
 
 def _native_max_pool_fwd(x, window, strides, in_hw):
     del in_hw
-    y, argmax = _native_forward(x, window, strides)
+    y, argmax = native_forward(x, window, strides)
     return y, argmax
 
 
-def _native_max_pool_bwd(window, strides, in_hw, argmax, dy):
+def native_backward(argmax: jax.Array, dy: jax.Array, window: tuple[int, int],
+                    strides: tuple[int, int], in_hw: tuple[int, int]) -> jax.Array:
+    """The input gradient [B, *in_hw, C] from `native_forward`'s positions and dy."""
     b, _, _, c = dy.shape
-    dx = _native_call('backward', jax.ShapeDtypeStruct((b, *in_hw, c), dy.dtype), argmax, dy,
-                      window=window, strides=strides)
-    return (dx,)
+    return _native_call('backward', jax.ShapeDtypeStruct((b, *in_hw, c), dy.dtype), argmax, dy,
+                        window=window, strides=strides)
+
+
+def _native_max_pool_bwd(window, strides, in_hw, argmax, dy):
+    return (native_backward(argmax, dy, window, strides, in_hw),)
 
 
 _native_max_pool.defvjp(_native_max_pool_fwd, _native_max_pool_bwd)
