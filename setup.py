@@ -53,7 +53,7 @@ def _onednn_extension() -> list[Extension]:
         'affect_jax.ops._onednn',
         sources=['affect_jax/ops/onednn_conv.cc', 'affect_jax/ops/batch_norm_kernels.cc',
                  'affect_jax/ops/max_pool_kernels.cc', 'affect_jax/ops/winograd_kernels.cc'],
-        depends=['affect_jax/ops/kernel_util.h'],
+        depends=['affect_jax/ops/kernel_util.h', 'affect_jax/ops/onednn_util.h'],
         include_dirs=[str(header.parent.parent.parent), str(ROOT / 'third_party' / 'xla_ffi')],
         # Linking the file records its soname (libdnnl.so.3) as a dependency; at run time
         # affect_jax.ops.onednn loads the installed onednn-cpu-gomp copy before the extension.

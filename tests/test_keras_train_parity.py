@@ -7,9 +7,12 @@ affect-jax model holding the same weights (backbone through a Keras `.weights.h5
 `load_keras_h5`, heads copied) take one training step on the same batch (dropout off). Random
 biases and BatchNorm parameters/statistics make every tensor's update visible. Errors are
 relative per tensor, max|jax - keras| / max|keras|: the loss must agree to 1e-5 and every
-updated weight and BatchNorm statistic to 1e-4 (3e-4 for weights with the Winograd
-convolutions, WINOGRAD_WEIGHT_RTOL). They are printed in the terminal summary and
-stored in the pytest cache (`affect_jax/keras_train_parity`).
+updated weight and BatchNorm statistic to 1e-4, with oneDNN's direct convolutions where the
+extension is built. The Winograd convolutions (`auto`'s choice there) round differently from
+both frameworks' direct ones; their step is held to Keras's float64 step instead: no further
+from it than WINOGRAD_ROUNDOFF_FACTOR times Keras's own float32 step (loss and BatchNorm
+statistics still to Keras float32 at 1e-5 / 1e-4). The errors are printed in the terminal
+summary and stored in the pytest cache (`affect_jax/keras_train_parity`).
 
 Float32 limits, measured against float64 runs of the same step (see the report of issue 3):
 
@@ -55,12 +58,11 @@ HEADS = ('neck_0', 'class_output', 'reg_output')
 RESIDUAL_GAMMA = (0.02, 0.1)  # gamma of each residual branch's last BatchNorm (`*_3_bn`)
 LOSS_RTOL = 1e-5
 WEIGHT_RTOL = 1e-4
-# With conv_impl 'winograd' (auto's choice where the extension is built) F(4x4, 3x3) computes
-# the float32 3x3 convolutions; its round-off (~1e-6 relative in each gradient, tests/test_ops)
-# passes through Adam's first-step gain. Measured on this VGG16 step against Keras's float64
-# step: 1.5e-4 (block2_conv2), where Keras's own float32 step is 9.6e-5 from it and oneDNN's
-# direct convolutions 1.5e-6; TF with its oneDNN path on is 2e-3 away (module docstring).
-WINOGRAD_WEIGHT_RTOL = 3e-4
+# F(4x4, 3x3)'s round-off (~1e-6 relative in each gradient, tests/test_ops) passes through
+# Adam's first-step gain. Measured on this VGG16 step, worst weight against Keras's float64
+# step: Winograd 1.5e-4 (block2_conv2), Keras float32 9.6e-5, oneDNN direct 1.5e-6; TF with its
+# oneDNN path on is 2e-3 away (module docstring).
+WINOGRAD_ROUNDOFF_FACTOR = 2.0
 RESULTS: dict[str, dict[str, object]] = {}
 logger = logging.getLogger(__name__)
 
@@ -77,6 +79,11 @@ def report_errors(request):
             f"  {arch}: loss {r['loss']:.2e}; worst weight {r['weight']:.2e} "
             f"({r['weight_name']}); worst BN statistic {r['stat']:.2e} ({r['stat_name']}); "
             f"{r['tensors']} tensors")
+        if 'winograd' in r:
+            lines.append(
+                '    winograd step vs Keras float64: worst weight {:.2e} ({}); Keras float32 vs '
+                'float64 {:.2e} ({})'.format(r['winograd'][1], r['winograd'][0],
+                                             r['keras_f32'][1], r['keras_f32'][0]))
         if 'zero_grad' in r:
             lines.append(
                 '    zero-gradient conv biases: vs Keras float64 {:.2e} ({}); vs Keras float32 '
@@ -269,13 +276,42 @@ def _expected(config, workdir, tag: str) -> dict[str, np.ndarray]:
     return _flat(params) | _flat(stats)
 
 
+def _compiled_step(config, batch):
+    """(model, mesh, batch on the mesh, the compiled train step) for `config`."""
+    model = train.create_model(config)
+    graphdef, tx, state = train.create_train_state(config, model)
+    mesh = train.make_mesh()
+    global_batch = train.shard_batch(batch, mesh)
+    step = jax.jit(train.make_train_step(graphdef, tx, config)).lower(
+        train.replicate(state, mesh), global_batch).compile()
+    return model, mesh, global_batch, step
+
+
+def _step_from_keras(config, compiled, workdir):
+    """Starting params, updated params and statistics, statistic names, loss of one step."""
+    model, mesh, global_batch, step = compiled
+    _load_from_keras(model, workdir, 'before')
+    _, _, state = train.create_train_state(config, model)
+    new_state, out = step(train.replicate(state, mesh), global_batch)
+    stats = _flat(new_state['batch_stats'])
+    return (_flat(state['params']), _flat(new_state['params']) | stats, set(stats),
+            float(out['loss']))
+
+
 @pytest.mark.parametrize('arch', ['resnet50', 'vgg16'])
 def test_one_train_step_matches_keras(arch, tmp_path):
     config = _config(arch)
+    # Where `auto` is Winograd, the 1e-4 comparison runs oneDNN's direct convolutions and the
+    # Winograd step is checked against Keras's float64 step below.
+    with_winograd = conv_ops.resolve_impl(config.conv_impl) == 'winograd'
+    if with_winograd:
+        config.conv_impl = 'onednn'
+        winograd_config = _config(arch)
+        winograd_config.conv_impl = 'winograd'
     batch = _batch(np.random.default_rng(SEEDS[arch]))
     np.savez(tmp_path / 'batch.npz', **batch)
-    # The float64 step is the reference for ResNet50's zero-gradient conv biases.
-    floatxs = ['float32', 'float64'] if arch == 'resnet50' else ['float32']
+    # The float64 step is the reference for ResNet50's zero-gradient conv biases and Winograd.
+    floatxs = ['float32', 'float64'] if arch == 'resnet50' or with_winograd else ['float32']
     env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS='0',
                PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
     keras_proc = subprocess.Popen(
@@ -283,12 +319,9 @@ def test_one_train_step_matches_keras(arch, tmp_path):
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # Compiled while Keras runs (the executable depends on shapes, not on values).
-        model = train.create_model(config)
-        graphdef, tx, state = train.create_train_state(config, model)
-        mesh = train.make_mesh()
-        global_batch = train.shard_batch(batch, mesh)
-        step = jax.jit(train.make_train_step(graphdef, tx, config)).lower(
-            train.replicate(state, mesh), global_batch).compile()
+        compiled = _compiled_step(config, batch)
+        if with_winograd:
+            winograd_compiled = _compiled_step(winograd_config, batch)
         log = keras_proc.communicate(timeout=900)[0]
     finally:
         if keras_proc.poll() is None:
@@ -301,44 +334,51 @@ def test_one_train_step_matches_keras(arch, tmp_path):
     assert used_logits and all(used_logits), (
         'Keras cross-entropy did not use the softmax logits')
 
-    _load_from_keras(model, tmp_path, 'before')
-    _, _, state = train.create_train_state(config, model)
-    start = _flat(state['params'])
-    new_state, out = step(train.replicate(state, mesh), global_batch)
-    got = _flat(new_state['params']) | _flat(new_state['batch_stats'])
-    stat_names = set(_flat(new_state['batch_stats']))
+    start, got, stat_names, loss = _step_from_keras(config, compiled, tmp_path)
     expected = _expected(config, tmp_path, 'after_float32')
     assert set(got) == set(expected)
     assert len(expected) == keras_result['num_weights']
 
     errors = {k: _rel(got[k], expected[k]) for k in expected}
     zero_grad = {k for k in errors if arch == 'resnet50' and k.endswith('_conv/bias')}
-    weight_name, weight_err = _worst(
-        {k: v for k, v in errors.items() if k not in stat_names | zero_grad})
+    weight_names = [k for k in expected if k not in stat_names | zero_grad]
+    weight_name, weight_err = _worst({k: errors[k] for k in weight_names})
     stat_name, stat_err = _worst({k: errors[k] for k in stat_names})
     keras_loss = keras_result['float32']['loss']
-    loss_err = abs(float(out['loss']) - keras_loss) / abs(keras_loss)
+    loss_err = abs(loss - keras_loss) / abs(keras_loss)
     RESULTS[arch] = {
         'loss': loss_err, 'weight': weight_err, 'weight_name': weight_name, 'stat': stat_err,
         'stat_name': stat_name, 'tensors': len(expected),
     }
+    expected64 = _expected(config, tmp_path, 'after_float64') if len(floatxs) > 1 else {}
     if zero_grad:
-        expected64 = _expected(config, tmp_path, 'after_float64')
         RESULTS[arch] |= {
             'zero_grad': _worst({k: _rel(got[k], expected64[k]) for k in zero_grad}),
             'zero_grad_f32': _worst({k: errors[k] for k in zero_grad}),
             'keras_f32_vs_f64': _worst({k: _rel(expected[k], expected64[k]) for k in zero_grad}),
         }
-    assert loss_err <= LOSS_RTOL, f"loss {float(out['loss'])} vs Keras {keras_loss}"
+    if with_winograd:
+        _, got_w, _, loss_w = _step_from_keras(winograd_config, winograd_compiled, tmp_path)
+        RESULTS[arch] |= {
+            'winograd': _worst({k: _rel(got_w[k], expected64[k]) for k in weight_names}),
+            'keras_f32': _worst({k: _rel(expected[k], expected64[k]) for k in weight_names}),
+        }
+    assert loss_err <= LOSS_RTOL, f'loss {loss} vs Keras {keras_loss}'
     assert stat_err <= WEIGHT_RTOL, f'{stat_name}: {stat_err:.2e}'
-    weight_rtol = (WINOGRAD_WEIGHT_RTOL if conv_ops.resolve_impl(config.conv_impl) == 'winograd'
-                   else WEIGHT_RTOL)
-    assert weight_err <= weight_rtol, f'{weight_name}: {weight_err:.2e}'
+    assert weight_err <= WEIGHT_RTOL, f'{weight_name}: {weight_err:.2e}'
     if zero_grad:
         for k in zero_grad:  # Stopped: unchanged, as in exact arithmetic.
             np.testing.assert_array_equal(got[k], start[k], err_msg=k)
         name, err = RESULTS[arch]['zero_grad']
         assert err <= WEIGHT_RTOL, f'{name} vs Keras float64: {err:.2e}'
+    if with_winograd:
+        assert abs(loss_w - keras_loss) / abs(keras_loss) <= LOSS_RTOL, loss_w
+        for k in stat_names | zero_grad:  # Statistics as above; stopped biases unchanged.
+            reference = start[k] if k in zero_grad else expected[k]
+            assert _rel(got_w[k], reference) <= WEIGHT_RTOL, k
+        (name, err), (_, keras_err) = RESULTS[arch]['winograd'], RESULTS[arch]['keras_f32']
+        bound = max(WEIGHT_RTOL, WINOGRAD_ROUNDOFF_FACTOR * keras_err)
+        assert err <= bound, f'winograd {name}: {err:.2e} from float64, bound {bound:.2e}'
 
 
 if __name__ == '__main__':

@@ -24,6 +24,7 @@
 #include <tuple>
 
 #include "oneapi/dnnl/dnnl.hpp"
+#include "onednn_util.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -36,15 +37,15 @@ std::mutex& AffectJaxExecutionMutex() {
   return mutex;
 }
 
+dnnl::engine& AffectJaxCpuEngine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
 namespace {
 
 using dnnl::memory;
 using Tag = dnnl::memory::format_tag;
-
-dnnl::engine& Engine() {
-  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  return engine;
-}
 
 struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
@@ -123,7 +124,7 @@ std::shared_ptr<Plan> BuildPlan(Direction d, bool relu, const Dtypes& t, const G
       post_ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
       attr.set_post_ops(post_ops);
     }
-    dnnl::convolution_forward::primitive_desc fwd(Engine(), training, algo, plan->src,
+    dnnl::convolution_forward::primitive_desc fwd(AffectJaxCpuEngine(), training, algo, plan->src,
                                                   weights_any, plan->bias, plan->dst, strides,
                                                   pad_l, pad_r, attr);
     plan->weights_primitive = fwd.weights_desc();
@@ -134,17 +135,17 @@ std::shared_ptr<Plan> BuildPlan(Direction d, bool relu, const Dtypes& t, const G
     const memory::desc src_c(src_dims, t.compute, Tag::nhwc), dst_c(dst_dims, t.compute,
                                                                      Tag::nhwc);
     const memory::desc weights_c(weights_dims, t.compute, Tag::any);
-    dnnl::convolution_forward::primitive_desc hint(Engine(), training, algo, src_c, weights_c,
+    dnnl::convolution_forward::primitive_desc hint(AffectJaxCpuEngine(), training, algo, src_c, weights_c,
                                                    plan->bias, dst_c, strides, pad_l, pad_r);
     if (d == kBackwardData) {
       dnnl::convolution_backward_data::primitive_desc bwd(
-          Engine(), algo, plan->src, weights_any, plan->dst, strides, pad_l, pad_r, hint, attr);
+          AffectJaxCpuEngine(), algo, plan->src, weights_any, plan->dst, strides, pad_l, pad_r, hint, attr);
       plan->weights_primitive = bwd.weights_desc();
       plan->scratchpad = bwd.scratchpad_desc();
       plan->primitive = dnnl::convolution_backward_data(bwd);
     } else {
       dnnl::convolution_backward_weights::primitive_desc bwd(
-          Engine(), algo, plan->src, weights_any, plan->bias, plan->dst, strides, pad_l, pad_r,
+          AffectJaxCpuEngine(), algo, plan->src, weights_any, plan->bias, plan->dst, strides, pad_l, pad_r,
           hint, attr);
       plan->weights_primitive = bwd.diff_weights_desc();
       plan->scratchpad = bwd.scratchpad_desc();
@@ -155,9 +156,9 @@ std::shared_ptr<Plan> BuildPlan(Direction d, bool relu, const Dtypes& t, const G
   if (plan->reorder_weights) {
     plan->weights_reorder =
         d == kBackwardWeights
-            ? dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), plan->weights_primitive,
-                                                          Engine(), plan->weights_user))
-            : dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), plan->weights_user, Engine(),
+            ? dnnl::reorder(dnnl::reorder::primitive_desc(AffectJaxCpuEngine(), plan->weights_primitive,
+                                                          AffectJaxCpuEngine(), plan->weights_user))
+            : dnnl::reorder(dnnl::reorder::primitive_desc(AffectJaxCpuEngine(), plan->weights_user, AffectJaxCpuEngine(),
                                                           plan->weights_primitive));
   }
   return plan;
@@ -211,10 +212,10 @@ ffi::Error Run(Direction d, ffi::AnyBuffer act, ffi::AnyBuffer out, ffi::AnyBuff
                           bias->dimensions().size() != 1 || bias->dimensions()[0] != g.o)) {
     return Invalid("bias must be float32 [O]");
   }
-  try {
+  return affect_jax::CatchOneDnnErrors("affect_jax oneDNN conv", [&]() -> ffi::Error {
     auto plan = GetPlan(d, relu, t, g);
     std::lock_guard<std::mutex> serial(AffectJaxExecutionMutex());
-    auto& engine = Engine();
+    auto& engine = AffectJaxCpuEngine();
     dnnl::stream stream(engine);
     memory act_m(plan->src, engine, act.untyped_data());
     memory out_m(plan->dst, engine, out.untyped_data());
@@ -250,12 +251,8 @@ ffi::Error Run(Direction d, ffi::AnyBuffer act, ffi::AnyBuffer out, ffi::AnyBuff
       }
     }
     stream.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("affect_jax oneDNN conv: ") + e.what());
-  } catch (const std::bad_alloc&) {
-    return ffi::Error::Internal("affect_jax oneDNN conv: out of memory");
-  }
-  return ffi::Error::Success();
+    return ffi::Error::Success();
+  });
 }
 
 // y = conv(x, w) + bias, then max(0, y) if `relu` is 1.

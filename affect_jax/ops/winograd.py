@@ -120,7 +120,7 @@ def _conv3x3_bwd(pads, relu, chunk, residuals, dy):
     # dx: the convolution of dy by the kernel rotated 180 degrees with its channels swapped
     # (flip); padding 2 - p before maps dy's size back to x's.
     dx = _forward(dy, k32, jnp.zeros((x.shape[-1],), jnp.float32), x.shape[1:3], 2 - pt,
-                  2 - pl, False, True, chunk_tiles(kernel.shape[3], kernel.shape[2]))
+                  2 - pl, False, True, chunk)
     dk, db = onednn.call_kernel(
         'winograd conv', onednn.WINOGRAD_TARGETS['backward_weights'][0],
         (jax.ShapeDtypeStruct(kernel.shape, jnp.float32),

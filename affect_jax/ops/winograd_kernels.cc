@@ -33,6 +33,7 @@
 
 #include "kernel_util.h"
 #include "oneapi/dnnl/dnnl.hpp"
+#include "onednn_util.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -286,11 +287,6 @@ VECTOR_CLONES void UntransformKernelRows(const float* __restrict du, int64_t cdi
   }
 }
 
-dnnl::engine& Engine() {
-  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  return engine;
-}
-
 // A batched matmul over the 36 positions, for a chunk of `rows` tiles:
 //   kForward: dst[p] (rows x N) = src[p] (rows x K) @ wei[p] (K x N); the weights (the
 //             transformed kernel, the same for every chunk) are reordered once per call into
@@ -329,14 +325,14 @@ std::shared_ptr<Matmul> GetMatmul(MatmulKind kind, int64_t rows, int64_t kdim, i
         : memory::desc({kPositions, kdim, ndim}, f32, memory::format_tag::abc);
     mm->dst = memory::desc({kPositions, rows, ndim}, f32, memory::format_tag::abc);
     const memory::desc wei_any({kPositions, kdim, ndim}, f32, memory::format_tag::any);
-    dnnl::matmul::primitive_desc pd(Engine(), mm->src, wei_any, mm->dst, attr);
+    dnnl::matmul::primitive_desc pd(AffectJaxCpuEngine(), mm->src, wei_any, mm->dst, attr);
     mm->wei = pd.weights_desc();
     mm->scratchpad = pd.scratchpad_desc();
     mm->primitive = dnnl::matmul(pd);
     mm->reorder_weights = mm->wei != mm->wei_user;
     if (mm->reorder_weights) {
       mm->weights_reorder = dnnl::reorder(
-          dnnl::reorder::primitive_desc(Engine(), mm->wei_user, Engine(), mm->wei));
+          dnnl::reorder::primitive_desc(AffectJaxCpuEngine(), mm->wei_user, AffectJaxCpuEngine(), mm->wei));
     }
   } else {
     mm->src = memory::desc({kPositions, kdim, rows}, f32, {rows * kdim, 1, kdim});
@@ -345,7 +341,7 @@ std::shared_ptr<Matmul> GetMatmul(MatmulKind kind, int64_t rows, int64_t kdim, i
     dnnl::post_ops accumulate;
     accumulate.append_sum(1.f);
     attr.set_post_ops(accumulate);
-    dnnl::matmul::primitive_desc pd(Engine(), mm->src, mm->wei, mm->dst, attr);
+    dnnl::matmul::primitive_desc pd(AffectJaxCpuEngine(), mm->src, mm->wei, mm->dst, attr);
     mm->scratchpad = pd.scratchpad_desc();
     mm->primitive = dnnl::matmul(pd);
   }
@@ -355,7 +351,7 @@ std::shared_ptr<Matmul> GetMatmul(MatmulKind kind, int64_t rows, int64_t kdim, i
 
 // Runs `mm` on buffers the caller owns; `scratch` is at least mm.scratchpad's size.
 void RunMatmul(const Matmul& mm, const float* src, const float* wei, float* dst, void* scratch) {
-  auto& engine = Engine();
+  auto& engine = AffectJaxCpuEngine();
   dnnl::stream stream(engine);
   memory src_m(mm.src, engine, const_cast<float*>(src));
   memory wei_m(mm.wei, engine, const_cast<float*>(wei));
@@ -415,7 +411,7 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
   const float* wp = static_cast<const float*>(w.untyped_data());
   const float* bp = static_cast<const float*>(bias.untyped_data());
   float* yp = static_cast<float*>(y->untyped_data());
-  try {
+  return affect_jax::CatchOneDnnErrors("affect_jax winograd conv", [&]() -> ffi::Error {
     // Every chunk runs `ld` rows (the last one's extra rows are never read back), so one
     // matmul and one weight layout serve all chunks.
     auto mm = GetMatmul(kForward, ld, g.c, g.k, flip == 1);
@@ -429,9 +425,9 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
     const float* up = u.data();
     if (mm->reorder_weights) {
       blocked.resize(mm->wei.get_size());
-      dnnl::stream stream(Engine());
-      memory user(mm->wei_user, Engine(), u.data());
-      memory reordered(mm->wei, Engine(), blocked.data());
+      dnnl::stream stream(AffectJaxCpuEngine());
+      memory user(mm->wei_user, AffectJaxCpuEngine(), u.data());
+      memory reordered(mm->wei, AffectJaxCpuEngine(), blocked.data());
       mm->weights_reorder.execute(stream, user, reordered);
       stream.wait();
       up = reinterpret_cast<const float*>(blocked.data());
@@ -446,12 +442,8 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
         OutputTransformTiles(m.data(), bp, relu == 1, g, t0 + r0, t0 + r1, t0, ld, yp);
       });
     }
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("affect_jax winograd conv: ") + e.what());
-  } catch (const std::bad_alloc&) {
-    return ffi::Error::Internal("affect_jax winograd conv: out of memory");
-  }
-  return ffi::Error::Success();
+    return ffi::Error::Success();
+  });
 }
 
 // dw [3, 3, C, K] = G^T (sum over tiles of V^T dM) G, and db [K] = sum of dy, from x and dy.
@@ -473,7 +465,7 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi:
   const float* dyp = static_cast<const float*>(dy.untyped_data());
   float* dwp = static_cast<float*>(dw->untyped_data());
   float* dbp = static_cast<float*>(db->untyped_data());
-  try {
+  return affect_jax::CatchOneDnnErrors("affect_jax winograd conv", [&]() -> ffi::Error {
     auto mm = GetMatmul(kWeights, ld, g.c, g.k);  // every chunk `ld` rows, as in Forward
     std::vector<float> v(kPositions * ld * g.c), dm(kPositions * ld * g.k);
     std::vector<float> du(kPositions * g.c * g.k);  // zero: the matmuls accumulate into it
@@ -503,12 +495,8 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi:
       for (const auto& part : db_part) s += part[q];
       dbp[q] = static_cast<float>(s);
     }
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("affect_jax winograd conv: ") + e.what());
-  } catch (const std::bad_alloc&) {
-    return ffi::Error::Internal("affect_jax winograd conv: out of memory");
-  }
-  return ffi::Error::Success();
+    return ffi::Error::Success();
+  });
 }
 
 }  // namespace
