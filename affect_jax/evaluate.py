@@ -49,11 +49,11 @@ def evaluate(
     state = checkpointing.restore(manager, step, train.replicate(like, mesh))
     manager.close()
 
-    eval_step = jax.jit(train.make_eval_step(graphdef, flip_tta=flip_tta))
+    eval_steps = jax.jit(train.make_eval_steps(train.make_eval_step(graphdef, flip_tta=flip_tta)))
     batches = pipeline.eval_batches(pool, config, config.eval_batch_size, jax.process_index(),
                                     jax.process_count())
     scores = train.score_predictions(
-        train.predict_split(eval_step, state, batches, mesh),
+        train.predict_split(eval_steps, state, batches, mesh, config.steps_per_execution),
         splits.source.class_names, splits.source.has_valence_arousal, config.loss_weights,
     )
     result = {

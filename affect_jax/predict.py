@@ -294,7 +294,8 @@ class Predictor:
                              f"{devices} devices")
         self.step, graphdef, self._variables = restore_variables(
             workdir, self.config, which, step, self._mesh)
-        self._eval_step = jax.jit(train.make_eval_step(graphdef, flip_tta=flip_tta))
+        self._eval_steps = jax.jit(
+            train.make_eval_steps(train.make_eval_step(graphdef, flip_tta=flip_tta)))
         size, mode = self.image_size, self.preprocessing
 
         # The evaluation pipeline's own functions (what `pipeline.eval_batches` maps).
@@ -334,7 +335,7 @@ class Predictor:
             "has_va": np.zeros(n, np.float32),
             "mask": np.ones(n, np.float32),
         }, self.batch_size)
-        out = train.predict_split(self._eval_step, self._variables, [batch], self._mesh)
+        out = train.predict_split(self._eval_steps, self._variables, [batch], self._mesh)
         return out["probs"], np.clip(out["valence_arousal"], -1.0, 1.0)
 
     def predict(self, images: Sequence[np.ndarray] | np.ndarray) -> dict[str, Any]:

@@ -7,7 +7,8 @@ r"""Training/eval step and input-pipeline speed of affect-jax, optionally agains
 Model: the project's multi-task model (backbone, global average pool, Dense(8) softmax CE and
 Dense(2) MSE, Adam 1e-4; no hidden layer, no dropout) on random 224x224 images, whole jitted
 train steps (forward, backward, Adam, BatchNorm statistics), called as the training driver calls
-them (``steps_per_execution`` steps per call; every time is per step). ``--compare`` builds the
+them (``steps_per_execution`` steps, or evaluation batches, per call; every time is per
+batch). ``--compare`` builds the
 same model in Keras 3 / TensorFlow (`keras.applications`, ``mixed_bfloat16`` policy for bf16) and
 PyTorch (scripts/torch_models.py, channels_last, ``torch.autocast`` bf16) when they are
 installed, each called once per step (as ``model.fit`` and a PyTorch loop do).
@@ -194,7 +195,9 @@ def _jax_worker(spec: dict[str, Any]):
     train_c = jax.jit(train.make_train_steps(train.make_train_step(graphdef, tx, config)),
                       donate_argnums=donate).lower(state, chunk).compile()
     compile_s = time.perf_counter() - t0
-    eval_c = jax.jit(train.make_eval_step(graphdef)).lower(state, batch).compile()
+    # Evaluation as the driver runs it too: per_call batches per call (make_eval_steps).
+    eval_c = jax.jit(train.make_eval_steps(train.make_eval_step(graphdef))).lower(
+        state, chunk).compile()
     flops = _nominal_flops(config, batch)
     hlo = train_c.as_text()
     host_memory.release_host_memory()
@@ -205,7 +208,7 @@ def _jax_worker(spec: dict[str, Any]):
         jax.block_until_ready((holder["state"], out))
 
     def eval_once() -> None:
-        jax.block_until_ready(eval_c(holder["state"], batch))
+        jax.block_until_ready(eval_c(holder["state"], chunk))
 
     info = {
         "compile_s": compile_s, "flops": flops, "steps_per_call": per_call,
@@ -346,7 +349,7 @@ def run_worker(spec: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         fn()
         seconds = time.perf_counter() - t0
-        _send({"t": seconds / (per_call if cmd == "train" else 1), "rss_mb": _peak_rss_mb()})
+        _send({"t": seconds / per_call, "rss_mb": _peak_rss_mb()})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -151,7 +151,7 @@ def test_predictions_equal_the_eval_pipeline(cli_csv, predictor, inputs):
     _, graphdef, variables = predict.restore_variables(
         predictor.workdir, predictor.config, "best", None, train.make_mesh())
     reference = train.predict_split(
-        jax.jit(train.make_eval_step(graphdef)), variables,
+        jax.jit(train.make_eval_steps(train.make_eval_step(graphdef))), variables,
         pipeline.eval_batches(pool, predictor.config, 16), train.make_mesh())
     np.testing.assert_allclose(cli_probs, reference["probs"], atol=1e-5)
     api = predictor.predict(list(faces))

@@ -1,5 +1,7 @@
 """Train/eval steps, losses, checkpoints."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -156,6 +158,42 @@ def test_several_steps_per_call_match_one_step_per_call(name):
         {k: v[:1] for k, v in chunk.items()}, mesh, stacked=True))
     assert single["loss"].shape == (1,)
     np.testing.assert_allclose(single["loss"][0], outs[0]["loss"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet50"])
+def test_several_eval_batches_per_call_match_one_per_call(name):
+    """predict_split with make_eval_steps' lax.map gives the per-batch calls' predictions.
+
+    7 batches of 3 in calls of 3 (the last call takes one), the last batch padded: the padding
+    rows are dropped either way. Bit-identical with oneDNN's convolutions; float32 round-off with
+    XLA's (the loop body's fusions may differ).
+    """
+    config = tiny_config()
+    config.model.name = name
+    config.model.width = 1 / 16
+    mesh = train.make_mesh()
+    graphdef, _, state = train.create_train_state(config, train.create_model(config))
+    splits = pipeline.make_splits(config)
+    batches = list(itertools.islice(pipeline.eval_batches(splits.validation, config, 3), 7))
+    assert len(batches) == 7
+    # The last one padded, as eval_batches pads a split's last batch.
+    batches[-1] = dict(batches[-1], mask=np.array([1, 0, 0], np.float32))
+    eval_steps = jax.jit(train.make_eval_steps(train.make_eval_step(graphdef)))
+    one = train.predict_split(eval_steps, state, batches, mesh)
+    three = train.predict_split(eval_steps, state, batches, mesh, batches_per_call=3)
+    assert len(one["probs"]) == 6 * 3 + 1
+    assert set(one) == set(three)
+    bit_identical = conv_ops.resolve_impl(config.conv_impl) in ("onednn", "winograd")
+    for key, value in one.items():
+        if bit_identical:
+            np.testing.assert_array_equal(three[key], value, err_msg=key)
+        else:
+            np.testing.assert_allclose(three[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    # The labels come back in the batches' order.
+    np.testing.assert_array_equal(
+        one["expression"], np.concatenate([b["expression"][b["mask"] > 0] for b in batches]))
+    with pytest.raises(ValueError, match="batches_per_call=0"):
+        train.predict_split(eval_steps, state, batches, mesh, batches_per_call=0)
 
 
 def test_checkpoint_round_trip_is_exact(tmp_path, tiny):

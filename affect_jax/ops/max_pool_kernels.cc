@@ -172,7 +172,9 @@ ffi::Error CheckGeometry(const ffi::AnyBuffer& input, const char* input_name,
   }
   auto d = input.dimensions();
   *g = Geometry{d[0], d[1], d[2], d[3], 0, 0, kh, kw, sh, sw};
-  if (g->H < kh || g->W < kw) return Invalid(std::string(input_name) + " is smaller than the window");
+  if (g->H < kh || g->W < kw) {
+    return Invalid(std::string(input_name) + " is smaller than the window");
+  }
   g->Ho = (g->H - kh) / sh + 1;
   g->Wo = (g->W - kw) / sw + 1;
   const std::string pooled = Shape(g->B, g->Ho, g->Wo, g->C);

@@ -117,6 +117,7 @@ std::shared_ptr<Plan> BuildPlan(Direction d, bool relu, const Dtypes& t, const G
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   const auto algo = dnnl::algorithm::convolution_direct;
+  auto& engine = AffectJaxCpuEngine();
   const auto training = dnnl::prop_kind::forward_training;
   if (d == kForward) {
     if (relu) {
@@ -124,9 +125,9 @@ std::shared_ptr<Plan> BuildPlan(Direction d, bool relu, const Dtypes& t, const G
       post_ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
       attr.set_post_ops(post_ops);
     }
-    dnnl::convolution_forward::primitive_desc fwd(AffectJaxCpuEngine(), training, algo, plan->src,
-                                                  weights_any, plan->bias, plan->dst, strides,
-                                                  pad_l, pad_r, attr);
+    dnnl::convolution_forward::primitive_desc fwd(engine, training, algo, plan->src, weights_any,
+                                                  plan->bias, plan->dst, strides, pad_l, pad_r,
+                                                  attr);
     plan->weights_primitive = fwd.weights_desc();
     plan->scratchpad = fwd.scratchpad_desc();
     plan->primitive = dnnl::convolution_forward(fwd);
@@ -135,18 +136,18 @@ std::shared_ptr<Plan> BuildPlan(Direction d, bool relu, const Dtypes& t, const G
     const memory::desc src_c(src_dims, t.compute, Tag::nhwc), dst_c(dst_dims, t.compute,
                                                                      Tag::nhwc);
     const memory::desc weights_c(weights_dims, t.compute, Tag::any);
-    dnnl::convolution_forward::primitive_desc hint(AffectJaxCpuEngine(), training, algo, src_c, weights_c,
+    dnnl::convolution_forward::primitive_desc hint(engine, training, algo, src_c, weights_c,
                                                    plan->bias, dst_c, strides, pad_l, pad_r);
     if (d == kBackwardData) {
       dnnl::convolution_backward_data::primitive_desc bwd(
-          AffectJaxCpuEngine(), algo, plan->src, weights_any, plan->dst, strides, pad_l, pad_r, hint, attr);
+          engine, algo, plan->src, weights_any, plan->dst, strides, pad_l, pad_r, hint, attr);
       plan->weights_primitive = bwd.weights_desc();
       plan->scratchpad = bwd.scratchpad_desc();
       plan->primitive = dnnl::convolution_backward_data(bwd);
     } else {
       dnnl::convolution_backward_weights::primitive_desc bwd(
-          AffectJaxCpuEngine(), algo, plan->src, weights_any, plan->bias, plan->dst, strides, pad_l, pad_r,
-          hint, attr);
+          engine, algo, plan->src, weights_any, plan->bias, plan->dst, strides, pad_l, pad_r, hint,
+          attr);
       plan->weights_primitive = bwd.diff_weights_desc();
       plan->scratchpad = bwd.scratchpad_desc();
       plan->primitive = dnnl::convolution_backward_weights(bwd);
@@ -156,9 +157,9 @@ std::shared_ptr<Plan> BuildPlan(Direction d, bool relu, const Dtypes& t, const G
   if (plan->reorder_weights) {
     plan->weights_reorder =
         d == kBackwardWeights
-            ? dnnl::reorder(dnnl::reorder::primitive_desc(AffectJaxCpuEngine(), plan->weights_primitive,
-                                                          AffectJaxCpuEngine(), plan->weights_user))
-            : dnnl::reorder(dnnl::reorder::primitive_desc(AffectJaxCpuEngine(), plan->weights_user, AffectJaxCpuEngine(),
+            ? dnnl::reorder(dnnl::reorder::primitive_desc(engine, plan->weights_primitive, engine,
+                                                          plan->weights_user))
+            : dnnl::reorder(dnnl::reorder::primitive_desc(engine, plan->weights_user, engine,
                                                           plan->weights_primitive));
   }
   return plan;

@@ -332,7 +332,8 @@ std::shared_ptr<Matmul> GetMatmul(MatmulKind kind, int64_t rows, int64_t kdim, i
     mm->reorder_weights = mm->wei != mm->wei_user;
     if (mm->reorder_weights) {
       mm->weights_reorder = dnnl::reorder(
-          dnnl::reorder::primitive_desc(AffectJaxCpuEngine(), mm->wei_user, AffectJaxCpuEngine(), mm->wei));
+          dnnl::reorder::primitive_desc(AffectJaxCpuEngine(), mm->wei_user, AffectJaxCpuEngine(),
+                                        mm->wei));
     }
   } else {
     mm->src = memory::desc({kPositions, kdim, rows}, f32, {rows * kdim, 1, kdim});
