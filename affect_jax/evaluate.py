@@ -53,7 +53,7 @@ def evaluate(
     batches = pipeline.eval_batches(pool, config, config.eval_batch_size, jax.process_index(),
                                     jax.process_count())
     scores = train.score_predictions(
-        train.predict_split(eval_steps, state, batches, mesh, config.steps_per_execution),
+        train.predict_split(eval_steps, state, batches, mesh, train.eval_batches_per_call(config)),
         splits.source.class_names, splits.source.has_valence_arousal, config.loss_weights,
     )
     result = {

@@ -196,6 +196,14 @@ def test_several_eval_batches_per_call_match_one_per_call(name):
         train.predict_split(eval_steps, state, batches, mesh, batches_per_call=0)
 
 
+@pytest.mark.parametrize(("steps", "batch", "eval_batch", "expected"),
+                         [(8, 32, 64, 4), (8, 32, 32, 8), (1, 32, 64, 1), (8, 32, 512, 1),
+                          (3, 16, 20, 2)])
+def test_evaluation_calls_hold_a_training_calls_images(steps, batch, eval_batch, expected):
+    config = tiny_config(steps_per_execution=steps, batch_size=batch, eval_batch_size=eval_batch)
+    assert train.eval_batches_per_call(config) == expected
+
+
 def test_checkpoint_round_trip_is_exact(tmp_path, tiny):
     graphdef, tx, state = train.create_train_state(tiny, train.create_model(tiny))
     batch = train.shard_batch(_one_batch(tiny), train.make_mesh())
