@@ -117,6 +117,21 @@ def _relative_distance(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(a)
 
 
+def _tiny_run(name: str):
+    """(config, mesh, (graphdef, tx, state), splits) of a 1/16-width `name` on tiny data."""
+    config = tiny_config()
+    config.model.name = name
+    config.model.width = 1 / 16
+    state = train.create_train_state(config, train.create_model(config))
+    return config, train.make_mesh(), state, pipeline.make_splits(config)
+
+
+def _bit_identical(config) -> bool:
+    """Whether a loop over batches reproduces single calls bit for bit: with the extension's
+    convolutions (deterministic kernels); XLA's may fuse the loop body differently."""
+    return conv_ops.resolve_impl(config.conv_impl) in ("onednn", "winograd")
+
+
 @pytest.mark.parametrize("name", ["vgg16", "resnet50"])
 def test_several_steps_per_call_match_one_step_per_call(name):
     """The lax.scan of make_train_steps computes what the same steps called one by one do.
@@ -126,12 +141,7 @@ def test_several_steps_per_call_match_one_step_per_call(name):
     near-zero gradients into +-lr moves (measured: state 1.2e-5, loss 4e-5 relative). The same
     steps with the batches in reverse order are >= 1.4e-3 apart.
     """
-    config = tiny_config()
-    config.model.name = name
-    config.model.width = 1 / 16
-    mesh = train.make_mesh()
-    graphdef, tx, state = train.create_train_state(config, train.create_model(config))
-    splits = pipeline.make_splits(config)
+    config, mesh, (graphdef, tx, state), splits = _tiny_run(name)
     batches = list(pipeline.train_batches(splits.train, config, 0, 8).take(3)
                    .as_numpy_iterator())
     step = jax.jit(train.make_train_step(graphdef, tx, config))
@@ -143,7 +153,7 @@ def test_several_steps_per_call_match_one_step_per_call(name):
     steps = jax.jit(train.make_train_steps(train.make_train_step(graphdef, tx, config)))
     together, stacked = steps(state, train.shard_batch(chunk, mesh, stacked=True))
     assert int(together["step"]) == 3
-    if conv_ops.resolve_impl(config.conv_impl) in ("onednn", "winograd"):  # bit-identity
+    if _bit_identical(config):
         for a, b in zip(jax.tree.leaves(one_by_one), jax.tree.leaves(together), strict=True):
             np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
     for group in ("params", "batch_stats", "opt_state"):
@@ -168,12 +178,7 @@ def test_several_eval_batches_per_call_match_one_per_call(name):
     rows are dropped either way. Bit-identical with oneDNN's convolutions; float32 round-off with
     XLA's (the loop body's fusions may differ).
     """
-    config = tiny_config()
-    config.model.name = name
-    config.model.width = 1 / 16
-    mesh = train.make_mesh()
-    graphdef, _, state = train.create_train_state(config, train.create_model(config))
-    splits = pipeline.make_splits(config)
+    config, mesh, (graphdef, _, state), splits = _tiny_run(name)
     batches = list(itertools.islice(pipeline.eval_batches(splits.validation, config, 3), 7))
     assert len(batches) == 7
     # The last one padded, as eval_batches pads a split's last batch.
@@ -183,9 +188,8 @@ def test_several_eval_batches_per_call_match_one_per_call(name):
     three = train.predict_split(eval_steps, state, batches, mesh, batches_per_call=3)
     assert len(one["probs"]) == 6 * 3 + 1
     assert set(one) == set(three)
-    bit_identical = conv_ops.resolve_impl(config.conv_impl) in ("onednn", "winograd")
     for key, value in one.items():
-        if bit_identical:
+        if _bit_identical(config):
             np.testing.assert_array_equal(three[key], value, err_msg=key)
         else:
             np.testing.assert_allclose(three[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
