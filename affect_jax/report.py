@@ -39,7 +39,7 @@ _METRIC_COLUMNS = {"accuracy": "accuracy", "macro F1": "f1_macro", "AUC": "auc",
                    "CORR": "mean_corr", "SAGR": "mean_sagr", "CCC": "mean_ccc"}
 
 REFERENCE_LABEL = "Keras study (reference)"
-# The study's results table (SPEC.md), verbatim.
+# The study's results table (docs/study.md), verbatim.
 REFERENCE_ROWS = (
     {"model": f"VGG16, {REFERENCE_LABEL}", "classes": "7*", "accuracy": "28.25%",
      "macro F1": "0.225", "AUC": "0.74", "PR-AUC": "0.305", "kappa": "0.18", "RMSE": "0.401",
@@ -49,7 +49,7 @@ REFERENCE_ROWS = (
      "CORR": "0.687", "SAGR": "0.756", "CCC": "0.637", "time/epoch": "7-14 min"},
 )
 REFERENCE_NOTE = ("\\* The study says 7 classes, but its 3999-image release carries 8 labels "
-                  "(see SPEC.md). Reference regression figures are for valence/arousal "
+                  "(see docs/study.md). Reference regression figures are for valence/arousal "
                   "together; ours are the mean of the two. The study ran on CPU.")
 
 _MODEL_NAMES = {"resnet50": "ResNet50", "vgg16": "VGG16"}
