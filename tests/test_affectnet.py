@@ -17,8 +17,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from affect_jax.data import affectnet, affectnet_tfds, pipeline
-from affect_jax.data.affectnet import DataError
+from affect_jax.data import affectnet, pipeline
+from affect_jax.data.affectnet import DataError, faces
 from tests.conftest import load_config
 
 RED, BLUE = (220, 30, 30), (30, 30, 220)
@@ -334,13 +334,6 @@ def test_official_face_margin_grows_the_crop(tmp_path):
     np.testing.assert_allclose(pool.columns["landmarks"][i][0], [6, 5])
 
 
-def test_crop_box_clips_and_rejects():
-    assert affectnet_tfds.crop_box((10, 6, 24, 20), 0.0, 64, 48) == (10, 6, 34, 26)
-    assert affectnet_tfds.crop_box((10, 6, 24, 20), 0.5, 64, 48) == (0, 0, 46, 36)
-    assert affectnet_tfds.crop_box((60, 40, 30, 30), 0.0, 64, 48) == (60, 40, 64, 48)
-    assert affectnet_tfds.crop_box((70, 10, 5, 5), 0.0, 64, 48) is None
-
-
 def test_official_lists_without_images_dir_is_a_clear_error(tmp_path):
     _write_csv(str(tmp_path / "data" / "training.csv"), [], OFFICIAL_HEADER)
     with pytest.raises(DataError, match="no Manually_Annotated_Images"):
@@ -443,10 +436,8 @@ def test_manifest_without_valence_arousal(tmp_path):
 def test_prepared_copy_is_reused_and_keyed_by_settings(tmp_path, monkeypatch):
     _official_release(str(tmp_path / "data"))
     calls = []
-    load_face = affectnet_tfds._load_face
-    monkeypatch.setattr(
-        affectnet_tfds, "_load_face", lambda *a: calls.append(1) or load_face(*a)
-    )
+    load_face = faces.load_face
+    monkeypatch.setattr(faces, "load_face", lambda *a: calls.append(1) or load_face(*a))
     config = _config(tmp_path / "data", tmp_path / "tfds")
     first = affectnet.load_source(config, None)
     prepared = len(calls)
@@ -462,20 +453,20 @@ def test_prepared_copy_is_reused_and_keyed_by_settings(tmp_path, monkeypatch):
     ]
     for change in variants:
         changed = _config(tmp_path / "data", tmp_path / "tfds", **change)
-        names.add(affectnet_tfds.make_builder_config(
+        names.add(affectnet.make_builder_config(
             changed.data.dir, changed.data.layout, changed.data.num_classes,
             changed.data.face_margin,
         )[0].name)
     # layout='official' resolves to the same detected layout: the same copy.
     assert len(names) == 3
     shutil.copytree(tmp_path / "data", tmp_path / "copy")
-    moved = affectnet_tfds.make_builder_config(str(tmp_path / "copy"))[0].name
+    moved = affectnet.make_builder_config(str(tmp_path / "copy"))[0].name
     assert moved not in names
     # Editing a list changes its stamp: a new copy, not the stale one.
     with open(tmp_path / "copy" / "Manually_Annotated_file_lists" / "validation.csv", "a") as f:
         f.write("\n")
     os.utime(tmp_path / "copy" / "Manually_Annotated_file_lists" / "validation.csv", (1, 1))
-    assert affectnet_tfds.make_builder_config(str(tmp_path / "copy"))[0].name != moved
+    assert affectnet.make_builder_config(str(tmp_path / "copy"))[0].name != moved
 
     seven = affectnet.load_source(_config(tmp_path / "data", tmp_path / "tfds", num_classes=7),
                                   None)
@@ -526,8 +517,8 @@ def test_nothing_usable_is_a_clear_error_and_caches_nothing(tmp_path):
     config = _config(tmp_path / "data", tmp_path / "tfds")
     with pytest.raises(DataError, match="no usable example.*dropped_non_emotion 2"):
         affectnet.load_source(config, None)
-    builder = affectnet_tfds.Affectnet(
-        config=affectnet_tfds.make_builder_config(str(tmp_path / "data"))[0],
+    builder = affectnet.Affectnet(
+        config=affectnet.make_builder_config(str(tmp_path / "data"))[0],
         data_dir=str(tmp_path / "tfds"),
     )
     assert not builder.is_prepared()
