@@ -28,6 +28,7 @@ OFFICIAL_COLUMNS = (
 )
 NPY_KINDS = ("exp", "val", "aro", "lnd")
 _NPY_ANNOTATION = re.compile(r"^(.+)_(exp|val|aro|lnd)\.npy$")
+_CSV_ERROR = "\0csv-error"  # First field of the row _csv_rows yields for a row csv cannot parse.
 
 
 @dataclasses.dataclass
@@ -89,12 +90,30 @@ def _csv_rows(path: str) -> Iterator[tuple[int, list[str]]]:
                 except StopIteration:
                     return
                 except csv.Error as e:  # E.g. a NUL byte: this row is lost, the rest is read.
-                    yield reader.line_num, ["\0csv-error", str(e)]
+                    yield reader.line_num, [_CSV_ERROR, str(e)]
                     continue
                 if any(c.strip() for c in row):
                     yield reader.line_num, row
     except OSError as e:
         raise DataError(f"cannot read {path}: {e}") from e
+
+
+def _checked_rows(
+    split_name: str, rows: Iterable[tuple[int, list[str]]], num_columns: int, path_index: int
+) -> Iterator[Drop | tuple[int, str, str, list[str]]]:
+    """(line number, name in reports, image path as written, fields) of every row that has
+    ``num_columns`` fields; a Drop for any other row (one csv could not parse, or another field
+    count)."""
+    for line, row in rows:
+        if row and row[0] == _CSV_ERROR:
+            problem = f"unreadable CSV row ({row[1]})"
+        elif len(row) != num_columns:
+            problem = f"{len(row)} fields, expected {num_columns}"
+        else:
+            rel = row[path_index].strip()
+            yield line, f"{split_name}:{line} ({rel})", rel, row
+            continue
+        yield Drop("dropped_malformed_row", f"{split_name}:{line}", problem)
 
 
 def _read_official(spec: SplitSpec, plan: LayoutPlan) -> Iterator[Candidate | Drop]:
@@ -113,18 +132,11 @@ def _read_official(spec: SplitSpec, plan: LayoutPlan) -> Iterator[Candidate | Dr
     else:  # No header (some copies of validation.csv): the release's column order.
         pending = [first, *rows]
     index = {c: i for i, c in enumerate(columns)}
-    for line, row in pending:
-        name = f"{spec.name}:{line}"
-        if row and row[0] == "\0csv-error":
-            yield Drop("dropped_malformed_row", name, f"unreadable CSV row ({row[1]})")
+    for item in _checked_rows(spec.name, pending, len(columns), index["subdirectory_filepath"]):
+        if isinstance(item, Drop):
+            yield item
             continue
-        if len(row) != len(columns):
-            yield Drop(
-                "dropped_malformed_row", name, f"{len(row)} fields, expected {len(columns)}"
-            )
-            continue
-        rel = row[index["subdirectory_filepath"]].strip()
-        name = f"{spec.name}:{line} ({rel})"
+        line, name, rel, row = item
         try:
             if not rel:
                 raise ValueError("empty subDirectory_filePath")
@@ -245,16 +257,11 @@ def _read_manifest(spec: SplitSpec, plan: LayoutPlan) -> Iterator[Candidate | Dr
     header = [c.strip().lower() for c in first[1]]
     index = {c: i for i, c in enumerate(header)}
     base = os.path.dirname(spec.path)
-    for line, row in rows:
-        name = f"{spec.name}:{line}"
-        if row and row[0] == "\0csv-error":
-            yield Drop("dropped_malformed_row", name, f"unreadable CSV row ({row[1]})")
+    for item in _checked_rows(spec.name, rows, len(header), index["path"]):
+        if isinstance(item, Drop):
+            yield item
             continue
-        if len(row) != len(header):
-            yield Drop("dropped_malformed_row", name, f"{len(row)} fields, expected {len(header)}")
-            continue
-        rel = row[index["path"]].strip()
-        name = f"{spec.name}:{line} ({rel})"
+        _, name, rel, row = item
         if not rel:
             yield Drop("dropped_malformed_row", name, "empty path")
             continue
