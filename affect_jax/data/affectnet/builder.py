@@ -49,7 +49,7 @@ from affect_jax.data.affectnet.report import Tally, format_counts
 from affect_jax.data.source import AFFECTNET_CLASS_NAMES
 
 # Bump when what preparation stores changes: it is part of every cache key.
-PREPARE_FORMAT = 1
+PREPARE_FORMAT = 2  # 2: .webp images are read (data/images.py IMAGE_EXTENSIONS).
 
 _WORKERS = max(1, min(4, os.cpu_count() or 1))
 _CHUNK = 64  # Images decoded per batch of worker tasks (bounds memory).
