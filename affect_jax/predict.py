@@ -32,10 +32,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from affect_jax import checkpointing, metrics, models, train
-from affect_jax.data import affectnet_tfds, pipeline
+from affect_jax.data import pipeline
+from affect_jax.data.images import IMAGE_EXTENSIONS, crop_box, decode_error_text, read_image
 from affect_jax.data.source import AFFECTNET_CLASS_NAMES
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")
 FACE_MODES = ("none", "detect", "box")
 STATUS_OK = "ok"
@@ -184,16 +184,6 @@ def _kind(path: str) -> str | None:
 
 def _supported() -> str:
     return ", ".join(e[1:] for e in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
-
-
-def read_image(path: str) -> np.ndarray:
-    """uint8 RGB [H, W, 3], decoded by ``tf.io.decode_image`` as the training data was."""
-    with open(path, "rb") as f:
-        data = f.read()
-    image = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(f"empty image {image.shape}")
-    return image
 
 
 def read_video(path: str, every_n_frames: int = 1) -> Iterator[tuple[int, np.ndarray]]:
@@ -420,7 +410,7 @@ class Predictor:
                 return [(None, f"no face box for this {what} in the box file")]
         result = []
         for box in face_boxes:
-            crop = affectnet_tfds.crop_box(box, self.face_margin, width, height)
+            crop = crop_box(box, self.face_margin, width, height)
             outside = f"face box {box} lies outside the {width}x{height} image"
             result.append((crop, STATUS_OK if crop else outside))
         return result
@@ -459,7 +449,7 @@ class Predictor:
                 yield self._row(path, None, f"cannot read file: {e.strerror or e}"), None
             except (tf.errors.OpError, ValueError, cv2.error) as e:
                 what = "image" if kind == "image" else "video"
-                message = affectnet_tfds._op_message(e) if isinstance(e, tf.errors.OpError) \
+                message = decode_error_text(e) if isinstance(e, tf.errors.OpError) \
                     else str(e)
                 yield self._row(path, None, f"cannot decode {what}: {message}"), None
 

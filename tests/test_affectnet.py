@@ -6,7 +6,6 @@ into a temp TFDS data dir.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -15,13 +14,24 @@ import shutil
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 
-from affect_jax.data import affectnet, affectnet_tfds, pipeline
-from affect_jax.data.affectnet import DataError
+from affect_jax.data import affectnet, pipeline
+from affect_jax.data.affectnet import DataError, faces
+from tests.affectnet_files import (
+    BLUE,
+    OFFICIAL_HEADER,
+    RED,
+    landmark_text,
+    npy_example,
+    npy_release,
+    official_image,
+    official_row,
+    write_bytes,
+    write_csv,
+    write_jpeg,
+    write_truncated_jpeg,
+)
 from tests.conftest import load_config
-
-RED, BLUE = (220, 30, 30), (30, 30, 220)
 
 
 def _config(data_dir, tfds_dir, **data):
@@ -31,27 +41,6 @@ def _config(data_dir, tfds_dir, **data):
     for k, v in data.items():
         config.data[k] = v
     return config
-
-
-def _jpeg(path, array_or_colour, size=(32, 32)):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    array = array_or_colour
-    if not isinstance(array, np.ndarray):
-        array = np.zeros((size[1], size[0], 3), np.uint8) + np.array(array_or_colour, np.uint8)
-    Image.fromarray(array).save(path, quality=95, subsampling=0)
-
-
-def _corrupt(path, data=b"\xff\xd8\xff\xe0 not really a jpeg"):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def _truncated_jpeg(path):
-    _jpeg(path, np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
-    with open(path, "rb") as f:
-        data = f.read()
-    _corrupt(path, data[: len(data) // 2])
 
 
 def _decoded(pool, i):
@@ -68,54 +57,29 @@ def _by_name(pool):
 # --- npy (the redistributed release) ---------------------------------------------------------
 
 
-def _npy_example(split_dir, example_id, exp="0", val="0.5", aro="-0.25", lnd=True, image=True,
-                 colour=(128, 128, 128)):
-    if image:
-        _jpeg(os.path.join(split_dir, "images", f"{example_id}.jpg"), colour)
-    ann = os.path.join(split_dir, "annotations")
-    os.makedirs(ann, exist_ok=True)
-    for kind, value in (("exp", exp), ("val", val), ("aro", aro)):
-        if value is not None:
-            np.save(os.path.join(ann, f"{example_id}_{kind}.npy"), np.array(value))
-    if lnd is True:
-        np.save(os.path.join(ann, f"{example_id}_lnd.npy"), np.arange(136, dtype=np.float64))
-    elif lnd is not None:
-        np.save(os.path.join(ann, f"{example_id}_lnd.npy"), lnd)
-
-
-def _npy_release(split_dir, per_class=3):
-    """per_class good examples of each of the 8 classes; id = class * 100 + k."""
-    for c in range(8):
-        for k in range(per_class):
-            _npy_example(
-                split_dir, str(c * 100 + k), exp=str(c), val=f"{-0.9 + 0.1 * c:.3f}",
-                aro=f"{0.05 * k:.3f}", colour=(10 * c, 20 * k, 50),
-            )
-
-
 def test_npy_release_keeps_and_drops_exactly(tmp_path):
     split = tmp_path / "data" / "val_set"
-    _npy_release(str(split))
-    _npy_example(str(split), "nonemo8", exp="8")
-    _npy_example(str(split), "nonemo9", exp="9")
-    _npy_example(str(split), "noface10", exp="10")
-    _npy_example(str(split), "unknown11", exp="11")
-    _npy_example(str(split), "valmissing", val="-2")
-    _npy_example(str(split), "aroout", aro="1.5")
-    _npy_example(str(split), "nanval", val="nan")
-    _npy_example(str(split), "badexp", exp="happy?")
-    _npy_example(str(split), "badlnd", lnd=np.arange(10, dtype=np.float64))
-    _npy_example(str(split), "noimage", image=False)
-    _npy_example(str(split), "noexp", exp=None)
-    _npy_example(str(split), "nolnd", lnd=None)  # Landmarks are optional: kept, NaN.
-    _npy_example(str(split), "strlnd", lnd=np.array([str(v) for v in range(136)]))
-    _jpeg(str(split / "images" / "noannotation.jpg"), (1, 2, 3))
-    _corrupt(str(split / "images" / "corrupt.jpg"))
-    _npy_example(str(split), "corrupt", image=False)
-    _truncated_jpeg(str(split / "images" / "truncated.jpg"))
-    _npy_example(str(split), "truncated", image=False)
-    _corrupt(str(split / "annotations" / "garbage_exp.npy"), b"not npy")
-    _npy_example(str(split), "garbage", exp=None)
+    npy_release(str(split))
+    npy_example(str(split), "nonemo8", exp="8")
+    npy_example(str(split), "nonemo9", exp="9")
+    npy_example(str(split), "noface10", exp="10")
+    npy_example(str(split), "unknown11", exp="11")
+    npy_example(str(split), "valmissing", val="-2")
+    npy_example(str(split), "aroout", aro="1.5")
+    npy_example(str(split), "nanval", val="nan")
+    npy_example(str(split), "badexp", exp="happy?")
+    npy_example(str(split), "badlnd", lnd=np.arange(10, dtype=np.float64))
+    npy_example(str(split), "noimage", image=False)
+    npy_example(str(split), "noexp", exp=None)
+    npy_example(str(split), "nolnd", lnd=None)  # Landmarks are optional: kept, NaN.
+    npy_example(str(split), "strlnd", lnd=np.array([str(v) for v in range(136)]))
+    write_jpeg(str(split / "images" / "noannotation.jpg"), (1, 2, 3))
+    write_bytes(str(split / "images" / "corrupt.jpg"))
+    npy_example(str(split), "corrupt", image=False)
+    write_truncated_jpeg(str(split / "images" / "truncated.jpg"))
+    npy_example(str(split), "truncated", image=False)
+    write_bytes(str(split / "annotations" / "garbage_exp.npy"), b"not npy")
+    npy_example(str(split), "garbage", exp=None)
     (split / "images" / "notes.txt").write_text("ignored: not an image")
 
     workdir = tmp_path / "work"
@@ -169,7 +133,7 @@ def test_npy_release_keeps_and_drops_exactly(tmp_path):
 
 @pytest.mark.parametrize("num_classes, kept", [(8, 24), (7, 21)])
 def test_npy_seven_versus_eight_classes(tmp_path, num_classes, kept):
-    _npy_release(str(tmp_path / "data" / "val_set"))
+    npy_release(str(tmp_path / "data" / "val_set"))
     source = affectnet.load_source(
         _config(tmp_path / "data", tmp_path / "tfds", num_classes=num_classes), None
     )
@@ -180,8 +144,8 @@ def test_npy_seven_versus_eight_classes(tmp_path, num_classes, kept):
 
 
 def test_npy_train_and_val_splits_map_to_train_and_test_pools(tmp_path):
-    _npy_release(str(tmp_path / "data" / "train_set"), per_class=2)
-    _npy_release(str(tmp_path / "data" / "val_set"), per_class=1)
+    npy_release(str(tmp_path / "data" / "train_set"), per_class=2)
+    npy_release(str(tmp_path / "data" / "val_set"), per_class=1)
     source = affectnet.load_source(_config(tmp_path / "data", tmp_path / "tfds"), None)
     assert len(source.pools["train"]) == 16 and len(source.pools["test"]) == 8
     assert all("/train_set/" in p for p in source.pools["train"].columns["path"])
@@ -190,17 +154,17 @@ def test_npy_train_and_val_splits_map_to_train_and_test_pools(tmp_path):
 
 
 def test_npy_split_dir_itself_and_ambiguous_splits(tmp_path):
-    _npy_release(str(tmp_path / "data" / "val_set"), per_class=1)
+    npy_release(str(tmp_path / "data" / "val_set"), per_class=1)
     source = affectnet.load_source(_config(tmp_path / "data" / "val_set", tmp_path / "tfds"), None)
     assert len(source.pools["train"]) == 8
     for name in ("test_set", "extra_set"):
-        _npy_release(str(tmp_path / "data" / name), per_class=1)
+        npy_release(str(tmp_path / "data" / name), per_class=1)
     with pytest.raises(DataError, match="3 npy split directories"):
         affectnet.load_source(_config(tmp_path / "data", tmp_path / "tfds"), None)
 
 
 def test_large_split_is_read_by_random_access(tmp_path):
-    _npy_release(str(tmp_path / "data" / "val_set"), per_class=1)
+    npy_release(str(tmp_path / "data" / "val_set"), per_class=1)
     config = _config(tmp_path / "data", tmp_path / "tfds")
     memory = affectnet.load_source(config, None).pools["train"]
     lazy = affectnet.load_source(config, None, in_memory_max_bytes=0).pools["train"]
@@ -216,69 +180,35 @@ def test_large_split_is_read_by_random_access(tmp_path):
 # --- official release --------------------------------------------------------------------------
 
 
-def _official_image(images_dir, rel, size, box, face=RED, background=BLUE):
-    width, height = size
-    array = np.zeros((height, width, 3), np.uint8) + np.array(background, np.uint8)
-    x, y, w, h = box
-    array[max(0, y):y + h, max(0, x):x + w] = face
-    _jpeg(os.path.join(images_dir, rel), array)
-
-
-def _landmarks(x, y):
-    points = np.stack([np.arange(68) + x, np.arange(68) * 0.5 + y], axis=1).reshape(-1)
-    return ";".join(f"{v:g}" for v in points)
-
-
-def _official_row(rel, box, expression=1, valence=0.5, arousal=-0.5, landmarks=None):
-    x, y, w, h = box
-    return [rel, x, y, w, h, _landmarks(x, y) if landmarks is None else landmarks,
-            expression, valence, arousal]
-
-
-def _write_csv(path, rows, header=None):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        if header:
-            writer.writerow(header)
-        writer.writerows(rows)
-
-
-OFFICIAL_HEADER = [
-    "subDirectory_filePath", "face_x", "face_y", "face_width", "face_height",
-    "facial_landmarks", "expression", "valence", "arousal",
-]
-
-
 def _official_release(root):
     images = os.path.join(root, "Manually_Annotated", "Manually_Annotated_Images")
     good = []
     for i in range(8):  # One face per class, boxes at various places of a 64x48 image.
         rel = f"{i + 1}/face{i}.jpg"
         box = (4 + 2 * i, 6, 24, 20)
-        _official_image(images, rel, (64, 48), box)
-        good.append(_official_row(rel, box, expression=i, valence=0.1 * i - 0.4, arousal=0.05 * i))
-    _official_image(images, "9/edge.jpg", (64, 48), (50, 30, 14, 18))
-    edge = _official_row("9/edge.jpg", (50, 30, 30, 30), expression=2)  # Box past the corner.
+        official_image(images, rel, (64, 48), box)
+        good.append(official_row(rel, box, expression=i, valence=0.1 * i - 0.4, arousal=0.05 * i))
+    official_image(images, "9/edge.jpg", (64, 48), (50, 30, 14, 18))
+    edge = official_row("9/edge.jpg", (50, 30, 30, 30), expression=2)  # Box past the corner.
     bad = [
-        _official_row("1/face0.jpg", (4, 6, 24, 20), expression=8),
-        _official_row("1/face0.jpg", (4, 6, 24, 20), expression=9),
-        _official_row("1/face0.jpg", (4, 6, 24, 20), expression=10),
-        _official_row("1/face0.jpg", (4, 6, 24, 20), valence=-2, arousal=-2),
-        _official_row("1/face0.jpg", (4, 6, 24, 20), arousal=1.01),
-        _official_row("7/missing.jpg", (4, 6, 24, 20)),
-        _official_row("1/face0.jpg", (4, 6, 24, 20), landmarks="1;2;3"),
-        _official_row("1/face0.jpg", (4, 6, 24, 20), landmarks="1;x" * 68),
-        ["1/face0.jpg", "four", 6, 24, 20, _landmarks(0, 0), 1, 0.5, 0.5],
+        official_row("1/face0.jpg", (4, 6, 24, 20), expression=8),
+        official_row("1/face0.jpg", (4, 6, 24, 20), expression=9),
+        official_row("1/face0.jpg", (4, 6, 24, 20), expression=10),
+        official_row("1/face0.jpg", (4, 6, 24, 20), valence=-2, arousal=-2),
+        official_row("1/face0.jpg", (4, 6, 24, 20), arousal=1.01),
+        official_row("7/missing.jpg", (4, 6, 24, 20)),
+        official_row("1/face0.jpg", (4, 6, 24, 20), landmarks="1;2;3"),
+        official_row("1/face0.jpg", (4, 6, 24, 20), landmarks="1;x" * 68),
+        ["1/face0.jpg", "four", 6, 24, 20, landmark_text(0, 0), 1, 0.5, 0.5],
         ["1/face0.jpg", 4, 6, 24],  # Too few fields.
-        _official_row("1/face0.jpg", (100, 100, 10, 10)),  # Box outside the 64x48 image.
-        _official_row("8/corrupt.jpg", (4, 6, 24, 20)),
+        official_row("1/face0.jpg", (100, 100, 10, 10)),  # Box outside the 64x48 image.
+        official_row("8/corrupt.jpg", (4, 6, 24, 20)),
     ]
-    _corrupt(os.path.join(images, "8/corrupt.jpg"))
-    _official_image(images, "9/unlisted.jpg", (64, 48), (0, 0, 8, 8))
+    write_bytes(os.path.join(images, "8/corrupt.jpg"))
+    official_image(images, "9/unlisted.jpg", (64, 48), (0, 0, 8, 8))
     lists = os.path.join(root, "Manually_Annotated_file_lists")
-    _write_csv(os.path.join(lists, "training.csv"), good[:6] + [edge] + bad, OFFICIAL_HEADER)
-    _write_csv(os.path.join(lists, "validation.csv"), good[6:])  # No header, as some copies.
+    write_csv(os.path.join(lists, "training.csv"), good[:6] + [edge] + bad, OFFICIAL_HEADER)
+    write_csv(os.path.join(lists, "validation.csv"), good[6:])  # No header, as some copies.
     return images
 
 
@@ -334,15 +264,8 @@ def test_official_face_margin_grows_the_crop(tmp_path):
     np.testing.assert_allclose(pool.columns["landmarks"][i][0], [6, 5])
 
 
-def test_crop_box_clips_and_rejects():
-    assert affectnet_tfds.crop_box((10, 6, 24, 20), 0.0, 64, 48) == (10, 6, 34, 26)
-    assert affectnet_tfds.crop_box((10, 6, 24, 20), 0.5, 64, 48) == (0, 0, 46, 36)
-    assert affectnet_tfds.crop_box((60, 40, 30, 30), 0.0, 64, 48) == (60, 40, 64, 48)
-    assert affectnet_tfds.crop_box((70, 10, 5, 5), 0.0, 64, 48) is None
-
-
 def test_official_lists_without_images_dir_is_a_clear_error(tmp_path):
-    _write_csv(str(tmp_path / "data" / "training.csv"), [], OFFICIAL_HEADER)
+    write_csv(str(tmp_path / "data" / "training.csv"), [], OFFICIAL_HEADER)
     with pytest.raises(DataError, match="no Manually_Annotated_Images"):
         affectnet.load_source(_config(tmp_path / "data", tmp_path / "tfds"), None)
 
@@ -355,11 +278,11 @@ def test_class_folders(tmp_path):
     names = ["Neutral", "happiness", "SAD", "3", "fear", "Disgust", "angry", "contempt"]
     for c, name in enumerate(names):
         for k in range(2):
-            _jpeg(str(root / name / f"{c}_{k}.jpg"), (20 * c, 10 * k, 0))
-    _jpeg(str(root / "Uncertain" / "u.jpg"), (1, 1, 1))
-    _jpeg(str(root / "other" / "o.png"), (1, 1, 1))
-    _jpeg(str(root / "loose.jpg"), (1, 1, 1))
-    _corrupt(str(root / "happy" / "broken.jpg"))
+            write_jpeg(str(root / name / f"{c}_{k}.jpg"), (20 * c, 10 * k, 0))
+    write_jpeg(str(root / "Uncertain" / "u.jpg"), (1, 1, 1))
+    write_jpeg(str(root / "other" / "o.png"), (1, 1, 1))
+    write_jpeg(str(root / "loose.jpg"), (1, 1, 1))
+    write_bytes(str(root / "happy" / "broken.jpg"))
     (root / "happy" / "Thumbs.db").write_bytes(b"\0")
 
     source = affectnet.load_source(_config(root, tmp_path / "tfds", num_classes=7), None)
@@ -388,10 +311,10 @@ def test_class_folders(tmp_path):
 def test_manifest_with_valence_arousal(tmp_path):
     root = tmp_path / "data"
     elsewhere = tmp_path / "elsewhere"
-    _jpeg(str(root / "img" / "a.jpg"), RED)
-    _jpeg(str(root / "img" / "b.png"), BLUE)
-    _jpeg(str(elsewhere / "c.jpg"), (0, 200, 0))
-    _corrupt(str(root / "img" / "bad.jpg"))
+    write_jpeg(str(root / "img" / "a.jpg"), RED)
+    write_jpeg(str(root / "img" / "b.png"), BLUE)
+    write_jpeg(str(elsewhere / "c.jpg"), (0, 200, 0))
+    write_bytes(str(root / "img" / "bad.jpg"))
     rows = [
         ["img/a.jpg", "1", "0.5", "0.25"],
         ["img/b.png", "Sad", "-0.5", "0.75"],
@@ -405,7 +328,7 @@ def test_manifest_with_valence_arousal(tmp_path):
         ["img/none.jpg", "2", "0.1", "0.1"],
         ["img/bad.jpg", "2", "0.1", "0.1"],
     ]
-    _write_csv(str(root / "labels.csv"), rows, ["path", "expression", "valence", "arousal"])
+    write_csv(str(root / "labels.csv"), rows, ["path", "expression", "valence", "arousal"])
     source = affectnet.load_source(_config(root, tmp_path / "tfds", num_classes=7), None)
     pool = source.pools["train"]
     assert source.has_valence_arousal
@@ -430,8 +353,8 @@ def test_manifest_with_valence_arousal(tmp_path):
 
 def test_manifest_without_valence_arousal(tmp_path):
     root = tmp_path / "data"
-    _jpeg(str(root / "a.jpg"), RED)
-    _write_csv(str(root / "m.csv"), [["a.jpg", "0"], ["a.jpg", "6"]], ["path", "expression"])
+    write_jpeg(str(root / "a.jpg"), RED)
+    write_csv(str(root / "m.csv"), [["a.jpg", "0"], ["a.jpg", "6"]], ["path", "expression"])
     source = affectnet.load_source(_config(root, tmp_path / "tfds", layout="manifest"), None)
     assert not source.has_valence_arousal and source.counts["kept"] == 2
     assert np.isnan(source.pools["train"].columns["valence"]).all()
@@ -443,10 +366,8 @@ def test_manifest_without_valence_arousal(tmp_path):
 def test_prepared_copy_is_reused_and_keyed_by_settings(tmp_path, monkeypatch):
     _official_release(str(tmp_path / "data"))
     calls = []
-    load_face = affectnet_tfds._load_face
-    monkeypatch.setattr(
-        affectnet_tfds, "_load_face", lambda *a: calls.append(1) or load_face(*a)
-    )
+    load_face = faces.load_face
+    monkeypatch.setattr(faces, "load_face", lambda *a: calls.append(1) or load_face(*a))
     config = _config(tmp_path / "data", tmp_path / "tfds")
     first = affectnet.load_source(config, None)
     prepared = len(calls)
@@ -462,20 +383,20 @@ def test_prepared_copy_is_reused_and_keyed_by_settings(tmp_path, monkeypatch):
     ]
     for change in variants:
         changed = _config(tmp_path / "data", tmp_path / "tfds", **change)
-        names.add(affectnet_tfds.make_builder_config(
+        names.add(affectnet.make_builder_config(
             changed.data.dir, changed.data.layout, changed.data.num_classes,
             changed.data.face_margin,
         )[0].name)
     # layout='official' resolves to the same detected layout: the same copy.
     assert len(names) == 3
     shutil.copytree(tmp_path / "data", tmp_path / "copy")
-    moved = affectnet_tfds.make_builder_config(str(tmp_path / "copy"))[0].name
+    moved = affectnet.make_builder_config(str(tmp_path / "copy"))[0].name
     assert moved not in names
     # Editing a list changes its stamp: a new copy, not the stale one.
     with open(tmp_path / "copy" / "Manually_Annotated_file_lists" / "validation.csv", "a") as f:
         f.write("\n")
     os.utime(tmp_path / "copy" / "Manually_Annotated_file_lists" / "validation.csv", (1, 1))
-    assert affectnet_tfds.make_builder_config(str(tmp_path / "copy"))[0].name != moved
+    assert affectnet.make_builder_config(str(tmp_path / "copy"))[0].name != moved
 
     seven = affectnet.load_source(_config(tmp_path / "data", tmp_path / "tfds", num_classes=7),
                                   None)
@@ -485,10 +406,10 @@ def test_prepared_copy_is_reused_and_keyed_by_settings(tmp_path, monkeypatch):
 
 def test_npy_listing_change_makes_a_new_copy(tmp_path):
     split = tmp_path / "data" / "val_set"
-    _npy_release(str(split), per_class=1)
+    npy_release(str(split), per_class=1)
     config = _config(tmp_path / "data", tmp_path / "tfds")
     assert affectnet.load_source(config, None).counts["kept"] == 8
-    _npy_example(str(split), "extra", exp="3")
+    npy_example(str(split), "extra", exp="3")
     source = affectnet.load_source(config, None)
     assert source.counts["kept"] == 9
 
@@ -511,7 +432,7 @@ def test_missing_or_empty_or_unrecognised_dir_is_a_clear_error(tmp_path):
 
 
 def test_requested_layout_that_does_not_match_is_a_clear_error(tmp_path):
-    _npy_release(str(tmp_path / "data" / "val_set"), per_class=1)
+    npy_release(str(tmp_path / "data" / "val_set"), per_class=1)
     with pytest.raises(DataError, match="layout='official' but .* found: val_set/"):
         affectnet.load_source(_config(tmp_path / "data", tmp_path / "tfds", layout="official"),
                               None)
@@ -521,20 +442,20 @@ def test_requested_layout_that_does_not_match_is_a_clear_error(tmp_path):
 
 def test_nothing_usable_is_a_clear_error_and_caches_nothing(tmp_path):
     split = tmp_path / "data" / "val_set"
-    _npy_example(str(split), "a", exp="9")
-    _npy_example(str(split), "b", exp="10")
+    npy_example(str(split), "a", exp="9")
+    npy_example(str(split), "b", exp="10")
     config = _config(tmp_path / "data", tmp_path / "tfds")
     with pytest.raises(DataError, match="no usable example.*dropped_non_emotion 2"):
         affectnet.load_source(config, None)
-    builder = affectnet_tfds.Affectnet(
-        config=affectnet_tfds.make_builder_config(str(tmp_path / "data"))[0],
+    builder = affectnet.Affectnet(
+        config=affectnet.make_builder_config(str(tmp_path / "data"))[0],
         data_dir=str(tmp_path / "tfds"),
     )
     assert not builder.is_prepared()
 
 
 def test_source_feeds_the_input_pipeline(tmp_path):
-    _npy_release(str(tmp_path / "data" / "val_set"), per_class=5)
+    npy_release(str(tmp_path / "data" / "val_set"), per_class=5)
     config = _config(tmp_path / "data", tmp_path / "tfds", image_size=32)
     config.augment.enabled = True
     splits = pipeline.make_splits(config, None)

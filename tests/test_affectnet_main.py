@@ -8,16 +8,16 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, TINY_FLAGS
-from tests.test_affectnet import (
+from tests.affectnet_files import (
     OFFICIAL_HEADER,
-    _corrupt,
-    _jpeg,
-    _npy_release,
-    _official_image,
-    _official_row,
-    _write_csv,
+    npy_release,
+    official_image,
+    official_row,
+    write_bytes,
+    write_csv,
+    write_jpeg,
 )
+from tests.conftest import REPO, TINY_FLAGS
 
 PER_CLASS = 5  # 8 classes x 5: a stratified 80/20 split has every class on both sides
 
@@ -28,13 +28,13 @@ def _official(root):
     for c in range(8):
         for k in range(PER_CLASS + 1):  # the last face of each class goes to validation.csv
             rel = f"{c}/{k}.jpg"
-            _official_image(images, rel, (48, 40), (4 + k, 5, 30, 30))
-            row = _official_row(rel, (4 + k, 5, 30, 30), expression=c,
+            official_image(images, rel, (48, 40), (4 + k, 5, 30, 30))
+            row = official_row(rel, (4 + k, 5, 30, 30), expression=c,
                                 valence=0.2 * k - 0.4, arousal=0.1 * c - 0.3)
             (val_rows if k == PER_CLASS else train_rows).append(row)
-    train_rows.append(_official_row("0/0.jpg", (4, 5, 30, 30), expression=9))  # Uncertain
-    _write_csv(os.path.join(root, "training.csv"), train_rows, OFFICIAL_HEADER)
-    _write_csv(os.path.join(root, "validation.csv"), val_rows, OFFICIAL_HEADER)
+    train_rows.append(official_row("0/0.jpg", (4, 5, 30, 30), expression=9))  # Uncertain
+    write_csv(os.path.join(root, "training.csv"), train_rows, OFFICIAL_HEADER)
+    write_csv(os.path.join(root, "validation.csv"), val_rows, OFFICIAL_HEADER)
 
 
 def _folders(root):
@@ -42,24 +42,24 @@ def _folders(root):
     rng = np.random.default_rng(0)
     for name in names:
         for k in range(PER_CLASS):
-            _jpeg(os.path.join(root, name, f"{k}.jpg"),
+            write_jpeg(os.path.join(root, name, f"{k}.jpg"),
                   rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
-    _corrupt(os.path.join(root, "happy", "broken.jpg"))
+    write_bytes(os.path.join(root, "happy", "broken.jpg"))
 
 
 def _manifest(root):
     rows = []
     for c in range(8):
         for k in range(PER_CLASS):
-            _jpeg(os.path.join(root, "faces", f"{c}_{k}.jpg"), (30 * c, 40 * k, 90))
+            write_jpeg(os.path.join(root, "faces", f"{c}_{k}.jpg"), (30 * c, 40 * k, 90))
             rows.append([f"faces/{c}_{k}.jpg", c, f"{0.1 * k:.2f}", f"{-0.1 * c:.2f}"])
     rows.append(["faces/missing.jpg", 1, "0.1", "0.1"])
-    _write_csv(os.path.join(root, "labels.csv"), rows, ["path", "expression", "valence",
+    write_csv(os.path.join(root, "labels.csv"), rows, ["path", "expression", "valence",
                                                          "arousal"])
 
 
 LAYOUTS = {
-    "npy": lambda root: _npy_release(os.path.join(root, "val_set"), per_class=PER_CLASS),
+    "npy": lambda root: npy_release(os.path.join(root, "val_set"), per_class=PER_CLASS),
     "official": _official,
     "folders": _folders,
     "manifest": _manifest,

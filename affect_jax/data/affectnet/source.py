@@ -1,4 +1,5 @@
-"""The ``affectnet`` source: the user's AffectNet files, prepared once by the TFDS builder.
+"""The ``affectnet`` source the input pipeline loads: the user's AffectNet files, prepared once
+by the TFDS builder (``builder``), read back as pools.
 
 ``load_source`` detects the layout of ``config.data.dir`` (or checks ``config.data.layout``),
 prepares it into TFDS's cache (``config.data.tfds_data_dir``, else TFDS's default) under a config
@@ -24,24 +25,22 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from affect_jax.data import affectnet_tfds
-from affect_jax.data.affectnet_tfds import COUNT_KEYS, DROP_REASONS, DataError, format_counts
+from affect_jax.data.affectnet.builder import Affectnet, make_builder_config
+from affect_jax.data.affectnet.report import log_report, total_counts
+from affect_jax.data.images import decode_image_tensor
 from affect_jax.data.source import AFFECTNET_CLASS_NAMES, ExamplePool, Source
 
-__all__ = ["DataError", "IN_MEMORY_MAX_BYTES", "load_source", "prepare"]
-
 IN_MEMORY_MAX_BYTES = 1 << 30
-LOGGED_EXAMPLES = 5  # Offending files logged per drop reason (the report keeps more).
 _READ_CHUNK = 1024
 
 
 def prepare(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """Prepares (or reuses) the TFDS copy of ``config.data.dir``; returns the builder."""
     data = config.data
-    builder_config, plan = affectnet_tfds.make_builder_config(
+    builder_config, plan = make_builder_config(
         data.dir, data.layout, int(data.num_classes), float(data.face_margin)
     )
-    builder = affectnet_tfds.Affectnet(
+    builder = Affectnet(
         config=builder_config, data_dir=data.get("tfds_data_dir") or None
     )
     if builder.is_prepared():
@@ -74,12 +73,9 @@ def load_source(
     report["cache_dir"] = os.fspath(builder.data_dir)
     limit = IN_MEMORY_MAX_BYTES if in_memory_max_bytes is None else in_memory_max_bytes
 
-    totals = {k: 0 for k in COUNT_KEYS}
-    for split_report in report["splits"].values():
-        for k in COUNT_KEYS:
-            totals[k] += int(split_report["counts"].get(k, 0))
+    totals = total_counts(split["counts"] for split in report["splits"].values())
     report["counts"] = totals
-    _log_report(report)
+    log_report(report)
 
     num_classes = int(config.data.num_classes)
     pools = {}
@@ -100,26 +96,6 @@ def load_source(
         has_valence_arousal=bool(report["has_valence_arousal"]),
         counts=totals,
     )
-
-
-def _log_report(report: Mapping) -> None:
-    logging.info(
-        "AffectNet %s layout at %s, %d classes%s: %s",
-        report["layout"], report["data_dir"], report["num_classes"],
-        "" if report["has_valence_arousal"] else " (no valence/arousal)",
-        format_counts(report["counts"]),
-    )
-    for pool_name, split in report["splits"].items():
-        logging.info(
-            "  pool %r <- %s: %s", pool_name, split["source"], format_counts(split["counts"])
-        )
-        for reason in DROP_REASONS:
-            n = split["counts"].get(reason, 0)
-            if n:
-                logging.warning(
-                    "  %s: %d %s, e.g. %s", split["source"], n, reason,
-                    "; ".join(split["examples"][reason][:LOGGED_EXAMPLES]),
-                )
 
 
 def _read_pool(builder: tfds.core.DatasetBuilder, split: str, limit: int) -> ExamplePool:
@@ -162,8 +138,7 @@ def _text(value) -> str:
 
 def decode_image_bytes(row: Mapping[str, tf.Tensor]) -> tf.Tensor:
     """``decode`` of in-memory pools: the encoded image in column ``image_bytes``."""
-    image = tf.io.decode_image(row["image_bytes"], channels=3, expand_animations=False)
-    return tf.ensure_shape(image, (None, None, 3))
+    return tf.ensure_shape(decode_image_tensor(row["image_bytes"]), (None, None, 3))
 
 
 class _RecordDecoder:

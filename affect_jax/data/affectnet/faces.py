@@ -1,0 +1,70 @@
+"""The image check: ``load_face`` opens a candidate's image, checks that it decodes as the input
+pipeline will decode it, crops the face (official layout) and returns the example to store, or
+raises ``DropError`` with the drop reason."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from affect_jax.data.affectnet.readers import Candidate
+from affect_jax.data.images import crop_box, decode_error_text, decode_image
+
+JPEG_QUALITY = 95
+
+
+class DropError(Exception):
+    """An example dropped by the image check: ``reason`` (a drop reason) and ``detail``."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def load_face(candidate: Candidate, margin: float) -> dict:
+    """The stored example of ``candidate`` (face box grown by ``margin``), or a DropError."""
+    try:
+        with open(candidate.image_path, "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        raise DropError("dropped_missing_image", "no such file") from None
+    except OSError as e:
+        raise DropError("dropped_undecodable_image", f"unreadable ({e})") from None
+    try:
+        image = decode_image(data)
+    except (tf.errors.OpError, ValueError) as e:
+        raise DropError("dropped_undecodable_image", decode_error_text(e)) from None
+    height, width = image.shape[:2]
+    landmarks = candidate.landmarks
+    if candidate.box is None:
+        box = (0, 0, width, height)
+    else:
+        box = crop_box(candidate.box, margin, width, height)
+        if box is None:
+            raise DropError(
+                "dropped_malformed_row",
+                f"face box {candidate.box} lies outside the {width}x{height} image",
+            )
+        x0, y0, x1, y1 = box
+        # Full-resolution chroma: faces are small and colour edges matter more than bytes.
+        data = tf.io.encode_jpeg(
+            image[y0:y1, x0:x1], quality=JPEG_QUALITY, chroma_downsampling=False
+        ).numpy()
+        landmarks = landmarks - np.array([x0, y0], np.float32)
+    return {
+        "image": data,
+        "expression": candidate.expression,
+        "valence": np.float32(candidate.valence),
+        "arousal": np.float32(candidate.arousal),
+        "landmarks": landmarks.astype(np.float32),
+        "box": np.array(box, np.int32),
+        "path": _display_path(candidate.image_path),
+    }
+
+
+def _display_path(path: str) -> str:
+    # File names that are not UTF-8 must still fit a Text feature.
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
