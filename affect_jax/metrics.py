@@ -1,4 +1,6 @@
-"""Evaluation metrics of the study, computed once over a whole split (see SPEC.md "Metrics").
+"""Evaluation metrics of the study, computed once over a whole split.
+
+Definitions: docs/study.md, "Metrics".
 
 Expression metrics come from scikit-learn; only SAGR and CCC are written here. Undefined values
 (a class absent from the labels, a constant prediction, ...) are NaN with a ``MetricWarning``,

@@ -451,7 +451,7 @@ def test_port_weights_script_end_to_end(resnet, tmp_path):
 def test_third_party_table_matches_loader_and_spec():
     with open(os.path.join(REPO, 'third_party', 'keras_weights.json')) as f:
         table = {e['file']: e for e in json.load(f)['files']}
-    spec = {  # The four official md5s (SPEC.md, "ImageNet weights").
+    spec = {  # The four official md5s (docs/study.md, the md5 table).
         'vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5': '6d6bbae143d832006294945121d1f1fc',
         'vgg16_weights_tf_dim_ordering_tf_kernels.h5': '64373286793e3c8b2b4e3219cbf3544b',
         'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5':
