@@ -205,7 +205,7 @@ def test_dropout_uses_call_time_rngs():
         ('batch_norm_impl', 'onednn', 'config.batch_norm_impl'),
         ('pool_impl', 'onednn', 'config.pool_impl'),
         ('conv_impl', 'onednn', "config.conv_impl='onednn' is not an option: expected one of "
-                                "'auto', 'xla', 'native' \\('native' runs"),
+                                "'auto', 'xla', 'native' \\('native', the"),
         ('conv_impl', 'winograd', "config.conv_impl='winograd' is not an option"),
         ('conv_impl', 'dot', "config.conv_impl='dot' is not an option"),
         ('conv_impl', 'im2col', "config.conv_impl='im2col' is not an option"),

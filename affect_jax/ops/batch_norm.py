@@ -10,7 +10,7 @@ float32 whatever the activation dtype.
 Two paths compute it (`impl`): ``'xla'``, the jnp code here, and ``'native'``, the C++ kernels
 of `batch_norm.cc` (in the extension, `ops.native`), which make that minimum in memory passes
 too: XLA:CPU writes each reduction's float32 input to memory first. ``'auto'`` picks 'native'
-for float32 and bfloat16 activations where `native.native_applies`, else 'xla'. The native
+for float32 and bfloat16 activations where `native.applies`, else 'xla'. The native
 path also fuses a ResNet block's residual sum and ReLU into the BatchNorm
 (`BatchNorm(..., residual=)`), which saves time and temporary memory (docs/performance.md).
 

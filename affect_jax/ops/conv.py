@@ -3,14 +3,14 @@
 `impl` (config.conv_impl) is one of `IMPLS`:
 
 * ``'xla'``: plain `lax.conv_general_dilated`.
-* ``'native'``: the extension's kernels (`ops.native`; CPU only, one device per process):
+* ``'native'``: the extension's kernels (`ops.native`; CPU only, no partitioning rule):
   oneDNN's direct convolutions (`ops.onednn_conv`; AVX-512 float32, AMX bfloat16) for the
   forward pass and both gradients, except the float32 3x3 stride-1 convolutions where Winograd's
   F(4x4, 3x3) is faster (`winograd.preferred`: large enough outputs, more than a few input
   channels), which `ops.winograd` computes with a quarter of the multiply-adds and the same
   result to float32 rounding.
-* ``'auto'``: on CPU 'native' where the extension applies (`native.native_applies`), else
-  XLA with the 1x1 convolutions as matrix products; 'xla' on other backends.
+* ``'auto'``: on CPU 'native' where `native.applies` (extension available, one device per
+  process), else XLA with the 1x1 convolutions as matrix products; 'xla' on other backends.
 
 Each resolves to one of `PATHS`, the kernels that run: ``'xla'``; ``'dot1x1'`` (1x1
 convolutions as a strided slice + dot, which XLA:CPU runs far faster than its convolution
@@ -52,7 +52,7 @@ def resolve_impl(impl: str) -> str:
     # On GPU/TPU XLA's own convolutions win (docs/performance.md).
     if jax.default_backend() != 'cpu':
         return 'xla'
-    return 'winograd' if native.native_applies() else 'dot1x1'
+    return 'winograd' if native.applies() else 'dot1x1'
 
 
 def pin_path(model: nnx.Module, path: str) -> None:

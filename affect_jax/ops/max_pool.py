@@ -13,7 +13,7 @@ results: the gradient of each output goes to the first maximal element of its wi
   from those positions, so the pool's input is not kept for the gradient. XLA:CPU runs the
   'xla' form's bfloat16 gradient in several float32 passes.
 
-``'auto'`` picks 'native' for float32 and bfloat16 where `native.native_applies`, else 'xla'.
+``'auto'`` picks 'native' for float32 and bfloat16 where `native.applies`, else 'xla'.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def _xla_max_pool_bwd(window, strides, residuals, dy):
     y = y.astype(jnp.float32)
     (_, kw), (sh, sw) = window, strides
     taken = jnp.zeros(y.shape, bool)
-    # Accumulate in float32: XLA:CPU runs bfloat16 pads/adds an order of magnitude slower.
+    # Accumulate in float32: XLA:CPU runs bfloat16 pads/adds far slower.
     dy32 = dy.astype(jnp.float32)
     zero = jnp.zeros((), jnp.float32)
     dx = jnp.zeros(x.shape, jnp.float32)

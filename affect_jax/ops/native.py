@@ -154,14 +154,14 @@ def check_impl(field: str, impl: str) -> None:
         return
     hint = ''
     if impl in ('onednn', 'winograd'):
-        hint = " ('native' runs the extension's convolutions, Winograd's where it is faster)"
+        hint = " ('native', the extension's kernels, replaced 'onednn' and 'winograd')"
     elif impl in ('dot1x1', 'dot', 'im2col'):
         hint = " (the XLA variants are no longer options: 'auto' picks the fastest path)"
     raise ValueError(f'{field}={impl!r} is not an option: expected one of '
                      f'{", ".join(map(repr, IMPLS))}{hint}')
 
 
-def native_applies(dtype: Any = jnp.float32) -> bool:
+def applies(dtype: Any = jnp.float32) -> bool:
     """Whether 'auto' picks the extension's kernels: float32/bfloat16 on CPU with the extension
     available and one device in the process (a custom call has no partitioning rule, so with
     several devices XLA would gather the batch onto each)."""
@@ -171,11 +171,11 @@ def native_applies(dtype: Any = jnp.float32) -> bool:
 
 def resolve_impl(what: str, impl: str, dtype: Any = jnp.float32) -> str:
     """Validates `impl` (one of IMPLS) for op `what` and maps 'auto' to 'native' where
-    `native_applies(dtype)`, else to 'xla'."""
+    `applies(dtype)`, else to 'xla'."""
     check_impl(f'{what} impl', impl)
     if impl == 'native' and not available():
         raise ValueError(f"{what} impl 'native' is unavailable: {unavailable_reason()}; "
                          "use 'auto' to fall back to XLA")
     if impl != 'auto':
         return impl
-    return 'native' if native_applies(dtype) else 'xla'
+    return 'native' if applies(dtype) else 'xla'
