@@ -276,9 +276,12 @@ def _expected(config, workdir, tag: str) -> dict[str, np.ndarray]:
     return _flat(params) | _flat(stats)
 
 
-def _compiled_step(config, batch):
-    """(model, mesh, batch on the mesh, the compiled train step) for `config`."""
+def _compiled_step(config, batch, conv_path=None):
+    """(model, mesh, batch on the mesh, the compiled train step) for `config`; `conv_path`
+    pins every convolution to that path of `conv_ops.PATHS`."""
     model = train.create_model(config)
+    if conv_path is not None:
+        conv_ops.pin_path(model, conv_path)
     graphdef, tx, state = train.create_train_state(config, model)
     mesh = train.make_mesh()
     global_batch = train.shard_batch(batch, mesh)
@@ -301,13 +304,13 @@ def _step_from_keras(config, compiled, workdir):
 @pytest.mark.parametrize('arch', ['resnet50', 'vgg16'])
 def test_one_train_step_matches_keras(arch, tmp_path):
     config = _config(arch)
-    # Where `auto` is Winograd, the 1e-4 comparison runs oneDNN's direct convolutions and the
-    # Winograd step is checked against Keras's float64 step below.
+    # Where `auto` is Winograd, the 1e-4 comparison runs oneDNN's direct convolutions (the
+    # 'onednn' path) and the Winograd step ('native') is checked against Keras's float64 step
+    # below.
     with_winograd = conv_ops.resolve_impl(config.conv_impl) == 'winograd'
     if with_winograd:
-        config.conv_impl = 'onednn'
         winograd_config = _config(arch)
-        winograd_config.conv_impl = 'winograd'
+        winograd_config.conv_impl = 'native'
     batch = _batch(np.random.default_rng(SEEDS[arch]))
     np.savez(tmp_path / 'batch.npz', **batch)
     # The float64 step is the reference for ResNet50's zero-gradient conv biases and Winograd.
@@ -319,7 +322,7 @@ def test_one_train_step_matches_keras(arch, tmp_path):
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # Compiled while Keras runs (the executable depends on shapes, not on values).
-        compiled = _compiled_step(config, batch)
+        compiled = _compiled_step(config, batch, 'onednn' if with_winograd else None)
         if with_winograd:
             winograd_compiled = _compiled_step(winograd_config, batch)
         log = keras_proc.communicate(timeout=900)[0]
