@@ -24,6 +24,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from affect_jax import run_dir
 from affect_jax.data import affectnet_tfds
 from affect_jax.data.affectnet_tfds import COUNT_KEYS, DROP_REASONS, DataError, format_counts
 from affect_jax.data.source import AFFECTNET_CLASS_NAMES, ExamplePool, Source
@@ -91,7 +92,7 @@ def load_source(
         }
     if workdir:
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "data_report.json"), "w") as f:
+        with open(os.path.join(workdir, run_dir.DATA_REPORT), "w") as f:
             json.dump(report, f, indent=2)
     return Source(
         name="affectnet",
