@@ -89,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.pool_impl = 'auto'
     # Training steps per XLA execution (a lax.scan over that many batches; Keras's
     # steps_per_execution); evaluation calls take as many images (a lax.map over
-    # train.eval_batches_per_call batches). XLA:CPU maps its temporaries afresh for every
+    # evaluation.eval_batches_per_call batches). XLA:CPU maps its temporaries afresh for every
     # execution, so several batches per call save that time (docs/performance.md). Same
     # results as 1 (bit for bit with the oneDNN convolutions; float32 round-off apart with
     # XLA's).

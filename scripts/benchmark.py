@@ -134,19 +134,19 @@ def _nominal_flops(config, batch) -> float:
     """
     import jax
 
-    from affect_jax import train
+    from affect_jax import steps
 
     reference = config.copy_and_resolve_references()
     reference.conv_impl = "xla"
     built = {}
 
     def build():
-        model = train.create_model(reference)
-        built["graphdef"], built["tx"], state = train.create_train_state(reference, model)
+        model = steps.create_initial_model(reference)
+        built["graphdef"], built["tx"], state = steps.create_train_state(reference, model)
         return state
 
     state = jax.eval_shape(build)
-    lowered = jax.jit(train.make_train_step(built["graphdef"], built["tx"], reference)).lower(
+    lowered = jax.jit(steps.make_train_step(built["graphdef"], built["tx"], reference)).lower(
         state, batch)
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -158,7 +158,7 @@ def _jax_worker(spec: dict[str, Any]):
     import jax.numpy as jnp
     import numpy as np
 
-    from affect_jax import host_memory, train
+    from affect_jax import host_memory, steps
     from affect_jax.ops import conv
     from configs import default
 
@@ -180,10 +180,10 @@ def _jax_worker(spec: dict[str, Any]):
     config.pool_impl = lever.get("pool", "auto")
     config.batch_size = b = spec["batch_size"]
     s = spec["image_size"]
-    model = train.create_model(config)
+    model = steps.create_initial_model(config)
     if conv_lever not in IMPLS:
         conv.pin_path(model, conv_lever)
-    graphdef, tx, state = train.create_train_state(config, model)
+    graphdef, tx, state = steps.create_train_state(config, model)
     del model
     host_memory.release_host_memory(clear_jit_caches=True)  # as the training driver does
     rng = np.random.default_rng(0)
@@ -199,11 +199,11 @@ def _jax_worker(spec: dict[str, Any]):
     per_call = int(lever.get("steps", config.steps_per_execution))
     chunk = {name: jnp.stack([value] * per_call) for name, value in batch.items()}
     t0 = time.perf_counter()
-    train_c = jax.jit(train.make_train_steps(train.make_train_step(graphdef, tx, config)),
+    train_c = jax.jit(steps.make_train_steps(steps.make_train_step(graphdef, tx, config)),
                       donate_argnums=donate).lower(state, chunk).compile()
     compile_s = time.perf_counter() - t0
     # Evaluation as the driver runs it too: per_call batches per call (make_eval_steps).
-    eval_c = jax.jit(train.make_eval_steps(train.make_eval_step(graphdef))).lower(
+    eval_c = jax.jit(steps.make_eval_steps(steps.make_eval_step(graphdef))).lower(
         state, chunk).compile()
     flops = _nominal_flops(config, batch)
     hlo = train_c.as_text()

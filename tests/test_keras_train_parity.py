@@ -45,7 +45,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from affect_jax import train, weights
+from affect_jax import sharding, steps, weights
 from affect_jax.ops import conv as conv_ops
 from tests.conftest import REPO, load_config
 
@@ -270,7 +270,7 @@ def _worst(errors: dict[str, float]) -> tuple[str, float]:
 
 def _expected(config, workdir, tag: str) -> dict[str, np.ndarray]:
     """Every Keras variable (kernels, biases, gamma, beta, moving mean/variance) of `tag`."""
-    model = nnx.eval_shape(lambda: train.create_model(config))
+    model = nnx.eval_shape(lambda: steps.create_initial_model(config))
     _load_from_keras(model, workdir, tag)
     _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     return _flat(params) | _flat(stats)
@@ -279,14 +279,14 @@ def _expected(config, workdir, tag: str) -> dict[str, np.ndarray]:
 def _compiled_step(config, batch, conv_path=None):
     """(model, mesh, batch on the mesh, the compiled train step) for `config`; `conv_path`
     pins every convolution to that path of `conv_ops.PATHS`."""
-    model = train.create_model(config)
+    model = steps.create_initial_model(config)
     if conv_path is not None:
         conv_ops.pin_path(model, conv_path)
-    graphdef, tx, state = train.create_train_state(config, model)
-    mesh = train.make_mesh()
-    global_batch = train.shard_batch(batch, mesh)
-    step = jax.jit(train.make_train_step(graphdef, tx, config)).lower(
-        train.replicate(state, mesh), global_batch).compile()
+    graphdef, tx, state = steps.create_train_state(config, model)
+    mesh = sharding.make_mesh()
+    global_batch = sharding.shard_batch(batch, mesh)
+    step = jax.jit(steps.make_train_step(graphdef, tx, config)).lower(
+        sharding.replicate(state, mesh), global_batch).compile()
     return model, mesh, global_batch, step
 
 
@@ -294,8 +294,8 @@ def _step_from_keras(config, compiled, workdir):
     """Starting params, updated params and statistics, statistic names, loss of one step."""
     model, mesh, global_batch, step = compiled
     _load_from_keras(model, workdir, 'before')
-    _, _, state = train.create_train_state(config, model)
-    new_state, out = step(train.replicate(state, mesh), global_batch)
+    _, _, state = steps.create_train_state(config, model)
+    new_state, out = step(sharding.replicate(state, mesh), global_batch)
     stats = _flat(new_state['batch_stats'])
     return (_flat(state['params']), _flat(new_state['params']) | stats, set(stats),
             float(out['loss']))
