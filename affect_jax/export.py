@@ -51,6 +51,8 @@ METADATA_NAME = "affect_jax"  # LiteRT metadata entry; SavedModel asset affect_j
 # Metadata values that are not strings (JSON-encoded in ONNX metadata_props).
 NON_STRING_METADATA = ("class_names", "image_size", "width", "checkpoint_step")
 ONNX_OPSET = 23
+# Platforms the SavedModel's XLA module is lowered for (TensorFlow picks the one it runs on).
+PLATFORMS = ("cpu", "cuda")
 
 
 class ExportError(ValueError):
@@ -174,9 +176,8 @@ def sidecar_path(tflite_path: str) -> str:
 
 def export_onnx(run: Run, path: str) -> None:
     """ONNX by jax2onnx: the weights are initializers, the metadata ``metadata_props``."""
-    import onnx
-
     to_onnx = _import_jax2onnx()
+    import onnx  # a dependency of jax2onnx
     serve = serving_function(run)
     size = int(run.config.data.image_size)
     (batch,) = jax.export.symbolic_shape("N")
@@ -196,7 +197,11 @@ def export_onnx(run: Run, path: str) -> None:
 def _import_jax2onnx():
     # jax2onnx logs a traceback for each optional plugin whose library it cannot import.
     std_logging.getLogger("jax2onnx").setLevel(std_logging.ERROR)
-    from jax2onnx import to_onnx
+    try:
+        from jax2onnx import to_onnx
+    except ImportError:
+        raise ExportError("ONNX export needs jax2onnx and onnx: pip install -c constraints.txt "
+                          "-e '.[export]'") from None
 
     return to_onnx
 
@@ -214,7 +219,7 @@ def saved_model_module(run: Run, metadata_dir: str):
         return serve(jax.tree.unflatten(treedef, leaves), images)
 
     converted = jax2tf.convert(serve_leaves, polymorphic_shapes=[None, f"(N, {size}, {size}, 3)"],
-                               with_gradient=False)
+                               with_gradient=False, native_serialization_platforms=PLATFORMS)
     module = tf.Module()
     module.weights = [tf.Variable(leaf, trainable=False) for leaf in leaves]
     text = json.dumps(metadata(run), indent=2)

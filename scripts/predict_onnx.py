@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     writer.writerow(["path", "expression", *(f"prob_{c}" for c in class_names), "valence",
                      "arousal"])
     paths, failed = image_paths(args.inputs), 0
+    if not paths:
+        print(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(args.inputs)}",
+              file=sys.stderr)
+        return 1
     for start in range(0, len(paths), args.batch_size):
         batch, faces = [], []
         for path in paths[start:start + args.batch_size]:
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         for path, p, (valence, arousal) in zip(batch, probs, valence_arousal, strict=True):
             writer.writerow([path, class_names[int(p.argmax())], *(f"{v:.6f}" for v in p),
                              f"{valence:.6f}", f"{arousal:.6f}"])
-    return 1 if failed or not paths else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
