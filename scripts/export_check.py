@@ -93,15 +93,18 @@ def file_size(path: str) -> int:
                for root, _, names in os.walk(path) for name in names)
 
 
-def images_per_second(predict, images: np.ndarray, repeats: int) -> float:
-    """Median over ``repeats`` timed calls (after one warm-up call) of images / seconds."""
-    predict(images)
-    times = []
+def paired_rates(first, second, images: np.ndarray, repeats: int) -> tuple[float, float]:
+    """Images/s of two predict functions: medians of ``repeats`` alternating timed calls
+    (after one warm-up call each), so both see the same machine load."""
+    first(images)
+    second(images)
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        predict(images)
-        times.append(time.perf_counter() - start)
-    return len(images) / statistics.median(times)
+        for predict, spent in zip((first, second), times, strict=True):
+            start = time.perf_counter()
+            predict(images)
+            spent.append(time.perf_counter() - start)
+    return tuple(len(images) / statistics.median(t) for t in times)
 
 
 def check_backbone(name: str, root: str, repeats: int) -> list[str]:
@@ -114,10 +117,16 @@ def check_backbone(name: str, root: str, repeats: int) -> list[str]:
     config.model.init = "random"
     config.data.source = "synthetic"
     config.compilation_cache_dir = ""
-    workdir = write_random_run(config, os.path.join(root, name, "run"))
     images = np.random.default_rng(0).integers(0, 256, (32, 224, 224, 3), np.uint8)
+    workdir = write_random_run(config, os.path.join(root, name, "run"))
     predictor = predict.Predictor(workdir, batch_size=32)
     expected = predictor.predict(images)
+    spread = (np.ptp(expected["probs"], axis=0).max(),
+              np.ptp(expected["valence_arousal"], axis=0).max())
+    # Random weights: the outputs hardly vary over the crops; the differences are to be read
+    # against this spread.
+    print(f"{name}: outputs over the crops span up to {spread[0]:.1e} (probs) and "
+          f"{spread[1]:.1e} (valence/arousal)")
     rows = []
     for fmt, filename in FORMATS.items():
         path = os.path.join(root, name, filename)
@@ -134,18 +143,20 @@ def check_backbone(name: str, root: str, repeats: int) -> list[str]:
                                    providers=["CPUExecutionProvider"])
     for batch in (1, 32):
         jax_predictor = predict.Predictor(workdir, batch_size=batch)
-        x = images[:batch]
-        ort_rate = images_per_second(lambda a: session.run(None, {"images": a}), x, repeats)
-        jax_rate = images_per_second(jax_predictor.predict, x, repeats)
-        rows.append(f"| {name} | batch {batch} | onnxruntime {ort_rate:.1f} img/s | "
-                    f"JAX Predictor {jax_rate:.1f} img/s | {ort_rate / jax_rate:.2f}x |")
+        ort_rate, jax_rate = paired_rates(lambda a: session.run(None, {"images": a}),
+                                          jax_predictor.predict, images[:batch], repeats)
+        rows.append(f"| {name} | {batch} | {ort_rate:.1f} | {jax_rate:.1f} | "
+                    f"{ort_rate / jax_rate:.2f}x |")
         print(rows[-1], flush=True)
     return rows
 
 
 def main(argv):
     del argv
-    print(f"jax {jax.__version__}, devices {jax.devices()}, cpus {os.cpu_count()}")
+    print(f"jax {jax.__version__}, devices {jax.devices()}, cpus {os.cpu_count()}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print("| backbone | format | export time | size | max abs diff vs JAX |\n"
+          "| backbone | batch | onnxruntime images/s | JAX Predictor images/s | ratio |")
     for name in FLAGS.backbones:
         check_backbone(name, FLAGS.output_dir, FLAGS.repeats)
 

@@ -203,7 +203,14 @@ def test_bad_requests_get_one_clear_line(runs, tmp_path):
     message = f"{unfinished / 'checkpoints'} not found: the run has no checkpoints yet"
     with pytest.raises(FileNotFoundError, match=f"^{re.escape(message)}$"):
         export.export_run(str(unfinished), str(tmp_path / "a.onnx"))
-    assert sorted(os.listdir(tmp_path)) == ["taken.onnx", "unfinished"]
+    # --overwrite replaces a SavedModel directory, never another one.
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("mine")
+    with pytest.raises(export.ExportError, match="is a directory that is not a SavedModel"):
+        export.export_run(workdir, str(notes), overwrite=True)
+    assert (notes / "keep.txt").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["notes", "taken.onnx", "unfinished"]
 
 
 def test_predict_onnx_script_needs_only_onnxruntime(runs, exported, faces, tmp_path):
