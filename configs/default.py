@@ -29,12 +29,18 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- Data --------------------------------------------------------------------------------
     config.data = ml_collections.ConfigDict()
-    # 'affectnet' (reads data.dir in any of the layouts in README) or 'synthetic' (drawn faces).
+    # 'affectnet' (the user's files in data.dir: AffectNet, FER2013, FER+, RAF-DB, a manifest
+    # CSV or class folders, any layout in the README) or 'synthetic' (drawn faces).
     config.data.source = 'affectnet'
-    config.data.dir = ''  # Root of the user's AffectNet files (source='affectnet').
-    # AffectNet layout: 'auto', 'official', 'npy', 'folders' or 'manifest'.
+    # Root of the user's files (source='affectnet'), or the manifest/FER2013 CSV file itself.
+    config.data.dir = ''
+    # Layout: 'auto', 'official', 'npy', 'folders', 'manifest' (AffectNet's and generic ones),
+    # 'fer2013', 'ferplus' or 'rafdb'.
     config.data.layout = 'auto'
-    config.data.num_classes = 8  # 8 (with Contempt) or 7 (AffectNet's 7-class protocol).
+    # Manifest layout: the directory relative image paths start from ('' = the CSV's directory).
+    config.data.image_root = ''
+    # 8 (with Contempt) or 7 (AffectNet's 7-class protocol; FER2013 and RAF-DB have only 7).
+    config.data.num_classes = 8
     config.data.image_size = 224  # Square input side in pixels.
     config.data.val_fraction = 0.2  # Stratified hold-out fraction of the training pool.
     config.data.split_seed = 0  # Seed of the train/validation split (fixed across runs).

@@ -100,20 +100,26 @@ def stratified_split(
 
 
 def make_splits(config: ml_collections.ConfigDict, workdir: str | None = None) -> DataSplits:
-    """Loads the source and splits its train pool into train/validation."""
+    """Loads the source; its 'validation' pool is the validation split when it has one (a
+    dataset's standard protocol, e.g. FER2013's PublicTest), else the train pool is split
+    (stratified, ``data.val_fraction``)."""
     source = load_source(config, workdir)
     pool = source.pools["train"]
-    train_idx, val_idx = stratified_split(
-        pool.labels, config.data.val_fraction, config.data.split_seed
-    )
+    if "validation" in source.pools:
+        train, validation = pool, source.pools["validation"]
+        how = "the source's own validation split"
+    else:
+        train_idx, val_idx = stratified_split(
+            pool.labels, config.data.val_fraction, config.data.split_seed
+        )
+        train, validation = subset(pool, train_idx), subset(pool, val_idx)
+        how = f"a stratified {config.data.val_fraction:g} hold-out"
     logging.info(
-        "Data %r: %d examples -> %d train / %d validation (%d classes)%s; counts %s",
-        source.name, len(pool), len(train_idx), len(val_idx), source.num_classes,
+        "Data %r: %d train / %d validation examples (%s; %d classes)%s; counts %s",
+        source.name, len(train), len(validation), how, source.num_classes,
         "" if source.has_valence_arousal else ", no valence/arousal", dict(source.counts),
     )
-    return DataSplits(
-        source, subset(pool, train_idx), subset(pool, val_idx), source.pools.get("test")
-    )
+    return DataSplits(source, train, validation, source.pools.get("test"))
 
 
 def preprocessing_mode(config: ml_collections.ConfigDict) -> str:
