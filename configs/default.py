@@ -50,6 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.preprocessing = 'auto'
     config.data.synthetic_size = 4000  # Number of drawn faces (source='synthetic').
     config.data.tfds_data_dir = ''  # Where TFDS prepares AffectNet ('' = TFDS default).
+    # Training order: 'shuffle' (every example once per epoch) or 'balanced' (each class drawn
+    # equally often, rare classes repeated; epochs keep the training split's length, so
+    # steps_per_epoch is unchanged). docs/imbalance.md.
+    config.data.sampling = 'shuffle'
 
     # Augmentation (training only; off at evaluation).
     config.augment = ml_collections.ConfigDict()
@@ -73,6 +77,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss_weights.classification = 1.0  # Weight of categorical cross-entropy.
     config.loss_weights.regression = 1.0  # Weight of valence/arousal MSE.
     config.loss_weights.ccc = 0.0  # Weight of (1 - CCC) per dimension (HSEmotion); off.
+    # Per-class weights of the cross-entropy, from the training split's class counts: 'none'
+    # (the study), 'inverse_frequency' or 'effective_number' (Cui et al. 2019); scaled to an
+    # average of 1 per training example; never applied to the regression terms.
+    # docs/imbalance.md.
+    config.loss_weights.class_weighting = 'none'
+    config.loss_weights.effective_number_beta = 0.999  # Cui et al.'s beta ('effective_number').
 
     # --- Numerics and speed --------------------------------------------------------------------
     # 'float32' or 'bfloat16' (params, optimizer and loss stay float32; BatchNorm computes in
@@ -108,7 +118,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- Run ---------------------------------------------------------------------------------
     config.seed = 0  # Model init, dropout and data order.
-    # Validation metric that picks the best checkpoint, and whether higher is better.
+    # Validation metric that picks the best checkpoint, and whether higher is better (any key
+    # of the validation metrics, e.g. 'accuracy', 'balanced_accuracy', 'f1_macro', 'mean_ccc').
     config.best_metric = 'mean_ccc'
     config.best_mode = 'max'
     config.keep_checkpoints = 2  # Latest checkpoints kept besides the best one.
