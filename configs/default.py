@@ -49,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
     # RGB->BGR, minus ImageNet mean, no scaling) or 'unit' (scale to [-1, 1]).
     config.data.preprocessing = 'auto'
     config.data.synthetic_size = 4000  # Number of drawn faces (source='synthetic').
+    # Fraction of each class's drawn faces kept in the training pool, e.g. (1, 1, 0.2, ...);
+    # () keeps all (balanced). For imbalance experiments (source='synthetic').
+    config.data.synthetic_class_fractions = ()
     config.data.tfds_data_dir = ''  # Where TFDS prepares AffectNet ('' = TFDS default).
     # Training order: 'shuffle' (every example once per epoch) or 'balanced' (each class drawn
     # equally often, rare classes repeated; epochs keep the training split's length, so

@@ -105,3 +105,17 @@ def test_class_balance_file(tmp_path):
     assert record["train_counts"] == {"a": 900, "b": 60, "c": 30, "d": 10}
     assert record["class_weights"]["d"] == pytest.approx(float(w[3]))
     assert record["effective_number_beta"] == 0.9 and record["epoch_length"] == 1000
+
+
+def test_synthetic_class_fractions_make_an_imbalanced_pool():
+    from affect_jax.data import synthetic
+
+    config = tiny_config(**{"data.synthetic_size": 160})
+    config.data.synthetic_class_fractions = (1, 1, 0.5, 0.25, 1, 1, 1, 0.1)
+    source = synthetic.load_source(config)
+    np.testing.assert_array_equal(np.bincount(source.pools["train"].labels),
+                                  [20, 20, 10, 5, 20, 20, 20, 2])
+    assert source.counts["kept"] == 117 and len(source.pools["test"]) == 32
+    config.data.synthetic_class_fractions = (1, 0)
+    with pytest.raises(ValueError, match="synthetic_class_fractions=\\(1, 0\\); expected 8"):
+        synthetic.load_source(config)
