@@ -1,13 +1,14 @@
-"""Builds the optional C++ extension: oneDNN convolutions (affect_jax/ops/onednn_conv.cc), the
-Winograd F(4x4, 3x3) convolutions (winograd_kernels.cc; oneDNN matmul), the BatchNorm and
-max-pool kernels (batch_norm_kernels.cc, max_pool_kernels.cc; OpenMP), as XLA FFI custom calls.
+"""Builds the optional C++ extension `affect_jax.ops._native`, XLA FFI custom calls: oneDNN
+convolutions (affect_jax/ops/onednn_conv.cc), Winograd F(4x4, 3x3) convolutions (winograd.cc;
+oneDNN matmul), BatchNorm and max-pool kernels (batch_norm.cc, max_pool.cc; OpenMP), and the
+revision check (native.cc). Each .cc file is driven by the Python module of the same stem.
 
 Everything else about the package is in pyproject.toml. The extension is compiled from source
 by this install, against the headers of the `onednn-devel-cpu-gomp` build dependency and the
 `libdnnl.so.3` of `onednn-cpu-gomp` (both from PyPI), and the vendored XLA FFI headers of
 jaxlib 0.10.2 (third_party/xla_ffi). If that is impossible (no C++ compiler, another platform,
-AFFECT_JAX_BUILD_ONEDNN=0), the install still succeeds without it and affect-jax falls back to
-XLA's convolutions and BatchNorm (`affect_jax.ops.onednn.unavailable_reason()` says why).
+AFFECT_JAX_BUILD_NATIVE_KERNELS=0), the install still succeeds without it and affect-jax falls
+back to XLA's code (`affect_jax.ops.native.unavailable_reason()` says why).
 """
 
 from __future__ import annotations
@@ -36,27 +37,40 @@ def _dist_file(dist: str, suffix: str) -> Path | None:
     return None
 
 
-def _onednn_extension() -> list[Extension]:
-    if os.environ.get('AFFECT_JAX_BUILD_ONEDNN', '1') == '0':
-        print('affect-jax: AFFECT_JAX_BUILD_ONEDNN=0, not building the oneDNN extension')
+SOURCES = ('native', 'onednn_conv', 'winograd', 'batch_norm', 'max_pool')
+HEADERS = ('kernel_util', 'onednn_util')
+
+
+def _build_switched_off() -> bool:
+    if 'AFFECT_JAX_BUILD_NATIVE_KERNELS' in os.environ:
+        return os.environ['AFFECT_JAX_BUILD_NATIVE_KERNELS'] == '0'
+    if 'AFFECT_JAX_BUILD_ONEDNN' in os.environ:
+        print('affect-jax: AFFECT_JAX_BUILD_ONEDNN is renamed AFFECT_JAX_BUILD_NATIVE_KERNELS; '
+              'honouring it')
+        return os.environ['AFFECT_JAX_BUILD_ONEDNN'] == '0'
+    return False
+
+
+def _native_extension() -> list[Extension]:
+    if _build_switched_off():
+        print('affect-jax: switched off, not building the native extension')
         return []
     if sys.platform != 'linux' or platform.machine() != 'x86_64':
-        print('affect-jax: the oneDNN extension is built on Linux x86_64 only')
+        print('affect-jax: the native extension is built on Linux x86_64 only')
         return []
     header = _dist_file('onednn-devel-cpu-gomp', 'include/oneapi/dnnl/dnnl.hpp')
     library = _dist_file('onednn-cpu-gomp', '/libdnnl.so.3')
     if header is None or library is None:
         print('affect-jax: onednn-devel-cpu-gomp not found in the build environment; '
-              'building without the oneDNN extension')
+              'building without the native extension')
         return []
     return [Extension(
-        'affect_jax.ops._onednn',
-        sources=['affect_jax/ops/onednn_conv.cc', 'affect_jax/ops/batch_norm_kernels.cc',
-                 'affect_jax/ops/max_pool_kernels.cc', 'affect_jax/ops/winograd_kernels.cc'],
-        depends=['affect_jax/ops/kernel_util.h', 'affect_jax/ops/onednn_util.h'],
+        'affect_jax.ops._native',
+        sources=[f'affect_jax/ops/{stem}.cc' for stem in SOURCES],
+        depends=[f'affect_jax/ops/{stem}.h' for stem in HEADERS],
         include_dirs=[str(header.parent.parent.parent), str(ROOT / 'third_party' / 'xla_ffi')],
         # Linking the file records its soname (libdnnl.so.3) as a dependency; at run time
-        # affect_jax.ops.onednn loads the installed onednn-cpu-gomp copy before the extension.
+        # affect_jax.ops.native loads the installed onednn-cpu-gomp copy before the extension.
         extra_objects=[str(library)],
         # No FMA contraction: the BatchNorm kernels recompute the forward's ReLU mask exactly.
         extra_compile_args=['-std=c++17', '-O3', '-fopenmp', '-ffp-contract=off', '-w'],
@@ -66,8 +80,8 @@ def _onednn_extension() -> list[Extension]:
 
 
 def _not_built(error: Exception) -> None:
-    print(f'affect-jax: WARNING: oneDNN extension not built ({error}); '
-          'convolutions will use XLA')
+    print(f'affect-jax: WARNING: native extension not built ({error}); '
+          "affect-jax will use XLA's code")
 
 
 class OptionalBuildExt(build_ext):
@@ -90,4 +104,4 @@ class OptionalBuildExt(build_ext):
             _not_built(e)
 
 
-setup(ext_modules=_onednn_extension(), cmdclass={'build_ext': OptionalBuildExt})
+setup(ext_modules=_native_extension(), cmdclass={'build_ext': OptionalBuildExt})

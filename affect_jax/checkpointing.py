@@ -1,9 +1,11 @@
-"""Orbax checkpoints of the train state: the latest few plus the best by a validation metric."""
+"""Orbax checkpoints of the train state: the latest few plus the best by a validation metric.
+
+How checkpoints are kept, ranked, saved and restored; ``run_dir`` says where a run keeps them.
+"""
 
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import jax
@@ -44,9 +46,10 @@ def _metric_getter(config: ml_collections.ConfigDict):
     return get
 
 
-def create_manager(workdir: str, config: ml_collections.ConfigDict,
+def create_manager(directory: str, config: ml_collections.ConfigDict,
                    read_only: bool = False) -> ocp.CheckpointManager:
-    """A manager in ``workdir/checkpoints`` that keeps the latest N and the best one.
+    """A manager of the absolute ``directory`` that keeps the latest N and the best one (by
+    ``config.best_metric``); ``run_dir.checkpoint_manager`` opens a run's.
 
     ``read_only`` (evaluation, prediction) neither creates, cleans up nor deletes anything, so it
     is safe beside a run that is still training.
@@ -64,8 +67,7 @@ def create_manager(workdir: str, config: ml_collections.ConfigDict,
         # Leftovers of a save interrupted by a kill.
         cleanup_tmp_directories=not read_only,
     )
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                                 options=options)
+    return ocp.CheckpointManager(directory, options=options)
 
 
 def _scalar_metrics(values: dict[str, Any]) -> dict[str, float]:

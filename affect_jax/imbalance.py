@@ -19,7 +19,9 @@ import json
 import os
 from collections.abc import Sequence
 
+import ml_collections
 import numpy as np
+from absl import logging
 
 CLASS_WEIGHTINGS = ("none", "inverse_frequency", "effective_number")
 SAMPLINGS = ("shuffle", "balanced")
@@ -109,3 +111,32 @@ def write_class_balance(
     with open(path, "w") as f:
         json.dump(record, f, indent=2)
     return path
+
+
+def training_class_weights(
+    config: ml_collections.ConfigDict, labels: np.ndarray, class_names: Sequence[str],
+    workdir: str | None,
+) -> np.ndarray | None:
+    """The cross-entropy's class weights of a run (None for 'none'), from the training split's
+    ``labels``; logs them and, when ``workdir`` is given, writes ``class_balance.json``."""
+    weighting = config.loss_weights.get("class_weighting", "none")
+    beta = float(config.loss_weights.get("effective_number_beta", 0.999))
+    sampling = config.data.get("sampling", "shuffle")
+    check_settings(weighting, sampling, beta)
+    counts = np.bincount(labels, minlength=len(class_names))
+    weights = class_weights(counts, weighting, beta)
+    logging.info(
+        "Training split per class: %s; class weighting %r%s; sampling %r (%d examples per "
+        "epoch%s)", dict(zip(class_names, counts.tolist(), strict=True)), weighting,
+        "" if weighting == "none" else ": " + ", ".join(
+            f"{n} {w:.3g}" for n, w in zip(class_names, weights, strict=True)),
+        sampling, len(labels), ", each class drawn equally often" if sampling == "balanced"
+        else "",
+    )
+    if weighting != "none" and sampling == "balanced":
+        logging.warning("Class weights on class-balanced batches weight the classes twice; "
+                        "docs/imbalance.md suggests one of the two.")
+    if workdir:
+        write_class_balance(workdir, class_names, counts, weights, weighting, beta, sampling,
+                            len(labels))
+    return None if weighting == "none" else weights

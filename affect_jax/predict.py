@@ -5,7 +5,8 @@ r"""Predictions of a trained run on your own images, folders of images and video
 
 The run's ``config.json`` fixes the architecture, classes, input size and preprocessing; every
 face crop goes through the training pipeline's own resize and ``pipeline.preprocess`` and the
-batches through ``train.make_eval_step``, so a crop is scored exactly as validation scores it.
+batches through ``steps.make_predict_step`` (the forward pass of validation's
+``steps.make_eval_step``), so a crop is scored exactly as validation scores it.
 ``Predictor`` is the Python API; the command line is a thin layer over it.
 """
 
@@ -22,19 +23,13 @@ from typing import Any
 
 import cv2
 import jax
-import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import tensorflow as tf
 from absl import app, flags, logging
-from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from affect_jax import checkpointing, metrics, models, train
+from affect_jax import distributed, metrics, run_dir, sharding, steps
 from affect_jax.data import pipeline
 from affect_jax.data.images import IMAGE_EXTENSIONS, crop_box, decode_error_text, read_image
-from affect_jax.data.source import AFFECTNET_CLASS_NAMES
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")
 FACE_MODES = ("none", "detect", "box")
@@ -49,94 +44,6 @@ FACE_COLUMNS = ("face_x", "face_y", "face_width", "face_height")
 Box = tuple[float, float, float, float]  # x, y, width, height
 Crop = tuple[int, int, int, int]  # x0, y0, x1, y1 (end-exclusive)
 BoxTable = Mapping[tuple[str, int | None], Sequence[Box]]
-
-
-# ---------------------------------------------------------------------------------------------
-# The run: config, class names, checkpoint
-# ---------------------------------------------------------------------------------------------
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The run's configuration, read from ``workdir/config.json``."""
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"run directory {workdir!r} does not exist")
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path} not found: {workdir!r} is not a run directory written by "
-            "`python -m affect_jax.main --workdir=...`"
-        )
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def run_class_names(workdir: str, config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The class names of ``final_metrics.json``; AffectNet's order if the run is unfinished."""
-    num_classes = int(config.data.num_classes)
-    path = os.path.join(workdir, "final_metrics.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            names = json.load(f).get("class_names") or []
-        if len(names) == num_classes:
-            return tuple(str(n) for n in names)
-    # Every source orders its classes as AffectNet does (synthetic, all AffectNet layouts).
-    names = AFFECTNET_CLASS_NAMES[:num_classes]
-    return tuple(names) + tuple(f"class_{k}" for k in range(len(names), num_classes))
-
-
-def _open_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-    """A read-only manager (safe while the run still trains), ranked as training ranks."""
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{directory} not found: the run has no checkpoints yet")
-    return checkpointing.create_manager(workdir, config, read_only=True)
-
-
-def _choose_step(manager: ocp.CheckpointManager, which: str, step: int | None) -> int:
-    steps = list(manager.all_steps())
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-    if step is not None:
-        if step not in steps:
-            raise FileNotFoundError(
-                f"no checkpoint {step} in {manager.directory} (it has {sorted(steps)})"
-            )
-        return step
-    if which == "latest":
-        return manager.latest_step()
-    if which != "best":
-        raise ValueError(f"which={which!r}; expected 'best' or 'latest'")
-    best = manager.best_step()
-    if best is None:
-        logging.warning("No validation metrics saved with the checkpoints; using the latest.")
-        return manager.latest_step()
-    return best
-
-
-def restore_variables(
-    workdir: str, config: ml_collections.ConfigDict, which: str, step: int | None,
-    mesh: jax.sharding.Mesh,
-) -> tuple[int, nnx.GraphDef, train.State]:
-    """(step, graphdef, {'params', 'batch_stats'}) of the chosen checkpoint, replicated."""
-    manager = _open_manager(workdir, config)
-    step = _choose_step(manager, which, step)
-
-    def build_model() -> nnx.Module:
-        # Weights come from the checkpoint: no ImageNet file is needed to build the model.
-        return models.create_model(config, nnx.Rngs(params=config.seed))
-
-    def build_state() -> train.State:
-        return train.create_train_state(config, build_model())[2]
-
-    # Shapes only: initialising the model eagerly is slow and its values are overwritten.
-    graphdef = nnx.graphdef(nnx.eval_shape(build_model))
-    replicated = NamedSharding(mesh, P())
-    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                        jax.eval_shape(build_state))
-    logging.info("Restoring checkpoint %d from %s", step, manager.directory)
-    state = checkpointing.restore(manager, step, like)
-    manager.close()
-    return step, graphdef, {"params": state["params"], "batch_stats": state["batch_stats"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,21 +178,21 @@ class Predictor:
     def __init__(self, workdir: str, which: str = "best", batch_size: int = 32, *,
                  step: int | None = None, flip_tta: bool = False):
         self.workdir = workdir
-        self.config = load_run_config(workdir)
-        self.class_names = run_class_names(workdir, self.config)
+        self.config = run_dir.load_config(workdir)
+        self.class_names = run_dir.class_names(workdir, self.config)
         self.image_size = int(self.config.data.image_size)
         self.preprocessing = pipeline.preprocessing_mode(self.config)
         self.face_margin = float(self.config.data.get("face_margin", 0.0))
         self.batch_size = int(batch_size)
-        self._mesh = train.make_mesh()
+        self._mesh = sharding.make_mesh()
         devices = self._mesh.devices.size
         if self.batch_size < 1 or self.batch_size % devices:
             raise ValueError(f"batch_size={batch_size} must be a positive multiple of the "
                              f"{devices} devices")
-        self.step, graphdef, self._variables = restore_variables(
-            workdir, self.config, which, step, self._mesh)
-        self._eval_steps = jax.jit(
-            train.make_eval_steps(train.make_eval_step(graphdef, flip_tta=flip_tta)))
+        self.step, graphdef, state = run_dir.restore_checkpoint(
+            workdir, self.config, self._mesh, which, step)
+        self._variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        self._predict_step = jax.jit(steps.make_predict_step(graphdef, flip_tta=flip_tta))
         size, mode = self.image_size, self.preprocessing
 
         # The evaluation pipeline's own functions (what `pipeline.eval_batches` maps).
@@ -318,15 +225,11 @@ class Predictor:
     def _run(self, inputs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(probs [n, C], clipped valence/arousal [n, 2]) of up to batch_size prepared images."""
         n = len(inputs)
-        batch = pipeline.pad_batch({
-            "image": np.stack(inputs),
-            "expression": np.zeros(n, np.int32),
-            "valence_arousal": np.zeros((n, 2), np.float32),
-            "has_va": np.zeros(n, np.float32),
-            "mask": np.ones(n, np.float32),
-        }, self.batch_size)
-        out = train.predict_split(self._eval_steps, self._variables, [batch], self._mesh)
-        return out["probs"], np.clip(out["valence_arousal"], -1.0, 1.0)
+        images = np.zeros((self.batch_size, *inputs[0].shape), np.float32)  # padded
+        images[:n] = np.stack(inputs)
+        images = sharding.shard_batch({"image": images}, self._mesh)["image"]
+        out = distributed.to_host(self._predict_step(self._variables, images))
+        return out["probs"][:n], np.clip(out["valence_arousal"][:n], -1.0, 1.0)
 
     def predict(self, images: Sequence[np.ndarray] | np.ndarray) -> dict[str, Any]:
         """Scores face crops (uint8 RGB [H, W, 3] each, any size; no face detection).
@@ -603,7 +506,7 @@ def main(argv: Sequence[str]) -> int:
             workdir, step = _workdir_and_step(FLAGS.checkpoint)
         else:
             workdir, step = FLAGS.workdir, None
-        config = load_run_config(workdir)
+        config = run_dir.load_config(workdir)
         if config.get("compilation_cache_dir"):
             jax.config.update("jax_compilation_cache_dir",
                               os.path.expanduser(config.compilation_cache_dir))

@@ -1,6 +1,6 @@
 """Reports of a finished (or running) training run, regenerated from its workdir alone.
 
-Reads what the trainer writes (the contract):
+Reads what the trainer writes in its run directory (``run_dir``), the contract:
 
 - ``metrics.jsonl``: one JSON object per epoch with ``epoch`` (1-based), ``step``,
   ``epoch_time_s``, ``train_loss``, ``train_accuracy``, ``train_mean_ccc`` (may be absent or
@@ -17,7 +17,6 @@ and ``markdown_table`` build the study's comparison table (also used by
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -26,10 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from affect_jax import run_dir
 from affect_jax.metrics import REGRESSION_METRICS, VA_DIMENSIONS, metric_key_name
-
-METRICS_HISTORY = "metrics.jsonl"
-FINAL_METRICS = "final_metrics.json"
 
 TABLE_COLUMNS = ("model", "classes", "accuracy", "balanced acc", "macro F1", "AUC", "PR-AUC",
                  "kappa", "RMSE", "CORR", "SAGR", "CCC", "time/epoch")
@@ -55,37 +52,6 @@ REFERENCE_NOTE = ("\\* The study says 7 classes, but its 3999-image release carr
 
 _MODEL_NAMES = {"resnet50": "ResNet50", "vgg16": "VGG16"}
 MISSING = "n/a"
-
-
-# --- Reading ---------------------------------------------------------------------------------
-
-def load_final_metrics(workdir: str | Path) -> dict[str, Any]:
-    """Reads ``final_metrics.json``; FileNotFoundError names the workdir if it is missing."""
-    path = Path(workdir) / FINAL_METRICS
-    if not path.is_file():
-        raise FileNotFoundError(f"{workdir}: no {FINAL_METRICS} (has the run finished?)")
-    return json.loads(path.read_text())
-
-
-def load_history(workdir: str | Path) -> list[dict[str, Any]]:
-    """Reads ``metrics.jsonl`` sorted by epoch ([] if absent).
-
-    A resumed run may log an epoch twice; the last record of an epoch wins.
-    """
-    path = Path(workdir) / METRICS_HISTORY
-    if not path.is_file():
-        return []
-    by_epoch: dict[int, dict[str, Any]] = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            # A run killed mid-write leaves a truncated last line; say where, do not guess.
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
-        by_epoch[int(record["epoch"])] = record
-    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 # --- Formatting ------------------------------------------------------------------------------
@@ -363,27 +329,28 @@ def write_reports(workdir: str | Path) -> dict[str, Path]:
     ``report``).
     """
     workdir = Path(workdir)
-    final_metrics = load_final_metrics(workdir)
-    history = load_history(workdir)
+    final_metrics = run_dir.load_final_metrics(workdir)
+    history = run_dir.load_history(workdir)
     model = model_display_name(final_metrics.get("model", "?"))
     class_names = list(final_metrics.get("class_names", []))
     written: dict[str, Path] = {}
 
     if history:
         written["training_curves"] = plot_training_curves(
-            history, workdir / "training_curves.png", title=f"{model}: training curves",
+            history, workdir / run_dir.TRAINING_CURVES, title=f"{model}: training curves",
             best_epoch=final_metrics.get("best_epoch"))
     else:
-        warnings.warn(f"{workdir}: no {METRICS_HISTORY}; training curves skipped", stacklevel=2)
+        warnings.warn(f"{workdir}: no {run_dir.METRICS_HISTORY}; training curves skipped",
+                      stacklevel=2)
 
     confusion = final_metrics.get("metrics", {}).get("confusion_matrix")
     if confusion:
         written["confusion_matrix"] = plot_confusion_matrix(
-            confusion, class_names, workdir / "confusion_matrix.png",
+            confusion, class_names, workdir / run_dir.CONFUSION_MATRIX,
             title=f"{model}: confusion matrix ({final_metrics.get('split', 'validation')}, "
                   f"{final_metrics.get('checkpoint', '?')} checkpoint)")
 
-    report = workdir / "report.md"
+    report = workdir / run_dir.REPORT
     report.write_text(render_markdown(final_metrics, history, written))
     written["report"] = report
     return written

@@ -95,25 +95,20 @@ def get_config() -> ml_collections.ConfigDict:
     # mixed_bfloat16: less memory), 'float32' (only the convolutions round), or 'auto'
     # ('compute' for both backbones; VGG16's feature map stays float32). docs/performance.md.
     config.activation_dtype = 'auto'
-    # Convolution path (affect_jax/ops/conv.py; docs/performance.md): 'auto' (on CPU
-    # 'winograd' when its extension is built and there is one device per process, else
-    # 'dot1x1'), 'winograd' ('onednn', with float32 3x3 stride-1 convolutions by Winograd's
-    # F(4x4, 3x3): VGG16 float32 1.95x), 'onednn', 'xla' (plain lax.conv), 'dot1x1', 'dot' or
-    # 'im2col'. Same results (float32 round-off apart).
+    # Which kernels run the convolutions, the training-mode BatchNorm (ResNet50) and the max
+    # pools (VGG16's five, ResNet50's stem): 'auto', 'xla' or 'native'. 'native' is the
+    # package's optional C++ extension (affect_jax/ops/native.py; CPU only): oneDNN's
+    # convolutions, with Winograd's F(4x4, 3x3) for the float32 3x3 stride-1 ones where it is
+    # faster; BatchNorm with the ResNet blocks' residual sum and ReLU fused; max pooling in one
+    # pass each way. 'xla' is XLA's own code. 'auto' is 'native' where the extension is built
+    # and there is one device per process, else XLA (on CPU with the 1x1 convolutions as
+    # matrix products). Same results (float32 round-off apart). docs/performance.md.
     config.conv_impl = 'auto'
-    # Training-mode BatchNorm path (ResNet50; affect_jax/ops/batch_norm.py): 'auto' ('native'
-    # on CPU when the same extension is built and there is one device per process, else
-    # 'xla'), 'native' (C++ kernels with the blocks' residual sum and ReLU fused: fewer passes
-    # over memory, 1.1-1.5 GB less of it) or 'xla'. Same results (float32 round-off apart).
     config.batch_norm_impl = 'auto'
-    # Max-pool path (VGG16's five pools, ResNet50's stem; affect_jax/ops/pool.py): 'auto'
-    # ('native' on CPU when the same extension is built and there is one device per process,
-    # else 'xla'), 'native' (C++ kernels: one pass each way, the gradient from the recorded
-    # argmax) or 'xla'. Same results.
     config.pool_impl = 'auto'
     # Training steps per XLA execution (a lax.scan over that many batches; Keras's
     # steps_per_execution); evaluation calls take as many images (a lax.map over
-    # train.eval_batches_per_call batches). XLA:CPU maps its temporaries afresh for every
+    # evaluation.eval_batches_per_call batches). XLA:CPU maps its temporaries afresh for every
     # execution, so several batches per call save that time (docs/performance.md). Same
     # results as 1 (bit for bit with the oneDNN convolutions; float32 round-off apart with
     # XLA's).

@@ -1,7 +1,7 @@
 r"""Training/eval step and input-pipeline speed of affect-jax, optionally against Keras and PyTorch.
 
     python scripts/benchmark.py --model=resnet50 --dtype=float32,bfloat16 --batch_size=32 \
-      --image_size=224 --steps=5 --warmup=2 [--lever=conv=xla --lever=conv=dot] [--compare] \
+      --image_size=224 --steps=5 --warmup=2 [--lever=conv=xla --lever=conv=native] [--compare] \
       [--output=benchmark.json]
 
 Model: the project's multi-task model (backbone, global average pool, Dense(8) softmax CE and
@@ -22,8 +22,10 @@ first call), peak RSS, achieved GFLOP/s (XLA's cost analysis of the affect-jax s
 nominal FLOPs for every contender), and per-round ratios affect-jax / peer with their spread.
 
 Levers: ``--lever`` takes ``key=value`` items joined by ``+``; keys: ``conv`` (config.conv_impl:
-auto, xla, dot1x1, dot, im2col, onednn, winograd), ``xla_flags`` (appended to XLA_FLAGS in that
-worker),
+auto, xla, native; or a path of affect_jax.ops.conv.PATHS pinned in every layer: dot1x1, XLA
+with the 1x1 convolutions as dots ('auto' without the extension); onednn, oneDNN's direct
+convolutions without Winograd; winograd, what 'native' runs), ``xla_flags`` (appended to
+XLA_FLAGS in that worker),
 ``donate`` (0/1: donate the train state), ``steps`` (config.steps_per_execution: train steps
 per XLA call; times are per step), ``act`` (config.activation_dtype: auto, compute, float32),
 ``bn`` (config.batch_norm_impl: auto, xla, native), ``pool`` (config.pool_impl: auto, xla,
@@ -95,11 +97,12 @@ MALLOC_ENV = {
 
 
 LEVER_KEYS = ("conv", "xla_flags", "donate", "malloc", "steps", "act", "bn", "pool")
-# affect_jax.models.ACTIVATION_DTYPES, affect_jax.ops.batch_norm.IMPLS and
-# affect_jax.ops.pool.IMPLS (tested equal); the parent process does not import jax.
+# affect_jax.models.ACTIVATION_DTYPES, affect_jax.ops.native.IMPLS (config.conv_impl,
+# batch_norm_impl, pool_impl) and affect_jax.ops.conv.PATHS (tested equal); the parent process
+# does not import jax.
 ACTIVATION_DTYPES = ("auto", "compute", "float32")
-BATCH_NORM_IMPLS = ("auto", "xla", "native")
-POOL_IMPLS = ("auto", "xla", "native")
+IMPLS = ("auto", "xla", "native")
+CONV_PATHS = ("xla", "dot1x1", "onednn", "winograd")
 
 
 def _parse_lever(lever: str) -> dict[str, str]:
@@ -114,10 +117,10 @@ def _parse_lever(lever: str) -> dict[str, str]:
             raise app.UsageError(f"bad steps lever {value!r} (an integer >= 1)")
         if key == "act" and value not in ACTIVATION_DTYPES:
             raise app.UsageError(f"bad act lever {value!r} (one of {ACTIVATION_DTYPES})")
-        if key == "bn" and value not in BATCH_NORM_IMPLS:
-            raise app.UsageError(f"bad bn lever {value!r} (one of {BATCH_NORM_IMPLS})")
-        if key == "pool" and value not in POOL_IMPLS:
-            raise app.UsageError(f"bad pool lever {value!r} (one of {POOL_IMPLS})")
+        if key == "conv" and value not in IMPLS + CONV_PATHS:
+            raise app.UsageError(f"bad conv lever {value!r} (one of {IMPLS + CONV_PATHS[1:]})")
+        if key in ("bn", "pool") and value not in IMPLS:
+            raise app.UsageError(f"bad {key} lever {value!r} (one of {IMPLS})")
         if key == "malloc" and value not in MALLOC_ENV:
             raise app.UsageError(f"bad malloc lever {value!r} (one of {sorted(MALLOC_ENV)})")
         out[key] = value
@@ -131,19 +134,19 @@ def _nominal_flops(config, batch) -> float:
     """
     import jax
 
-    from affect_jax import train
+    from affect_jax import steps
 
     reference = config.copy_and_resolve_references()
     reference.conv_impl = "xla"
     built = {}
 
     def build():
-        model = train.create_model(reference)
-        built["graphdef"], built["tx"], state = train.create_train_state(reference, model)
+        model = steps.create_initial_model(reference)
+        built["graphdef"], built["tx"], state = steps.create_train_state(reference, model)
         return state
 
     state = jax.eval_shape(build)
-    lowered = jax.jit(train.make_train_step(built["graphdef"], built["tx"], reference)).lower(
+    lowered = jax.jit(steps.make_train_step(built["graphdef"], built["tx"], reference)).lower(
         state, batch)
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -155,7 +158,8 @@ def _jax_worker(spec: dict[str, Any]):
     import jax.numpy as jnp
     import numpy as np
 
-    from affect_jax import host_memory, train
+    from affect_jax import host_memory, steps
+    from affect_jax.ops import conv
     from configs import default
 
     if spec.get("cache_dir"):
@@ -169,14 +173,17 @@ def _jax_worker(spec: dict[str, Any]):
     config.data.num_classes = spec["num_classes"]
     config.data.image_size = spec["image_size"]
     config.compute_dtype = spec["dtype"]
-    config.conv_impl = lever.get("conv", "auto")
+    conv_lever = lever.get("conv", "auto")
+    config.conv_impl = conv_lever if conv_lever in IMPLS else "auto"
     config.activation_dtype = lever.get("act", "auto")
     config.batch_norm_impl = lever.get("bn", "auto")
     config.pool_impl = lever.get("pool", "auto")
     config.batch_size = b = spec["batch_size"]
     s = spec["image_size"]
-    model = train.create_model(config)
-    graphdef, tx, state = train.create_train_state(config, model)
+    model = steps.create_initial_model(config)
+    if conv_lever not in IMPLS:
+        conv.pin_path(model, conv_lever)
+    graphdef, tx, state = steps.create_train_state(config, model)
     del model
     host_memory.release_host_memory(clear_jit_caches=True)  # as the training driver does
     rng = np.random.default_rng(0)
@@ -192,11 +199,11 @@ def _jax_worker(spec: dict[str, Any]):
     per_call = int(lever.get("steps", config.steps_per_execution))
     chunk = {name: jnp.stack([value] * per_call) for name, value in batch.items()}
     t0 = time.perf_counter()
-    train_c = jax.jit(train.make_train_steps(train.make_train_step(graphdef, tx, config)),
+    train_c = jax.jit(steps.make_train_steps(steps.make_train_step(graphdef, tx, config)),
                       donate_argnums=donate).lower(state, chunk).compile()
     compile_s = time.perf_counter() - t0
     # Evaluation as the driver runs it too: per_call batches per call (make_eval_steps).
-    eval_c = jax.jit(train.make_eval_steps(train.make_eval_step(graphdef))).lower(
+    eval_c = jax.jit(steps.make_eval_steps(steps.make_eval_step(graphdef))).lower(
         state, chunk).compile()
     flops = _nominal_flops(config, batch)
     hlo = train_c.as_text()

@@ -14,7 +14,7 @@ from pathlib import Path
 # Run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from affect_jax import report
+from affect_jax import report, run_dir
 
 
 def run_names(workdirs: list[Path]) -> list[str]:
@@ -29,11 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-reference", action="store_true",
                         help="Omit the Keras study's reference rows.")
     args = parser.parse_args(argv)
-    missing = [str(d) for d in args.workdirs if not (d / report.FINAL_METRICS).is_file()]
+    missing = [str(d) for d in args.workdirs if not (d / run_dir.FINAL_METRICS).is_file()]
     if missing:
-        print(f"error: no {report.FINAL_METRICS} in: {', '.join(missing)}", file=sys.stderr)
+        print(f"error: no {run_dir.FINAL_METRICS} in: {', '.join(missing)}", file=sys.stderr)
         return 1
-    finals = [report.load_final_metrics(d) for d in args.workdirs]
+    finals = [run_dir.load_final_metrics(d) for d in args.workdirs]
     print(report.comparison_table(finals, run_names(args.workdirs),
                                   reference=not args.no_reference), end="")
     return 0

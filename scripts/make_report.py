@@ -14,12 +14,13 @@ from pathlib import Path
 # Run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from affect_jax import report
+from affect_jax import report, run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="Run directory (final_metrics.json).")
+    parser.add_argument("--workdir", required=True,
+                        help=f"Run directory (with its {run_dir.FINAL_METRICS}).")
     args = parser.parse_args(argv)
     try:
         written = report.write_reports(args.workdir)

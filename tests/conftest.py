@@ -6,7 +6,12 @@ import tempfile
 
 import jax
 import ml_collections
+import numpy as np
 import pytest
+
+from affect_jax import sharding, steps
+from affect_jax.data import pipeline
+from affect_jax.ops import conv as conv_ops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -45,6 +50,32 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
 @pytest.fixture
 def tiny():
     return tiny_config()
+
+
+def one_batch(config: ml_collections.ConfigDict, n: int = 8) -> dict[str, np.ndarray]:
+    """The first training batch of ``config``'s data (epoch 0)."""
+    splits = pipeline.make_splits(config)
+    return next(pipeline.train_batches(splits.train, config, 0, n).as_numpy_iterator())
+
+
+def stack_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Batches stacked on a leading axis, as the driver feeds ``steps.make_train_steps``."""
+    return {name: np.stack([b[name] for b in batches]) for name in batches[0]}
+
+
+def tiny_run(name: str):
+    """(config, mesh, (graphdef, tx, state), splits) of a 1/16-width `name` on tiny data."""
+    config = tiny_config()
+    config.model.name = name
+    config.model.width = 1 / 16
+    state = steps.create_train_state(config, steps.create_initial_model(config))
+    return config, sharding.make_mesh(), state, pipeline.make_splits(config)
+
+
+def bit_identical(config: ml_collections.ConfigDict) -> bool:
+    """Whether a loop over batches reproduces single calls bit for bit: with the extension's
+    convolutions (deterministic kernels); XLA's may fuse the loop body differently."""
+    return conv_ops.resolve_impl(config.conv_impl) in ("onednn", "winograd")
 
 
 # Flags that turn configs/default.py into the tiny config above on the command line.

@@ -32,16 +32,18 @@ def test_levers_parse():
     ('act=bfloat16', 'bad act lever'),
     ('bn=onednn', 'bad bn lever'),
     ('pool=onednn', 'bad pool lever'),
+    ('conv=dot', 'bad conv lever'),
+    ('conv=im2col', 'bad conv lever'),
 ])
 def test_bad_levers_are_usage_errors(lever, match):
     with pytest.raises(app.UsageError, match=match):
         benchmark._parse_lever(lever)
 
 
-def test_act_bn_and_pool_levers_take_the_configs_values():
+def test_act_conv_bn_and_pool_levers_take_the_configs_values():
     from affect_jax.models import ACTIVATION_DTYPES
-    from affect_jax.ops import batch_norm, pool
+    from affect_jax.ops import batch_norm, conv, max_pool, native
 
     assert benchmark.ACTIVATION_DTYPES == ACTIVATION_DTYPES
-    assert benchmark.BATCH_NORM_IMPLS == batch_norm.IMPLS
-    assert benchmark.POOL_IMPLS == pool.IMPLS
+    assert benchmark.IMPLS == native.IMPLS == conv.IMPLS == batch_norm.IMPLS == max_pool.IMPLS
+    assert benchmark.CONV_PATHS == conv.PATHS

@@ -119,3 +119,23 @@ def test_synthetic_class_fractions_make_an_imbalanced_pool():
     config.data.synthetic_class_fractions = (1, 0)
     with pytest.raises(ValueError, match="synthetic_class_fractions=\\(1, 0\\); expected 8"):
         synthetic.load_source(config)
+
+
+def test_weighted_run_ranks_checkpoints_by_balanced_accuracy(tmp_path):
+    from affect_jax import train
+
+    config = tiny_config(**{"loss_weights.class_weighting": "effective_number",
+                            "loss_weights.effective_number_beta": 0.9,
+                            "best_metric": "balanced_accuracy", "num_epochs": 3})
+    config.data.synthetic_class_fractions = (1, 1, 0.5, 0.5, 0.3, 0.3, 0.3, 0.2)
+    final = train.train_and_evaluate(config, str(tmp_path))
+    balance = json.loads((tmp_path / imbalance.CLASS_BALANCE_FILE).read_text())
+    assert balance["class_weighting"] == "effective_number"
+    counts = np.array(list(balance["train_counts"].values()))
+    weights = np.array(list(balance["class_weights"].values()))
+    assert counts[0] > counts[-1] and weights[0] < weights[-1]
+    assert (counts * weights).sum() == pytest.approx(counts.sum(), rel=1e-5)
+    history = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    balanced = [r["val_balanced_accuracy"] for r in history]
+    assert balanced[final["best_epoch"] - 1] == max(balanced)
+    assert final["metrics"]["balanced_accuracy"] == pytest.approx(max(balanced))

@@ -45,7 +45,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from affect_jax import train, weights
+from affect_jax import sharding, steps, weights
 from affect_jax.ops import conv as conv_ops
 from tests.conftest import REPO, load_config
 
@@ -270,20 +270,23 @@ def _worst(errors: dict[str, float]) -> tuple[str, float]:
 
 def _expected(config, workdir, tag: str) -> dict[str, np.ndarray]:
     """Every Keras variable (kernels, biases, gamma, beta, moving mean/variance) of `tag`."""
-    model = nnx.eval_shape(lambda: train.create_model(config))
+    model = nnx.eval_shape(lambda: steps.create_initial_model(config))
     _load_from_keras(model, workdir, tag)
     _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     return _flat(params) | _flat(stats)
 
 
-def _compiled_step(config, batch):
-    """(model, mesh, batch on the mesh, the compiled train step) for `config`."""
-    model = train.create_model(config)
-    graphdef, tx, state = train.create_train_state(config, model)
-    mesh = train.make_mesh()
-    global_batch = train.shard_batch(batch, mesh)
-    step = jax.jit(train.make_train_step(graphdef, tx, config)).lower(
-        train.replicate(state, mesh), global_batch).compile()
+def _compiled_step(config, batch, conv_path=None):
+    """(model, mesh, batch on the mesh, the compiled train step) for `config`; `conv_path`
+    pins every convolution to that path of `conv_ops.PATHS`."""
+    model = steps.create_initial_model(config)
+    if conv_path is not None:
+        conv_ops.pin_path(model, conv_path)
+    graphdef, tx, state = steps.create_train_state(config, model)
+    mesh = sharding.make_mesh()
+    global_batch = sharding.shard_batch(batch, mesh)
+    step = jax.jit(steps.make_train_step(graphdef, tx, config)).lower(
+        sharding.replicate(state, mesh), global_batch).compile()
     return model, mesh, global_batch, step
 
 
@@ -291,8 +294,8 @@ def _step_from_keras(config, compiled, workdir):
     """Starting params, updated params and statistics, statistic names, loss of one step."""
     model, mesh, global_batch, step = compiled
     _load_from_keras(model, workdir, 'before')
-    _, _, state = train.create_train_state(config, model)
-    new_state, out = step(train.replicate(state, mesh), global_batch)
+    _, _, state = steps.create_train_state(config, model)
+    new_state, out = step(sharding.replicate(state, mesh), global_batch)
     stats = _flat(new_state['batch_stats'])
     return (_flat(state['params']), _flat(new_state['params']) | stats, set(stats),
             float(out['loss']))
@@ -301,13 +304,13 @@ def _step_from_keras(config, compiled, workdir):
 @pytest.mark.parametrize('arch', ['resnet50', 'vgg16'])
 def test_one_train_step_matches_keras(arch, tmp_path):
     config = _config(arch)
-    # Where `auto` is Winograd, the 1e-4 comparison runs oneDNN's direct convolutions and the
-    # Winograd step is checked against Keras's float64 step below.
+    # Where `auto` is Winograd, the 1e-4 comparison runs oneDNN's direct convolutions (the
+    # 'onednn' path) and the Winograd step ('native') is checked against Keras's float64 step
+    # below.
     with_winograd = conv_ops.resolve_impl(config.conv_impl) == 'winograd'
     if with_winograd:
-        config.conv_impl = 'onednn'
         winograd_config = _config(arch)
-        winograd_config.conv_impl = 'winograd'
+        winograd_config.conv_impl = 'native'
     batch = _batch(np.random.default_rng(SEEDS[arch]))
     np.savez(tmp_path / 'batch.npz', **batch)
     # The float64 step is the reference for ResNet50's zero-gradient conv biases and Winograd.
@@ -319,7 +322,7 @@ def test_one_train_step_matches_keras(arch, tmp_path):
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # Compiled while Keras runs (the executable depends on shapes, not on values).
-        compiled = _compiled_step(config, batch)
+        compiled = _compiled_step(config, batch, 'onednn' if with_winograd else None)
         if with_winograd:
             winograd_compiled = _compiled_step(winograd_config, batch)
         log = keras_proc.communicate(timeout=900)[0]

@@ -15,7 +15,7 @@ from affect_jax.models import (
     resnet50,
     vgg16,
 )
-from affect_jax.ops import onednn
+from affect_jax.ops import native
 from tests.conftest import tiny_config
 
 TINY = 1 / 16
@@ -204,6 +204,11 @@ def test_dropout_uses_call_time_rngs():
         ('activation_dtype', 'bfloat16', 'config.activation_dtype'),
         ('batch_norm_impl', 'onednn', 'config.batch_norm_impl'),
         ('pool_impl', 'onednn', 'config.pool_impl'),
+        ('conv_impl', 'onednn', "config.conv_impl='onednn' is not an option: expected one of "
+                                "'auto', 'xla', 'native' \\('native', the"),
+        ('conv_impl', 'winograd', "config.conv_impl='winograd' is not an option"),
+        ('conv_impl', 'dot', "config.conv_impl='dot' is not an option"),
+        ('conv_impl', 'im2col', "config.conv_impl='im2col' is not an option"),
         ('data.num_classes', 1, 'config.data.num_classes'),
         ('model.dropout', 1.0, 'config.model.dropout'),
         ('model.width', 0.0, 'config.model.width'),
@@ -251,7 +256,7 @@ def test_activation_dtype_setting(name, compute, setting, expected):
 
 
 
-@pytest.mark.skipif(not onednn.available(), reason=f'oneDNN: {onednn.unavailable_reason()}')
+@pytest.mark.skipif(not native.available(), reason=f'native: {native.unavailable_reason()}')
 def test_vgg16_bfloat16_activations_against_float32_ones_on_onednn():
     """bf16 vs float32 activations around bf16 convolutions (VGG16's 'auto' is bf16).
 

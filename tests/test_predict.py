@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from affect_jax import metrics, predict, train
+from affect_jax import evaluation, metrics, predict, run_dir, sharding, steps
 from affect_jax.data import pipeline, synthetic
 from affect_jax.data.source import ExamplePool, decode_raw_image
 from tests.conftest import REPO, TINY_FLAGS
@@ -49,7 +49,7 @@ def _iou(a, b):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def trained_run(tmp_path_factory):
     """A tiny run: 2 epochs of 2 steps (later flags override TINY_FLAGS)."""
     workdir = str(tmp_path_factory.mktemp("run"))
     cmd = [sys.executable, "-m", "affect_jax.main", "--config=configs/default.py",
@@ -61,8 +61,8 @@ def run_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def predictor(run_dir):
-    return predict.Predictor(run_dir, batch_size=4)
+def predictor(trained_run):
+    return predict.Predictor(trained_run, batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +96,11 @@ def inputs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cli_csv(run_dir, inputs):
+def cli_csv(trained_run, inputs):
     """One CLI call over a folder, a mixed folder, a video and a missing file."""
     root = inputs["root"]
     out = root / "out.csv"
-    result = _cli(f"--workdir={run_dir}", "--every_n_frames=3", f"--output={out}",
+    result = _cli(f"--workdir={trained_run}", "--every_n_frames=3", f"--output={out}",
                   "--batch_size=4", str(root / "faces"), str(root / "mixed"),
                   str(root / "clip.avi"), str(root / "missing.jpg"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -148,11 +148,11 @@ def test_predictions_equal_the_eval_pipeline(cli_csv, predictor, inputs):
         "valence": np.full(len(faces), np.nan, np.float32),
         "arousal": np.full(len(faces), np.nan, np.float32),
     }, decode_raw_image)
-    _, graphdef, variables = predict.restore_variables(
-        predictor.workdir, predictor.config, "best", None, train.make_mesh())
-    reference = train.predict_split(
-        jax.jit(train.make_eval_steps(train.make_eval_step(graphdef))), variables,
-        pipeline.eval_batches(pool, predictor.config, 16), train.make_mesh())
+    mesh = sharding.make_mesh()
+    _, graphdef, state = run_dir.restore_checkpoint(predictor.workdir, predictor.config, mesh)
+    reference = evaluation.predict_split(
+        jax.jit(steps.make_eval_steps(steps.make_eval_step(graphdef))), state,
+        pipeline.eval_batches(pool, predictor.config, 16), mesh)
     np.testing.assert_allclose(cli_probs, reference["probs"], atol=1e-5)
     api = predictor.predict(list(faces))
     np.testing.assert_allclose(api["probs"], reference["probs"], atol=1e-5)
@@ -163,9 +163,9 @@ def test_predictions_equal_the_eval_pipeline(cli_csv, predictor, inputs):
     np.testing.assert_allclose(va, api["valence_arousal"], atol=1e-5)
 
 
-def test_reproduces_the_runs_validation_metrics(predictor, run_dir):
+def test_reproduces_the_runs_validation_metrics(predictor, trained_run):
     """The best checkpoint, classes and preprocessing are the ones training scored."""
-    final = json.load(open(os.path.join(run_dir, "final_metrics.json")))
+    final = json.load(open(os.path.join(trained_run, "final_metrics.json")))
     assert predictor.step == final["best_epoch"]
     assert list(predictor.class_names) == final["class_names"]
     validation = pipeline.make_splits(predictor.config).validation
@@ -180,11 +180,11 @@ def test_reproduces_the_runs_validation_metrics(predictor, run_dir):
         np.testing.assert_allclose(got[key], final["metrics"][key], atol=1e-5, err_msg=key)
 
 
-def test_detect_finds_the_astronaut_and_reports_no_face(run_dir, inputs):
+def test_detect_finds_the_astronaut_and_reports_no_face(trained_run, inputs):
     root = inputs["root"]
-    steps = sorted(int(s) for s in os.listdir(os.path.join(run_dir, "checkpoints"))
+    steps = sorted(int(s) for s in os.listdir(os.path.join(trained_run, "checkpoints"))
                    if s.isdigit())
-    checkpoint = os.path.join(run_dir, "checkpoints", str(steps[0]))
+    checkpoint = os.path.join(trained_run, "checkpoints", str(steps[0]))
     result = _cli(f"--checkpoint={checkpoint}", "--face=detect", "--format=jsonl",
                   str(root / "astronaut.png"), str(root / "blank.png"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -248,9 +248,9 @@ def test_predictor_api(predictor, inputs):
                                atol=1e-5)
 
 
-def test_nothing_predicted_exits_non_zero(run_dir, inputs):
+def test_nothing_predicted_exits_non_zero(trained_run, inputs):
     root = inputs["root"]
-    result = _cli(f"--workdir={run_dir}", str(root / "mixed" / "corrupt.jpg"),
+    result = _cli(f"--workdir={trained_run}", str(root / "mixed" / "corrupt.jpg"),
                   str(root / "mixed" / "notes.txt"), str(root / "empty"))
     assert result.returncode == 1
     statuses = [r["status"] for r in csv.DictReader(result.stdout.splitlines())]
@@ -259,13 +259,13 @@ def test_nothing_predicted_exits_non_zero(run_dir, inputs):
     assert "Nothing could be predicted" in result.stderr
 
 
-def test_missing_or_incomplete_run_is_a_clear_error(run_dir, tmp_path, inputs):
+def test_missing_or_incomplete_run_is_a_clear_error(trained_run, tmp_path, inputs):
     missing = tmp_path / "no_such_run"
     result = _cli(f"--workdir={missing}", str(inputs["pngs"][0]))
     assert result.returncode == 1
     assert str(missing) in result.stderr and "does not exist" in result.stderr
     with pytest.raises(FileNotFoundError, match="config.json"):
         predict.Predictor(str(tmp_path))
-    (tmp_path / "config.json").write_text(open(os.path.join(run_dir, "config.json")).read())
+    (tmp_path / "config.json").write_text(open(os.path.join(trained_run, "config.json")).read())
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         predict.Predictor(str(tmp_path))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from affect_jax import report
+from affect_jax import report, run_dir
 from affect_jax.metrics import compute_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,13 +47,13 @@ def make_workdir(path: Path, model="resnet50", seed=0, num_classes=8, with_va=Tr
             record["train_mean_ccc"] = float("nan")  # Epoch 2: absent; epoch 3: NaN.
         record |= {f"val_{k}": v for k, v in val.items()}
         lines.append(json.dumps(record))
-    (path / report.METRICS_HISTORY).write_text("\n".join(lines) + "\n")
+    (path / run_dir.METRICS_HISTORY).write_text("\n".join(lines) + "\n")
     final = {"model": model, "num_classes": num_classes, "class_names": NAMES8[:num_classes],
              "data_source": "synthetic", "epochs": epochs, "best_epoch": 2,
              "checkpoint": "best", "split": "validation",
              "metrics": fake_metrics(seed * 100 + 2, num_classes, with_va),
              "time_per_epoch_s": {"median": 192.0, "min": 41.0, "max": 250.0}}
-    (path / report.FINAL_METRICS).write_text(json.dumps(final))
+    (path / run_dir.FINAL_METRICS).write_text(json.dumps(final))
     return path
 
 
@@ -97,7 +97,7 @@ def test_write_reports(tmp_path):
         assert path.stat().st_size > 20_000
 
     text = written["report"].read_text()
-    final = json.loads((workdir / report.FINAL_METRICS).read_text())
+    final = json.loads((workdir / run_dir.FINAL_METRICS).read_text())
     m = final["metrics"]
     rows = parse_table(text, "model")
     ours = rows[0]
@@ -149,7 +149,7 @@ def test_without_valence_arousal_and_history(tmp_path, monkeypatch):
     assert all(ours[c] == "n/a" for c in ("RMSE", "CORR", "SAGR", "CCC"))
     assert "Not scored" in text
 
-    (workdir / report.METRICS_HISTORY).unlink()
+    (workdir / run_dir.METRICS_HISTORY).unlink()
     monkeypatch.setattr(report, "plot_confusion_matrix", lambda *a, **k: workdir / "cm.png")
     with pytest.warns(UserWarning, match="training curves skipped"):
         written = report.write_reports(workdir)
@@ -157,16 +157,16 @@ def test_without_valence_arousal_and_history(tmp_path, monkeypatch):
 
 
 def test_history_dedupes_epochs_and_reports_bad_lines(tmp_path):
-    path = tmp_path / report.METRICS_HISTORY
+    path = tmp_path / run_dir.METRICS_HISTORY
     path.write_text('{"epoch": 2, "x": 1}\n{"epoch": 1, "x": NaN}\n\n{"epoch": 2, "x": 3}\n')
-    history = report.load_history(tmp_path)
+    history = run_dir.load_history(tmp_path)
     assert [r["epoch"] for r in history] == [1, 2] and history[1]["x"] == 3
     assert math.isnan(history[0]["x"])
     path.write_text('{"epoch": 1}\n{"epoch": 2, "x"')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
-        report.load_history(tmp_path)
+        run_dir.load_history(tmp_path)
     with pytest.raises(FileNotFoundError, match="final_metrics.json"):
-        report.load_final_metrics(tmp_path)
+        run_dir.load_final_metrics(tmp_path)
 
 
 @pytest.mark.parametrize("seconds,text", [(4.23, "4.2 s"), (41.4, "41 s"), (192, "3.2 min"),
@@ -186,7 +186,7 @@ def test_compare_runs(tmp_path, capsys):
         "VGG16 (vgg_run)", "ResNet50 (resnet_run)", f"VGG16, {report.REFERENCE_LABEL}",
         f"ResNet50, {report.REFERENCE_LABEL}"]
     for row, workdir in zip(rows, (a, b), strict=False):
-        m = report.load_final_metrics(workdir)["metrics"]
+        m = run_dir.load_final_metrics(workdir)["metrics"]
         assert_cell(row["CCC"], m["mean_ccc"])
         assert_cell(row["kappa"], m["kappa"])
 

@@ -19,6 +19,8 @@ import tensorflow as tf
 # Columns every pool carries. Valence/arousal are NaN where the source has none (class folders).
 REQUIRED_COLUMNS = ("expression", "valence", "arousal")
 
+# What a source kept and dropped, written into the run's workdir (run_dir.DATA_REPORT).
+REPORT_FILE = "data_report.json"
 AFFECTNET_CLASS_NAMES = (
     "Neutral", "Happy", "Sad", "Surprise", "Fear", "Disgust", "Anger", "Contempt",
 )

@@ -11,9 +11,7 @@ from flax import nnx
 from affect_jax.models.multitask import POOLINGS, MultiTaskModel
 from affect_jax.models.resnet50 import ResNet50
 from affect_jax.models.vgg16 import VGG16
-from affect_jax.ops.batch_norm import IMPLS as BATCH_NORM_IMPLS
-from affect_jax.ops.conv import IMPLS as CONV_IMPLS
-from affect_jax.ops.pool import IMPLS as POOL_IMPLS
+from affect_jax.ops.native import check_impl
 
 BACKBONES = ('resnet50', 'vgg16')
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -21,8 +19,8 @@ ACTIVATION_DTYPES = ('auto', 'compute', 'float32')
 # 'auto': the compute dtype for both. ResNet50's BatchNorm renormalises every layer. VGG16's
 # float32 activations did not change its forward pass on oneDNN (the next convolution rounds
 # them, ReLU and max pooling commute with the rounding; its feature map stays float32), only
-# where the max-pool gradient goes among values that tie once rounded, and cost 0.37 GB of
-# temporaries (docs/performance.md).
+# where the max-pool gradient goes among values that tie once rounded, and cost more
+# temporary memory (docs/performance.md).
 _AUTO_ACTIVATIONS = {'resnet50': 'compute', 'vgg16': 'compute'}
 
 __all__ = [
@@ -94,22 +92,16 @@ def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> MultiTask
         raise ValueError(f'config.model.width must be a number > 0, got {m.width!r}')
     image_size = int(config.data.get('image_size', 224))
     dtype = COMPUTE_DTYPES[config.compute_dtype]
-    conv_impl = config.get('conv_impl', 'auto')
-    if conv_impl not in CONV_IMPLS:
-        raise ValueError(f'config.conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}')
-    batch_norm_impl = config.get('batch_norm_impl', 'auto')
-    if batch_norm_impl not in BATCH_NORM_IMPLS:
-        raise ValueError(f'config.batch_norm_impl must be one of {BATCH_NORM_IMPLS}, '
-                         f'got {batch_norm_impl!r}')
-    pool_impl = config.get('pool_impl', 'auto')
-    if pool_impl not in POOL_IMPLS:
-        raise ValueError(f'config.pool_impl must be one of {POOL_IMPLS}, got {pool_impl!r}')
+    impls = {}
+    for field in ('conv_impl', 'batch_norm_impl', 'pool_impl'):
+        impls[field] = config.get(field, 'auto')
+        check_impl(f'config.{field}', impls[field])
     act_dtype = activation_dtype(m.name, dtype, config.get('activation_dtype', 'auto'))
     # VGG16 has no BatchNorm.
-    extra = {'batch_norm_impl': batch_norm_impl} if m.name == 'resnet50' else {}
+    if m.name != 'resnet50':
+        del impls['batch_norm_impl']
     backbone = create_backbone(m.name, include_top=False, width=m.width, dtype=dtype,
-                               activation_dtype=act_dtype, conv_impl=conv_impl,
-                               pool_impl=pool_impl, rngs=rngs, **extra)
+                               activation_dtype=act_dtype, rngs=rngs, **impls)
     return MultiTaskModel(
         backbone,
         num_classes=num_classes,

@@ -15,10 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from affect_jax.ops import pool
+from affect_jax.ops import max_pool as pool_ops
 from affect_jax.ops.batch_norm import BatchNorm
 from affect_jax.ops.conv import Conv
-from affect_jax.ops.pool import max_pool
 
 # (stage name, filters, blocks, stride of the first block) as in keras resnet.stack1 calls.
 _STAGES = (('conv2', 64, 3, 1), ('conv3', 128, 4, 2), ('conv4', 256, 6, 2), ('conv5', 512, 3, 2))
@@ -73,8 +72,8 @@ class ResNet50(nnx.Module):
       conv_impl: convolution path (`affect_jax.ops.conv.IMPLS`); all compute the same function.
       batch_norm_impl: training-mode BatchNorm path (`affect_jax.ops.batch_norm.IMPLS`); all
         compute the same function.
-      pool_impl: the stem's max-pool path (`affect_jax.ops.pool.IMPLS`); all compute the same
-        function.
+      pool_impl: the stem's max-pool path (`affect_jax.ops.max_pool.IMPLS`); all compute the
+        same function.
       rngs: initialisation randomness.
     """
 
@@ -100,7 +99,7 @@ class ResNet50(nnx.Module):
         self.dtype = dtype
         act_dtype = activation_dtype or dtype
         self.act_dtype = act_dtype
-        pool.resolve_impl(pool_impl)  # validate early
+        pool_ops.resolve_impl(pool_impl)  # validate early
         self.pool_impl = pool_impl
 
         def conv(name: str, cin: int, cout: int, k: int, stride: int, padding: str) -> None:
@@ -188,7 +187,7 @@ class ResNet50(nnx.Module):
         x = self._conv_bn('conv1', x, train, relu=True)
         # Zero padding before the max-pool matches Keras (inputs are >= 0 after the ReLU).
         x = _zero_pad(x, 1)
-        x = max_pool(x, (3, 3), (2, 2), self.pool_impl)
+        x = pool_ops.max_pool(x, (3, 3), (2, 2), self.pool_impl)
         for prefix, shortcut in self._blocks:
             x = self._block(x, prefix, shortcut, train)
         if not self.include_top:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from affect_jax.ops import pool
+from affect_jax.ops import max_pool as pool_ops
 from affect_jax.ops.conv import Conv
 from affect_jax.ops.conv_pool import conv_relu_max_pool
 
@@ -59,7 +59,7 @@ class VGG16(nnx.Module):
         with a bfloat16 `dtype` rounds only inside the convolutions. The returned feature map
         is float32 either way (the last convolution writes float32).
       conv_impl: convolution path (`affect_jax.ops.conv.IMPLS`); all compute the same function.
-      pool_impl: max-pool path (`affect_jax.ops.pool.IMPLS`); all compute the same function.
+      pool_impl: max-pool path (`affect_jax.ops.max_pool.IMPLS`); all compute the same function.
       rngs: initialisation randomness.
     """
 
@@ -84,7 +84,7 @@ class VGG16(nnx.Module):
         self.width = float(width)
         self.dtype = dtype
         self.act_dtype = activation_dtype or dtype
-        pool.resolve_impl(pool_impl)  # validate early
+        pool_ops.resolve_impl(pool_impl)  # validate early
         self.pool_impl = pool_impl
         conv_names = []
         in_ch = 3

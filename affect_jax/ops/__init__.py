@@ -1,1 +1,1 @@
-"""Custom operations (fast CPU convolution paths)."""
+"""Convolutions, BatchNorm and max pooling by XLA or by the optional C++ extension (`native`)."""

@@ -8,17 +8,15 @@ dy * x_hat and one elementwise pass: the textbook minimum. Statistics and arithm
 float32 whatever the activation dtype.
 
 Two paths compute it (`impl`): ``'xla'``, the jnp code here, and ``'native'``, the C++ kernels
-of `batch_norm_kernels.cc` (built into the oneDNN extension, `ops.onednn`), which make that
-minimum in memory passes too: XLA:CPU writes each reduction's float32 input to memory first.
-``'auto'`` picks 'native' for float32 and bfloat16 activations on CPU when the extension is
-available and the process has one device (a custom call has no partitioning rule), else 'xla'.
-The native path also fuses a ResNet block's residual sum and ReLU into the BatchNorm
-(`BatchNorm(..., residual=)`); ResNet50 train step 1.1-1.2x faster with 1.1-1.5 GB less
-temporary memory in both dtypes (docs/performance.md).
+of `batch_norm.cc` (in the extension, `ops.native`), which make that minimum in memory passes
+too: XLA:CPU writes each reduction's float32 input to memory first. ``'auto'`` picks 'native'
+for float32 and bfloat16 activations where `native.applies`, else 'xla'. The native
+path also fuses a ResNet block's residual sum and ReLU into the BatchNorm
+(`BatchNorm(..., residual=)`), which saves time and temporary memory (docs/performance.md).
 
-(oneDNN's batch-normalization kernels through the same custom-call route were measured 5-7%
-faster on the ResNet50 step but their float32 gradients left the Keras train-step parity at
-4e-3 instead of 2e-5, so they are not used: docs/performance.md.)
+(oneDNN's batch-normalization kernels through the same custom-call route were a little faster
+on the ResNet50 step but their float32 gradients left the Keras train-step parity at 4e-3
+instead of 2e-5, so they are not used: docs/performance.md.)
 """
 
 from __future__ import annotations
@@ -32,15 +30,28 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from affect_jax.ops import onednn
+from affect_jax.ops import native
 
-IMPLS = onednn.KERNEL_IMPLS
+IMPLS = native.IMPLS
+# The FFI targets of batch_norm.cc: direction -> target name.
+TARGETS = {
+    'forward': 'affect_jax_batch_norm_forward',
+    'backward': 'affect_jax_batch_norm_backward',
+    'forward_add': 'affect_jax_batch_norm_add_forward',
+    'backward_add': 'affect_jax_batch_norm_add_backward',
+}
+native.register_targets({
+    TARGETS['forward']: 'AffectJaxBatchNormForward',
+    TARGETS['backward']: 'AffectJaxBatchNormBackward',
+    TARGETS['forward_add']: 'AffectJaxBatchNormAddForward',
+    TARGETS['backward_add']: 'AffectJaxBatchNormAddBackward',
+})
 
 
 def resolve_impl(impl: str, dtype: Any = jnp.float32) -> str:
     """Validates `impl`; maps 'auto' to the path for activations of `dtype` (the native kernels
     take float32 and bfloat16)."""
-    return onednn.resolve_kernel_impl('batch_norm', impl, dtype)
+    return native.resolve_impl('batch_norm', impl, dtype)
 
 
 def _axes(x: jax.Array) -> tuple[int, ...]:
@@ -101,8 +112,7 @@ batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
 def _native_call(direction: str, out: Any, *operands: jax.Array, **attrs: Any) -> Any:
-    return onednn.call_kernel('BatchNorm', onednn.BATCH_NORM_TARGETS[direction][0], out,
-                              *operands, **attrs)
+    return native.call_kernel('BatchNorm', TARGETS[direction], out, *operands, **attrs)
 
 
 def _rows(a: jax.Array) -> jax.Array:
@@ -130,7 +140,7 @@ def native_batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, eps
     (statistics at least as exact as the two-pass float32 ones); the rest is the same float32
     arithmetic.
     """
-    if x.dtype not in onednn.DTYPES or scale.dtype != jnp.float32 or bias.dtype != jnp.float32:
+    if x.dtype not in native.DTYPES or scale.dtype != jnp.float32 or bias.dtype != jnp.float32:
         raise TypeError(f'native BatchNorm takes float32/bfloat16 x and float32 scale and bias, '
                         f'got {x.dtype}, {scale.dtype}, {bias.dtype}')
     if residual is not None and (residual.shape, residual.dtype) != (x.shape, x.dtype):

@@ -1,33 +1,26 @@
-"""2-D convolution with faster CPU paths than XLA's own convolution kernels.
+"""2-D convolution by the fastest correct path on this backend.
 
-XLA:CPU (jaxlib 0.10) runs its plain matrix product at ~200 GFLOP/s on this class of machine but
-its convolutions far slower, the weight gradient worst of all (10-25 GFLOP/s for a 1x1 conv,
-docs/performance.md). A 1x1 convolution *is* a matrix product over batch*height*width, and a
-kxk convolution's weight gradient is one over the im2col patches; the paths here express them
-as `dot_general` so that XLA's matmul kernels run them.
+`impl` (config.conv_impl) is one of `IMPLS`:
 
-`impl` values of `conv2d` (and `Conv`):
+* ``'xla'``: plain `lax.conv_general_dilated`.
+* ``'native'``: the extension's kernels (`ops.native`; CPU only, no partitioning rule):
+  oneDNN's direct convolutions (`ops.onednn_conv`; AVX-512 float32, AMX bfloat16) for the
+  forward pass and both gradients, except the float32 3x3 stride-1 convolutions where Winograd's
+  F(4x4, 3x3) is faster (`winograd.preferred`: large enough outputs, more than a few input
+  channels), which `ops.winograd` computes with a quarter of the multiply-adds and the same
+  result to float32 rounding.
+* ``'auto'``: on CPU 'native' where `native.applies` (extension available, one device per
+  process), else XLA with the 1x1 convolutions as matrix products; 'xla' on other backends.
 
-* ``'xla'``: plain `lax.conv_general_dilated` (reference).
-* ``'dot1x1'``: 1x1 convolutions as a strided slice + dot; others as 'xla'.
-* ``'dot'``: 'dot1x1', plus kxk convolutions with XLA's forward and input gradient but the
-  weight gradient as one patches^T @ dy matrix product (custom VJP).
-* ``'im2col'``: every convolution as patches @ kernel (forward, and both gradients as dots).
-* ``'onednn'``: every convolution (forward and both gradients) by oneDNN through an XLA FFI
-  custom call (`ops.onednn`; AVX-512 float32, AMX bfloat16). CPU only; one device per process.
-* ``'winograd'``: 'onednn', except float32 3x3 stride-1 convolutions whose output is at least
-  `winograd.MIN_OUTPUT_SIZE` wide and high and whose input has at least
-  `winograd.MIN_IN_CHANNELS` channels: those by Winograd's F(4x4, 3x3) (`ops.winograd`; a
-  quarter of the multiply-adds, the same result to float32 rounding; VGG16's float32 train
-  step 1.95x 'onednn'). bfloat16 convolutions are 'onednn''s.
-* ``'auto'``: the fastest correct path on this backend: on CPU 'winograd' when the extension
-  is available and the process has one device, else 'dot1x1' (ResNet50 train step 1.5-2.2x
-  'xla'; 'dot' and 'im2col' add ~1.5 GB for no reliable gain); 'xla' elsewhere.
+Each resolves to one of `PATHS`, the kernels that run: ``'xla'``; ``'dot1x1'`` (1x1
+convolutions as a strided slice + dot, which XLA:CPU runs far faster than its convolution
+kernels, above all the weight gradient; others as 'xla'); ``'onednn'`` (oneDNN's direct
+convolutions only) and ``'winograd'`` ('onednn' plus Winograd where preferred: what 'native'
+is). Tests and scripts/benchmark.py pin a path (`pin_path`); users choose an impl.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,28 +28,42 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from affect_jax.ops import onednn, winograd
+from affect_jax.ops import native, onednn_conv, winograd
 
-IMPLS = ('auto', 'xla', 'dot1x1', 'dot', 'im2col', 'onednn', 'winograd')
+IMPLS = native.IMPLS
+PATHS = ('xla', 'dot1x1', 'onednn', 'winograd')
 Padding = str | Sequence[tuple[int, int]]
 _DN = ('NHWC', 'HWIO', 'NHWC')
+_EXTENSION_PATHS = ('onednn', 'winograd')
 
 
 def resolve_impl(impl: str) -> str:
-    """Maps 'auto' to the fastest measured path for the default backend."""
-    if impl not in IMPLS:
-        raise ValueError(f'conv impl must be one of {IMPLS}, got {impl!r}')
-    if impl in ('onednn', 'winograd') and not onednn.available():
-        raise ValueError(f'conv impl {impl!r} is unavailable: {onednn.unavailable_reason()}; '
+    """The path (one of `PATHS`) that runs convolutions of `impl` (one of `IMPLS`, or a path
+    pinned by a test or the benchmark) on the default backend."""
+    if impl not in PATHS:
+        native.check_impl('conv impl', impl)
+    if impl in ('native', *_EXTENSION_PATHS) and not native.available():
+        raise ValueError(f'conv impl {impl!r} is unavailable: {native.unavailable_reason()}; '
                          "use 'auto' to fall back to XLA's convolutions")
+    if impl == 'native':
+        return 'winograd'
     if impl != 'auto':
         return impl
-    # The winners of scripts/benchmark.py on XLA:CPU (docs/performance.md); on GPU/TPU XLA's
-    # own convolutions win. The custom call has no partitioning rule, so with several devices
-    # XLA would gather the batch onto each: there 'dot1x1' is faster.
+    # On GPU/TPU XLA's own convolutions win (docs/performance.md).
     if jax.default_backend() != 'cpu':
         return 'xla'
-    return 'winograd' if onednn.available() and jax.device_count() == 1 else 'dot1x1'
+    return 'winograd' if native.applies() else 'dot1x1'
+
+
+def pin_path(model: nnx.Module, path: str) -> None:
+    """Makes every `Conv` in `model` run `path` (one of `PATHS`) whatever its impl: a lever
+    for tests and the benchmark, e.g. oneDNN's direct convolutions without Winograd."""
+    if path not in PATHS:
+        raise ValueError(f'conv path must be one of {PATHS}, got {path!r}')
+    resolve_impl(path)  # available?
+    for _, module in model.iter_modules():
+        if isinstance(module, Conv):
+            module.impl = path
 
 
 def explicit_padding(
@@ -85,49 +92,14 @@ def _out_hw(in_hw: tuple[int, int], k: tuple[int, int], s: tuple[int, int],
     )
 
 
-def _patches(x: jax.Array, k: tuple[int, int], s: tuple[int, int],
-             pads: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
-    """im2col: [B, Ho, Wo, kh*kw*C] with (kh, kw, C) order, matching an HWIO kernel reshape."""
-    ho, wo = _out_hw(x.shape[1:3], k, s, pads)
-    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-    cols = [
-        xp[:, i:i + s[0] * (ho - 1) + 1:s[0], j:j + s[1] * (wo - 1) + 1:s[1], :]
-        for i in range(k[0]) for j in range(k[1])
-    ]
-    return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
-
-
-def _dot_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
-              pads: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
-    """Convolution as patches @ kernel; autodiff gives dots (and a col2im for dx)."""
-    kh, kw, cin, cout = kernel.shape
-    p = _patches(x, (kh, kw), strides, pads)
-    return jax.lax.dot_general(p, kernel.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_dot_wgrad(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+def _conv1x1_as_dot(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
                     pads: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
-    return _xla_conv(x, kernel, strides, pads)
-
-
-def _cdw_fwd(x, kernel, strides, pads):
-    return _xla_conv(x, kernel, strides, pads), (x, kernel)
-
-
-def _cdw_bwd(strides, pads, res, dy):
-    x, kernel = res
-    # Input gradient: XLA's transposed convolution (about as fast as its forward conv).
-    _, vjp_x = jax.vjp(lambda x_: _xla_conv(x_, kernel, strides, pads), x)
-    (dx,) = vjp_x(dy)
-    # Weight gradient: one matrix product over batch*height*width (XLA's conv wgrad is slow).
-    kh, kw, cin, cout = kernel.shape
-    p = _patches(x, (kh, kw), strides, pads)
-    dw = jax.lax.dot_general(p, dy, (((0, 1, 2), (0, 1, 2)), ((), ())))
-    return dx, dw.reshape(kernel.shape).astype(kernel.dtype)
-
-
-_conv_dot_wgrad.defvjp(_cdw_fwd, _cdw_bwd)
+    """A 1x1 convolution as the padded input's strided slice [B, Ho, Wo, C] @ kernel [C, O]."""
+    ho, wo = _out_hw(x.shape[1:3], (1, 1), strides, pads)
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    cols = xp[:, :strides[0] * (ho - 1) + 1:strides[0], :strides[1] * (wo - 1) + 1:strides[1], :]
+    _, _, cin, cout = kernel.shape
+    return jax.lax.dot_general(cols, kernel.reshape(cin, cout), (((3,), (0,)), ((), ())))
 
 
 def conv2d(
@@ -140,12 +112,12 @@ def conv2d(
     bias: jax.Array | None = None,
     relu: bool = False,
 ) -> jax.Array:
-    """NHWC x HWIO convolution (no dilation, no groups) through the chosen `impl` path.
+    """NHWC x HWIO convolution (no dilation, no groups) by `impl` (`IMPLS`, or a `PATHS`).
 
     Every path computes the same function and gradients as `lax.conv_general_dilated`
     (tests/test_ops.py); they differ only in which kernels run it. The result has `x`'s dtype;
     `compute_dtype` (default: `x`'s) is the dtype the convolution runs in; `bias` [O] is added,
-    then `jax.nn.relu` applied if `relu` (fused into the convolution on the 'onednn' path).
+    then `jax.nn.relu` applied if `relu` (fused into the extension's convolution kernels).
     """
     impl = resolve_impl(impl)
     if x.ndim != 4 or kernel.ndim != 4 or x.shape[-1] != kernel.shape[2]:
@@ -156,29 +128,20 @@ def conv2d(
     if impl == 'winograd' and winograd.preferred(x.shape, kernel.shape, s, pads,
                                                  compute_dtype or x.dtype):
         return winograd.conv3x3(x, kernel, bias, pads, relu)
-    if impl in ('onednn', 'winograd'):  # adds the bias and applies the ReLU in its kernel
-        return onednn.conv2d(x, kernel, s, pads, compute_dtype, bias, relu)
+    if impl in _EXTENSION_PATHS:  # adds the bias and applies the ReLU in its kernel
+        return onednn_conv.conv2d(x, kernel, s, pads, compute_dtype, bias, relu)
     out_dtype = x.dtype
     if compute_dtype is not None:
         x, kernel = x.astype(compute_dtype), kernel.astype(compute_dtype)
-    y = _conv_xla_paths(x, kernel, s, pads, k, impl)
+    if impl == 'dot1x1' and k == (1, 1):
+        y = _conv1x1_as_dot(x, kernel, s, pads)
+    else:
+        y = _xla_conv(x, kernel, s, pads)
     if bias is not None:
         y = y + bias.astype(y.dtype)
     if relu:
         y = jax.nn.relu(y)
     return y.astype(out_dtype)
-
-
-def _conv_xla_paths(x: jax.Array, kernel: jax.Array, s: tuple[int, int],
-                    pads: tuple[tuple[int, int], tuple[int, int]], k: tuple[int, int],
-                    impl: str) -> jax.Array:
-    if impl == 'xla':
-        return _xla_conv(x, kernel, s, pads)
-    if k == (1, 1) or impl == 'im2col':
-        return _dot_conv(x, kernel, s, pads)
-    if impl == 'dot':
-        return _conv_dot_wgrad(x, kernel, s, pads)
-    return _xla_conv(x, kernel, s, pads)  # 'dot1x1' on a kxk kernel
 
 
 _DEFAULT_KERNEL_INIT = nnx.initializers.lecun_normal()  # nnx.Conv's defaults
@@ -224,7 +187,7 @@ class Conv(nnx.Module):
 
     def __call__(self, x: jax.Array, *, relu: bool = False,
                  stop_bias_gradient: bool = False) -> jax.Array:
-        """`relu`: return `jax.nn.relu` of the result (one kernel on the oneDNN path).
+        """`relu`: return `jax.nn.relu` of the result (one kernel on the native path).
         `stop_bias_gradient`: the bias gets an exactly zero gradient (for a caller that knows
         its effect cancels, e.g. before a BatchNorm that normalises with batch statistics)."""
         kernel = self.kernel[...]

@@ -1,6 +1,5 @@
-// Helpers shared by the extension's hand-written kernels (batch_norm_kernels.cc,
-// max_pool_kernels.cc): the execution lock, float32/bfloat16 element access and the OpenMP
-// row split.
+// Helpers shared by the extension's hand-written kernels (batch_norm.cc, max_pool.cc): the
+// execution lock, float32/bfloat16 element access and the OpenMP row split.
 
 #ifndef AFFECT_JAX_OPS_KERNEL_UTIL_H_
 #define AFFECT_JAX_OPS_KERNEL_UTIL_H_

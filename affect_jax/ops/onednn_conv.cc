@@ -303,13 +303,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AffectJaxConvBackwardWeights, BackwardWeights,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>() AFFECT_JAX_CONV_ATTRS);
-
-// Bumped whenever a handler's signature changes, so Python can tell an extension built from
-// older sources (an editable install not rebuilt) from a current one.
-extern "C" int affect_jax_extension_revision() { return 4; }
-
-// Lets Python check it loaded the libdnnl it was built against.
-extern "C" int affect_jax_onednn_version() {
-  const dnnl_version_t* v = dnnl_version();
-  return v->major * 10000 + v->minor * 100 + v->patch;
-}

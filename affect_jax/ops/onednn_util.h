@@ -1,4 +1,4 @@
-// Shared by the extension's oneDNN users (onednn_conv.cc, winograd_kernels.cc): the one CPU
+// Shared by the extension's oneDNN users (onednn_conv.cc, winograd.cc): the one CPU
 // engine and the conversion of oneDNN's exceptions into XLA FFI errors.
 
 #ifndef AFFECT_JAX_OPS_ONEDNN_UTIL_H_

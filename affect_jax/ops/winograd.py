@@ -1,4 +1,4 @@
-"""3x3 stride-1 float32 convolutions by Winograd's F(4x4, 3x3) (kernels: `winograd_kernels.cc`).
+"""3x3 stride-1 float32 convolutions by Winograd's F(4x4, 3x3) (kernels: `winograd.cc`).
 
 Each 4x4 output tile is computed from a 6x6 input tile with 36 instead of 144 multiplications
 per channel pair (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016), so
@@ -21,8 +21,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from affect_jax.ops import onednn
+from affect_jax.ops import native
 
+# The FFI targets of winograd.cc: direction -> target name.
+TARGETS = {
+    'forward': 'affect_jax_winograd_forward',
+    'backward_weights': 'affect_jax_winograd_backward_weights',
+}
+native.register_targets({
+    TARGETS['forward']: 'AffectJaxWinogradForward',
+    TARGETS['backward_weights']: 'AffectJaxWinogradBackwardWeights',
+})
 Pads = tuple[tuple[int, int], tuple[int, int]]
 # Transformed tiles per batched matrix product: ~8 MB of transformed input or output in flight
 # (36 positions x tiles x channels x 4 bytes), enough rows for oneDNN's matmul blocking.
@@ -30,9 +39,9 @@ _CHUNK_BYTES = 8 << 20
 
 
 # Where F(4x4, 3x3) beats oneDNN's direct float32 convolution (forward + both gradients,
-# batch 32, docs/performance.md): from 14x14 outputs up (28x28x512: 2.5x, 14x14x512: 1.2x,
-# 7x7x512: 0.5x, its 2x2 tiles pad 7 to 8) and not for 3 input channels (VGG16's first layer:
-# 0.8x; matrix products over 3 channels waste the transforms).
+# measured by layer: docs/performance.md): from 14x14 outputs up (its 4x4 tiles pad a 7x7
+# output to 8x8) and not for 3 input channels (VGG16's first layer: matrix products over 3
+# channels waste the transforms).
 MIN_OUTPUT_SIZE = 14
 MIN_IN_CHANNELS = 16
 
@@ -68,8 +77,8 @@ def _forward(x: jax.Array, kernel: jax.Array, bias: jax.Array, out_hw: tuple[int
     """The kernel's forward; `flip`: by the kernel rotated 180 degrees, channels swapped."""
     k = kernel.shape[2] if flip else kernel.shape[3]
     out = jax.ShapeDtypeStruct((x.shape[0], *out_hw, k), jnp.float32)
-    return onednn.call_kernel(
-        'winograd conv', onednn.WINOGRAD_TARGETS['forward'][0], out, x, kernel, bias,
+    return native.call_kernel(
+        'winograd conv', TARGETS['forward'], out, x, kernel, bias,
         pad_top=np.int64(pad_top), pad_left=np.int64(pad_left), relu=np.int64(relu),
         flip=np.int64(flip), chunk_tiles=np.int64(chunk))
 
@@ -121,8 +130,8 @@ def _conv3x3_bwd(pads, relu, chunk, residuals, dy):
     # (flip); padding 2 - p before maps dy's size back to x's.
     dx = _forward(dy, k32, jnp.zeros((x.shape[-1],), jnp.float32), x.shape[1:3], 2 - pt,
                   2 - pl, False, True, chunk)
-    dk, db = onednn.call_kernel(
-        'winograd conv', onednn.WINOGRAD_TARGETS['backward_weights'][0],
+    dk, db = native.call_kernel(
+        'winograd conv', TARGETS['backward_weights'],
         (jax.ShapeDtypeStruct(kernel.shape, jnp.float32),
          jax.ShapeDtypeStruct(bias.shape, jnp.float32)),
         x.astype(jnp.float32), dy, pad_top=np.int64(pt), pad_left=np.int64(pl),

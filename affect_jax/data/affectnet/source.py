@@ -29,7 +29,7 @@ from absl import logging
 from affect_jax.data.affectnet.builder import Affectnet, make_builder_config
 from affect_jax.data.affectnet.report import log_report, total_counts
 from affect_jax.data.images import decode_image_tensor
-from affect_jax.data.source import AFFECTNET_CLASS_NAMES, ExamplePool, Source
+from affect_jax.data.source import AFFECTNET_CLASS_NAMES, REPORT_FILE, ExamplePool, Source
 
 IN_MEMORY_MAX_BYTES = 1 << 30
 # Layouts of other datasets, named as such in runs' files; AffectNet's (and the generic manifest
@@ -92,7 +92,7 @@ def load_source(
         }
     if workdir:
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "data_report.json"), "w") as f:
+        with open(os.path.join(workdir, REPORT_FILE), "w") as f:
             json.dump(report, f, indent=2)
     return Source(
         name=dataset_name(report["layout"]),

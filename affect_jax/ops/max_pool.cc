@@ -1,19 +1,17 @@
 // Max pooling (forward and backward) of NHWC activations as XLA FFI handlers.
 //
 // Why hand-written: XLA:CPU (jaxlib 0.10) differentiates `reduce_window(max)` into a variadic
-// reduce-window it runs slowly, and the strided-view form of ops/pool.py still makes several
-// float32 passes: VGG16's five bfloat16 pools took ~1.1 s forward + backward at batch 32,
-// 224 px in isolation (these kernels: 0.27 s), ResNet50's stem pool ~0.5 s (0.1 s)
-// (docs/performance.md). These kernels make one read of the input and one write of the output
-// and of the argmax forward, and one pass backward, which reads the small argmax and output
-// gradient and writes each input gradient once.
+// reduce-window it runs slowly, and the strided-view form of ops/max_pool.py still makes
+// several float32 passes (docs/performance.md). These kernels make one read of the input and
+// one write of the output and of the argmax forward, and one pass backward, which reads the
+// small argmax and output gradient and writes each input gradient once.
 //
-// Semantics (the same as ops/pool.py's XLA path and TensorFlow's MaxPool/MaxPoolGrad): 'VALID'
-// windows; the maximum is taken in the input dtype (exact); the gradient of each output goes
-// to the first maximal element of its window in row-major order; a NaN in a window propagates
-// to the output (as jnp.maximum) and takes the gradient. The backward pass sums the
-// gradients an input receives from overlapping windows in float32, in the XLA path's order,
-// and rounds once.
+// Semantics (the same as ops/max_pool.py's XLA path and TensorFlow's MaxPool/MaxPoolGrad):
+// 'VALID' windows; the maximum is taken in the input dtype (exact); the gradient of each
+// output goes to the first maximal element of its window in row-major order; a NaN in a
+// window propagates to the output (as jnp.maximum) and takes the gradient. The backward pass
+// sums the gradients an input receives from overlapping windows in float32, in the XLA path's
+// order, and rounds once.
 //
 // Layout: x, y, dy, dx NHWC row-major, float32 or bfloat16; argmax is uint8 [B, Ho, Wo, C],
 // the row-major position of the maximum within its window (so windows hold at most 256).
@@ -115,7 +113,7 @@ ALWAYS_INLINE void BackwardRowImpl(const uint8_t* __restrict argmax, const T* __
     int64_t ow0, ow1;
     Covering(w, g.kw, g.sw, g.Wo, &ow0, &ow1);
     // Windows in descending order, i.e. this input's window positions in ascending row-major
-    // order: the order in which ops/pool.py's XLA path adds them, so the float32 sums match.
+    // order: the order in which ops/max_pool.py's XLA path adds them, so float32 sums match.
     for (int64_t oh = oh1 - 1; oh >= oh0; --oh) {
       for (int64_t ow = ow1 - 1; ow >= ow0; --ow) {
         const int64_t at = ((b * g.Ho + oh) * g.Wo + ow) * C;

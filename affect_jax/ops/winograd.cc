@@ -6,7 +6,8 @@
 // F(4x4, 3x3) computes each 4x4 output tile from a 6x6 input tile with 36 instead of 144
 // multiplications per channel pair, so VGG16's float32 convolutions and both their gradients
 // need a quarter of the multiply-adds (docs/performance.md). XLA cannot do the transforms well
-// (its fusion of the 36 strided tile slices ran at a few GB/s), so they are written here.
+// (its fusion of the 36 strided tile slices is memory-bound and slow), so they are written
+// here.
 //
 // Algorithm (Lavin & Gray 2016), per 4x4 output tile and channel pair:
 //   Y = A^T [ (G g G^T) (.) (B^T d B) ] A,   d: the 6x6 input tile, g: the 3x3 kernel.

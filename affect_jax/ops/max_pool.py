@@ -1,20 +1,19 @@
 """Max pooling with a fast gradient on CPU.
 
 `lax.reduce_window(max)` differentiates into a variadic reduce-window over (value, index)
-pairs that XLA:CPU runs slowly: the ResNet50 stem's 3x3/2 max-pool gradient alone took 1.5 s of
-a 6.7 s bfloat16 train step at batch 32, 224 px (docs/performance.md). Two paths (`impl`), with
-the same results: the gradient of each output goes to the first maximal element of its window
+pairs that XLA:CPU runs slowly: a large part of a ResNet50 bfloat16 train step went to the
+stem's 3x3/2 max-pool gradient (docs/performance.md). Two paths (`impl`), with the same
+results: the gradient of each output goes to the first maximal element of its window
 (row-major), as TensorFlow's MaxPoolGrad does.
 
 * ``'xla'``: the pool is the elementwise maximum of its kh*kw strided window views, and the
   gradient is routed through kh*kw strided pads that XLA fuses into one loop.
-* ``'native'``: the C++ kernels of `max_pool_kernels.cc` (built into the oneDNN extension,
-  `ops.onednn`): one pass forward, which also records each maximum's window position (uint8),
-  and one pass backward from those positions, so the pool's input is not kept for the
-  gradient. XLA:CPU runs the 'xla' form's bfloat16 gradient in several float32 passes.
+* ``'native'``: the C++ kernels of `max_pool.cc` (in the extension, `ops.native`): one pass
+  forward, which also records each maximum's window position (uint8), and one pass backward
+  from those positions, so the pool's input is not kept for the gradient. XLA:CPU runs the
+  'xla' form's bfloat16 gradient in several float32 passes.
 
-``'auto'`` picks 'native' for float32 and bfloat16 on CPU when the extension is available and
-the process has one device (a custom call has no partitioning rule), else 'xla'.
+``'auto'`` picks 'native' for float32 and bfloat16 where `native.applies`, else 'xla'.
 """
 
 from __future__ import annotations
@@ -26,14 +25,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from affect_jax.ops import onednn
+from affect_jax.ops import native
 
-IMPLS = onednn.KERNEL_IMPLS
+IMPLS = native.IMPLS
+# The FFI targets of max_pool.cc: direction -> target name.
+TARGETS = {
+    'forward': 'affect_jax_max_pool_forward',
+    'backward': 'affect_jax_max_pool_backward',
+}
+native.register_targets({
+    TARGETS['forward']: 'AffectJaxMaxPoolForward',
+    TARGETS['backward']: 'AffectJaxMaxPoolBackward',
+})
 
 
 def resolve_impl(impl: str, dtype: Any = jnp.float32) -> str:
     """Validates `impl`; maps 'auto' to the path for activations of `dtype`."""
-    return onednn.resolve_kernel_impl('max pool', impl, dtype)
+    return native.resolve_impl('max pool', impl, dtype)
 
 
 def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
@@ -60,7 +68,7 @@ def check_native(shape: tuple[int, ...], dtype: Any, window: tuple[int, int],
                  strides: tuple[int, int]) -> None:
     """Raises a clear error unless the native kernels can pool an input of `shape`/`dtype`."""
     _check(shape, window, strides)
-    if dtype not in onednn.DTYPES:
+    if dtype not in native.DTYPES:
         raise TypeError(f'native max_pool takes float32 or bfloat16, got {dtype}')
     if window[0] * window[1] > 256:
         raise ValueError(f'native max_pool takes windows of at most 256 positions, got {window}')
@@ -97,7 +105,7 @@ def _xla_max_pool_bwd(window, strides, residuals, dy):
     y = y.astype(jnp.float32)
     (_, kw), (sh, sw) = window, strides
     taken = jnp.zeros(y.shape, bool)
-    # Accumulate in float32: XLA:CPU runs bfloat16 pads/adds an order of magnitude slower.
+    # Accumulate in float32: XLA:CPU runs bfloat16 pads/adds far slower.
     dy32 = dy.astype(jnp.float32)
     zero = jnp.zeros((), jnp.float32)
     dx = jnp.zeros(x.shape, jnp.float32)
@@ -119,8 +127,8 @@ _xla_max_pool.defvjp(_xla_max_pool_fwd, _xla_max_pool_bwd)
 
 
 def _native_call(direction, out, *operands, window, strides):
-    return onednn.call_kernel(
-        'max pool', onednn.MAX_POOL_TARGETS[direction][0], out, *operands,
+    return native.call_kernel(
+        'max pool', TARGETS[direction], out, *operands,
         window_h=np.int64(window[0]), window_w=np.int64(window[1]),
         stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]))
 

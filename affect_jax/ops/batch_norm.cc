@@ -3,7 +3,7 @@
 //
 // Why hand-written: XLA:CPU (jaxlib 0.10) runs every reduction as a separate fusion that first
 // writes its float32 input expression to memory (the bfloat16 -> float32 convert, then
-// x - mean), so BatchNorm, the ~40% of a ResNet50 train step outside the convolutions, makes
+// x - mean), so BatchNorm, most of a ResNet50 train step outside the convolutions, makes
 // several extra passes over each activation (docs/performance.md). These kernels make the
 // textbook minimum: forward one read for the statistics and one read + write to normalise;
 // backward one read of (x, dy) for the two channel sums and one read + write for dx. With a

@@ -1,0 +1,114 @@
+"""oneDNN's direct 2-D convolutions (kernels: `onednn_conv.cc`, in the extension `ops.native`).
+
+`conv2d` is differentiable (custom VJP: oneDNN's input- and weight-gradient kernels) and
+computes `lax.conv_general_dilated`'s function for NHWC x HWIO in float32 or bfloat16.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from affect_jax.ops import native
+
+# The FFI targets of onednn_conv.cc: direction -> target name.
+TARGETS = {
+    'forward': 'affect_jax_onednn_conv_forward',
+    'backward_data': 'affect_jax_onednn_conv_backward_data',
+    'backward_weights': 'affect_jax_onednn_conv_backward_weights',
+}
+native.register_targets({
+    TARGETS['forward']: 'AffectJaxConvForward',
+    TARGETS['backward_data']: 'AffectJaxConvBackwardData',
+    TARGETS['backward_weights']: 'AffectJaxConvBackwardWeights',
+})
+Pads = tuple[tuple[int, int], tuple[int, int]]
+
+
+def _call(direction: str, out: Any, *operands: jax.Array, strides: tuple[int, int],
+          pads: Pads, **attrs: int) -> Any:
+    (pt, pb), (pl, pr) = pads
+    return native.call_kernel(
+        'oneDNN conv', TARGETS[direction], out, *operands, stride_h=np.int64(strides[0]),
+        stride_w=np.int64(strides[1]),
+        pad_top=np.int64(pt), pad_bottom=np.int64(pb), pad_left=np.int64(pl),
+        pad_right=np.int64(pr), **{k: np.int64(v) for k, v in attrs.items()})
+
+
+def _out_shape(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads
+               ) -> tuple[int, int, int, int]:
+    (pt, pb), (pl, pr) = pads
+    kh, kw, _, cout = kernel.shape
+    ho = (x.shape[1] + pt + pb - kh) // strides[0] + 1
+    wo = (x.shape[2] + pl + pr - kw) // strides[1] + 1
+    return (x.shape[0], ho, wo, cout)
+
+
+def _written(dtype: Any, compute: Any) -> Any:
+    """oneDNN writes float32 results directly; other dtypes are computed in `compute`."""
+    return jnp.float32 if jnp.dtype(dtype) == jnp.float32 else compute
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads,
+           compute_dtype: Any = None, bias: jax.Array | None = None,
+           relu: bool = False) -> jax.Array:
+    """NHWC x HWIO convolution (+ `bias` [O], then a ReLU if `relu`) by oneDNN; `strides` and
+    `pads` as `lax` takes.
+
+    Computes in `compute_dtype` (float32 or bfloat16; default `x.dtype`) and returns `x.dtype`,
+    so bfloat16 convolutions can sit between float32 activations: inputs are cast inside,
+    float32 results are written by oneDNN directly, and the gradients come back in the dtypes
+    of `x`, `kernel` and `bias`. The input gradient is computed in `compute_dtype` (the dtype
+    autodiff of a `lax.conv` in that dtype gives it, and Keras's `mixed_bfloat16` uses): with
+    float32 activations around a bfloat16 convolution, half the bytes written (bit-identical
+    for VGG16, which rounds every input gradient to bfloat16 before using it anyway). The ReLU
+    is applied by the convolution kernel to its float32 sums, and its gradient mask comes from
+    the output, so no pre-activation is kept.
+    """
+    compute = jnp.dtype(compute_dtype or x.dtype)
+    if compute not in native.DTYPES:
+        raise TypeError(f'oneDNN conv computes in float32 or bfloat16, not {compute}')
+    if bias is None:
+        bias = jnp.zeros((kernel.shape[-1],), jnp.float32)
+    return _conv2d(x, kernel, bias, strides, pads, compute, bool(relu))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _conv2d(x, kernel, bias, strides, pads, compute, relu):
+    xc, kc = x.astype(compute), kernel.astype(compute)
+    out = jax.ShapeDtypeStruct(_out_shape(xc, kc, strides, pads), _written(x.dtype, compute))
+    y = _call('forward', out, xc, kc, bias.astype(jnp.float32), strides=strides, pads=pads,
+              relu=relu)
+    return y.astype(x.dtype)
+
+
+def _conv2d_fwd(x, kernel, bias, strides, pads, compute, relu):
+    xc = x.astype(compute)  # saved in the compute dtype: half the memory for bfloat16
+    y = _conv2d(x, kernel, bias, strides, pads, compute, relu)
+    if not relu:
+        return y, (xc, kernel, bias)
+    # The ReLU's mask is y > 0, read from y in the compute dtype: the same value (and, after
+    # XLA's common-subexpression elimination, the same buffer) a following convolution saves
+    # as its input. Rounding to bfloat16 keeps the sign of every normal float32 (bfloat16 has
+    # float32's exponent range).
+    return y, (xc, kernel, bias, y.astype(compute))
+
+
+def _conv2d_bwd(strides, pads, compute, relu, residuals, dy):
+    xc, kernel, bias = residuals[:3]
+    if relu:
+        dy = jnp.where(residuals[3] > 0, dy, jnp.zeros((), dy.dtype))
+    kc, dyc = kernel.astype(compute), dy.astype(compute)
+    dx = _call('backward_data', jax.ShapeDtypeStruct(xc.shape, compute), dyc, kc,
+               strides=strides, pads=pads)
+    dw, db = _call('backward_weights', (
+        jax.ShapeDtypeStruct(kc.shape, _written(kernel.dtype, compute)),
+        jax.ShapeDtypeStruct(bias.shape, jnp.float32)), xc, dyc, strides=strides, pads=pads)
+    return dx.astype(dy.dtype), dw.astype(kernel.dtype), db.astype(bias.dtype)
+
+
+_conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)

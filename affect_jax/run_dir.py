@@ -1,0 +1,244 @@
+"""A run's directory: the names of its files, writing its records and loading a run back.
+
+Files of a run directory (``--workdir``):
+
+- ``config.json``: the configuration the run was started (or last resumed) with.
+- ``metrics.jsonl``: one JSON record per completed epoch (see ``report`` for its fields).
+- ``final_metrics.json``: the best checkpoint's validation scores (``evaluation.result_record``).
+- ``eval_<split>_<checkpoint>[_flip].json``: ``main --mode=eval`` scores.
+- ``data_report.json``: what the data reader kept and dropped.
+- ``class_balance.json``: the training split's class counts, class weights and sampling
+  (``imbalance``).
+- ``report.md``, ``training_curves.png``, ``confusion_matrix.png``: ``report.write_reports``.
+- ``checkpoints/<epoch>``: Orbax checkpoints of the train state (``checkpointing``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+
+from affect_jax import checkpointing, imbalance, sharding, steps
+from affect_jax.data import source as data_source
+from affect_jax.data.source import AFFECTNET_CLASS_NAMES
+
+CONFIG = "config.json"
+METRICS_HISTORY = "metrics.jsonl"
+FINAL_METRICS = "final_metrics.json"
+DATA_REPORT = data_source.REPORT_FILE
+CLASS_BALANCE = imbalance.CLASS_BALANCE_FILE
+REPORT = "report.md"
+TRAINING_CURVES = "training_curves.png"
+CONFUSION_MATRIX = "confusion_matrix.png"
+CHECKPOINTS = "checkpoints"
+CHECKPOINT_CHOICES = ("best", "latest")
+
+
+def eval_result_name(split: str, checkpoint: str, flip_tta: bool) -> str:
+    """The file ``main --mode=eval`` writes its scores to."""
+    return f"eval_{split}_{checkpoint}{'_flip' if flip_tta else ''}.json"
+
+
+def checkpoints_dir(workdir: str | os.PathLike) -> str:
+    """The absolute path of the run's checkpoint directory (Orbax wants one)."""
+    return os.path.abspath(os.path.join(workdir, CHECKPOINTS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NumPy scalars as Python numbers and tuples as lists."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return float(value)
+    return value
+
+
+def write_json(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(json_safe(record), f, indent=2)
+
+
+def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Appends one line and syncs it: a kill right after leaves the line complete."""
+    with open(path, "a") as f:
+        f.write(json.dumps(json_safe(record)) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def truncate_history(workdir: str, completed_epochs: int) -> None:
+    """Drops lines of epochs that were not checkpointed (a run killed in between)."""
+    path = os.path.join(workdir, METRICS_HISTORY)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line)["epoch"] <= completed_epochs]
+    if len(kept) != len(lines):
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes ``config.json``, warning when it differs from the one already there."""
+    path = os.path.join(workdir, CONFIG)
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() != text:
+                logging.warning("The config differs from the one this workdir was started "
+                                "with (%s); resuming with the new one.", path)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The run's configuration, read from ``workdir/config.json``."""
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"run directory {workdir!r} does not exist")
+    path = os.path.join(workdir, CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} not found: {workdir!r} is not a run directory written by "
+            "`python -m affect_jax.main --workdir=...`"
+        )
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def class_names(workdir: str, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The class names of ``final_metrics.json``; AffectNet's order if the run is unfinished."""
+    num_classes = int(config.data.num_classes)
+    path = os.path.join(workdir, FINAL_METRICS)
+    if os.path.isfile(path):
+        with open(path) as f:
+            names = json.load(f).get("class_names") or []
+        if len(names) == num_classes:
+            return tuple(str(n) for n in names)
+    # Every source orders its classes as AffectNet does (synthetic, all AffectNet layouts).
+    names = AFFECTNET_CLASS_NAMES[:num_classes]
+    return tuple(names) + tuple(f"class_{k}" for k in range(len(names), num_classes))
+
+
+def load_final_metrics(workdir: str | Path) -> dict[str, Any]:
+    """Reads ``final_metrics.json``; FileNotFoundError names the workdir if it is missing."""
+    path = Path(workdir) / FINAL_METRICS
+    if not path.is_file():
+        raise FileNotFoundError(f"{workdir}: no {FINAL_METRICS} (has the run finished?)")
+    return json.loads(path.read_text())
+
+
+def load_history(workdir: str | Path) -> list[dict[str, Any]]:
+    """Reads ``metrics.jsonl`` sorted by epoch ([] if absent).
+
+    A resumed run may log an epoch twice; the last record of an epoch wins.
+    """
+    path = Path(workdir) / METRICS_HISTORY
+    if not path.is_file():
+        return []
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            # A run killed mid-write leaves a truncated last line; say where, do not guess.
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
+        by_epoch[int(record["epoch"])] = record
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict,
+                       read_only: bool = False) -> ocp.CheckpointManager:
+    """The run's checkpoint manager (``checkpointing.create_manager``), ranked as training
+    ranks; ``read_only`` neither creates nor deletes anything (safe beside a training run)."""
+    return checkpointing.create_manager(checkpoints_dir(workdir), config, read_only=read_only)
+
+
+def _no_checkpoints(workdir: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"no checkpoints in {checkpoints_dir(workdir)}: train first with "
+        f"`python -m affect_jax.main --mode=train --workdir={workdir} ...`"
+    )
+
+
+def open_checkpoints(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    """A read-only manager of a run with at least one checkpoint."""
+    if not os.path.isdir(checkpoints_dir(workdir)):
+        raise _no_checkpoints(workdir)
+    manager = checkpoint_manager(workdir, config, read_only=True)
+    if not manager.all_steps():
+        manager.close()
+        raise _no_checkpoints(workdir)
+    return manager
+
+
+def choose_checkpoint(manager: ocp.CheckpointManager, which: str = "best",
+                      step: int | None = None) -> int:
+    """The step (epoch) ``step`` if given, else the ``best`` or ``latest`` one.
+
+    ``best`` falls back to the latest (with a warning) when no validation metrics were saved.
+    """
+    if which not in CHECKPOINT_CHOICES:
+        raise ValueError(f"which={which!r}; expected one of {CHECKPOINT_CHOICES}")
+    available = sorted(manager.all_steps())
+    if step is not None:
+        if step not in available:
+            raise FileNotFoundError(
+                f"no checkpoint {step} in {manager.directory}; available: {available}")
+        return step
+    if which == "best":
+        best = manager.best_step()
+        if best is not None:
+            return best
+        logging.warning("No validation metrics saved with the checkpoints; using the latest.")
+    return manager.latest_step()
+
+
+def restore_checkpoint(
+    workdir: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+    which: str = "best", step: int | None = None,
+) -> tuple[int, nnx.GraphDef, steps.State]:
+    """(step, graphdef, train state) of the chosen checkpoint, replicated over ``mesh``.
+
+    Restored into the model's abstract state (shapes only): nothing is initialised first and no
+    ImageNet file is needed.
+    """
+    manager = open_checkpoints(workdir, config)
+    try:
+        step = choose_checkpoint(manager, which, step)
+        graphdef, shapes = steps.abstract_train_state(config)
+        logging.info("Restoring checkpoint %d from %s", step, manager.directory)
+        state = checkpointing.restore(manager, step, sharding.replicated_shapes(shapes, mesh))
+    finally:
+        manager.close()
+    return step, graphdef, state

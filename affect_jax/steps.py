@@ -1,0 +1,303 @@
+"""The model, optimizer and train state, the losses, and the pure train/eval/predict steps.
+
+The train state is a plain dict of pytrees (params, batch stats, optimizer state, step, epoch,
+RNG key); the steps are pure functions over it, jitted by their callers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from affect_jax import models
+
+State = dict[str, Any]
+Batch = dict[str, jax.Array]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, optimizer, state
+# ---------------------------------------------------------------------------------------------
+
+
+def create_initial_model(config: ml_collections.ConfigDict) -> nnx.Module:
+    """The model training starts from: ``models.create_model``'s architecture, with the Keras
+    ImageNet backbone weights when ``config.model.init`` says so."""
+    if config.model.init not in ("imagenet", "random"):
+        raise ValueError(
+            f"config.model.init={config.model.init!r}; expected 'imagenet' or 'random'"
+        )
+    model = models.create_model(config, nnx.Rngs(params=config.seed))
+    if config.model.init == "imagenet":
+        if not config.model.weights:
+            raise FileNotFoundError(
+                "config.model.init='imagenet' needs the Keras ImageNet weights: pass "
+                "--config.model.weights=DIR (written by scripts/port_weights.py) or a Keras "
+                "application .h5 file, or train from scratch with --config.model.init=random"
+            )
+        from affect_jax import weights  # h5py and Orbax readers, only for ImageNet init
+
+        weights.load_backbone_weights(model, config.model.weights)
+    return model
+
+
+def _param_labels(params: nnx.State) -> Any:
+    """'backbone' or 'head' for every parameter leaf (by its path)."""
+
+    def label(path, _):
+        return "backbone" if getattr(path[0], "key", path[0]) == "backbone" else "head"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def scale_by_keras_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """Keras's Adam direction: ``m * sqrt(1 - b2^t) / (1 - b1^t) / (sqrt(v) + eps)``.
+
+    ``optax.scale_by_adam`` adds ``eps`` to the bias-corrected ``sqrt(v_hat)``; Keras adds it to
+    the raw ``sqrt(v)``, i.e. Keras's effective eps is ``eps / sqrt(1 - b2^t)`` (32x larger at
+    step 1 with b2=0.999), which changes the update of every small gradient: after one step,
+    tests/test_keras_train_parity.py measures weights 2.7e-3 (relative) away from Keras's with
+    ``optax.adam`` and within 4e-5 with this. Same state (``ScaleByAdamState``) as optax's Adam.
+    """
+
+    def init_fn(params):
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32),
+                                      mu=optax.tree.zeros_like(params),
+                                      nu=optax.tree.zeros_like(params))
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+        t = count.astype(jnp.float32)
+        alpha = jnp.sqrt(1 - b2**t) / (1 - b1**t)
+        updates = jax.tree.map(lambda m, v: alpha * m / (jnp.sqrt(v) + eps), mu, nu)
+        return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def create_optimizer(config: ml_collections.ConfigDict, params: nnx.State):
+    """Keras's Adam (and its b1, b2, epsilon); the backbone frozen or on its own rate."""
+
+    def adam(lr: float) -> optax.GradientTransformation:
+        return optax.chain(
+            scale_by_keras_adam(config.adam_b1, config.adam_b2, config.adam_epsilon),
+            optax.scale_by_learning_rate(lr),
+        )
+
+    backbone_lr = config.backbone_learning_rate
+    if backbone_lr < 0:
+        backbone_lr = config.learning_rate
+    backbone_tx = optax.set_to_zero() if config.model.freeze_backbone else adam(backbone_lr)
+    return optax.multi_transform(
+        {"backbone": backbone_tx, "head": adam(config.learning_rate)}, _param_labels(params)
+    )
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: nnx.Module):
+    """(graphdef, optimizer, state) with the state a plain dict of pytrees."""
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    tx = create_optimizer(config, params)
+    state = {
+        "params": params,
+        "batch_stats": batch_stats,
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "epoch": jnp.zeros((), jnp.int32),  # completed epochs: the data position
+        "rng": jax.random.PRNGKey(config.seed),
+    }
+    return graphdef, tx, state
+
+
+def abstract_train_state(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, State]:
+    """(graphdef, train state of ``jax.ShapeDtypeStruct`` leaves) of ``config``'s model.
+
+    Shapes only, for restoring a checkpoint: initialising a model eagerly is slow and its values
+    would be overwritten. No ImageNet file is read (the weights come from the checkpoint).
+    """
+
+    def build_model() -> nnx.Module:
+        return models.create_model(config, nnx.Rngs(params=config.seed))
+
+    graphdef = nnx.graphdef(nnx.eval_shape(build_model))
+    return graphdef, jax.eval_shape(lambda: create_train_state(config, build_model())[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses and steps
+# ---------------------------------------------------------------------------------------------
+
+
+def weighted_ccc(y: jax.Array, p: jax.Array, w: jax.Array) -> jax.Array:
+    """Concordance correlation (population moments) over the rows with weight ``w``."""
+    n = jnp.maximum(w.sum(), 1.0)
+    my, mp = (w * y).sum() / n, (w * p).sum() / n
+    vy, vp = (w * (y - my) ** 2).sum() / n, (w * (p - mp) ** 2).sum() / n
+    cov = (w * (y - my) * (p - mp)).sum() / n
+    return 2.0 * cov / (vy + vp + (my - mp) ** 2 + 1e-8)
+
+
+def compute_loss(
+    outputs: dict[str, jax.Array], batch: Batch, loss_weights: ml_collections.ConfigDict,
+    class_weights: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``w_cls * CE + w_reg * MSE (+ w_ccc * mean(1 - CCC))`` over the valid (mask=1) rows.
+
+    ``class_weights`` (``imbalance.class_weights``: one per class, averaging 1 over the training
+    examples) weight each row's cross-entropy by its class; the sum is still divided by the row
+    count, so the term keeps its size. The regression terms are never weighted by class. Rows
+    without valence/arousal (``has_va`` 0) do not count in the regression terms.
+    """
+    mask = batch["mask"]
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        outputs["class_logits"], batch["expression"]
+    )
+    ce_weight = mask if class_weights is None else mask * class_weights[batch["expression"]]
+    ce = (ce * ce_weight).sum() / jnp.maximum(mask.sum(), 1.0)
+    va_weight = mask * batch["has_va"]
+    squared = ((outputs["valence_arousal"] - batch["valence_arousal"]) ** 2).mean(-1)
+    mse = (squared * va_weight).sum() / jnp.maximum(va_weight.sum(), 1.0)
+    loss = loss_weights.classification * ce + loss_weights.regression * mse
+    terms = {"ce": ce, "mse": mse}
+    if loss_weights.ccc:
+        ccc = jnp.stack([
+            weighted_ccc(batch["valence_arousal"][:, d], outputs["valence_arousal"][:, d],
+                         va_weight)
+            for d in range(2)
+        ])
+        terms["ccc_loss"] = (1.0 - ccc).mean()
+        loss = loss + loss_weights.ccc * terms["ccc_loss"]
+    return loss, terms
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+    class_weights: np.ndarray | None = None,
+) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
+    """A pure ``(state, batch) -> (state, outputs)`` training step (not yet jitted);
+    ``class_weights`` weight the cross-entropy per class (``compute_loss``)."""
+    loss_weights = config.loss_weights
+    if class_weights is not None:
+        class_weights = jnp.asarray(class_weights, jnp.float32)
+    frozen = config.model.freeze_backbone
+
+    def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+        dropout_key = jax.random.fold_in(state["rng"], state["step"])
+
+        # copy=True: fresh Variables owned by this trace, so BatchNorm may update them.
+        def loss_fn(params, batch_stats):
+            model = nnx.merge(graphdef, params, batch_stats, copy=True)
+            outputs = model(
+                batch["image"], train=True, rngs=nnx.Rngs(dropout=dropout_key),
+                train_backbone=not frozen,
+            )
+            loss, terms = compute_loss(outputs, batch, loss_weights, class_weights)
+            _, _, new_batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+            return loss, (terms, outputs, new_batch_stats)
+
+        (loss, (terms, outputs, batch_stats)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True
+        )(state["params"], state["batch_stats"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_state = dict(
+            state,
+            params=optax.apply_updates(state["params"], updates),
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            step=state["step"] + 1,
+        )
+        out = {
+            "loss": loss,
+            **terms,
+            "predicted_class": outputs["class_logits"].argmax(-1),
+            "valence_arousal": outputs["valence_arousal"],
+        }
+        return new_state, out
+
+    return train_step
+
+
+def make_train_steps(
+    train_step: Callable[[State, Batch], tuple[State, dict[str, jax.Array]]],
+) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
+    """Several steps in one XLA execution: ``(state, batches) -> (state, outputs)``.
+
+    ``batches`` hold consecutive batches stacked on a leading axis; the outputs are stacked the
+    same way. Why: XLA:CPU maps its temporaries afresh for every execution and page-faults them
+    in (docs/performance.md); a ``lax.scan`` reuses them for every step of the call. Keras calls
+    this ``steps_per_execution``.
+    """
+
+    def train_steps(state: State, batches: Batch) -> tuple[State, dict[str, jax.Array]]:
+        if jax.tree.leaves(batches)[0].shape[0] == 1:  # no loop around a single step
+            state, out = train_step(state, jax.tree.map(lambda x: x[0], batches))
+            return state, jax.tree.map(lambda x: x[None], out)
+        return jax.lax.scan(train_step, state, batches)
+
+    return train_steps
+
+
+def make_predict_step(
+    graphdef: nnx.GraphDef, flip_tta: bool = False
+) -> Callable[[State, jax.Array], dict[str, jax.Array]]:
+    """A pure ``(variables, images) -> {'probs', 'valence_arousal'}`` inference step.
+
+    ``variables`` hold ``params`` and ``batch_stats`` (a train state does); ``flip_tta``
+    averages over a horizontally flipped copy. No labels: what prediction on new images runs.
+    """
+
+    def predict_step(variables: State, images: jax.Array) -> dict[str, jax.Array]:
+        model = nnx.merge(graphdef, variables["params"], variables["batch_stats"])
+        outputs = model(images, train=False)
+        probs = jax.nn.softmax(outputs["class_logits"])
+        va = outputs["valence_arousal"]
+        if flip_tta:
+            flipped = model(images[:, :, ::-1, :], train=False)
+            probs = (probs + jax.nn.softmax(flipped["class_logits"])) / 2
+            va = (va + flipped["valence_arousal"]) / 2
+        return {"probs": probs, "valence_arousal": va}
+
+    return predict_step
+
+
+def make_eval_step(
+    graphdef: nnx.GraphDef, flip_tta: bool = False
+) -> Callable[[State, Batch], dict[str, jax.Array]]:
+    """A pure ``(state, batch) -> outputs`` evaluation step: the predict step's outputs plus
+    each example's cross-entropy (``ce``)."""
+    predict_step = make_predict_step(graphdef, flip_tta)
+
+    def eval_step(state: State, batch: Batch) -> dict[str, jax.Array]:
+        out = predict_step(state, batch["image"])
+        ce = -jnp.log(jnp.take_along_axis(out["probs"], batch["expression"][:, None], -1)[:, 0])
+        return {**out, "ce": ce}
+
+    return eval_step
+
+
+def make_eval_steps(
+    eval_step: Callable[[State, Batch], dict[str, jax.Array]],
+) -> Callable[[State, Batch], dict[str, jax.Array]]:
+    """Several inference batches in one XLA execution: ``(state, batches) -> outputs``.
+
+    ``batches`` and the outputs are stacked on a leading axis, as in ``make_train_steps`` and
+    for the same reason: each execution maps its temporaries afresh (docs/performance.md). A
+    ``lax.map`` reuses them for every batch of the call.
+    """
+
+    def eval_steps(state: State, batches: Batch) -> dict[str, jax.Array]:
+        if jax.tree.leaves(batches)[0].shape[0] == 1:  # no loop around a single batch
+            out = eval_step(state, jax.tree.map(lambda x: x[0], batches))
+            return jax.tree.map(lambda x: x[None], out)
+        return jax.lax.map(lambda batch: eval_step(state, batch), batches)
+
+    return eval_steps
