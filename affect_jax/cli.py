@@ -81,8 +81,7 @@ def _unknown_field_message(error: BaseException, argv: Sequence[str]) -> str | N
     for arg in overrides:
         path = arg.lstrip("-").split("=")[0].split(".")
         if key in path:
-            return (f"{arg}: the config has no field {key!r} "
-                    "(configs/default.py lists every field)")
+            return f"{arg}: the config has no field {key!r}"
     return None
 
 
@@ -98,19 +97,22 @@ def _config_file_message(name: str, argv: Sequence[str]) -> str | None:
     try:
         FLAGS[name].value.keys()  # raises the stored load error
     except OSError as e:
-        given = next((a.split("=", 1)[1] for a in argv if a.lstrip("-").startswith(f"{name}=")),
-                     "")
-        if given and not os.path.exists(given.split(":")[0]):
-            return f"--{name}={given}: no such file"
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        return f"--{name}={given}: could not be loaded ({lines[-1] if lines else e})"
+        return _load_error_message(name, argv, e)
     except AttributeError:
         return None
     return None
 
 
-def _usage_error(message: str) -> None:
-    sys.stderr.write(f"error: {message} (--helpfull lists the flags)\n")
+def _load_error_message(name: str, argv: Sequence[str], error: OSError) -> str:
+    given = next((a.split("=", 1)[1] for a in argv if a.lstrip("-").startswith(f"{name}=")), "")
+    if given and not os.path.exists(given.split(":")[0]):
+        return f"--{name}={given}: no such file"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"--{name}={given}: could not be loaded ({lines[-1] if lines else error})"
+
+
+def _usage_error(message: str, hint: str = "--helpfull lists the flags") -> None:
+    sys.stderr.write(f"error: {message} ({hint})\n")
     sys.exit(USAGE)
 
 
@@ -120,11 +122,17 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         rest = FLAGS(argv)
     except flags.Error as e:
         _usage_error(str(e))
+    except OSError as e:  # a config file that did not load, met by an override
+        names = [n for n in _config_flag_names() if any(
+            a.lstrip("-").startswith(f"{n}=") for a in argv)]
+        if not names:
+            raise
+        _usage_error(_load_error_message(names[0], argv, e))
     except (AttributeError, KeyError) as e:
         message = _unknown_field_message(e, argv)
         if message is None:
             raise
-        _usage_error(message)
+        _usage_error(message, "configs/default.py lists every field")
     for name in _config_flag_names():
         message = _config_file_message(name, argv)
         if message:

@@ -13,6 +13,7 @@ only functions that users call with their own arguments keep a guard (the backbo
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -65,10 +66,10 @@ def number(low: float | None = None, high: float | None = None, *, low_open: boo
            high_open: bool = True) -> Check:
     """A finite number in the interval from ``low`` to ``high`` (open or closed ends)."""
     if low is not None and high is not None:
-        allowed = (f"a number in {'(' if low_open else '['}{low}, {high}"
+        allowed = (f"a number in {'(' if low_open else '['}{low:g}, {high:g}"
                    f"{')' if high_open else ']'}")
     elif low is not None:
-        allowed = f"a number {'>' if low_open else '>='} {low}"
+        allowed = f"a number {'>' if low_open else '>='} {low:g}"
     else:
         allowed = "a finite number"
 
@@ -251,10 +252,16 @@ def _combination_errors(config: ml_collections.ConfigDict) -> list[str]:
 
 def _training_errors(config: ml_collections.ConfigDict) -> list[str]:
     """What only training needs: the ImageNet weights to start from."""
-    if config.model.init == "imagenet" and not config.model.weights:
+    weights = config.model.weights
+    if config.model.init != "imagenet":
+        return []
+    if not weights:
         return ["config.model.init='imagenet' needs the Keras ImageNet weights: pass "
                 "--config.model.weights=DIR (written by scripts/port_weights.py) or a Keras "
                 "application .h5 file, or train from scratch with --config.model.init=random"]
+    if not os.path.exists(os.path.expanduser(weights)):
+        return [f"config.model.weights={weights!r}: no such file or directory (expected a "
+                "directory written by scripts/port_weights.py or a Keras .h5 file)"]
     return []
 
 

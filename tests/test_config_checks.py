@@ -4,6 +4,7 @@ import ml_collections
 import pytest
 
 from affect_jax import config_checks
+from tests.conftest import CONFIGS as CONFIGS_DIR
 from tests.conftest import load_config, tiny_config
 
 
@@ -19,7 +20,7 @@ def _tiny_with(field: str, value) -> ml_collections.ConfigDict:
 def test_shipped_configs_are_valid(name):
     config = load_config(name)
     if config.data.source == "affectnet":
-        config.data.dir, config.model.weights = "/data/AffectNet", "/weights"
+        config.data.dir, config.model.weights = "/data/AffectNet", CONFIGS_DIR
     assert config_checks.config_errors(config) == []
 
 
@@ -42,7 +43,7 @@ def test_study_configs_differ_only_in_the_backbone():
         ("learning_rate", float("nan"), "config.learning_rate=nan: expected a number > 0"),
         ("backbone_learning_rate", 0.0, "config.backbone_learning_rate=0.0: expected a number "
                                         "> 0, or negative for the same as learning_rate"),
-        ("adam_b1", 1.0, r"config.adam_b1=1.0: expected a number in \[0.0, 1.0\)"),
+        ("adam_b1", 1.0, r"config.adam_b1=1.0: expected a number in \[0, 1\)"),
         ("adam_epsilon", 0.0, "config.adam_epsilon=0.0: expected a number > 0"),
         ("loss_weights.regression", -1.0, "config.loss_weights.regression=-1.0"),
         ("steps_per_epoch", 0, r"config.steps_per_epoch=0: expected -1 \(whole epochs\) or an "
@@ -65,7 +66,7 @@ def test_study_configs_differ_only_in_the_backbone():
                                  "'flatten'"),
         ("model.hidden_sizes", (16, 0), r"config.model.hidden_sizes=\(16, 0\): expected a tuple "
                                         "of integers >= 1"),
-        ("model.dropout", 1.0, r"config.model.dropout=1.0: expected a number in \[0.0, 1.0\)"),
+        ("model.dropout", 1.0, r"config.model.dropout=1.0: expected a number in \[0, 1\)"),
         ("data.source", "imagenet", "config.data.source='imagenet': expected one of "
                                     "'affectnet', 'synthetic'"),
         ("data.num_classes", 1, "config.data.num_classes=1: expected 7 or 8"),
@@ -73,7 +74,7 @@ def test_study_configs_differ_only_in_the_backbone():
         ("data.image_size", 16, "config.data.image_size=16: expected an integer >= 32 for "
                                 "model.name='vgg16'"),
         ("data.val_fraction", 1.5, r"config.data.val_fraction=1.5: expected a number in "
-                                   r"\(0.0, 1.0\)"),
+                                   r"\(0, 1\)"),
         ("data.val_fraction", 0.0, "config.data.val_fraction=0.0"),
         ("data.face_margin", -0.1, "config.data.face_margin=-0.1: expected a number >= 0"),
         ("data.preprocessing", "bogus", "config.data.preprocessing='bogus': expected one of "
@@ -136,6 +137,10 @@ def test_what_affectnet_and_imagenet_need():
     config = tiny_config(**{"model.init": "imagenet"})
     (error,) = config_checks.config_errors(config)
     assert "config.model.init='imagenet' needs the Keras ImageNet weights" in error
+    config.model.weights = "/no/such/weights"
+    assert config_checks.config_errors(config) == [
+        "config.model.weights='/no/such/weights': no such file or directory (expected a "
+        "directory written by scripts/port_weights.py or a Keras .h5 file)"]
     # Scoring a saved run restores its weights from the checkpoint.
     assert config_checks.config_errors(config, training=False) == []
 
