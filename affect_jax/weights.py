@@ -31,6 +31,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from affect_jax.errors import UserError
 from affect_jax.models import resnet50 as resnet50_lib
 from affect_jax.models import vgg16 as vgg16_lib
 
@@ -68,7 +69,7 @@ _BN_TOKENS = ('gamma', 'beta', 'moving_mean', 'moving_variance')
 _KERAS3_KIND = {'conv': 'conv2d', 'bn': 'batch_normalization', 'dense': 'dense'}
 
 
-class WeightFileError(ValueError):
+class WeightFileError(UserError, ValueError):
     """A weight file or ported directory that cannot be loaded into the model."""
 
 

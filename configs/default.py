@@ -1,6 +1,7 @@
-r"""Default configuration: every field a user can set, with its meaning.
+r"""Default configuration: every field a user can set, with its meaning and default.
 
-Other configs import this one and override a few fields. Run with, e.g.::
+Other configs import this one and override a few fields; what each field may hold is checked
+when a run starts (affect_jax/config_checks.py). Run with, e.g.::
 
     python -m affect_jax.main --config=configs/default.py --workdir=/tmp/run \
       --config.data.source=synthetic --config.model.init=random
@@ -10,7 +11,7 @@ import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """Returns the default (ResNet50, study settings) configuration."""
+    """Returns the default configuration (the study's settings, with ResNet50)."""
     config = ml_collections.ConfigDict()
 
     # --- Model -------------------------------------------------------------------------------
