@@ -20,7 +20,7 @@ from typing import Any
 
 import ml_collections
 
-from affect_jax import models
+from affect_jax import imbalance, models
 from affect_jax.data import pipeline
 from affect_jax.errors import UserError
 from affect_jax.metrics import REGRESSION_METRICS, VA_DIMENSIONS
@@ -34,7 +34,9 @@ BEST_MODES = ("max", "min")
 NUM_CLASSES = (7, 8)  # AffectNet's two protocols; every source orders its classes that way.
 _KERNEL_FIELDS = ("conv_impl", "batch_norm_impl", "pool_impl")
 # Validation metrics a checkpoint can be ranked by (besides per-class precision/recall/F1).
-SCALAR_METRICS = ("loss", "accuracy", "f1_macro", "auc", "pr_auc", "kappa") + tuple(
+SCALAR_METRICS = (
+    "loss", "accuracy", "balanced_accuracy", "f1_macro", "auc", "pr_auc", "kappa"
+) + tuple(
     f"{d}_{m}" for d in (*VA_DIMENSIONS, "mean") for m in REGRESSION_METRICS)
 _PER_CLASS_METRIC = re.compile(r"(precision|recall|f1)_[a-z0-9_]+")
 
@@ -119,6 +121,11 @@ def backbone_rate(v: Any) -> str | None:
     return None if ok else "a number > 0, or negative for the same as learning_rate"
 
 
+def class_fractions(v: Any) -> str | None:
+    ok = isinstance(v, (tuple, list)) and all(_is_number(f) and 0 < f <= 1 for f in v)
+    return None if ok else "() for all drawn faces, or one fraction in (0, 1] per class"
+
+
 def kernel_impl(v: Any) -> str | None:
     return native.allowed_impls(v) if isinstance(v, str) else native.allowed_impls("")
 
@@ -150,6 +157,9 @@ RULES: dict[str, Check] = {
     "data.preprocessing": one_of(pipeline.PREPROCESSING_MODES),
     "data.synthetic_size": integer(1),
     "data.tfds_data_dir": text,
+    "data.image_root": text,
+    "data.sampling": one_of(imbalance.SAMPLINGS),
+    "data.synthetic_class_fractions": class_fractions,
     "augment.enabled": boolean,
     "augment.flip": boolean,
     "augment.crop_scale": area_range,
@@ -166,6 +176,8 @@ RULES: dict[str, Check] = {
     "loss_weights.classification": number(0.0),
     "loss_weights.regression": number(0.0),
     "loss_weights.ccc": number(0.0),
+    "loss_weights.class_weighting": one_of(imbalance.CLASS_WEIGHTINGS),
+    "loss_weights.effective_number_beta": number(0.0, 1.0),
     "compute_dtype": one_of(models.COMPUTE_DTYPES),
     "activation_dtype": one_of(models.ACTIVATION_DTYPES),
     **{field: kernel_impl for field in _KERNEL_FIELDS},
@@ -243,6 +255,10 @@ def _combination_errors(config: ml_collections.ConfigDict) -> list[str]:
         allowed = one_of(("auto", *LAYOUTS))(data.layout)
         if allowed:
             errors.append(_line("data.layout", data.layout, allowed))
+    fractions = data.synthetic_class_fractions
+    if fractions and len(fractions) != data.num_classes:
+        errors.append(_line("data.synthetic_class_fractions", tuple(fractions),
+                            f"{data.num_classes} fractions (data.num_classes), one per class"))
     weights = config.loss_weights
     if not weights.classification + weights.regression + weights.ccc > 0:
         errors.append("config.loss_weights: expected at least one of classification, "

@@ -93,6 +93,16 @@ def test_study_configs_differ_only_in_the_backbone():
         ("conv_impl", "winograd", "config.conv_impl='winograd': expected one of"),
         ("conv_impl", "dot", "config.conv_impl='dot': .*'auto' picks the fastest path"),
         ("conv_impl", "im2col", "config.conv_impl='im2col'"),
+        ("loss_weights.class_weighting", "inverse", "config.loss_weights.class_weighting="
+                                                     "'inverse': expected one of 'none'"),
+        ("loss_weights.effective_number_beta", 1.0, "config.loss_weights.effective_number_beta="
+                                                    r"1.0: expected a number in \[0, 1\)"),
+        ("data.sampling", "oversample", "config.data.sampling='oversample': expected one of "
+                                        "'shuffle', 'balanced'"),
+        ("data.synthetic_class_fractions", (0.5, 0.0), "config.data.synthetic_class_fractions"),
+        ("data.synthetic_class_fractions", (0.5,) * 3, r"config.data.synthetic_class_fractions="
+                                                       r"\(0.5, 0.5, 0.5\): expected 8 "),
+        ("best_metric", "balanced_acc", "config.best_metric='balanced_acc'"),
     ],
 )
 def test_bad_value_is_one_line_naming_field_value_and_what_is_allowed(field, value, match):
