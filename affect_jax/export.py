@@ -41,6 +41,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 import affect_jax
+from affect_jax.tools import console_script
 
 # The plain-XLA paths of every op with a custom-call alternative (configs/default.py).
 PORTABLE_OPS = {"conv_impl": "xla", "batch_norm_impl": "xla", "pool_impl": "xla"}
@@ -381,6 +382,8 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
+run = console_script(define_flags, main)  # the affect-jax-export console script
+
+
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    run()

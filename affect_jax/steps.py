@@ -38,7 +38,7 @@ def create_initial_model(config: ml_collections.ConfigDict) -> nnx.Module:
         if not config.model.weights:
             raise FileNotFoundError(
                 "config.model.init='imagenet' needs the Keras ImageNet weights: pass "
-                "--config.model.weights=DIR (written by scripts/port_weights.py) or a Keras "
+                "--config.model.weights=DIR (written by affect-jax-port-weights) or a Keras "
                 "application .h5 file, or train from scratch with --config.model.init=random"
             )
         from affect_jax import weights  # h5py and Orbax readers, only for ImageNet init
