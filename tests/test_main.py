@@ -142,28 +142,17 @@ def test_resumed_run_takes_its_train_steps_from_the_compilation_cache(tmp_path):
     assert "Persistent compilation cache hit for 'jit_train_steps'" in resumed.stderr
 
 
-def test_bad_steps_per_execution_is_a_clear_error(tmp_path):
-    result = _run(_main(str(tmp_path), "--config.steps_per_execution=0"))
+@pytest.mark.parametrize("flag, said", [
+    ("--config.steps_per_execution=0", ["config.steps_per_execution=0"]),  # a bad value
+    ("--config.no_such_field=1", ["no_such_field"]),  # an unknown key
+    ("--config.batch_size=lots", ["batch_size"]),  # a value of the wrong type
+    ("--config.model.name=alexnet", ["alexnet", "resnet50"]),  # a bad model name
+])
+def test_bad_config_is_a_clear_error(tmp_path, flag, said):
+    result = _run(_main(str(tmp_path), flag))
     assert result.returncode != 0
-    assert "config.steps_per_execution=0" in result.stderr
-
-
-def test_unknown_config_key_is_a_clear_error(tmp_path):
-    result = _run(_main(str(tmp_path), "--config.no_such_field=1"))
-    assert result.returncode != 0
-    assert "no_such_field" in result.stderr
-
-
-def test_bad_config_value_is_a_clear_error(tmp_path):
-    result = _run(_main(str(tmp_path), "--config.batch_size=lots"))
-    assert result.returncode != 0
-    assert "batch_size" in result.stderr
-
-
-def test_bad_model_name_is_a_clear_error(tmp_path):
-    result = _run(_main(str(tmp_path), "--config.model.name=alexnet"))
-    assert result.returncode != 0
-    assert "alexnet" in result.stderr and "resnet50" in result.stderr
+    for text in said:
+        assert text in result.stderr, text
 
 
 def test_study_config_without_data_says_what_to_pass(tmp_path):
