@@ -174,3 +174,16 @@ def run(main: Callable[[list[str]], int | None], output_flag: str | None = None)
     console.quiet_native_logs()
     _define_flags()
     app.run(guard(main, output_flag), flags_parser=parse_flags)
+
+
+def console_script(define_flags: Callable[[], None],
+                   main: Callable[[list[str]], int | None],
+                   output_flag: str | None = None) -> Callable[[], None]:
+    """A command's entry point (``[project.scripts]``): defines its flags only when it runs
+    (absl flags are process-wide), then ``run(main, output_flag)``."""
+
+    def entry_point() -> None:
+        define_flags()
+        run(main, output_flag)
+
+    return entry_point

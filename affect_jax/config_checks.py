@@ -273,11 +273,11 @@ def _training_errors(config: ml_collections.ConfigDict) -> list[str]:
         return []
     if not weights:
         return ["config.model.init='imagenet' needs the Keras ImageNet weights: pass "
-                "--config.model.weights=DIR (written by scripts/port_weights.py) or a Keras "
+                "--config.model.weights=DIR (written by affect-jax-port-weights) or a Keras "
                 "application .h5 file, or train from scratch with --config.model.init=random"]
     if not os.path.exists(os.path.expanduser(weights)):
         return [f"config.model.weights={weights!r}: no such file or directory (expected a "
-                "directory written by scripts/port_weights.py or a Keras .h5 file)"]
+                "directory written by affect-jax-port-weights or a Keras .h5 file)"]
     return []
 
 

@@ -380,6 +380,8 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
+run = cli.console_script(define_flags, main, output_flag="output")  # affect-jax-export
+
+
 if __name__ == "__main__":
-    define_flags()
-    cli.run(main, output_flag="output")
+    run()

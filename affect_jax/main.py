@@ -79,5 +79,10 @@ def main(argv):
                           flip_tta=FLAGS.flip_tta)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The affect-jax-train console script (this module's flags are defined at import)."""
     cli.run(main, output_flag="workdir")
+
+
+if __name__ == "__main__":
+    run()

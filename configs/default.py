@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.name = 'resnet50'  # 'resnet50' or 'vgg16' (keras.applications layouts).
     config.model.init = 'imagenet'  # 'imagenet' (ported Keras weights) or 'random'.
-    # Directory written by scripts/port_weights.py (needed when init='imagenet').
+    # Directory written by affect-jax-port-weights (needed when init='imagenet').
     config.model.weights = ''
     # Channel multiplier of the backbone; 1.0 is the Keras architecture (required for
     # ImageNet weights). Smaller values give tiny models for demos and tests.

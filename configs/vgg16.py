@@ -19,7 +19,7 @@ default = runpy.run_path(os.path.join(os.path.dirname(__file__), 'default.py'))
 def get_config() -> ml_collections.ConfigDict:
     config = default['get_config']()
     config.model.name = 'vgg16'
-    config.model.init = 'imagenet'  # Keras's ImageNet weights, ported by scripts/port_weights.py
+    config.model.init = 'imagenet'  # Keras's ImageNet weights, ported by affect-jax-port-weights
     config.model.pooling = 'avg'
     config.model.hidden_sizes = (256,)
     config.model.dropout = 0.5

@@ -150,7 +150,7 @@ def test_what_affectnet_and_imagenet_need():
     config.model.weights = "/no/such/weights"
     assert config_checks.config_errors(config) == [
         "config.model.weights='/no/such/weights': no such file or directory (expected a "
-        "directory written by scripts/port_weights.py or a Keras .h5 file)"]
+        "directory written by affect-jax-port-weights or a Keras .h5 file)"]
     # Scoring a saved run restores its weights from the checkpoint.
     assert config_checks.config_errors(config, training=False) == []
 
