@@ -46,6 +46,9 @@ def test_mtcnn_confidence_threshold_and_tiny_images(mtcnn):
         assert mtcnn.detect(image) == []
     finally:
         mtcnn.min_confidence = detectors.DEFAULT_MIN_CONFIDENCE
+    # Searched at 96 pixels a side, the face is still found, in the image's own pixels.
+    (small,) = detectors.MtcnnDetector(max_side=96).detect(image)
+    assert tracks.box_iou(small.box, face.box) > 0.6
     assert mtcnn.detect(np.zeros((8, 8, 3), np.uint8)) == []
     assert mtcnn.detect(np.full((96, 96, 3), 128, np.uint8)) == []
 

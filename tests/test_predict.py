@@ -277,6 +277,15 @@ def test_nothing_predicted_exits_non_zero(trained_run, inputs):
     assert "Nothing could be predicted" in result.stderr
 
 
+def test_face_flags_that_cannot_work_are_usage_errors(trained_run, inputs):
+    result = _cli(f"--workdir={trained_run}", "--align", "--detector=lbp", inputs["pngs"][0])
+    assert result.returncode == 1
+    assert ("--align needs eye landmarks: --face=auto or detect with --detector=mtcnn (got "
+            "--face=auto --detector=lbp)") in result.stderr
+    with pytest.raises(ValueError, match="detector='haar'"):
+        predict.Predictor(trained_run, detector="haar")
+
+
 def test_missing_or_incomplete_run_is_a_clear_error(trained_run, tmp_path, inputs):
     missing = tmp_path / "no_such_run"
     result = _cli(f"--workdir={missing}", str(inputs["pngs"][0]))
@@ -397,10 +406,10 @@ def test_threads_and_batches_do_not_change_the_rows(predictor, face_files, input
     paths, _ = face_files
     files = [paths["two"], paths["tight"], str(inputs["root"] / "mixed"), paths["video"]]
     rows = predictor.predict_files(files, every_n_frames=2)
-    one_thread = predict.Predictor(predictor.workdir, batch_size=2, workers=1)
-    again = one_thread.predict_files(files, every_n_frames=2)
+    threaded = predict.Predictor(predictor.workdir, batch_size=2, workers=3)
+    again = threaded.predict_files(files, every_n_frames=2)
     assert [r["status"] for r in rows] == [r["status"] for r in again]
     for a, b in zip(rows, again, strict=True):
         assert {k: v for k, v in a.items() if k not in predictor.prob_columns} == pytest.approx(
             {k: v for k, v in b.items() if k not in predictor.prob_columns}, abs=1e-5)
-    assert one_thread.timings["detect"] > 0 and one_thread.timings["model"] > 0
+    assert threaded.timings["detect"] > 0 and threaded.timings["model"] > 0

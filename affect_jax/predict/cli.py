@@ -18,7 +18,12 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from affect_jax import run_dir
-from affect_jax.predict.detectors import DEFAULT_MIN_CONFIDENCE, DETECTORS
+from affect_jax.predict.detectors import (
+    DEFAULT_MIN_CONFIDENCE,
+    DETECT_MAX_SIDE,
+    DETECTORS,
+    LBP_MIN_FACE,
+)
 from affect_jax.predict.faces import FACE_MODES, FACE_SELECTIONS, STATUS_OK, read_boxes
 from affect_jax.predict.predictor import DEFAULT_WORKERS, Predictor
 
@@ -57,6 +62,13 @@ def define_flags() -> None:
         "MTCNN faces with a lower confidence are dropped (the LBP cascade gives none).",
         lower_bound=0.0,
         upper_bound=1.0,
+    )
+    flags.DEFINE_integer(
+        "detect_size",
+        DETECT_MAX_SIDE,
+        "Images are searched for faces downscaled to at most this many pixels a side; smaller "
+        "is faster and misses more small faces.",
+        lower_bound=LBP_MIN_FACE,
     )
     flags.DEFINE_bool(
         "align", False, "Rotate each detected face so its eyes are level (needs MTCNN)."
@@ -153,6 +165,7 @@ def main(argv: Sequence[str]) -> int:
             flip_tta=FLAGS.flip_tta,
             detector=FLAGS.detector,
             min_face_confidence=FLAGS.min_face_confidence,
+            detect_size=FLAGS.detect_size,
             workers=FLAGS.workers,
         )
         boxes = read_boxes(FLAGS.boxes) if FLAGS.face == "box" else None

@@ -1,9 +1,10 @@
 """Face detectors: MTCNN (faces, confidences, five landmarks) and the LBP frontal-face cascade.
 
-Both search a copy of the image downscaled to at most ``DETECT_MAX_SIDE`` pixels (their cost
-grows with the pixel count, and faces small enough to vanish there are too small to score) and
-return faces in the original image's pixels. Nothing is downloaded: MTCNN's weights are inside
-the ``mtcnn`` wheel, the cascade inside scikit-image (see third_party/README.md).
+Both search a copy of the image downscaled to at most ``max_side`` pixels a side (their cost
+grows steeply with the pixel count, and faces small enough to vanish there are too small to
+score well) and return faces in the original image's pixels. Nothing is downloaded: MTCNN's
+weights are inside the ``mtcnn`` wheel, the cascade inside scikit-image (see
+third_party/README.md).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ MTCNN_MIN_SIDE = 12  # MTCNN's smallest input (its proposal network's window).
 DEFAULT_MIN_CONFIDENCE = 0.9
 
 
-def _downscaled(image: np.ndarray) -> tuple[np.ndarray, float]:
-    """The image at most DETECT_MAX_SIDE pixels on its longer side, and the scale applied."""
+def _downscaled(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """The image at most ``max_side`` pixels on its longer side, and the scale applied."""
     height, width = image.shape[:2]
-    scale = min(1.0, DETECT_MAX_SIDE / max(height, width))
+    scale = min(1.0, max_side / max(height, width))
     if scale < 1.0:
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
@@ -36,9 +37,12 @@ class MtcnnDetector:
 
     Args:
       min_confidence: faces whose final-stage (ONet) confidence is below are dropped.
+      max_side: the longest side of the searched copy.
     """
 
-    def __init__(self, min_confidence: float = DEFAULT_MIN_CONFIDENCE):
+    def __init__(
+        self, min_confidence: float = DEFAULT_MIN_CONFIDENCE, max_side: int = DETECT_MAX_SIDE
+    ):
         try:
             from mtcnn import MTCNN
         except ImportError:
@@ -47,11 +51,12 @@ class MtcnnDetector:
                 "constraints.txt mtcnn lz4 (or use --detector=lbp)"
             ) from None
         self.min_confidence = float(min_confidence)
+        self.max_side = int(max_side)
         self._mtcnn = MTCNN(device="CPU:0")
 
     def detect(self, image: np.ndarray) -> list[Face]:
         """Every face in a uint8 RGB image, in the image's pixels."""
-        small, scale = _downscaled(image)
+        small, scale = _downscaled(image, self.max_side)
         if min(small.shape[:2]) < MTCNN_MIN_SIDE:
             return []
         found = self._mtcnn.detect_faces(
@@ -81,7 +86,8 @@ class LbpDetector:
     this one is ``skimage.data.lbp_frontal_face_cascade_filename()``.
     """
 
-    def __init__(self):
+    def __init__(self, max_side: int = DETECT_MAX_SIDE):
+        self.max_side = int(max_side)
         try:
             from skimage import data as skdata
             from skimage import feature
@@ -93,7 +99,7 @@ class LbpDetector:
 
     def detect(self, image: np.ndarray) -> list[Face]:
         """Every frontal face in a uint8 RGB image, in the image's pixels (no confidence)."""
-        small, scale = _downscaled(image)
+        small, scale = _downscaled(image, self.max_side)
         gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
         side = min(gray.shape)
         if side < LBP_MIN_FACE:
@@ -112,10 +118,12 @@ class LbpDetector:
         ]
 
 
-def make_detector(name: str, min_confidence: float = DEFAULT_MIN_CONFIDENCE):
-    """The detector called ``name`` (one of DETECTORS)."""
+def make_detector(
+    name: str, min_confidence: float = DEFAULT_MIN_CONFIDENCE, max_side: int = DETECT_MAX_SIDE
+):
+    """The detector called ``name`` (one of DETECTORS); ``min_confidence`` is MTCNN's."""
     if name == "mtcnn":
-        return MtcnnDetector(min_confidence)
+        return MtcnnDetector(min_confidence, max_side)
     if name == "lbp":
-        return LbpDetector()
+        return LbpDetector(max_side)
     raise ValueError(f"detector={name!r}; expected one of {DETECTORS}")

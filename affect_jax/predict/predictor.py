@@ -44,7 +44,8 @@ from affect_jax.predict.faces import (
 )
 
 LOGGED_NO_FACE = 10  # Images/frames without a face logged one by one; the rest are counted.
-DEFAULT_WORKERS = 2
+# Detection and the model share the CPU: on 2 cores one worker already keeps it busy.
+DEFAULT_WORKERS = min(4, max(1, (os.cpu_count() or 2) // 2))
 TIMED_STAGES = ("decode", "detect", "prepare", "model")
 
 
@@ -91,6 +92,8 @@ class Predictor:
       flip_tta: average over a horizontally flipped copy (as ``main --mode=eval --flip_tta``).
       detector: 'mtcnn' or 'lbp' (``detectors.DETECTORS``), built on first use.
       min_face_confidence: MTCNN faces below this confidence are dropped.
+      detect_size: images are searched for faces downscaled to at most this many pixels a
+        side (smaller is faster and misses more small faces).
       workers: threads that read files, detect faces and prepare crops ahead of the model.
     """
 
@@ -104,12 +107,17 @@ class Predictor:
         flip_tta: bool = False,
         detector: str = "mtcnn",
         min_face_confidence: float = detectors.DEFAULT_MIN_CONFIDENCE,
+        detect_size: int = detectors.DETECT_MAX_SIDE,
         workers: int = DEFAULT_WORKERS,
     ):
         if detector not in detectors.DETECTORS:
             raise ValueError(f"detector={detector!r}; expected one of {detectors.DETECTORS}")
         if not 0.0 <= min_face_confidence <= 1.0:
             raise ValueError(f"min_face_confidence={min_face_confidence}; expected 0 to 1")
+        if detect_size < detectors.LBP_MIN_FACE:
+            raise ValueError(
+                f"detect_size={detect_size}; expected at least {detectors.LBP_MIN_FACE} pixels"
+            )
         if workers < 1:
             raise ValueError(f"workers={workers}; expected at least 1")
         self.workdir = workdir
@@ -121,6 +129,7 @@ class Predictor:
         self.batch_size = int(batch_size)
         self.detector = detector
         self.min_face_confidence = float(min_face_confidence)
+        self.detect_size = int(detect_size)
         self.workers = int(workers)
         self._mesh = sharding.make_mesh()
         devices = self._mesh.devices.size
@@ -227,7 +236,9 @@ class Predictor:
         and landmarks in the image's pixels), in the detector's order."""
         detector = getattr(self._local, "detector", None)
         if detector is None:  # the detectors are not known to be thread-safe: one per thread
-            detector = detectors.make_detector(self.detector, self.min_face_confidence)
+            detector = detectors.make_detector(
+                self.detector, self.min_face_confidence, self.detect_size
+            )
             self._local.detector = detector
         start = time.perf_counter()
         found = detector.detect(image)
