@@ -168,9 +168,11 @@ def main(argv: Sequence[str]) -> int:
             detect_size=FLAGS.detect_size,
             workers=FLAGS.workers,
         )
+        if FLAGS.face in ("auto", "detect"):
+            predictor.load_detector()  # a missing package is one line here, not a traceback
         boxes = read_boxes(FLAGS.boxes) if FLAGS.face == "box" else None
         out = open(FLAGS.output, "w", newline="") if FLAGS.output else sys.stdout
-    except (OSError, ValueError) as e:  # FileNotFoundError included: a missing run or file
+    except (OSError, ValueError, RuntimeError) as e:  # FileNotFoundError: a missing run or file
         logging.error("%s", e)
         return 1
     rows = predictor.iter_predictions(

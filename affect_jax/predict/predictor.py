@@ -231,15 +231,21 @@ class Predictor:
 
     # -- faces -----------------------------------------------------------------------------
 
-    def detect_faces(self, image: np.ndarray) -> list[Face]:
-        """Every face the detector finds in a uint8 RGB image (boxes and, for MTCNN, confidence
-        and landmarks in the image's pixels), in the detector's order."""
+    def load_detector(self):
+        """This thread's face detector, built on first use (the detectors are not known to be
+        thread-safe: one per thread). Raises RuntimeError if its package is missing."""
         detector = getattr(self._local, "detector", None)
-        if detector is None:  # the detectors are not known to be thread-safe: one per thread
+        if detector is None:
             detector = detectors.make_detector(
                 self.detector, self.min_face_confidence, self.detect_size
             )
             self._local.detector = detector
+        return detector
+
+    def detect_faces(self, image: np.ndarray) -> list[Face]:
+        """Every face the detector finds in a uint8 RGB image (boxes and, for MTCNN, confidence
+        and landmarks in the image's pixels), in the detector's order."""
+        detector = self.load_detector()
         start = time.perf_counter()
         found = detector.detect(image)
         self._add_time("detect", start)
