@@ -395,7 +395,7 @@ class Predictor:
         start, next_log = time.time(), log_every
         pending: list[dict[str, Any]] = []  # rows in order; some wait for their prediction
         waiting: list[_Sample] = []
-        smoother = _VideoSmoother(smooth)
+        smoother = tracks.TrackSmoother(smooth) if smooth is not None else None
 
         def flush() -> Iterator[dict[str, Any]]:
             nonlocal next_log
@@ -404,7 +404,10 @@ class Predictor:
                 probs, va = self._run([s.input for s in waiting])
                 self._add_time("model", model_start)
                 for sample, p, v in zip(waiting, probs, va, strict=True):
-                    self._fill(sample.row, *smoother(sample.row, p, v))
+                    track = sample.row["track_id"]
+                    if smoother is not None and track is not None:  # rows come in frame order
+                        p, v = np.split(smoother((sample.row["path"], track), [*p, *v]), [len(p)])
+                    self._fill(sample.row, p, v)
                 waiting.clear()
             yield from pending
             pending.clear()
@@ -532,23 +535,3 @@ def _tracked(processed: Iterable[tuple[_Job, list[_Sample]]]) -> Iterator[_Sampl
             for sample, track_id in zip(scored, tracker.update(boxes), strict=True):
                 sample.row["track_id"] = track_id
         yield from samples
-
-
-class _VideoSmoother:
-    """Smoothing of predictions along their video's tracks (none without ``alpha``)."""
-
-    def __init__(self, alpha: float | None):
-        self.alpha = alpha
-        self._video: str | None = None
-        self._smoother: tracks.TrackSmoother | None = None
-
-    def __call__(
-        self, row: dict[str, Any], probs: np.ndarray, va: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(probs, valence/arousal) of the row, averaged along its track."""
-        if self.alpha is None or row["track_id"] is None:
-            return probs, va
-        if row["path"] != self._video:
-            self._video, self._smoother = row["path"], tracks.TrackSmoother(self.alpha)
-        values = self._smoother(row["track_id"], np.concatenate([probs, va]))
-        return values[: len(probs)], values[len(probs) :]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 from scipy import optimize
@@ -59,15 +59,16 @@ class FaceTracker:
 
 
 class TrackSmoother:
-    """Exponential moving averages along each track: ``alpha`` weighs the newest frame."""
+    """Exponential moving averages along each track (any key, e.g. (video, track id)):
+    ``alpha`` weighs the newest frame."""
 
     def __init__(self, alpha: float):
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"smooth={alpha}; expected a weight in (0, 1]")
         self.alpha = alpha
-        self._state: dict[int, np.ndarray] = {}
+        self._state: dict[Hashable, np.ndarray] = {}
 
-    def __call__(self, track_id: int, values: np.ndarray) -> np.ndarray:
+    def __call__(self, track_id: Hashable, values: np.ndarray) -> np.ndarray:
         """The track's average after adding ``values`` (e.g. probabilities, valence, arousal)."""
         values = np.asarray(values, np.float64)
         previous = self._state.get(track_id)
