@@ -15,6 +15,8 @@ import pytest
 from affect_jax import evaluation, metrics, predict, run_dir, sharding, steps
 from affect_jax.data import pipeline, synthetic
 from affect_jax.data.source import ExamplePool, decode_raw_image
+from affect_jax.predict import align, faces
+from tests import face_images
 from tests.conftest import REPO, TINY_FLAGS
 
 # skimage.data.astronaut(): the face lies roughly in x 150-260, y 40-160 (x, y, w, h).
@@ -100,7 +102,8 @@ def cli_csv(trained_run, inputs):
     """One CLI call over a folder, a mixed folder, a video and a missing file."""
     root = inputs["root"]
     out = root / "out.csv"
-    result = _cli(f"--workdir={trained_run}", "--every_n_frames=3", f"--output={out}",
+    result = _cli(f"--workdir={trained_run}", "--face=none", "--every_n_frames=3",
+                  f"--output={out}",
                   "--batch_size=4", str(root / "faces"), str(root / "mixed"),
                   str(root / "clip.avi"), str(root / "missing.jpg"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -110,9 +113,13 @@ def cli_csv(trained_run, inputs):
 def test_csv_columns_rows_and_ranges(cli_csv, predictor, inputs):
     columns, rows, stderr = cli_csv
     names = ["neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt"]
-    assert columns == (["path", "frame", "expression"] + [f"prob_{n}" for n in names]
+    assert columns == (["path", "frame", "face_index", "track_id", "expression"]
+                       + [f"prob_{n}" for n in names]
                        + ["valence", "arousal", "face_x", "face_y", "face_width", "face_height",
-                          "status"])
+                          "face_source", "face_confidence"]
+                       + [f"{p}_{a}" for p in ("left_eye", "right_eye", "nose", "mouth_left",
+                                               "mouth_right") for a in "xy"]
+                       + ["status"])
     root = str(inputs["root"])
     got = [(os.path.relpath(r["path"], root), r["frame"], r["status"][:14]) for r in rows]
     assert got == [
@@ -131,6 +138,9 @@ def test_csv_columns_rows_and_ranges(cli_csv, predictor, inputs):
         assert -1 <= float(r["valence"]) <= 1 and -1 <= float(r["arousal"]) <= 1
         size = (48, 40) if r["frame"] else (40, 40)  # face=none: the whole image
         assert [int(r[c]) for c in predict.FACE_COLUMNS] == [0, 0, *size]
+        assert (r["face_index"], r["face_source"], r["face_confidence"]) == ("0", "whole_image", "")
+        # A video's whole-frame faces form one track; images have none.
+        assert r["track_id"] == ("0" if r["frame"] else "")
     bad = [r for r in rows if r["status"] != "ok"]
     assert all(r["expression"] == "" and r["valence"] == "" for r in bad)
     # The text file in a folder is skipped with a warning; the errors are logged too.
@@ -193,6 +203,12 @@ def test_detect_finds_the_astronaut_and_reports_no_face(trained_run, inputs):
     assert astronaut["status"] == "ok" and astronaut["frame"] is None
     box = [astronaut[c] for c in predict.FACE_COLUMNS]
     assert _iou(box, ASTRONAUT_FACE) > 0.3, box
+    # MTCNN, the default detector: its confidence and five landmarks, inside the face.
+    assert astronaut["face_source"] == "detected" and astronaut["face_confidence"] > 0.9
+    assert astronaut["face_index"] == 0 and astronaut["track_id"] is None
+    for name in predict.LANDMARK_NAMES:
+        x, y = astronaut[f"{name}_x"], astronaut[f"{name}_y"]
+        assert box[0] < x < box[0] + box[2] and box[1] < y < box[1] + box[3], name
     assert abs(sum(v for k, v in astronaut.items() if k.startswith("prob_")) - 1) < 1e-5
     assert blank["status"] == "no_face"
     assert blank["expression"] is None and blank["face_x"] is None
@@ -220,6 +236,8 @@ def test_box_mode_scores_the_given_crops(predictor, inputs, tmp_path):
         (5, "ok", [0, 0, 20, 20]),
         (None, "no face box for ", [None] * 4),
     ]
+    assert [(r["face_index"], r["face_source"]) for r in rows] == [
+        (0, "box"), (1, "box"), (0, "box"), (0, "box"), (None, None)]
     from skimage import data
 
     crop = data.astronaut()[40:160, 150:260]
@@ -242,7 +260,7 @@ def test_predictor_api(predictor, inputs):
     assert predictor.predict([])["probs"].shape == (0, 8)
     with pytest.raises(ValueError, match="uint8"):
         predictor.predict([faces[0].astype(np.float32)])
-    rows = predictor.predict_files(inputs["pngs"])
+    rows = predictor.predict_files(inputs["pngs"], face="none")
     assert [r["status"] for r in rows] == ["ok"] * 3
     np.testing.assert_allclose(_probs(rows, predictor), predictor.predict(faces)["probs"],
                                atol=1e-5)
@@ -259,6 +277,15 @@ def test_nothing_predicted_exits_non_zero(trained_run, inputs):
     assert "Nothing could be predicted" in result.stderr
 
 
+def test_face_flags_that_cannot_work_are_usage_errors(trained_run, inputs):
+    result = _cli(f"--workdir={trained_run}", "--align", "--detector=lbp", inputs["pngs"][0])
+    assert result.returncode == 1
+    assert ("--align needs eye landmarks: --face=auto or detect with --detector=mtcnn (got "
+            "--face=auto --detector=lbp)") in result.stderr
+    with pytest.raises(ValueError, match="detector='haar'"):
+        predict.Predictor(trained_run, detector="haar")
+
+
 def test_missing_or_incomplete_run_is_a_clear_error(trained_run, tmp_path, inputs):
     missing = tmp_path / "no_such_run"
     result = _cli(f"--workdir={missing}", str(inputs["pngs"][0]))
@@ -269,3 +296,120 @@ def test_missing_or_incomplete_run_is_a_clear_error(trained_run, tmp_path, input
     (tmp_path / "config.json").write_text(open(os.path.join(trained_run, "config.json")).read())
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         predict.Predictor(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Faces in the wild: detection (MTCNN), every face, whole-image fallback, alignment, video tracks
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def face_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("face_files")
+    images = {"two": face_images.two_astronauts(), "tight": face_images.tight_crop(),
+              "tilted": face_images.rotated_astronaut(25)}
+    paths = {}
+    for name, image in images.items():
+        paths[name] = str(root / f"{name}.png")
+        _write_rgb(paths[name], image)
+    paths["video"] = str(root / "moving.avi")
+    face_images.write_moving_faces_video(paths["video"])
+    return paths, images
+
+
+def _crop(image, row):
+    x, y, w, h = (row[c] for c in predict.FACE_COLUMNS)
+    return image[y:y + h, x:x + w]
+
+
+def test_every_face_gets_a_row_with_landmarks(predictor, face_files):
+    paths, images = face_files
+    rows = predictor.predict_files([paths["two"]])
+    assert [(r["face_index"], r["face_source"], r["status"]) for r in rows] == [
+        (0, "detected", "ok"), (1, "detected", "ok")]
+    x, y, w, h = face_images.ASTRONAUT_FACE
+    for row, offset in zip(rows, (0, 512), strict=True):
+        box = [row[c] for c in predict.FACE_COLUMNS]
+        assert _iou(box, (x + offset, y, w, h)) > 0.5, box
+        assert row["face_confidence"] > 0.99 and row["track_id"] is None
+        for name in predict.LANDMARK_NAMES:  # original-image pixels, inside the face's box
+            assert box[0] < row[f"{name}_x"] < box[0] + box[2], name
+            assert box[1] < row[f"{name}_y"] < box[1] + box[3], name
+    expected = predictor.predict([_crop(images["two"], r) for r in rows])["probs"]
+    np.testing.assert_allclose(_probs(rows, predictor), expected, atol=1e-5)
+    # The same rows for the image in memory; --faces=largest keeps one.
+    in_memory = predictor.predict_image(images["two"], paths["two"])
+    assert [r.keys() for r in in_memory] == [r.keys() for r in rows]
+    np.testing.assert_allclose(_probs(in_memory, predictor), expected, atol=1e-5)
+    (largest,) = predictor.predict_files([paths["two"]], faces="largest")
+    assert largest["face_index"] == 0 and largest["face_source"] == "detected"
+
+
+def test_a_tight_crop_is_scored_whole_under_auto(predictor, face_files):
+    paths, images = face_files
+    (row,) = predictor.predict_files([paths["tight"]])
+    height, width = images["tight"].shape[:2]
+    assert (row["face_source"], row["status"], row["face_confidence"]) == (
+        "whole_image", "ok", None)
+    assert [row[c] for c in predict.FACE_COLUMNS] == [0, 0, width, height]
+    np.testing.assert_allclose(_probs([row], predictor),
+                               predictor.predict([images["tight"]])["probs"], atol=1e-5)
+    (row,) = predictor.predict_files([paths["tight"]], face="detect")
+    assert row["status"] == "no_face" and row["expression"] is None
+
+
+def test_align_scores_the_eye_level_crop(predictor, face_files):
+    paths, images = face_files
+    (row,) = predictor.predict_files([paths["tilted"]], align=True)
+    (face,) = predictor.detect_faces(images["tilted"])
+    crop = faces.crop_window(face, predictor.face_margin, 512, 512)
+    assert [row[c] for c in predict.FACE_COLUMNS] == [crop[0], crop[1], crop[2] - crop[0],
+                                                       crop[3] - crop[1]]
+    levelled = align.aligned_crop(images["tilted"], face.landmarks, crop)
+    np.testing.assert_allclose(_probs([row], predictor),
+                               predictor.predict([levelled])["probs"], atol=1e-5)
+    (plain,) = predictor.predict_files([paths["tilted"]])  # off by default: the plain crop
+    np.testing.assert_allclose(_probs([plain], predictor),
+                               predictor.predict([_crop(images["tilted"], plain)])["probs"],
+                               atol=1e-5)
+
+
+def test_video_faces_keep_their_track_ids(predictor, face_files):
+    paths, _ = face_files
+    rows = predictor.predict_files([paths["video"]])
+    got = [(r["frame"], r["face_index"], r["track_id"]) for r in rows]
+    # The right face is track 0 from frame 0; the left one appears at frame 3 as track 1 and
+    # comes first in each frame (faces are numbered left to right).
+    assert got == [(f, 0, 0) for f in range(3)] + [
+        (f, i, t) for f in range(3, 8) for i, t in ((0, 1), (1, 0))]
+    # Detection every 3rd frame: the frames between reuse its boxes and tracks.
+    sparse = predictor.predict_files([paths["video"]], detect_every=3)
+    assert [(r["frame"], r["track_id"]) for r in sparse] == [(0, 0), (1, 0), (2, 0)] + [
+        (f, t) for f in range(3, 8) for t in (1, 0)]
+    assert [r["face_x"] for r in sparse[:3]] == [rows[0]["face_x"]] * 3
+    # Smoothing: an exponential moving average of each track's probabilities and valence.
+    smooth = predictor.predict_files([paths["video"]], smooth=0.4)
+    columns = [*predictor.prob_columns, "valence", "arousal"]
+    for track in (0, 1):
+        raw = np.array([[r[c] for c in columns] for r in rows if r["track_id"] == track])
+        got = np.array([[r[c] for c in columns] for r in smooth if r["track_id"] == track])
+        expected = [raw[0]]
+        for values in raw[1:]:
+            expected.append(0.4 * values + 0.6 * expected[-1])
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    for r in smooth:
+        assert r["expression"] == predictor.class_names[
+            int(np.argmax([r[c] for c in predictor.prob_columns]))]
+
+
+def test_threads_and_batches_do_not_change_the_rows(predictor, face_files, inputs):
+    paths, _ = face_files
+    files = [paths["two"], paths["tight"], str(inputs["root"] / "mixed"), paths["video"]]
+    rows = predictor.predict_files(files, every_n_frames=2)
+    threaded = predict.Predictor(predictor.workdir, batch_size=2, workers=3)
+    again = threaded.predict_files(files, every_n_frames=2)
+    assert [r["status"] for r in rows] == [r["status"] for r in again]
+    for a, b in zip(rows, again, strict=True):
+        assert {k: v for k, v in a.items() if k not in predictor.prob_columns} == pytest.approx(
+            {k: v for k, v in b.items() if k not in predictor.prob_columns}, abs=1e-5)
+    assert threaded.timings["detect"] > 0 and threaded.timings["model"] > 0

@@ -18,8 +18,14 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from affect_jax import run_dir
-from affect_jax.predict.faces import FACE_MODES, STATUS_OK, read_boxes
-from affect_jax.predict.predictor import Predictor
+from affect_jax.predict.detectors import (
+    DEFAULT_MIN_CONFIDENCE,
+    DETECT_MAX_SIDE,
+    DETECTORS,
+    LBP_MIN_FACE,
+)
+from affect_jax.predict.faces import FACE_MODES, FACE_SELECTIONS, STATUS_OK, read_boxes
+from affect_jax.predict.predictor import DEFAULT_WORKERS, Predictor
 
 FLAGS = flags.FLAGS
 
@@ -38,16 +44,57 @@ def define_flags() -> None:
     flags.DEFINE_string("output", None, "Output file (default: standard output).")
     flags.DEFINE_enum(
         "face",
-        "none",
+        "auto",
         list(FACE_MODES),
-        "'none': the whole image is the face; "
-        "'detect': the largest face found by a frontal-face cascade; 'box': "
-        "boxes from --boxes.",
+        "'auto': detected faces, or the whole image where none is found (a tight crop); "
+        "'detect': detected faces only ('no_face' rows where none is found); 'none': the whole "
+        "image is the face; 'box': boxes from --boxes.",
+    )
+    flags.DEFINE_enum(
+        "faces", "all", list(FACE_SELECTIONS), "Detected faces scored: 'all' or the 'largest'."
+    )
+    flags.DEFINE_enum(
+        "detector", "mtcnn", list(DETECTORS), "Face detector: MTCNN or the LBP cascade."
+    )
+    flags.DEFINE_float(
+        "min_face_confidence",
+        DEFAULT_MIN_CONFIDENCE,
+        "MTCNN faces with a lower confidence are dropped (the LBP cascade gives none).",
+        lower_bound=0.0,
+        upper_bound=1.0,
+    )
+    flags.DEFINE_integer(
+        "detect_size",
+        DETECT_MAX_SIDE,
+        "Images are searched for faces downscaled to at most this many pixels a side; smaller "
+        "is faster and misses more small faces.",
+        lower_bound=LBP_MIN_FACE,
+    )
+    flags.DEFINE_bool(
+        "align", False, "Rotate each detected face so its eyes are level (needs MTCNN)."
     )
     flags.DEFINE_string(
         "boxes", None, "--face=box: CSV path, face_x, face_y, face_width, face_height[, frame]."
     )
     flags.DEFINE_integer("every_n_frames", 1, "Videos: score frames 0, N, 2N, ...", lower_bound=1)
+    flags.DEFINE_integer(
+        "detect_every",
+        1,
+        "Videos: detect faces on every Nth scored frame; the frames between reuse its faces.",
+        lower_bound=1,
+    )
+    flags.DEFINE_float(
+        "smooth",
+        None,
+        "Videos: exponential moving average of the probabilities, valence and arousal along "
+        "each face track; the weight (0 < ALPHA <= 1) of the newest frame.",
+    )
+    flags.DEFINE_integer(
+        "workers",
+        DEFAULT_WORKERS,
+        "Threads that read files, detect faces and prepare crops ahead of the model.",
+        lower_bound=1,
+    )
     flags.DEFINE_integer("batch_size", 32, "Images per step.", lower_bound=1)
     flags.DEFINE_bool("flip_tta", False, "Average over a horizontally flipped copy.")
     flags.DEFINE_integer("log_every", 100, "Progress line every N predicted faces.", lower_bound=1)
@@ -91,6 +138,13 @@ def main(argv: Sequence[str]) -> int:
         raise app.UsageError("give exactly one of --workdir and --checkpoint")
     if FLAGS.face == "box" and not FLAGS.boxes:
         raise app.UsageError("--face=box needs --boxes=CSV")
+    if FLAGS.align and (FLAGS.detector != "mtcnn" or FLAGS.face not in ("auto", "detect")):
+        raise app.UsageError(
+            f"--align needs eye landmarks: --face=auto or detect with --detector=mtcnn (got "
+            f"--face={FLAGS.face} --detector={FLAGS.detector})"
+        )
+    if FLAGS.smooth is not None and not 0.0 < FLAGS.smooth <= 1.0:
+        raise app.UsageError(f"--smooth={FLAGS.smooth}: expected a weight 0 < ALPHA <= 1")
     # TensorFlow only resizes images here: keep it off any accelerator, as main does.
     tf.config.experimental.set_visible_devices([], "GPU")
     try:
@@ -104,15 +158,33 @@ def main(argv: Sequence[str]) -> int:
                 "jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir)
             )
         predictor = Predictor(
-            workdir, FLAGS.which, FLAGS.batch_size, step=step, flip_tta=FLAGS.flip_tta
+            workdir,
+            FLAGS.which,
+            FLAGS.batch_size,
+            step=step,
+            flip_tta=FLAGS.flip_tta,
+            detector=FLAGS.detector,
+            min_face_confidence=FLAGS.min_face_confidence,
+            detect_size=FLAGS.detect_size,
+            workers=FLAGS.workers,
         )
+        if FLAGS.face in ("auto", "detect"):
+            predictor.load_detector()  # a missing package is one line here, not a traceback
         boxes = read_boxes(FLAGS.boxes) if FLAGS.face == "box" else None
         out = open(FLAGS.output, "w", newline="") if FLAGS.output else sys.stdout
-    except (OSError, ValueError) as e:  # FileNotFoundError included: a missing run or file
+    except (OSError, ValueError, RuntimeError) as e:  # FileNotFoundError: a missing run or file
         logging.error("%s", e)
         return 1
     rows = predictor.iter_predictions(
-        inputs, FLAGS.face, boxes, FLAGS.every_n_frames, FLAGS.log_every
+        inputs,
+        FLAGS.face,
+        boxes,
+        FLAGS.every_n_frames,
+        FLAGS.log_every,
+        faces=FLAGS.faces,
+        align=FLAGS.align,
+        detect_every=FLAGS.detect_every,
+        smooth=FLAGS.smooth,
     )
     try:
         ok = _write_rows(rows, predictor.columns, FLAGS.format, out)

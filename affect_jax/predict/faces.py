@@ -1,28 +1,92 @@
-"""Faces of prediction: the face detector, box tables from a CSV, and the crops to score."""
+"""Faces of prediction: which faces of an image to score, box tables from a CSV, crops.
+
+``--face`` picks where faces come from: 'auto' (detect; where nothing is found, the whole image,
+as a tight face crop needs), 'detect' (detect; nothing found is status 'no_face'), 'none' (the
+whole image) or 'box' (boxes from a CSV). Every face says where it came from (``source``).
+"""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
-import cv2
 import numpy as np
 
 from affect_jax.data.images import crop_box
 
-FACE_MODES = ("none", "detect", "box")
+FACE_MODES = ("auto", "detect", "none", "box")
+FACE_SELECTIONS = ("all", "largest")
+SOURCE_DETECTED = "detected"
+SOURCE_WHOLE_IMAGE = "whole_image"
+SOURCE_BOX = "box"
 STATUS_OK = "ok"
 STATUS_NO_FACE = "no_face"
-DETECT_MAX_SIDE = 640  # Detection searches a copy downscaled to this side.
-DETECT_MIN_FACE = 24  # Smallest face searched, in pixels of that copy.
 BOX_COLUMNS = ("path", "face_x", "face_y", "face_width", "face_height")
 FACE_COLUMNS = ("face_x", "face_y", "face_width", "face_height")
+# MTCNN's five landmarks; left and right as seen in the image (the left eye has the smaller x).
+LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+LANDMARK_COLUMNS = tuple(f"{name}_{axis}" for name in LANDMARK_NAMES for axis in "xy")
 
 Box = tuple[float, float, float, float]  # x, y, width, height
 Crop = tuple[int, int, int, int]  # x0, y0, x1, y1 (end-exclusive)
+Landmarks = tuple[tuple[float, float], ...]  # (x, y) per LANDMARK_NAMES
 BoxTable = Mapping[tuple[str, int | None], Sequence[Box]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Face:
+    """One face of an image, in the image's pixels.
+
+    Attributes:
+      box: x, y, width, height.
+      source: SOURCE_DETECTED, SOURCE_WHOLE_IMAGE or SOURCE_BOX.
+      confidence: the detector's confidence (None where it gives none).
+      landmarks: (x, y) of LANDMARK_NAMES (None where the detector gives none).
+    """
+
+    box: Box
+    source: str
+    confidence: float | None = None
+    landmarks: Landmarks | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FaceOptions:
+    """How faces are found and cropped (the CLI's flags of the same names).
+
+    Attributes:
+      face: where faces come from, one of FACE_MODES.
+      faces: 'all' detected faces of an image or frame, or the 'largest' one.
+      align: rotate each face that has landmarks so its eyes are level before the run's
+        preprocessing.
+      boxes: the box table of face='box' (``read_boxes``).
+    """
+
+    face: str = "auto"
+    faces: str = "all"
+    align: bool = False
+    boxes: BoxTable | None = None
+
+    def check(self) -> None:
+        """Raises ValueError naming the field that holds an unknown value."""
+        if self.face not in FACE_MODES:
+            raise ValueError(f"face={self.face!r}; expected one of {FACE_MODES}")
+        if self.faces not in FACE_SELECTIONS:
+            raise ValueError(f"faces={self.faces!r}; expected one of {FACE_SELECTIONS}")
+        if self.face == "box" and self.boxes is None:
+            raise ValueError(
+                "face='box' needs boxes (a CSV path, face_x, face_y, face_width, "
+                "face_height[, frame])"
+            )
+
+
+def whole_image(image: np.ndarray) -> Face:
+    """The whole image as one face."""
+    height, width = image.shape[:2]
+    return Face((0.0, 0.0, float(width), float(height)), SOURCE_WHOLE_IMAGE)
 
 
 def path_key(path: str) -> str:
@@ -66,83 +130,52 @@ def read_boxes(csv_path: str) -> dict[tuple[str, int | None], list[Box]]:
     return table
 
 
-class LbpDetector:
-    """The largest frontal face of an image by an LBP cascade.
-
-    OpenCV 5 dropped its Haar cascades (``cv2.CascadeClassifier`` and the XML files are gone),
-    so this uses the LBP frontal-face cascade from OpenCV that scikit-image ships
-    (``skimage.data.lbp_frontal_face_cascade_filename``): nothing is downloaded.
-    """
-
-    def __init__(self):
-        try:
-            from skimage import data as skdata
-            from skimage import feature
-        except ImportError:
-            raise RuntimeError(
-                "--face=detect needs scikit-image: pip install scikit-image"
-            ) from None
-        self._cascade = feature.Cascade(skdata.lbp_frontal_face_cascade_filename())
-
-    def largest_face(self, image: np.ndarray) -> Box | None:
-        """The largest frontal face (x, y, w, h) in a uint8 RGB image, or None."""
-        height, width = image.shape[:2]
-        # Detection on a copy at most DETECT_MAX_SIDE px wide: the cascade's cost grows with
-        # the pixel count, and faces small enough to vanish there are too small to score.
-        scale = min(1.0, DETECT_MAX_SIDE / max(height, width))
-        gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-        if scale < 1.0:
-            gray = cv2.resize(
-                gray,
-                (max(1, round(width * scale)), max(1, round(height * scale))),
-                interpolation=cv2.INTER_AREA,
-            )
-        side = min(gray.shape)
-        if side < DETECT_MIN_FACE:
-            return None
-        faces = self._cascade.detect_multi_scale(
-            img=gray,
-            scale_factor=1.2,
-            step_ratio=1.2,
-            min_size=(DETECT_MIN_FACE,) * 2,
-            max_size=(side, side),
-            min_neighbor_number=4,
-        )
-        if not faces:
-            return None
-        face = max(faces, key=lambda f: f["width"] * f["height"])
-        return tuple(float(face[k]) / scale for k in ("c", "r", "width", "height"))
+def table_boxes(table: BoxTable, path: str, frame: int | None) -> list[Box]:
+    """The boxes of ``path`` (and ``frame``); a box without a frame holds for every frame."""
+    key = path_key(path)
+    return list(table.get((key, frame)) or table.get((key, None)) or [])
 
 
-def face_crops(
+def select_faces(faces: Sequence[Face], which: str) -> list[Face]:
+    """'all' faces left to right, or the 'largest' one."""
+    if which not in FACE_SELECTIONS:
+        raise ValueError(f"faces={which!r}; expected one of {FACE_SELECTIONS}")
+    if which == "largest" and faces:
+        return [max(faces, key=lambda f: f.box[2] * f.box[3])]
+    return sorted(faces, key=lambda f: (f.box[0], f.box[1]))
+
+
+def find_faces(
     image: np.ndarray,
-    path: str,
-    frame: int | None,
-    face: str,
-    margin: float,
-    detector: LbpDetector | None = None,
-    boxes: BoxTable | None = None,
-) -> list[tuple[Crop | None, str]]:
-    """(crop, status) per face to score in ``image``: the face box grown by ``margin`` (the
-    run's ``data.face_margin``) and clipped, exactly as the official layout was cropped."""
-    height, width = image.shape[:2]
-    if face == "none":
-        return [((0, 0, width, height), STATUS_OK)]
-    if face == "detect":
-        found = detector.largest_face(image)
-        if found is None:
-            return [(None, STATUS_NO_FACE)]
-        face_boxes = [found]
-    else:
-        key, table = path_key(path), boxes or {}
-        # A box without a frame number holds for every frame of a video.
-        face_boxes = table.get((key, frame)) or table.get((key, None)) or []
-        if not face_boxes:
+    mode: str,
+    which: str = "all",
+    detect: Callable[[np.ndarray], list[Face]] | None = None,
+    boxes: Sequence[Box] = (),
+    frame: int | None = None,
+) -> tuple[list[Face], str | None]:
+    """(faces to score, None) or ([], status saying why there is none) for one image or video
+    frame (``frame``, None for an image).
+
+    ``detect`` finds faces ('auto', 'detect'); ``boxes`` are the image's boxes ('box').
+    """
+    if mode == "none":
+        return [whole_image(image)], None
+    if mode == "box":
+        if not boxes:
             what = "image" if frame is None else "frame"
-            return [(None, f"no face box for this {what} in the box file")]
-    result = []
-    for box in face_boxes:
-        crop = crop_box(box, margin, width, height)
-        outside = f"face box {box} lies outside the {width}x{height} image"
-        result.append((crop, STATUS_OK if crop else outside))
-    return result
+            return [], f"no face box for this {what} in the box file"
+        return [Face(tuple(map(float, b)), SOURCE_BOX) for b in boxes], None
+    if mode not in FACE_MODES:
+        raise ValueError(f"face={mode!r}; expected one of {FACE_MODES}")
+    found = select_faces(detect(image), which)
+    if found:
+        return found, None
+    if mode == "auto":
+        return [whole_image(image)], None
+    return [], STATUS_NO_FACE
+
+
+def crop_window(face: Face, margin: float, width: int, height: int) -> Crop | None:
+    """The face's box grown by ``margin`` (the run's ``data.face_margin``) of its size on each
+    side and clipped to the image, as the official layout was cropped; None if outside."""
+    return crop_box(face.box, margin, width, height)
