@@ -14,7 +14,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from affect_jax import distributed, evaluate, train
+from affect_jax import distributed, evaluate, graceful_stop, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -55,7 +55,8 @@ def main(argv):
     logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                  jax.devices())
     if FLAGS.mode == "train":
-        train.train_and_evaluate(config, FLAGS.workdir)
+        with graceful_stop.exit_on_stop():  # SIGINT/SIGTERM: one line, exit 130/143
+            train.train_and_evaluate(config, FLAGS.workdir)
     else:
         evaluate.evaluate(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, split=FLAGS.split,
                           flip_tta=FLAGS.flip_tta)
