@@ -182,8 +182,9 @@ def check_config(config: ml_collections.ConfigDict, workdir: str, action: str = 
         todo = ("start a new run with another --workdir, or resume with the values of "
                 f"{path}" if action == "resume" else f"score it with the values of {path}")
         raise IncompatibleConfigError(
-            f"cannot {action} {workdir} with this config: {_listing(refused)} differ from the "
-            f"run's and would not fit its checkpoints or data split; {todo}"
+            f"cannot {action} {workdir} with this config: {_listing(refused)} "
+            f"{'differs' if len(refused) == 1 else 'differ'} from the run's config and would "
+            f"not fit its checkpoints or data split; {todo}"
         )
     if changes:
         logging.info("%s %s with changed %s (%s)", action.capitalize(), workdir,
