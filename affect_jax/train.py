@@ -235,6 +235,9 @@ def restore_resume_point(
         logging.warning("Mid-epoch checkpoint %d of %s cannot be restored (%s); moved to %s; "
                         "resuming from epoch %d", step, mid_dir, why, where, completed)
     if found:
+        if not damaged:
+            logging.info("Dropped the mid-epoch checkpoint %d (%s): it does not continue "
+                         "epoch %d's checkpoint", found[0], found[1], completed)
         drop_mid_epoch_checkpoint(workdir)
     return state, completed, None
 
