@@ -192,11 +192,8 @@ def check_config(config: ml_collections.ConfigDict, workdir: str, action: str = 
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes ``config.json``. A run that has checkpoints is first checked (``check_config``);
-    one that has none yet (e.g. it stopped before its first epoch) takes the new config."""
+    """Writes ``config.json`` (a resumed run's is checked first: ``check_config``)."""
     path = os.path.join(workdir, CONFIG)
-    if has_checkpoints(workdir):
-        check_config(config, workdir, "resume")
     with open(path, "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 

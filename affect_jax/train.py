@@ -142,6 +142,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
     of ``workdir``), the jitted steps and the metric writer."""
     os.makedirs(workdir, exist_ok=True)
     is_chief = jax.process_index() == 0
+    # A run with no checkpoint yet (stopped before its first epoch) takes the new config.
     if run_dir.has_checkpoints(workdir):
         run_dir.check_config(config, workdir, "resume")
     if is_chief:
