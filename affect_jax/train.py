@@ -235,6 +235,8 @@ def restore_resume_point(
         where = checkpointing.set_aside(mid_dir, step, damaged_dir, prefix="mid_epoch_step_")
         logging.warning("Mid-epoch checkpoint %d of %s cannot be restored (%s); moved to %s; "
                         "resuming from epoch %d", step, mid_dir, why, where, completed)
+    if mid_manager is not None and not found:
+        drop_mid_epoch_checkpoint(workdir)  # only the leftovers of an interrupted save
     if found:
         if not damaged:
             logging.info("Dropped the mid-epoch checkpoint %d (%s): it does not continue "

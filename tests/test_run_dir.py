@@ -261,3 +261,16 @@ def test_resume_config_check(run, caplog):
         changed.model.width = config.model.width
         run_dir.check_config(changed, workdir, "score")
     assert set(run_dir.CHANGEABLE_FIELDS) <= set(run_dir._flatten(config.to_dict()))
+
+
+def test_leftovers_of_an_interrupted_save_are_ignored_then_removed(run):
+    workdir, config, _ = run
+    leftover = os.path.join(run_dir.checkpoints_dir(workdir), "4.orbax-checkpoint-tmp-1234")
+    os.makedirs(os.path.join(leftover, "default"))
+    manager = run_dir.open_checkpoints(workdir, config)  # read-only: ignored, left alone
+    assert sorted(manager.all_steps()) == [1, 2, 3] and run_dir.choose_checkpoint(
+        manager, "latest") == 3
+    manager.close()
+    assert os.path.isdir(leftover)
+    run_dir.checkpoint_manager(workdir, config).close()  # what training opens: removed
+    assert sorted(os.listdir(run_dir.checkpoints_dir(workdir))) == ["1", "2", "3"]
