@@ -9,7 +9,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from affect_jax import config_checks, distributed, evaluation, run_dir, sharding, steps
+from affect_jax import config_checks, distributed, evaluation, run_dir, run_lock, sharding, steps
 from affect_jax.data import pipeline
 
 
@@ -22,9 +22,19 @@ def evaluate(
 ) -> dict[str, Any]:
     """Scores the ``best`` or ``latest`` checkpoint on ``split``; writes the metrics JSON.
 
-    The output is ``workdir/eval_<split>_<checkpoint>[_flip].json``.
+    The output is ``workdir/eval_<split>_<checkpoint>[_flip].json``. Holds the workdir's lock
+    (it writes into the run, and may set a damaged checkpoint aside); refuses a config that does
+    not fit the run (``run_dir.check_config``).
     """
     config_checks.validate(config, training=False)
+    run_dir.open_checkpoints(workdir, config).close()  # a clear error before locking
+    with run_lock.hold(workdir, "eval"):
+        run_dir.check_config(config, workdir, "score")
+        return _evaluate(config, workdir, checkpoint, split, flip_tta)
+
+
+def _evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str, split: str,
+              flip_tta: bool) -> dict[str, Any]:
     mesh = sharding.make_mesh()
     step, graphdef, state = run_dir.restore_checkpoint(workdir, config, mesh, which=checkpoint)
     with distributed.chief_first("make_splits"):  # process 0 may prepare a shared cache

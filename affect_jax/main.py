@@ -50,7 +50,7 @@ def main(argv):
         import jax
         import tensorflow as tf
 
-        from affect_jax import config_checks, distributed, evaluate, run_dir, train
+        from affect_jax import config_checks, distributed, evaluate, graceful_stop, run_dir, train
 
         # tf.data only feeds the input pipeline: keep TensorFlow off any accelerator.
         tf.config.experimental.set_visible_devices([], "GPU")
@@ -73,7 +73,8 @@ def main(argv):
                  devices)
     logging.info("Config:\n%s", config, extra=console.FILE_ONLY)
     if training:
-        train.train_and_evaluate(config, FLAGS.workdir)
+        with graceful_stop.exit_on_stop():  # SIGINT/SIGTERM: one line, exit 130/143
+            train.train_and_evaluate(config, FLAGS.workdir)
     else:
         evaluate.evaluate(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, split=FLAGS.split,
                           flip_tta=FLAGS.flip_tta)

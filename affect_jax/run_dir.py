@@ -15,6 +15,10 @@ Files of a run directory (``--workdir``):
   (``imbalance``).
 - ``report.md``, ``training_curves.png``, ``confusion_matrix.png``: ``report.write_reports``.
 - ``checkpoints/<epoch>``: Orbax checkpoints of the train state (``checkpointing``).
+- ``checkpoint_mid_epoch/<step>``: where a run stopped by a signal mid-epoch stopped (one at most;
+  removed once that epoch's own checkpoint is saved).
+- ``checkpoints_damaged/``: checkpoints that could not be restored, set aside (not deleted).
+- ``run.lock``: held by the command writing into the run (``run_lock``).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from affect_jax import checkpointing, imbalance, sharding, steps, strict_json
+from affect_jax import checkpointing, imbalance, run_lock, sharding, steps, strict_json
 from affect_jax.data import source as data_source
 from affect_jax.data.source import AFFECTNET_CLASS_NAMES
 
@@ -44,6 +48,9 @@ REPORT = "report.md"
 TRAINING_CURVES = "training_curves.png"
 CONFUSION_MATRIX = "confusion_matrix.png"
 CHECKPOINTS = "checkpoints"
+MID_EPOCH_CHECKPOINT = "checkpoint_mid_epoch"
+DAMAGED_CHECKPOINTS = "checkpoints_damaged"
+LOCK = run_lock.LOCK_FILE
 CHECKPOINT_CHOICES = ("best", "latest")
 
 
@@ -55,6 +62,22 @@ def eval_result_name(split: str, checkpoint: str, flip_tta: bool) -> str:
 def checkpoints_dir(workdir: str | os.PathLike) -> str:
     """The absolute path of the run's checkpoint directory (Orbax wants one)."""
     return os.path.abspath(os.path.join(workdir, CHECKPOINTS))
+
+
+def mid_epoch_checkpoint_dir(workdir: str | os.PathLike) -> str:
+    return os.path.abspath(os.path.join(workdir, MID_EPOCH_CHECKPOINT))
+
+
+def damaged_checkpoints_dir(workdir: str | os.PathLike) -> str:
+    return os.path.abspath(os.path.join(workdir, DAMAGED_CHECKPOINTS))
+
+
+def has_checkpoints(workdir: str | os.PathLike) -> bool:
+    """Whether the run has saved a train state (an epoch's or a mid-epoch checkpoint)."""
+    return any(
+        os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
+        for d in (checkpoints_dir(workdir), mid_epoch_checkpoint_dir(workdir))
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,17 +115,85 @@ def truncate_history(workdir: str, completed_epochs: int) -> None:
             f.writelines(kept)
 
 
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes ``config.json``, warning when it differs from the one already there."""
+# Config fields a run may be resumed (or scored) with changed, and why: none of them changes the
+# saved train state or the data split, so the checkpoints still fit and the run continues as it
+# would have. Every other field differing is refused (``check_config``).
+CHANGEABLE_FIELDS = {
+    "num_epochs": "how long to train: raised, the run trains on from its last epoch",
+    "log_every_steps": "console output only",
+    "eval_batch_size": "how validation is batched; the same scores (float32 round-off apart)",
+    "steps_per_execution": "how many steps one call runs; the same training (float32 round-off "
+                           "apart with XLA's kernels)",
+    "conv_impl": "which kernels compute; the same results up to float32 round-off",
+    "batch_norm_impl": "which kernels compute; the same results up to float32 round-off",
+    "pool_impl": "which kernels compute; the same results up to float32 round-off",
+    "compilation_cache_dir": "where compiled programs are cached",
+    "keep_checkpoints": "how many older epochs' checkpoints are kept",
+    "model.weights": "the ImageNet weights are read only when a run starts",
+    "data.dir": "where the data is (moved, or mounted elsewhere): the same files, the same split",
+    "data.tfds_data_dir": "where TFDS keeps its prepared copy",
+}
+
+
+class IncompatibleConfigError(ValueError):
+    """A run resumed (or scored) with a config its checkpoints or data split do not fit."""
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: dict[str, Any],
+                   config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+    """``{field: (saved value, new value)}`` of every field that differs (JSON values;
+    ``<unset>`` for a field only one of them has)."""
+    old = _flatten(saved)
+    new = _flatten(json.loads(config.to_json_best_effort()))
+    unset = "<unset>"
+    return {k: (old.get(k, unset), new.get(k, unset)) for k in sorted(old.keys() | new.keys())
+            if old.get(k, unset) != new.get(k, unset)}
+
+
+def _listing(changes: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{k} ({json.dumps(a)} -> {json.dumps(b)})" for k, (a, b) in changes.items())
+
+
+def check_config(config: ml_collections.ConfigDict, workdir: str, action: str = "resume") -> None:
+    """Refuses, in one line, a config whose fields outside ``CHANGEABLE_FIELDS`` differ from
+    the run's ``config.json``; logs the changes it accepts. No ``config.json``: nothing to do.
+
+    ``action``: 'resume' (training) or 'score' (``--mode=eval``), for the message.
+    """
     path = os.path.join(workdir, CONFIG)
-    text = config.to_json_best_effort(indent=2, sort_keys=True)
-    if os.path.exists(path):
-        with open(path) as f:
-            if f.read() != text:
-                logging.warning("The config differs from the one this workdir was started "
-                                "with (%s); resuming with the new one.", path)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        changes = config_changes(json.load(f), config)
+    refused = {k: v for k, v in changes.items() if k not in CHANGEABLE_FIELDS}
+    if refused:
+        todo = ("start a new run with another --workdir, or resume with the values of "
+                f"{path}" if action == "resume" else f"score it with the values of {path}")
+        raise IncompatibleConfigError(
+            f"cannot {action} {workdir} with this config: {_listing(refused)} "
+            f"{'differs' if len(refused) == 1 else 'differ'} from the run's config and would "
+            f"not fit its checkpoints or data split; {todo}"
+        )
+    if changes:
+        logging.info("%s %s with changed %s (%s)", action.capitalize(), workdir,
+                     _listing(changes), "; ".join(CHANGEABLE_FIELDS[k] for k in changes))
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes ``config.json`` (a resumed run's is checked first: ``check_config``)."""
+    path = os.path.join(workdir, CONFIG)
     with open(path, "w") as f:
-        f.write(text)
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,14 +317,28 @@ def restore_checkpoint(
     """(step, graphdef, train state) of the chosen checkpoint, replicated over ``mesh``.
 
     Restored into the model's abstract state (shapes only): nothing is initialised first and no
-    ImageNet file is needed.
+    ImageNet file is needed. A chosen ``best`` or ``latest`` checkpoint that cannot be restored
+    is reported and set aside (``checkpointing.restore_first_intact``) and the next best or next
+    older one is used; a given ``step`` that cannot be restored is an error.
     """
     manager = open_checkpoints(workdir, config)
     try:
-        step = choose_checkpoint(manager, which, step)
+        chosen = choose_checkpoint(manager, which, step)
         graphdef, shapes = steps.abstract_train_state(config)
-        logging.info("Restoring checkpoint %d from %s", step, manager.directory)
-        state = checkpointing.restore(manager, step, sharding.replicated_shapes(shapes, mesh))
+        like = sharding.replicated_shapes(shapes, mesh)
+        logging.info("Restoring checkpoint %d from %s", chosen, manager.directory)
+        if step is not None:
+            try:
+                state = checkpointing.restore(manager, step, like)
+            except Exception as e:  # whatever a damaged file raises: one line saying why
+                raise checkpointing.CheckpointError(
+                    f"checkpoint {step} of {manager.directory} cannot be restored: "
+                    f"{checkpointing.error_reason(e)}") from e
+        else:
+            candidates = checkpointing.ranked_steps(manager, config, which)
+            candidates.remove(chosen)
+            step, state = checkpointing.restore_first_intact(
+                manager, [chosen, *candidates], like, damaged_checkpoints_dir(workdir))
     finally:
         manager.close()
     return step, graphdef, state

@@ -2,9 +2,17 @@
 validation and checkpointing after every epoch, then scores the best checkpoint and writes the
 run's reports.
 
-``setup`` builds everything an epoch needs, ``train_epoch`` and ``end_epoch`` run one epoch,
-``finalize`` ends the run. The steps are in ``steps``, batch placement in ``sharding``, the
-scoring in ``evaluation`` and the run's files in ``run_dir``.
+``setup`` builds everything an epoch needs (resuming where the run's checkpoints left it),
+``run_epoch`` runs one epoch, ``stop`` saves and ends a run stopped by a signal
+(``graceful_stop``), ``finalize`` ends the run. The steps are in ``steps``, batch placement in
+``sharding``, the scoring in ``evaluation`` and the run's files in ``run_dir``; the run holds its
+workdir's lock (``run_lock``) throughout.
+
+A run stopped mid-epoch saves a mid-epoch checkpoint (``checkpointing``): the state, the epoch's
+per-step outputs and targets so far (its training metrics cover the whole epoch) and its step in
+the epoch. Every epoch's batches are a function of (seed, epoch) (``pipeline``) and the dropout
+key of (seed, global step), so the resumed run skips the batches done and trains the rest
+exactly as an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -31,10 +40,12 @@ from affect_jax import (
     console,
     distributed,
     evaluation,
+    graceful_stop,
     host_memory,
     imbalance,
     metrics,
     run_dir,
+    run_lock,
     sharding,
     steps,
 )
@@ -47,6 +58,29 @@ TARGET_KEYS = ("expression", "valence_arousal", "has_va")
 
 class NonFiniteLossError(UserError, RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class EpochSoFar:
+    """The training steps of an epoch done so far: each step's outputs and targets."""
+
+    steps: int = 0
+    outputs: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
+    targets: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
+    train_seconds: float = 0.0
+
+    def arrays(self) -> dict[str, dict[str, np.ndarray]]:
+        """Step-major arrays, as a mid-epoch checkpoint keeps them."""
+        return {"outputs": {k: np.stack([o[k] for o in self.outputs]) for k in self.outputs[0]},
+                "targets": {k: np.stack([t[k] for t in self.targets]) for k in TARGET_KEYS}}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, dict[str, np.ndarray]],
+                    train_seconds: float) -> EpochSoFar:
+        n = len(arrays["outputs"]["loss"])
+        return cls(n, [{k: v[i] for k, v in arrays["outputs"].items()} for i in range(n)],
+                   [{k: v[i] for k, v in arrays["targets"].items()} for i in range(n)],
+                   train_seconds)
 
 
 @dataclasses.dataclass
@@ -64,6 +98,8 @@ class Training:
     train_steps: Callable  # jitted steps.make_train_steps
     eval_steps: Callable  # jitted steps.make_eval_steps
     writer: metric_writers.MetricWriter
+    # Epoch ``completed_epochs`` so far, restored from a mid-epoch checkpoint.
+    resumed: EpochSoFar | None = None
     executables: dict[int, Callable] = dataclasses.field(default_factory=dict)  # per chunk length
 
     @property
@@ -79,20 +115,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains for ``config.num_epochs``, evaluating and checkpointing after every epoch.
 
     Resumes from the latest checkpoint in ``workdir``. Returns the final metrics record (also
-    written to ``workdir/final_metrics.json``).
+    written to ``workdir/final_metrics.json``). Holds the workdir's lock; SIGINT or SIGTERM
+    stop it at the next train call, saved, with ``graceful_stop.Stopped``.
     """
-    run = setup(config, workdir)
-    progress = ProgressReporter(
-        num_epochs=config.num_epochs, steps_per_epoch=run.steps_per_epoch,
-        batch_size=config.batch_size, log_every_steps=config.log_every_steps,
-    )
-    for epoch in range(run.completed_epochs, config.num_epochs):
-        run_epoch(run, epoch, progress)
-    run.manager.wait_until_finished()
-    final = finalize(run)
-    run.manager.close()
-    run.writer.close()
-    return final
+    with run_lock.hold(workdir, "train"), graceful_stop.StopSignals() as signals:
+        run = setup(config, workdir)
+        progress = ProgressReporter(
+            num_epochs=config.num_epochs, steps_per_epoch=run.steps_per_epoch,
+            batch_size=config.batch_size, log_every_steps=config.log_every_steps,
+        )
+        with signals.deferred():
+            for epoch in range(run.completed_epochs, config.num_epochs):
+                run_epoch(run, epoch, progress, signals)
+            run.manager.wait_until_finished()
+            if signals.requested():  # came during the last epoch's validation or save
+                stop(run, config.num_epochs, EpochSoFar(), signals.signum)
+        final = finalize(run)
+        run.manager.close()
+        run.writer.close()
+        return final
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,6 +147,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
     config_checks.validate(config)
     os.makedirs(workdir, exist_ok=True)
     is_chief = jax.process_index() == 0
+    # A run with no checkpoint yet (stopped before its first epoch) takes the new config.
+    if run_dir.has_checkpoints(workdir):
+        run_dir.check_config(config, workdir, "resume")
     if is_chief:
         run_dir.save_config(config, workdir)
     mesh = sharding.make_mesh()
@@ -127,10 +171,19 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
     graphdef, tx, state = steps.create_train_state(config, steps.create_initial_model(config))
     manager = run_dir.checkpoint_manager(workdir, config)
     # Restored into the current mesh's shardings, whatever the device count that saved it.
-    state, completed = checkpointing.restore_latest(manager, sharding.replicate(state, mesh))
+    state, completed, resumed = restore_resume_point(
+        workdir, manager, sharding.replicate(state, mesh), steps_per_epoch)
+    if completed > config.num_epochs:
+        raise run_dir.IncompatibleConfigError(
+            f"config.num_epochs={config.num_epochs} but {workdir} has already trained "
+            f"{completed} epochs: pass --config.num_epochs={completed} or more, or use another "
+            "--workdir")
     if is_chief:
         run_dir.truncate_history(workdir, completed)
-    if completed:
+    if resumed:
+        logging.info("Resumed from epoch %d, step %d/%d of epoch %d (mid-epoch checkpoint) in "
+                     "%s", completed, resumed.steps, steps_per_epoch, completed + 1, workdir)
+    elif completed:
         logging.info("Resumed from epoch %d (step %d) in %s", completed,
                      completed * steps_per_epoch, workdir)
     # The initialisers' eager executables and heap are not needed again.
@@ -142,11 +195,63 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
     # Validation calls, like training's, take several batches each.
     eval_steps = jax.jit(steps.make_eval_steps(steps.make_eval_step(graphdef)))
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
-    if completed == 0:
+    if completed == 0 and resumed is None:
         writer.write_hparams({k: str(v) for k, v in config.to_dict().items()
                               if not isinstance(v, dict)})
     return Training(config, workdir, mesh, splits, steps_per_epoch, state, completed, manager,
-                    train_steps, eval_steps, writer)
+                    train_steps, eval_steps, writer, resumed)
+
+
+def restore_resume_point(
+    workdir: str, manager: ocp.CheckpointManager, like: steps.State, steps_per_epoch: int,
+) -> tuple[steps.State, int, EpochSoFar | None]:
+    """(state, completed epochs, the next epoch so far) where the run left off.
+
+    The mid-epoch checkpoint if it continues the latest epoch's, else the latest epoch's
+    checkpoint that restores (``checkpointing.restore_latest``), or ``like`` with 0 epochs. A
+    mid-epoch checkpoint of an older epoch is dropped; one that cannot be restored is set aside.
+    """
+    damaged_dir = run_dir.damaged_checkpoints_dir(workdir)
+    mid_dir = run_dir.mid_epoch_checkpoint_dir(workdir)
+    mid_manager = (checkpointing.create_mid_epoch_manager(mid_dir) if os.path.isdir(mid_dir)
+                   else None)
+    found = mid_manager and checkpointing.mid_epoch_position(mid_manager)
+    damaged = None
+    if found:
+        step, position = found
+        latest = manager.latest_step() or 0
+        usable = (position.get("epoch") == latest
+                  and position.get("steps_per_epoch") == steps_per_epoch)
+        if usable or not position:
+            try:
+                state, arrays = checkpointing.restore_mid_epoch(mid_manager, step, like)
+            except Exception as e:  # whatever a damaged file raises
+                damaged = (step, checkpointing.error_reason(e))
+            else:
+                mid_manager.close()
+                return state, latest, EpochSoFar.from_arrays(arrays, position["train_seconds"])
+    if mid_manager is not None:
+        mid_manager.close()
+    state, completed = checkpointing.restore_latest(manager, like, damaged_dir)
+    if damaged and jax.process_index() == 0:
+        step, why = damaged
+        where = checkpointing.set_aside(mid_dir, step, damaged_dir, prefix="mid_epoch_step_")
+        logging.warning("Mid-epoch checkpoint %d of %s cannot be restored (%s); moved to %s; "
+                        "resuming from epoch %d", step, mid_dir, why, where, completed)
+    if mid_manager is not None and not found:
+        drop_mid_epoch_checkpoint(workdir)  # only the leftovers of an interrupted save
+    if found:
+        if not damaged:
+            logging.info("Dropped the mid-epoch checkpoint %d (%s): it does not continue "
+                         "epoch %d's checkpoint", found[0], found[1], completed)
+        drop_mid_epoch_checkpoint(workdir)
+    return state, completed, None
+
+
+def drop_mid_epoch_checkpoint(workdir: str) -> None:
+    """Deletes the mid-epoch checkpoint (its epoch is saved, or it does not fit the run)."""
+    if jax.process_index() == 0:
+        shutil.rmtree(run_dir.mid_epoch_checkpoint_dir(workdir), ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,18 +259,24 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_epoch(run: Training, epoch: int, progress: ProgressReporter) -> None:
+def run_epoch(run: Training, epoch: int, progress: ProgressReporter,
+              signals: graceful_stop.StopSignals) -> None:
     """Trains epoch ``epoch`` (0-based), scores validation, then writes the epoch's record and
-    checkpoint."""
-    epoch_start = time.time()
+    checkpoint; on a stop signal saves where it is and raises ``graceful_stop.Stopped``."""
+    resumed = run.resumed if epoch == run.completed_epochs else None
+    so_far = train_epoch(run, epoch, progress, resumed or EpochSoFar(), signals)
+    if signals.requested():  # mid-epoch, or between the last train call and validation
+        stop(run, epoch, so_far, signals.signum)
     record = {"epoch": epoch + 1, "step": (epoch + 1) * run.steps_per_epoch}
-    record.update(train_epoch(run, epoch, progress))
-    train_seconds = time.time() - epoch_start
+    # [steps, rows, ...] -> [rows, ...], step after step.
+    record.update(epoch_train_metrics(so_far.outputs, {
+        k: np.concatenate([t[k] for t in so_far.targets]) for k in TARGET_KEYS}))
+    val_start = time.time()
     val = evaluation.score_split(run.eval_steps, run.state, run.splits.validation,
                                  run.splits.source, run.config, run.mesh)
     record.update({f"val_{k}": v for k, v in val.items()})
-    record["epoch_time_s"] = time.time() - epoch_start
-    record["train_time_s"] = train_seconds
+    record["epoch_time_s"] = so_far.train_seconds + time.time() - val_start
+    record["train_time_s"] = so_far.train_seconds
     run.state["epoch"] = sharding.replicate(jnp.asarray(epoch + 1, jnp.int32), run.mesh)
     if run.is_chief:
         run_dir.append_jsonl(run.history_path, record)
@@ -173,41 +284,74 @@ def run_epoch(run: Training, epoch: int, progress: ProgressReporter) -> None:
     run.writer.write_scalars(record["step"], scalars)
     run.writer.flush()
     checkpointing.save(run.manager, epoch + 1, run.state, val)
+    if resumed is not None:  # the epoch's own checkpoint replaces the mid-epoch one
+        run.manager.wait_until_finished()
+        drop_mid_epoch_checkpoint(run.workdir)
+        run.resumed = None
     host_memory.release_host_memory()  # e.g. the evaluation step's compiler heap
     progress.epoch_done(record, val)
 
 
-def train_epoch(run: Training, epoch: int, progress: ProgressReporter) -> dict[str, float]:
-    """Trains epoch ``epoch`` (0-based) in calls of ``steps_per_execution`` steps; returns its
-    training metrics (``epoch_train_metrics``)."""
+def stop(run: Training, epoch: int, so_far: EpochSoFar, signum: int) -> None:
+    """Ends a run stopped by ``signum`` in epoch ``epoch`` (0-based) after ``so_far.steps``
+    steps: saves that point (unless it is an epoch's end, or the mid-epoch checkpoint the run
+    resumed from), waits for every save, and raises ``graceful_stop.Stopped``."""
+    num_epochs, spe = run.config.num_epochs, run.steps_per_epoch
+    if so_far.steps == 0:
+        where = f"after epoch {epoch}/{num_epochs}" if epoch else "before the first epoch"
+    else:
+        where = f"in epoch {epoch + 1}/{num_epochs} after step {so_far.steps}/{spe}"
+        already_saved = epoch == run.completed_epochs and run.resumed is not None and (
+            run.resumed.steps == so_far.steps)
+        if not already_saved:
+            mid_manager = checkpointing.create_mid_epoch_manager(
+                run_dir.mid_epoch_checkpoint_dir(run.workdir))
+            checkpointing.save_mid_epoch(
+                mid_manager, epoch * spe + so_far.steps, run.state, so_far.arrays(),
+                {"epoch": epoch, "step_in_epoch": so_far.steps, "steps_per_epoch": spe,
+                 "train_seconds": so_far.train_seconds})
+            mid_manager.close()
+    run.manager.wait_until_finished()
+    run.manager.close()
+    run.writer.close()
+    raise graceful_stop.Stopped(signum, where + " (saved)")
+
+
+def train_epoch(run: Training, epoch: int, progress: ProgressReporter, so_far: EpochSoFar,
+                signals: graceful_stop.StopSignals) -> EpochSoFar:
+    """Trains epoch ``epoch`` (0-based) on from ``so_far`` in calls of ``steps_per_execution``
+    steps, until its end or a stop signal (checked before every call); returns it so far."""
+    start = time.time()
     config = run.config
     spe = run.steps_per_epoch
-    outputs, targets = [], []
     pending = None  # (first step, outputs) of the previous call, fetched after the next
     process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
     # Chunks of per_call consecutive batches (the last one may be shorter): one call each.
     chunks = pipeline.train_batches(
-        run.splits.train, config, epoch, config.batch_size, **process,
-    ).take(spe).batch(config.steps_per_execution).prefetch(1)
-    step = epoch * spe  # steps done before this chunk
+        run.splits.train, config, epoch, config.batch_size, start_step=so_far.steps, **process,
+    ).take(spe - so_far.steps).batch(config.steps_per_execution).prefetch(1)
+    step = epoch * spe + so_far.steps  # steps done before this chunk
     progress.start()
     for chunk in chunks.as_numpy_iterator():
+        if signals.requested():
+            break
         global_chunk = sharding.shard_batch(chunk, run.mesh, stacked=True)
         n = len(chunk["mask"])
         out = _train_call(run, global_chunk, n, progress)
         # The whole global batches' targets (other processes hold the rest of them).
-        targets.append(distributed.to_host({k: global_chunk[k] for k in TARGET_KEYS}))
+        targets = distributed.to_host({k: global_chunk[k] for k in TARGET_KEYS})
+        so_far.targets += [{k: v[i] for k, v in targets.items()} for i in range(n)]
         if pending is not None:
-            outputs += fetch_checked_outputs(*pending)
+            so_far.outputs += fetch_checked_outputs(*pending)
         pending = (step, out)
         progress.after_call(epoch, step, n, lambda out=out: float(out["loss"][-1]))
         step += n
-    outputs += fetch_checked_outputs(*pending)
+        so_far.steps += n
+    if pending is not None:
+        so_far.outputs += fetch_checked_outputs(*pending)
     progress.stop()
-    # [calls' steps, rows, ...] -> [rows, ...], step after step.
-    return epoch_train_metrics(outputs, {
-        k: np.concatenate([t[k].reshape(-1, *t[k].shape[2:]) for t in targets])
-        for k in TARGET_KEYS})
+    so_far.train_seconds += time.time() - start
+    return so_far
 
 
 def _train_call(run: Training, chunk: steps.Batch, n: int,
@@ -282,9 +426,12 @@ def _epoch_times(workdir: str) -> dict[str, float]:
 def finalize(run: Training) -> dict[str, Any]:
     """Scores the best checkpoint on validation; writes final_metrics.json and the reports."""
     config, source, state = run.config, run.splits.source, run.state
-    best = run.manager.best_step() or int(state["epoch"])
+    ranked = checkpointing.ranked_steps(run.manager, config, "best")
+    best = ranked[0] if ranked else int(state["epoch"])
     if best != int(state["epoch"]):
-        state = checkpointing.restore(run.manager, best, state)
+        # A best checkpoint that cannot be restored is set aside for the next best.
+        best, state = checkpointing.restore_first_intact(
+            run.manager, ranked, state, run_dir.damaged_checkpoints_dir(run.workdir))
     scores = evaluation.score_split(run.eval_steps, state, run.splits.validation, source,
                                     config, run.mesh)
     final = evaluation.result_record(

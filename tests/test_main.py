@@ -2,9 +2,12 @@
 
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -258,3 +261,116 @@ def test_demo_console_stays_short(tmp_path):
     fixed = len(lines) - epochs * per_epoch
     assert per_epoch <= 5 and fixed <= 8, result.stderr
     assert fixed + 15 * per_epoch < 100
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run guarantees: one run per workdir, damaged checkpoints, stop signals, resume config
+# ---------------------------------------------------------------------------------------------
+
+
+def _last_line(stderr):
+    return stderr.strip().splitlines()[-1]
+
+
+def test_a_second_run_is_refused_and_a_killed_holders_lock_taken_over(reference_run):
+    from tests.test_run_lock import start_holder
+
+    workdir, _ = reference_run
+    holder = start_holder(workdir)  # a live process holding the run's lock
+    try:
+        refused = _run(_main(workdir))
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert refused.returncode != 0
+    assert f"{workdir} is in use by another run (train on host " in _last_line(refused.stderr)
+    assert f"PID {holder.pid}, started " in _last_line(refused.stderr)
+    assert "Resumed" not in refused.stderr  # refused before anything was read or written
+    # The holder was killed: the next command takes its lock over, here to be refused for its
+    # config (a different model width) in one line naming the field.
+    taken = _run(_main(workdir, "--config.model.width=0.125"))
+    assert "Took over the lock of " in taken.stderr and f"PID {holder.pid}" in taken.stderr
+    assert taken.returncode != 0
+    assert _last_line(taken.stderr).endswith(
+        f"cannot resume {workdir} with this config: model.width (0.0625 -> 0.125) differs from "
+        "the run's config and would not fit its checkpoints or data split; start a new run "
+        f"with another --workdir, or resume with the values of {workdir}/config.json")
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_its_epoch_redone(reference_run, tmp_path):
+    reference, _ = reference_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference, workdir)
+    newest = os.path.join(workdir, "checkpoints", "3")
+    files = [os.path.join(d, f) for d, _, names in os.walk(newest) for f in names]
+    os.truncate(max(files, key=os.path.getsize), 100)
+    result = _run(_main(workdir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Checkpoint 3 of {workdir}/checkpoints cannot be restored (" in result.stderr
+    assert "Resumed from epoch 2" in result.stderr
+    assert os.listdir(os.path.join(workdir, "checkpoints_damaged")) == ["3"]
+    assert _same(_val_history(workdir), _val_history(reference))
+    got = json.load(open(os.path.join(workdir, "final_metrics.json")))
+    want = json.load(open(os.path.join(reference, "final_metrics.json")))
+    assert _same(got["metrics"], want["metrics"])
+
+
+# 12 one-step calls per epoch, a progress line after each: signals land between calls.
+STOP_FLAGS = ["--config.steps_per_execution=1", "--config.steps_per_epoch=12",
+              "--config.num_epochs=2", "--config.log_every_steps=1"]
+
+
+def _signal_when(cmd, condition, signum, timeout=300):
+    """Runs ``cmd``, sends ``signum`` once ``condition(stderr so far)`` holds; the result."""
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    start = time.time()
+
+    def stderr():
+        log.seek(0)
+        return log.read()
+
+    while not condition(stderr()):
+        assert proc.poll() is None, "the run ended before the signal:\n" + stderr()[-3000:]
+        assert time.time() - start < timeout
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    proc.wait(timeout=timeout)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "", stderr())
+
+
+def test_sigint_after_an_epoch_and_sigterm_mid_epoch_resume_exactly(tmp_path):
+    reference, workdir = str(tmp_path / "reference"), str(tmp_path / "run")
+    result = _run(_main(reference, *STOP_FLAGS))
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = os.path.join(workdir, "metrics.jsonl")
+
+    # Ctrl-C right after epoch 1's metrics line, while its checkpoint is being written.
+    stopped = _signal_when(_main(workdir, *STOP_FLAGS), lambda _: os.path.exists(history),
+                           signal.SIGINT)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+    assert _last_line(stopped.stderr) == (
+        "Stopped by SIGINT after epoch 1/2 (saved). Resume with: "
+        + shlex.join(["python", "-m", "affect_jax.main", *_main(workdir, *STOP_FLAGS)[3:]]))
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"]  # whole, no tmp folder
+
+    # SIGTERM (preemption) two steps into epoch 2: the run stops mid-epoch, saved.
+    stopped = _signal_when(_main(workdir, *STOP_FLAGS), lambda err: "step 14/24 " in err,
+                           signal.SIGTERM)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+    assert "Resumed from epoch 1 (step 12)" in stopped.stderr
+    assert _last_line(stopped.stderr).startswith("Stopped by SIGTERM in epoch 2/2 after step ")
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"]  # epochs only
+    assert os.listdir(os.path.join(workdir, "checkpoint_mid_epoch"))
+
+    resumed = _run(_main(workdir, *STOP_FLAGS))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "(mid-epoch checkpoint)" in resumed.stderr
+    assert not os.path.exists(os.path.join(workdir, "checkpoint_mid_epoch"))
+    assert _same(_val_history(workdir), _val_history(reference))
+    got = json.load(open(os.path.join(workdir, "final_metrics.json")))
+    want = json.load(open(os.path.join(reference, "final_metrics.json")))
+    assert _same(got["metrics"], want["metrics"])
+    assert got["best_epoch"] == want["best_epoch"]

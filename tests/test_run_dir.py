@@ -164,3 +164,113 @@ def test_json_safe_and_eval_result_name():
         "a": [1, 0.5], "b": "x"}
     assert run_dir.eval_result_name("test", "latest", True) == "eval_test_latest_flip.json"
     assert run_dir.eval_result_name("validation", "best", False) == "eval_validation_best.json"
+
+
+def _damage(workdir, step):
+    """Truncates the largest file of checkpoint ``step`` (as a full disk or a crash would)."""
+    files = [os.path.join(d, f) for d, _, names in
+             os.walk(os.path.join(run_dir.checkpoints_dir(workdir), str(step))) for f in names]
+    os.truncate(max(files, key=os.path.getsize), 100)
+
+
+def test_a_damaged_best_checkpoint_is_set_aside_for_the_next_best(run, caplog):
+    workdir, config, state = run  # epochs 1-3 by mean CCC: 2, 3, 1
+    _damage(workdir, 2)
+    mesh = sharding.make_mesh()
+    with caplog.at_level("WARNING"):
+        step, _, restored = run_dir.restore_checkpoint(workdir, config, mesh)
+    assert step == 3
+    _assert_same(state, restored)
+    warning = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
+    assert len(warning) == 1 and "\n" not in warning[0]
+    assert warning[0].startswith(f"Checkpoint 2 of {run_dir.checkpoints_dir(workdir)} cannot be "
+                                 "restored (ValueError: OUT_OF_RANGE: ")
+    assert f"moved to {run_dir.damaged_checkpoints_dir(workdir)}/2; using checkpoint 3" in (
+        warning[0])
+    assert sorted(os.listdir(run_dir.checkpoints_dir(workdir))) == ["1", "3"]
+    assert os.listdir(run_dir.damaged_checkpoints_dir(workdir)) == ["2"]
+    # Set aside: the next choice does not see it.
+    assert run_dir.restore_checkpoint(workdir, config, mesh)[0] == 3
+
+
+def test_a_damaged_given_step_or_no_intact_checkpoint_is_one_clear_error(run):
+    workdir, config, _ = run
+    mesh = sharding.make_mesh()
+    _damage(workdir, 1)
+    with pytest.raises(checkpointing.CheckpointError) as error:
+        run_dir.restore_checkpoint(workdir, config, mesh, step=1)
+    assert str(error.value).startswith(
+        f"checkpoint 1 of {run_dir.checkpoints_dir(workdir)} cannot be restored: ValueError: ")
+    for step in (2, 3):
+        _damage(workdir, step)
+    with pytest.raises(checkpointing.CheckpointError) as error:
+        run_dir.restore_checkpoint(workdir, config, mesh, "latest")
+    message = str(error.value)
+    assert message.startswith(f"no checkpoint in {run_dir.checkpoints_dir(workdir)} can be "
+                              "restored: 3: ValueError: OUT_OF_RANGE")
+    assert "; 2: " in message and "; 1: " in message and "none was moved" in message
+    assert "\n" not in message
+    assert sorted(os.listdir(run_dir.checkpoints_dir(workdir))) == ["1", "2", "3"]
+
+
+def test_ranked_steps(run):
+    workdir, config, _ = run
+    manager = run_dir.open_checkpoints(workdir, config)
+    assert checkpointing.ranked_steps(manager, config, "best") == [2, 3, 1]
+    assert checkpointing.ranked_steps(manager, config, "latest") == [3, 2, 1]
+    manager.close()
+
+
+def test_mid_epoch_checkpoint_round_trip(tmp_path, trained):
+    _, state = trained
+    manager = checkpointing.create_mid_epoch_manager(str(tmp_path / "mid"))
+    arrays = {"outputs": {"loss": np.array([0.5, 0.25], np.float32)},
+              "targets": {"expression": np.array([[1, 2], [3, 4]], np.int32)}}
+    position = {"epoch": 1, "step_in_epoch": 2, "steps_per_epoch": 4, "train_seconds": 1.5}
+    checkpointing.save_mid_epoch(manager, 6, state, arrays, position)
+    assert checkpointing.mid_epoch_position(manager) == (6, position)
+    restored, restored_arrays = checkpointing.restore_mid_epoch(manager, 6, state)
+    _assert_same(state, restored)
+    _assert_same(arrays, restored_arrays)
+    assert restored_arrays["outputs"]["loss"].dtype == np.float32
+    manager.close()
+
+
+def test_resume_config_check(run, caplog):
+    workdir, config, _ = run
+    assert run_dir.has_checkpoints(workdir)
+    changed = config.copy_and_resolve_references()
+    changed.num_epochs += 3
+    changed.log_every_steps = 1
+    changed.data.dir = "/moved/data"
+    with caplog.at_level("INFO"):
+        run_dir.check_config(changed, workdir)  # accepted, logged
+    assert any(r.getMessage().startswith(f"Resume {workdir} with changed data.dir (\"\" -> "
+                                         "\"/moved/data\"), log_every_steps (2 -> 1), num_epochs")
+               for r in caplog.records)
+    changed.model.width = 0.125
+    changed.seed = 1
+    with pytest.raises(run_dir.IncompatibleConfigError) as error:
+        run_dir.check_config(changed, workdir)
+    assert str(error.value) == (
+        f"cannot resume {workdir} with this config: model.width (0.0625 -> 0.125), seed (0 -> 1) "
+        "differ from the run's config and would not fit its checkpoints or data split; start a "
+        f"new run with another --workdir, or resume with the values of {workdir}/config.json")
+    with pytest.raises(run_dir.IncompatibleConfigError, match=r"cannot score .*: seed \(0 -> 1\) "
+                       r"differs .* score it with the values of "):
+        changed.model.width = config.model.width
+        run_dir.check_config(changed, workdir, "score")
+    assert set(run_dir.CHANGEABLE_FIELDS) <= set(run_dir._flatten(config.to_dict()))
+
+
+def test_leftovers_of_an_interrupted_save_are_ignored_then_removed(run):
+    workdir, config, _ = run
+    leftover = os.path.join(run_dir.checkpoints_dir(workdir), "4.orbax-checkpoint-tmp-1234")
+    os.makedirs(os.path.join(leftover, "default"))
+    manager = run_dir.open_checkpoints(workdir, config)  # read-only: ignored, left alone
+    assert sorted(manager.all_steps()) == [1, 2, 3] and run_dir.choose_checkpoint(
+        manager, "latest") == 3
+    manager.close()
+    assert os.path.isdir(leftover)
+    run_dir.checkpoint_manager(workdir, config).close()  # what training opens: removed
+    assert sorted(os.listdir(run_dir.checkpoints_dir(workdir))) == ["1", "2", "3"]
