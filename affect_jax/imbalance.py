@@ -15,13 +15,14 @@ or ``balanced`` (``balanced_order``: each class drawn equally often).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
 from absl import logging
+
+from affect_jax import strict_json
 
 CLASS_WEIGHTINGS = ("none", "inverse_frequency", "effective_number")
 SAMPLINGS = ("shuffle", "balanced")
@@ -83,8 +84,7 @@ def write_class_balance(
         },
     }
     path = os.path.join(workdir, CLASS_BALANCE_FILE)
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
+    strict_json.write(path, record)
     return path
 
 

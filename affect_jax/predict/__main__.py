@@ -7,9 +7,6 @@ Every face found gets a row (see the README's "Predict on your own images"); the
 choose the checkpoint, how faces are found and cropped, and how videos are sampled.
 """
 
-from absl import app
-
 from affect_jax.predict import cli
 
-cli.define_flags()
-app.run(cli.main)
+cli.run()

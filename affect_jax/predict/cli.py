@@ -7,7 +7,6 @@ r"""The command line of prediction: a thin layer over ``Predictor``.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -17,7 +16,8 @@ import jax
 import tensorflow as tf
 from absl import app, flags, logging
 
-from affect_jax import run_dir
+from affect_jax import cli as command_line
+from affect_jax import run_dir, strict_json
 from affect_jax.predict.detectors import (
     DEFAULT_MIN_CONFIDENCE,
     DETECT_MAX_SIDE,
@@ -125,7 +125,7 @@ def _write_rows(rows: Iterable[dict[str, Any]], columns: Sequence[str], fmt: str
         if writer is not None:
             writer.writerow({k: "" if v is None else v for k, v in row.items()})
         else:
-            out.write(json.dumps(row) + "\n")
+            out.write(strict_json.dumps(row) + "\n")
         out.flush()
     return ok
 
@@ -195,3 +195,6 @@ def main(argv: Sequence[str]) -> int:
         logging.error("Nothing could be predicted.")
         return 1
     return 0
+
+
+run = command_line.console_script(define_flags, main, output_flag="output")  # affect-jax-predict
