@@ -27,6 +27,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
+from affect_jax.errors import UserError
 from affect_jax.metrics import REGRESSION_METRICS, VA_DIMENSIONS
 
 REGRESSION_KEYS = {f"{d}_{m}" for d in (*VA_DIMENSIONS, "mean") for m in REGRESSION_METRICS}
@@ -98,7 +99,7 @@ def restore(manager: ocp.CheckpointManager, step: int, like: dict[str, Any]) -> 
     return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No checkpoint of a run can be restored."""
 
 

@@ -37,6 +37,7 @@ from flax import nnx
 from affect_jax import checkpointing, imbalance, run_lock, sharding, steps, strict_json
 from affect_jax.data import source as data_source
 from affect_jax.data.source import AFFECTNET_CLASS_NAMES
+from affect_jax.errors import UserError
 
 CONFIG = "config.json"
 RUN_LOG = "run.log"
@@ -132,10 +133,11 @@ CHANGEABLE_FIELDS = {
     "model.weights": "the ImageNet weights are read only when a run starts",
     "data.dir": "where the data is (moved, or mounted elsewhere): the same files, the same split",
     "data.tfds_data_dir": "where TFDS keeps its prepared copy",
+    "data.image_root": "where a manifest's relative image paths start (moved data)",
 }
 
 
-class IncompatibleConfigError(ValueError):
+class IncompatibleConfigError(UserError, ValueError):
     """A run resumed (or scored) with a config its checkpoints or data split do not fit."""
 
 

@@ -29,10 +29,12 @@ from typing import Any
 
 from absl import logging
 
+from affect_jax.errors import UserError
+
 LOCK_FILE = "run.lock"  # run_dir.LOCK names it for the rest of the package
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(UserError, RuntimeError):
     """Another live command holds the run directory's lock."""
 
 
