@@ -11,14 +11,15 @@ the page's three files are served, from memory: no endpoint opens a file a clien
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import importlib.resources
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -44,6 +45,7 @@ class Limits:
     max_pixels: int = 40_000_000
     max_wait_s: float = 0.01
     max_pending: int = 64
+    workers: int = 2  # threads decoding uploads and finding faces
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -60,6 +62,8 @@ def create_app(scorer: FaceScorer, limits: Limits = Limits()) -> Starlette:
     batcher = FaceBatcher(scorer.score, scorer.max_batch, limits.max_wait_s, limits.max_pending)
     files = _page_files()
     started = time.time()
+    # Decoding and face finding run on a few threads of their own, each with its own detector.
+    workers = ThreadPoolExecutor(limits.workers, thread_name_prefix="faces")
 
     async def page(request: Request) -> Response:
         name, media_type = PAGE_FILES[request.url.path]
@@ -78,6 +82,7 @@ def create_app(scorer: FaceScorer, limits: Limits = Limits()) -> Starlette:
                          "max_pending": limits.max_pending},
             "limits": {"max_upload_bytes": limits.max_upload_bytes,
                        "max_pixels": limits.max_pixels},
+            "workers": limits.workers,
             "stats": batcher.stats.as_dict(),
         })
 
@@ -89,8 +94,8 @@ def create_app(scorer: FaceScorer, limits: Limits = Limits()) -> Starlette:
         try:
             with batcher.admit():
                 data = await upload.image_bytes(request, limits.max_upload_bytes)
-                image, faces = await run_in_threadpool(_find_faces, scorer, data, face,
-                                                       limits.max_pixels)
+                image, faces = await asyncio.get_running_loop().run_in_executor(
+                    workers, _find_faces, scorer, data, face, limits.max_pixels)
                 scores = await batcher.score([f.crop for f in faces])
         except Busy as e:
             return error(503, str(e))
@@ -123,6 +128,7 @@ def create_app(scorer: FaceScorer, limits: Limits = Limits()) -> Starlette:
             yield
         finally:
             await batcher.stop()
+            workers.shutdown(wait=True)
 
     routes = [Route(path, page, methods=["GET"]) for path in PAGE_FILES]
     routes += [
