@@ -87,6 +87,7 @@ def load(url: str, image: bytes, clients: int, n: int, face: str) -> dict[str, f
         "images_per_s": n / elapsed,
         "faces_per_call": (after["faces"] - before["faces"]) / max(calls, 1),
         "max_faces_per_call": after["max_faces_per_call"],
+        "model_share": (after["model_seconds"] - before["model_seconds"]) / elapsed,
     }
 
 
@@ -101,13 +102,15 @@ def main(argv):
     try:
         image = photo()
         load(url, image, 1, 3, FLAGS.face)  # warm: first requests, connections
-        print("| model | face | clients | p50 ms | p95 ms | images/s | faces per model call |")
+        print("| model | face | clients | p50 ms | p95 ms | images/s | faces per model call | "
+              "time in model calls |")
         for clients in FLAGS.clients:
             clients = int(clients)
             r = load(url, image, clients, FLAGS.requests, FLAGS.face)
             print(f"| {name} | {FLAGS.face} | {clients} | {r['p50_ms']:.0f} | "
                   f"{r['p95_ms']:.0f} | {r['images_per_s']:.1f} | "
-                  f"{r['faces_per_call']:.1f} (max {r['max_faces_per_call']}) |", flush=True)
+                  f"{r['faces_per_call']:.1f} (max {r['max_faces_per_call']}) | "
+                  f"{100 * r['model_share']:.0f}% |", flush=True)
         print(f"load average after {os.getloadavg()[0]:.1f}")
     finally:
         process.terminate()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -36,10 +37,12 @@ class Stats:
     faces: int = 0  # scored
     model_calls: int = 0
     max_faces_per_call: int = 0
+    model_seconds: float = 0.0  # spent in model calls (preparing crops and the network)
     pending: int = 0  # admitted and not yet answered
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d["model_seconds"] = round(self.model_seconds, 3)
         d["mean_faces_per_call"] = round(self.faces / self.model_calls, 3) \
             if self.model_calls else 0.0
         return d
@@ -134,6 +137,7 @@ class FaceBatcher:
 
     async def _call(self, loop: asyncio.AbstractEventLoop, batch: list[_Job], faces: int) -> None:
         crops = [c for job in batch for c in job.crops]
+        start = time.perf_counter()
         try:
             results = await loop.run_in_executor(self._executor, self._score, crops)
         except Exception as e:  # answered to each request; the worker goes on
@@ -141,6 +145,7 @@ class FaceBatcher:
                 if not job.future.done():
                     job.future.set_exception(e)
             return
+        self.stats.model_seconds += time.perf_counter() - start
         self.stats.model_calls += 1
         self.stats.faces += faces
         self.stats.max_faces_per_call = max(self.stats.max_faces_per_call, faces)
