@@ -129,6 +129,10 @@ def _classification_metrics(labels: np.ndarray, probs: np.ndarray,
     absent = [class_names[k] for k in class_range if support[k] == 0]
     predicted = np.bincount(preds, minlength=num_classes)
     out: dict[str, Any] = {"accuracy": float(skm.accuracy_score(labels, preds))}
+    with warnings.catch_warnings():
+        # sklearn warns of predicted classes absent from the labels; we warn ourselves below.
+        warnings.simplefilter("ignore", UserWarning)
+        out["balanced_accuracy"] = float(skm.balanced_accuracy_score(labels, preds))
 
     # zero_division=nan marks undefined per-class values; we warn about them ourselves.
     precision, recall, f1, _ = skm.precision_recall_fscore_support(
@@ -213,7 +217,9 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, va_true: np.ndarray |
         ``_`` (``"Neutral"`` -> ``precision_neutral``).
 
     Returns:
-      Floats: ``accuracy``, ``f1_macro``, ``auc`` (macro one-vs-rest ROC-AUC), ``pr_auc``
+      Floats: ``accuracy``, ``balanced_accuracy`` (mean per-class recall over the classes present
+      in the labels, scikit-learn's ``balanced_accuracy_score``), ``f1_macro``, ``auc`` (macro
+      one-vs-rest ROC-AUC), ``pr_auc``
       (macro average precision), ``kappa``; ``precision_<name>``, ``recall_<name>``,
       ``f1_<name>`` per class; ``{valence,arousal,mean}_{rmse,corr,sagr,ccc}`` only when
       ``va_true`` is given with at least one annotated row (otherwise these keys are absent).

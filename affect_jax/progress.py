@@ -96,8 +96,9 @@ class ProgressReporter:
         """Logs an epoch's summary from its metrics record and validation scores."""
         logging.info(
             "epoch %d/%d done in %s: train loss %.4f acc %.3f | val loss %.4f acc %.3f "
-            "F1 %.3f mean CCC %s", record["epoch"], self.num_epochs,
+            "balanced acc %.3f F1 %.3f mean CCC %s", record["epoch"], self.num_epochs,
             format_duration(record["epoch_time_s"]), record["train_loss"],
-            record["train_accuracy"], val["loss"], val["accuracy"], val["f1_macro"],
+            record["train_accuracy"], val["loss"], val["accuracy"], val["balanced_accuracy"],
+            val["f1_macro"],
             f"{val['mean_ccc']:.3f}" if "mean_ccc" in val else "n/a",
         )

@@ -28,10 +28,11 @@ import numpy as np
 from affect_jax import run_dir
 from affect_jax.metrics import REGRESSION_METRICS, VA_DIMENSIONS, metric_key_name
 
-TABLE_COLUMNS = ("model", "classes", "accuracy", "macro F1", "AUC", "PR-AUC", "kappa", "RMSE",
-                 "CORR", "SAGR", "CCC", "time/epoch")
+TABLE_COLUMNS = ("model", "classes", "accuracy", "balanced acc", "macro F1", "AUC", "PR-AUC",
+                 "kappa", "RMSE", "CORR", "SAGR", "CCC", "time/epoch")
 # Column -> key of compute_metrics' output (regression columns: mean of valence and arousal).
-_METRIC_COLUMNS = {"accuracy": "accuracy", "macro F1": "f1_macro", "AUC": "auc",
+_METRIC_COLUMNS = {"accuracy": "accuracy", "balanced acc": "balanced_accuracy",
+                   "macro F1": "f1_macro", "AUC": "auc",
                    "PR-AUC": "pr_auc", "kappa": "kappa", "RMSE": "mean_rmse",
                    "CORR": "mean_corr", "SAGR": "mean_sagr", "CCC": "mean_ccc"}
 
@@ -102,7 +103,8 @@ def table_row(final_metrics: Mapping[str, Any], name: str | None = None) -> dict
                                             len(final_metrics.get("class_names", [])) or "?"))}
     for column, key in _METRIC_COLUMNS.items():
         value = metrics.get(key)
-        row[column] = format_percent(value) if column == "accuracy" else format_number(value)
+        row[column] = (format_percent(value) if column in ("accuracy", "balanced acc")
+                       else format_number(value))
     row["time/epoch"] = format_duration(final_metrics.get("time_per_epoch_s", {}).get("median"))
     return row
 
@@ -125,7 +127,8 @@ def comparison_table(final_metrics_list: Sequence[Mapping[str, Any]],
     names = names if names is not None else [None] * len(final_metrics_list)
     rows = [table_row(fm, n) for fm, n in zip(final_metrics_list, names, strict=True)]
     if reference:
-        rows += [dict(r) for r in REFERENCE_ROWS]
+        # The study did not report balanced accuracy: n/a in its rows.
+        rows += [{**{c: MISSING for c in TABLE_COLUMNS}, **r} for r in REFERENCE_ROWS]
     text = markdown_table(rows)
     return text + ("\n" + REFERENCE_NOTE + "\n" if reference else "")
 
@@ -153,8 +156,8 @@ def _per_class_table(metrics: Mapping[str, Any], class_names: Sequence[str]) -> 
 
 
 def _epoch_table(history: Sequence[Mapping[str, Any]], best_epoch: Any) -> str:
-    columns = ("epoch", "train loss", "val loss", "train acc", "val acc", "train CCC",
-               "val CCC", "time")
+    columns = ("epoch", "train loss", "val loss", "train acc", "val acc", "val bal acc",
+               "train CCC", "val CCC", "time")
     rows = []
     for r in history:
         epoch = str(r.get("epoch"))
@@ -163,6 +166,7 @@ def _epoch_table(history: Sequence[Mapping[str, Any]], best_epoch: Any) -> str:
                      "val loss": format_number(r.get("val_loss"), 4),
                      "train acc": format_percent(r.get("train_accuracy")),
                      "val acc": format_percent(r.get("val_accuracy")),
+                     "val bal acc": format_percent(r.get("val_balanced_accuracy")),
                      "train CCC": format_number(r.get("train_mean_ccc")),
                      "val CCC": format_number(r.get("val_mean_ccc")),
                      "time": format_duration(r.get("epoch_time_s"))})

@@ -6,7 +6,9 @@ Files of a run directory (``--workdir``):
 - ``metrics.jsonl``: one JSON record per completed epoch (see ``report`` for its fields).
 - ``final_metrics.json``: the best checkpoint's validation scores (``evaluation.result_record``).
 - ``eval_<split>_<checkpoint>[_flip].json``: ``main --mode=eval`` scores.
-- ``data_report.json``: what the AffectNet reader kept and dropped.
+- ``data_report.json``: what the data reader kept and dropped.
+- ``class_balance.json``: the training split's class counts, class weights and sampling
+  (``imbalance``).
 - ``report.md``, ``training_curves.png``, ``confusion_matrix.png``: ``report.write_reports``.
 - ``checkpoints/<epoch>``: Orbax checkpoints of the train state (``checkpointing``).
 """
@@ -25,7 +27,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from affect_jax import checkpointing, sharding, steps
+from affect_jax import checkpointing, imbalance, sharding, steps
 from affect_jax.data import source as data_source
 from affect_jax.data.source import AFFECTNET_CLASS_NAMES
 
@@ -33,6 +35,7 @@ CONFIG = "config.json"
 METRICS_HISTORY = "metrics.jsonl"
 FINAL_METRICS = "final_metrics.json"
 DATA_REPORT = data_source.REPORT_FILE
+CLASS_BALANCE = imbalance.CLASS_BALANCE_FILE
 REPORT = "report.md"
 TRAINING_CURVES = "training_curves.png"
 CONFUSION_MATRIX = "confusion_matrix.png"

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 
@@ -146,17 +147,22 @@ def weighted_ccc(y: jax.Array, p: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def compute_loss(
-    outputs: dict[str, jax.Array], batch: Batch, loss_weights: ml_collections.ConfigDict
+    outputs: dict[str, jax.Array], batch: Batch, loss_weights: ml_collections.ConfigDict,
+    class_weights: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``w_cls * CE + w_reg * MSE (+ w_ccc * mean(1 - CCC))`` over the valid (mask=1) rows.
 
-    Rows without valence/arousal (``has_va`` 0) do not count in the regression terms.
+    ``class_weights`` (``imbalance.class_weights``: one per class, averaging 1 over the training
+    examples) weight each row's cross-entropy by its class; the sum is still divided by the row
+    count, so the term keeps its size. The regression terms are never weighted by class. Rows
+    without valence/arousal (``has_va`` 0) do not count in the regression terms.
     """
     mask = batch["mask"]
     ce = optax.softmax_cross_entropy_with_integer_labels(
         outputs["class_logits"], batch["expression"]
     )
-    ce = (ce * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    ce_weight = mask if class_weights is None else mask * class_weights[batch["expression"]]
+    ce = (ce * ce_weight).sum() / jnp.maximum(mask.sum(), 1.0)
     va_weight = mask * batch["has_va"]
     squared = ((outputs["valence_arousal"] - batch["valence_arousal"]) ** 2).mean(-1)
     mse = (squared * va_weight).sum() / jnp.maximum(va_weight.sum(), 1.0)
@@ -174,10 +180,14 @@ def compute_loss(
 
 
 def make_train_step(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: ml_collections.ConfigDict
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+    class_weights: np.ndarray | None = None,
 ) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
-    """A pure ``(state, batch) -> (state, outputs)`` training step (not yet jitted)."""
+    """A pure ``(state, batch) -> (state, outputs)`` training step (not yet jitted);
+    ``class_weights`` weight the cross-entropy per class (``compute_loss``)."""
     loss_weights = config.loss_weights
+    if class_weights is not None:
+        class_weights = jnp.asarray(class_weights, jnp.float32)
     frozen = config.model.freeze_backbone
 
     def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
@@ -190,7 +200,7 @@ def make_train_step(
                 batch["image"], train=True, rngs=nnx.Rngs(dropout=dropout_key),
                 train_backbone=not frozen,
             )
-            loss, terms = compute_loss(outputs, batch, loss_weights)
+            loss, terms = compute_loss(outputs, batch, loss_weights, class_weights)
             _, _, new_batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
             return loss, (terms, outputs, new_batch_stats)
 

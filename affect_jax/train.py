@@ -30,6 +30,7 @@ from affect_jax import (
     distributed,
     evaluation,
     host_memory,
+    imbalance,
     metrics,
     run_dir,
     sharding,
@@ -118,6 +119,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
                         "skipped%s.", splits.source.name,
                         f", and checkpoints are ranked by accuracy, not {config.best_metric}"
                         if config.best_metric in checkpointing.REGRESSION_KEYS else "")
+    class_weights = imbalance.training_class_weights(
+        config, splits.train.labels, splits.source.class_names, workdir if is_chief else None)
     steps_per_epoch = pipeline.steps_per_epoch(len(splits.train), config.batch_size)
     if config.steps_per_epoch > 0:
         steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
@@ -134,8 +137,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
     # The initialisers' eager executables and heap are not needed again.
     host_memory.release_host_memory(clear_jit_caches=True)
 
-    train_steps = jax.jit(steps.make_train_steps(steps.make_train_step(graphdef, tx, config)),
-                          donate_argnums=(0,))
+    train_steps = jax.jit(
+        steps.make_train_steps(steps.make_train_step(graphdef, tx, config, class_weights)),
+        donate_argnums=(0,))
     # Validation calls, like training's, take several batches each.
     eval_steps = jax.jit(steps.make_eval_steps(steps.make_eval_step(graphdef)))
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)

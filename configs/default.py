@@ -29,12 +29,18 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- Data --------------------------------------------------------------------------------
     config.data = ml_collections.ConfigDict()
-    # 'affectnet' (reads data.dir in any of the layouts in README) or 'synthetic' (drawn faces).
+    # 'affectnet' (the user's files in data.dir: AffectNet, FER2013, FER+, RAF-DB, a manifest
+    # CSV or class folders, any layout in the README) or 'synthetic' (drawn faces).
     config.data.source = 'affectnet'
-    config.data.dir = ''  # Root of the user's AffectNet files (source='affectnet').
-    # AffectNet layout: 'auto', 'official', 'npy', 'folders' or 'manifest'.
+    # Root of the user's files (source='affectnet'), or the manifest/FER2013 CSV file itself.
+    config.data.dir = ''
+    # Layout: 'auto', 'official', 'npy', 'folders', 'manifest' (AffectNet's and generic ones),
+    # 'fer2013', 'ferplus' or 'rafdb'.
     config.data.layout = 'auto'
-    config.data.num_classes = 8  # 8 (with Contempt) or 7 (AffectNet's 7-class protocol).
+    # Manifest layout: the directory relative image paths start from ('' = the CSV's directory).
+    config.data.image_root = ''
+    # 8 (with Contempt) or 7 (AffectNet's 7-class protocol; FER2013 and RAF-DB have only 7).
+    config.data.num_classes = 8
     config.data.image_size = 224  # Square input side in pixels.
     config.data.val_fraction = 0.2  # Stratified hold-out fraction of the training pool.
     config.data.split_seed = 0  # Seed of the train/validation split (fixed across runs).
@@ -43,7 +49,14 @@ def get_config() -> ml_collections.ConfigDict:
     # RGB->BGR, minus ImageNet mean, no scaling) or 'unit' (scale to [-1, 1]).
     config.data.preprocessing = 'auto'
     config.data.synthetic_size = 4000  # Number of drawn faces (source='synthetic').
+    # Fraction of each class's drawn faces kept in the training pool, e.g. (1, 1, 0.2, ...);
+    # () keeps all (balanced). For imbalance experiments (source='synthetic').
+    config.data.synthetic_class_fractions = ()
     config.data.tfds_data_dir = ''  # Where TFDS prepares AffectNet ('' = TFDS default).
+    # Training order: 'shuffle' (every example once per epoch) or 'balanced' (each class drawn
+    # equally often, rare classes repeated; epochs keep the training split's length, so
+    # steps_per_epoch is unchanged). docs/imbalance.md.
+    config.data.sampling = 'shuffle'
 
     # Augmentation (training only; off at evaluation).
     config.augment = ml_collections.ConfigDict()
@@ -67,6 +80,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss_weights.classification = 1.0  # Weight of categorical cross-entropy.
     config.loss_weights.regression = 1.0  # Weight of valence/arousal MSE.
     config.loss_weights.ccc = 0.0  # Weight of (1 - CCC) per dimension (HSEmotion); off.
+    # Per-class weights of the cross-entropy, from the training split's class counts: 'none'
+    # (the study), 'inverse_frequency' or 'effective_number' (Cui et al. 2019); scaled to an
+    # average of 1 per training example; never applied to the regression terms.
+    # docs/imbalance.md.
+    config.loss_weights.class_weighting = 'none'
+    config.loss_weights.effective_number_beta = 0.999  # Cui et al.'s beta ('effective_number').
 
     # --- Numerics and speed --------------------------------------------------------------------
     # 'float32' or 'bfloat16' (params, optimizer and loss stay float32; BatchNorm computes in
@@ -97,7 +116,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- Run ---------------------------------------------------------------------------------
     config.seed = 0  # Model init, dropout and data order.
-    # Validation metric that picks the best checkpoint, and whether higher is better.
+    # Validation metric that picks the best checkpoint, and whether higher is better (any key
+    # of the validation metrics, e.g. 'accuracy', 'balanced_accuracy', 'f1_macro', 'mean_ccc').
     config.best_metric = 'mean_ccc'
     config.best_mode = 'max'
     config.keep_checkpoints = 2  # Latest checkpoints kept besides the best one.

@@ -93,6 +93,7 @@ def test_npy_release_keeps_and_drops_exactly(tmp_path):
         "dropped_malformed_row": 3,  # badexp, badlnd, garbage_exp.npy
         "dropped_missing_annotation": 2,  # noannotation.jpg, noexp
         "dropped_unknown_label": 1,
+        "dropped_no_majority": 0,
         "dropped_non_emotion": 3,
         "dropped_contempt": 0,
         "dropped_bad_valence_arousal": 3,
@@ -221,6 +222,7 @@ def test_official_release_crops_and_filters(tmp_path):
         "dropped_malformed_row": 5,  # 2 landmark strings, 'four', too few fields, box outside.
         "dropped_missing_annotation": 1,  # 9/unlisted.jpg
         "dropped_unknown_label": 0,
+        "dropped_no_majority": 0,
         "dropped_non_emotion": 3,
         "dropped_contempt": 0,
         "dropped_bad_valence_arousal": 2,
@@ -294,6 +296,7 @@ def test_class_folders(tmp_path):
         "dropped_malformed_row": 0,
         "dropped_missing_annotation": 1,
         "dropped_unknown_label": 1,
+        "dropped_no_majority": 0,
         "dropped_non_emotion": 1,
         "dropped_contempt": 2,
         "dropped_bad_valence_arousal": 0,
@@ -337,6 +340,7 @@ def test_manifest_with_valence_arousal(tmp_path):
         "dropped_malformed_row": 2,
         "dropped_missing_annotation": 0,
         "dropped_unknown_label": 1,
+        "dropped_no_majority": 0,
         "dropped_non_emotion": 1,
         "dropped_contempt": 1,
         "dropped_bad_valence_arousal": 1,

@@ -56,6 +56,9 @@ def check_against_references(labels, probs, va_true, va_pred, class_names, m):
     num_classes = probs.shape[1]
     preds = probs.argmax(axis=1)
     close(m["accuracy"], np.mean(preds == labels))
+    close(m["balanced_accuracy"], skm.balanced_accuracy_score(labels, preds))
+    close(m["balanced_accuracy"], np.mean([np.mean(preds[labels == k] == k)
+                                           for k in range(num_classes)]))
     close(m["kappa"], skm.cohen_kappa_score(labels, preds))
     if num_classes > 2:
         close(m["auc"], skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
@@ -103,9 +106,9 @@ def test_output_is_flat_floats_plus_confusion_matrix():
     cm = m.pop("confusion_matrix")
     assert all(type(v) is int for row in cm for v in row) and len(cm) == 8
     assert all(type(v) is float for v in m.values())
-    for key in ("accuracy", "f1_macro", "auc", "pr_auc", "kappa", "precision_neutral",
-                "recall_contempt", "f1_happy", "valence_ccc", "arousal_rmse", "mean_ccc",
-                "mean_sagr", "mean_corr", "valence_sagr"):
+    for key in ("accuracy", "balanced_accuracy", "f1_macro", "auc", "pr_auc", "kappa",
+                "precision_neutral", "recall_contempt", "f1_happy", "valence_ccc",
+                "arousal_rmse", "mean_ccc", "mean_sagr", "mean_corr", "valence_sagr"):
         assert key in m
     assert json.loads(json.dumps(m)) == m
 
@@ -224,9 +227,26 @@ def test_absent_class():
                                       zero_division=0))
     close(m["kappa"], skm.cohen_kappa_score(labels, preds, labels=range(8)))
     close(m["accuracy"], skm.accuracy_score(labels, preds))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # sklearn: a class predicted, not present
+        close(m["balanced_accuracy"], skm.balanced_accuracy_score(labels, preds))
+    close(m["balanced_accuracy"], np.mean([np.mean(preds[labels == k] == k) for k in range(7)]))
     assert len(m["confusion_matrix"]) == 8 and sum(m["confusion_matrix"][7]) == 0
     close(m["mean_ccc"], (ccc_ref(va_true[:, 0], np.clip(va_pred[:, 0], -1, 1))
                           + ccc_ref(va_true[:, 1], np.clip(va_pred[:, 1], -1, 1))) / 2)
+
+
+def test_balanced_accuracy_is_mean_recall_on_imbalanced_labels():
+    labels = np.array([0] * 90 + [1] * 8 + [2] * 2)
+    preds = np.zeros(100, int)  # Always the majority class: 90% accuracy, 1/3 balanced.
+    preds[90:94] = 1
+    probs = np.eye(3)[preds] * 0.9 + 0.1 / 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MetricWarning)
+        m = compute_metrics(labels, probs, None, None, ["a", "b", "c"])
+    close(m["accuracy"], 0.94)
+    close(m["balanced_accuracy"], (1.0 + 0.5 + 0.0) / 3)
+    close(m["balanced_accuracy"], skm.balanced_accuracy_score(labels, preds))
 
 
 def test_absent_and_never_predicted_class_makes_macro_f1_nan():

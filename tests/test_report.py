@@ -104,6 +104,8 @@ def test_write_reports(tmp_path):
     assert ours["model"] == "ResNet50" and ours["classes"] == "8"
     assert ours["accuracy"].endswith("%")
     assert float(ours["accuracy"][:-1]) == pytest.approx(100 * m["accuracy"], abs=0.005 + 1e-12)
+    assert float(ours["balanced acc"][:-1]) == pytest.approx(100 * m["balanced_accuracy"],
+                                                            abs=0.005 + 1e-12)
     for column, key in (("macro F1", "f1_macro"), ("AUC", "auc"), ("PR-AUC", "pr_auc"),
                         ("kappa", "kappa"), ("RMSE", "mean_rmse"), ("CORR", "mean_corr"),
                         ("SAGR", "mean_sagr"), ("CCC", "mean_ccc")):
@@ -112,6 +114,7 @@ def test_write_reports(tmp_path):
     assert [r["model"] for r in rows[1:]] == [f"VGG16, {report.REFERENCE_LABEL}",
                                               f"ResNet50, {report.REFERENCE_LABEL}"]
     assert rows[2]["accuracy"] == "40.75%" and rows[2]["CCC"] == "0.637"
+    assert rows[2]["balanced acc"] == "n/a"  # Not in the study's table.
     assert rows[1]["time/epoch"] == "18-42 min"
 
     dims = {r["dimension"]: r for r in parse_table(text, "dimension")}

@@ -56,6 +56,34 @@ def test_compute_loss_weights_mask_and_missing_valence_arousal():
     np.testing.assert_allclose(loss, 0.7 * ce + 2.0 * mse, rtol=1e-6)
 
 
+def test_class_weights_scale_the_cross_entropy_only():
+    logits = jnp.array([[2.0, 0.0], [0.0, 1.0], [1.0, 3.0], [5.0, 5.0]])
+    va_pred = jnp.array([[0.5, 0.5], [0.2, 0.0], [0.0, -0.4], [9.0, 9.0]])
+    batch = {
+        "expression": jnp.array([0, 1, 1, 0]),
+        "valence_arousal": jnp.array([[0.0, 1.0], [0.0, 0.0], [0.3, 0.0], [0.0, 0.0]]),
+        "has_va": jnp.array([1.0, 1.0, 1.0, 1.0]),
+        "mask": jnp.array([1.0, 1.0, 1.0, 0.0]),  # the last row is padding
+    }
+    outputs = {"class_logits": logits, "valence_arousal": va_pred}
+    config = tiny_config()
+    config.loss_weights.ccc = 0.5
+    plain_loss, plain = steps.compute_loss(outputs, batch, config.loss_weights)
+    class_weights = jnp.array([2.0, 0.5])
+    loss, terms = steps.compute_loss(outputs, batch, config.loss_weights, class_weights)
+    row_ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["expression"][:, None],
+                                  -1)[:3, 0]
+    np.testing.assert_allclose(terms["ce"], (2.0 * row_ce[0] + 0.5 * row_ce[1:].sum()) / 3,
+                               rtol=1e-6)
+    # The regression terms are the unweighted ones.
+    np.testing.assert_array_equal(terms["mse"], plain["mse"])
+    np.testing.assert_array_equal(terms["ccc_loss"], plain["ccc_loss"])
+    np.testing.assert_allclose(loss - plain_loss, terms["ce"] - plain["ce"], rtol=1e-5)
+    # Weights of 1 are no weighting.
+    _, ones = steps.compute_loss(outputs, batch, config.loss_weights, jnp.ones(2))
+    np.testing.assert_allclose(ones["ce"], plain["ce"], rtol=1e-6)
+
+
 def test_weighted_ccc_matches_numpy():
     rng = np.random.default_rng(0)
     y, p = rng.normal(size=50), rng.normal(size=50) + 0.3

@@ -1,7 +1,8 @@
 """tf.data input pipeline: source -> split -> decode, resize, augment, preprocess -> batches.
 
 Determinism (the basis of exact resume): the training order of epoch ``e`` is a NumPy permutation
-seeded by ``(seed, e)``, and every example's augmentation seed is derived from the same pair and
+(or, with ``data.sampling='balanced'``, a class-balanced draw of as many rows) seeded by
+``(seed, e)``, and every example's augmentation seed is derived from the same pair and
 its position, so an epoch restarted after a crash sees exactly the same batches.
 """
 
@@ -18,6 +19,7 @@ import tensorflow as tf
 from absl import logging
 from sklearn.model_selection import train_test_split
 
+from affect_jax import imbalance
 from affect_jax.data import augment as augment_lib
 from affect_jax.data.source import ExamplePool, Source
 
@@ -100,20 +102,26 @@ def stratified_split(
 
 
 def make_splits(config: ml_collections.ConfigDict, workdir: str | None = None) -> DataSplits:
-    """Loads the source and splits its train pool into train/validation."""
+    """Loads the source; its 'validation' pool is the validation split when it has one (a
+    dataset's standard protocol, e.g. FER2013's PublicTest), else the train pool is split
+    (stratified, ``data.val_fraction``)."""
     source = load_source(config, workdir)
     pool = source.pools["train"]
-    train_idx, val_idx = stratified_split(
-        pool.labels, config.data.val_fraction, config.data.split_seed
-    )
+    if "validation" in source.pools:
+        train, validation = pool, source.pools["validation"]
+        how = "the source's own validation split"
+    else:
+        train_idx, val_idx = stratified_split(
+            pool.labels, config.data.val_fraction, config.data.split_seed
+        )
+        train, validation = subset(pool, train_idx), subset(pool, val_idx)
+        how = f"a stratified {config.data.val_fraction:g} hold-out"
     logging.info(
-        "Data %r: %d examples -> %d train / %d validation (%d classes)%s; counts %s",
-        source.name, len(pool), len(train_idx), len(val_idx), source.num_classes,
+        "Data %r: %d train / %d validation examples (%s; %d classes)%s; counts %s",
+        source.name, len(train), len(validation), how, source.num_classes,
         "" if source.has_valence_arousal else ", no valence/arousal", dict(source.counts),
     )
-    return DataSplits(
-        source, subset(pool, train_idx), subset(pool, val_idx), source.pools.get("test")
-    )
+    return DataSplits(source, train, validation, source.pools.get("test"))
 
 
 def preprocessing_mode(config: ml_collections.ConfigDict) -> str:
@@ -186,6 +194,21 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
+def epoch_order(labels: np.ndarray, config: ml_collections.ConfigDict, epoch: int) -> np.ndarray:
+    """The training rows of ``epoch`` (0-based), as many as ``labels`` has, by
+    ``config.data.sampling``: 'shuffle' (``epoch_permutation``: each example once) or
+    'balanced' (``imbalance.balanced_order``: each class drawn equally often). A pure function
+    of (seed, epoch) either way, so a resumed epoch reads the same batches."""
+    sampling = config.data.get("sampling", "shuffle")
+    if sampling == "shuffle":
+        return epoch_permutation(len(labels), config.seed, epoch)
+    if sampling == "balanced":
+        return imbalance.balanced_order(labels, config.seed, epoch)
+    raise DataConfigError(
+        f"config.data.sampling={sampling!r}; expected one of {imbalance.SAMPLINGS}"
+    )
+
+
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """Training steps per epoch: the last partial batch is dropped (fixed shapes under jit)."""
     steps = num_examples // batch_size
@@ -230,7 +253,7 @@ def train_batches(
     ``batch_size // process_count`` rows of every global batch (``process_rows``).
     """
     n = len(pool)
-    perm = epoch_permutation(n, config.seed, epoch)
+    perm = epoch_order(pool.labels, config, epoch)
     # Per-example stateless augmentation seed: (seed, epoch * n + global position), so an
     # example is augmented the same whichever process reads it.
     seeds = np.stack(

@@ -2,8 +2,10 @@
 
 A source turns what the user holds into one or more *pools* of examples. A pool is a table of
 equal-length NumPy columns plus a function that turns one row into an image inside tf.data. The
-pipeline splits the ``'train'`` pool into train/validation (stratified by expression) and reads an
-optional ``'test'`` pool (e.g. AffectNet's official validation release) as a held-out split.
+pipeline splits the ``'train'`` pool into train/validation (stratified by expression) unless the
+source gives a ``'validation'`` pool (a dataset's standard split, e.g. FER2013's PublicTest), and
+reads an optional ``'test'`` pool (e.g. AffectNet's official validation release) as a held-out
+split.
 """
 
 from __future__ import annotations
@@ -61,7 +63,9 @@ class Source:
 
     name: str
     class_names: tuple[str, ...]
-    pools: Mapping[str, ExamplePool]  # 'train' (required), 'test' (optional held-out split)
+    # 'train' (required), 'validation' (optional: used as is instead of a split of 'train'),
+    # 'test' (optional held-out split).
+    pools: Mapping[str, ExamplePool]
     has_valence_arousal: bool
     # Examples kept/dropped per reason, e.g. {'kept': 3999, 'dropped_contempt': 0, ...};
     # the pipeline logs it and writes it to the workdir.

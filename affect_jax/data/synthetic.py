@@ -310,6 +310,19 @@ def _derived_seed(seed: int, purpose: int) -> int:
 _TEST_POOL = 1
 
 
+def class_subset(labels: np.ndarray, fractions: Sequence[float], num_classes: int) -> np.ndarray:
+    """Sorted indices keeping the first ``fractions[c]`` of class ``c``'s examples (an imbalanced
+    version of the balanced drawing; the drawn faces themselves are unchanged)."""
+    if len(fractions) != num_classes or not all(0 < f <= 1 for f in fractions):
+        raise ValueError(
+            f"config.data.synthetic_class_fractions={tuple(fractions)}; expected "
+            f"{num_classes} fractions in (0, 1], one per class"
+        )
+    kept = [np.flatnonzero(labels == c)[: max(2, round(f * np.sum(labels == c)))]
+            for c, f in enumerate(fractions)]
+    return np.sort(np.concatenate(kept))
+
+
 def load_source(config: Any, workdir: str | None = None) -> Source:
     """The ``synthetic`` source: a 'train' pool of ``data.synthetic_size`` faces and a held-out
     'test' pool of a fifth as many, drawn from ``data.split_seed`` (independent of ``seed``)."""
@@ -321,7 +334,12 @@ def load_source(config: Any, workdir: str | None = None) -> Source:
     def pool(columns: dict[str, np.ndarray]) -> ExamplePool:
         return ExamplePool(columns=columns, decode=decode_raw_image)
 
-    pools = {"train": pool(draw_faces(num, size, num_classes, seed))}
+    train = draw_faces(num, size, num_classes, seed)
+    fractions = tuple(data.get("synthetic_class_fractions", ()))
+    if fractions:  # An imbalanced training pool (docs/imbalance.md); the test pool stays whole.
+        kept = class_subset(train["expression"], fractions, num_classes)
+        train = {k: v[kept] for k, v in train.items()}
+    pools = {"train": pool(train)}
     if num // 5 >= 1:
         test_seed = _derived_seed(seed, _TEST_POOL)
         pools["test"] = pool(draw_faces(num // 5, size, num_classes, test_seed))
@@ -330,5 +348,5 @@ def load_source(config: Any, workdir: str | None = None) -> Source:
         class_names=tuple(AFFECTNET_CLASS_NAMES[:num_classes]),
         pools=pools,
         has_valence_arousal=True,
-        counts={"kept": num},
+        counts={"kept": len(pools["train"])},
     )

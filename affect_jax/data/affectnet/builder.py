@@ -38,14 +38,9 @@ from affect_jax.data.affectnet.layouts import (
     SplitSpec,
     detect_layout,
 )
-from affect_jax.data.affectnet.readers import (
-    NUM_LANDMARKS,
-    Candidate,
-    Drop,
-    official_unreferenced,
-    read_split,
-)
+from affect_jax.data.affectnet.readers import official_unreferenced, read_split
 from affect_jax.data.affectnet.report import Tally, format_counts
+from affect_jax.data.affectnet.rows import NUM_LANDMARKS, Candidate, Drop
 from affect_jax.data.source import AFFECTNET_CLASS_NAMES
 
 # Bump when what preparation stores changes: it is part of every cache key.
@@ -68,10 +63,12 @@ class AffectNetConfig(tfds.core.BuilderConfig):
     layout: str = "auto"
     num_classes: int = 8
     face_margin: float = 0.0
+    image_root: str = ""  # Manifest: where relative image paths start ('' = the CSV's dir).
 
 
 def make_builder_config(
-    data_dir: str, layout: str = "auto", num_classes: int = 8, face_margin: float = 0.0
+    data_dir: str, layout: str = "auto", num_classes: int = 8, face_margin: float = 0.0,
+    image_root: str = "",
 ) -> tuple[AffectNetConfig, LayoutPlan]:
     """A config keyed by everything the prepared data depends on, and the detected layout.
 
@@ -84,7 +81,13 @@ def make_builder_config(
         raise DataError(f"config.data.num_classes={num_classes}; AffectNet supports 7 or 8")
     if not (math.isfinite(face_margin) and face_margin >= 0):
         raise DataError(f"config.data.face_margin={face_margin}; expected a fraction >= 0")
-    plan = detect_layout(data_dir, layout)
+    plan = detect_layout(data_dir, layout, image_root)
+    if num_classes > plan.num_classes:
+        raise DataError(
+            f"config.data.num_classes={num_classes} but the {plan.layout} layout at {plan.root} "
+            f"carries {plan.num_classes} classes (no Contempt): pass "
+            f"--config.data.num_classes={plan.num_classes}"
+        )
     key = json.dumps(
         {
             "format": PREPARE_FORMAT, "dir": plan.root, "layout": plan.layout,
@@ -101,7 +104,8 @@ def make_builder_config(
             f"{face_margin}"
         ),
         data_dir=plan.root, layout=plan.layout, num_classes=num_classes,
-        face_margin=float(face_margin),
+        face_margin=float(face_margin), image_root=plan.images_dir if plan.layout == "manifest"
+        else "",
     )
     return config, plan
 
@@ -154,11 +158,11 @@ class Affectnet(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         config = self.builder_config
         root = config.data_dir or os.fspath(dl_manager.manual_dir)
-        plan = detect_layout(root, config.layout)
+        plan = detect_layout(root, config.layout, config.image_root)
         report = {
             "layout": plan.layout, "data_dir": plan.root, "num_classes": config.num_classes,
             "face_margin": config.face_margin, "has_valence_arousal": plan.has_valence_arousal,
-            "splits": {},
+            "notes": list(plan.notes), "splits": {},
         }
         self.info.metadata["report"] = report
         unreferenced = official_unreferenced(plan) if plan.layout == "official" else []

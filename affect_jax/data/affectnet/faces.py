@@ -9,7 +9,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from affect_jax.data.affectnet.readers import Candidate
+from affect_jax.data.affectnet.rows import Candidate
 from affect_jax.data.images import crop_box, decode_error_text, decode_image
 
 JPEG_QUALITY = 95
@@ -26,13 +26,10 @@ class DropError(Exception):
 
 def load_face(candidate: Candidate, margin: float) -> dict:
     """The stored example of ``candidate`` (face box grown by ``margin``), or a DropError."""
-    try:
-        with open(candidate.image_path, "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        raise DropError("dropped_missing_image", "no such file") from None
-    except OSError as e:
-        raise DropError("dropped_undecodable_image", f"unreadable ({e})") from None
+    if candidate.pixels is not None:  # FER2013, FER+: the face itself, stored losslessly.
+        data = tf.io.encode_png(candidate.pixels[..., None]).numpy()
+    else:
+        data = _read(candidate.image_path)
     try:
         image = decode_image(data)
     except (tf.errors.OpError, ValueError) as e:
@@ -63,6 +60,16 @@ def load_face(candidate: Candidate, margin: float) -> dict:
         "box": np.array(box, np.int32),
         "path": _display_path(candidate.image_path),
     }
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        raise DropError("dropped_missing_image", "no such file") from None
+    except OSError as e:
+        raise DropError("dropped_undecodable_image", f"unreadable ({e})") from None
 
 
 def _display_path(path: str) -> str:

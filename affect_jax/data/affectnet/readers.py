@@ -1,123 +1,47 @@
-"""The four layout readers: each turns one split's annotation files into a ``Candidate`` per
-parsed example (its image not yet opened) or a ``Drop`` per example it rejects.
+"""The readers of AffectNet's four layouts, and ``read_split``, which picks the reader of any
+layout (FER2013, FER+ and RAF-DB read in their own modules). Each reader turns one split's
+annotation files into a ``Candidate`` per parsed example (its image not yet opened) or a
+``Drop`` per example it rejects.
 
-``read_split`` picks the reader of the plan's layout; label, valence/arousal and image checks
-come after (``labels``, ``faces``).
+Label, valence/arousal and image checks come after (``labels``, ``faces``).
 """
 
 from __future__ import annotations
 
-import csv
-import dataclasses
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from affect_jax.data.affectnet import fer2013, ferplus, rafdb
 from affect_jax.data.affectnet.errors import DataError
 from affect_jax.data.affectnet.labels import class_from_name
-from affect_jax.data.affectnet.layouts import LayoutPlan, SplitSpec, list_dir, tree_listing
+from affect_jax.data.affectnet.layouts import column_key, manifest_columns
+from affect_jax.data.affectnet.plans import LayoutPlan, SplitSpec, list_dir, tree_listing
+from affect_jax.data.affectnet.rows import (
+    Candidate,
+    Drop,
+    checked_rows,
+    csv_rows,
+    no_landmarks,
+    parse_float,
+    parse_int,
+    parse_landmarks,
+)
 from affect_jax.data.images import is_image_name
 
-NUM_LANDMARKS = 68
 OFFICIAL_COLUMNS = (
     "subdirectory_filepath", "face_x", "face_y", "face_width", "face_height",
     "facial_landmarks", "expression", "valence", "arousal",
 )
 NPY_KINDS = ("exp", "val", "aro", "lnd")
 _NPY_ANNOTATION = re.compile(r"^(.+)_(exp|val|aro|lnd)\.npy$")
-_CSV_ERROR = "\0csv-error"  # First field of the row _csv_rows yields for a row csv cannot parse.
-
-
-@dataclasses.dataclass
-class Candidate:
-    """An example a reader parsed; its labels, valence/arousal and image are checked next."""
-
-    key: str
-    name: str  # Shown in reports.
-    image_path: str
-    expression: int
-    valence: float
-    arousal: float
-    landmarks: np.ndarray  # [68, 2] float32, NaN when absent.
-    box: tuple[float, float, float, float] | None = None  # official: x, y, width, height.
-
-
-@dataclasses.dataclass
-class Drop:
-    """An example a reader rejected: the drop reason, its name in reports and why."""
-
-    reason: str
-    name: str
-    detail: str
-
-
-def _float(text: str, what: str) -> float:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} {text!r} is not a number") from None
-
-
-def _int_code(text: str, what: str = "expression") -> int:
-    value = _float(text, what)
-    if not value.is_integer():
-        raise ValueError(f"{what} {text!r} is not an integer")
-    return int(value)
-
-
-def _parse_landmarks(values: Sequence[float] | np.ndarray, what: str) -> np.ndarray:
-    array = np.asarray(values, np.float32).reshape(-1)
-    if array.size != 2 * NUM_LANDMARKS:
-        raise ValueError(f"{what} has {array.size} numbers, expected {2 * NUM_LANDMARKS}")
-    return array.reshape(NUM_LANDMARKS, 2)
-
-
-def _no_landmarks() -> np.ndarray:
-    return np.full((NUM_LANDMARKS, 2), np.nan, np.float32)
-
-
-def _csv_rows(path: str) -> Iterator[tuple[int, list[str]]]:
-    """(line number, fields) of every non-blank row; a broken file raises DataError."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-            reader = csv.reader(f)
-            while True:
-                try:
-                    row = next(reader)
-                except StopIteration:
-                    return
-                except csv.Error as e:  # E.g. a NUL byte: this row is lost, the rest is read.
-                    yield reader.line_num, [_CSV_ERROR, str(e)]
-                    continue
-                if any(c.strip() for c in row):
-                    yield reader.line_num, row
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e}") from e
-
-
-def _checked_rows(
-    split_name: str, rows: Iterable[tuple[int, list[str]]], num_columns: int, path_index: int
-) -> Iterator[Drop | tuple[int, str, str, list[str]]]:
-    """(line number, name in reports, image path as written, fields) of every row that has
-    ``num_columns`` fields; a Drop for any other row (one csv could not parse, or another field
-    count)."""
-    for line, row in rows:
-        if row and row[0] == _CSV_ERROR:
-            problem = f"unreadable CSV row ({row[1]})"
-        elif len(row) != num_columns:
-            problem = f"{len(row)} fields, expected {num_columns}"
-        else:
-            rel = row[path_index].strip()
-            yield line, f"{split_name}:{line} ({rel})", rel, row
-            continue
-        yield Drop("dropped_malformed_row", f"{split_name}:{line}", problem)
 
 
 def _read_official(spec: SplitSpec, plan: LayoutPlan) -> Iterator[Candidate | Drop]:
-    rows = _csv_rows(spec.path)
+    rows = csv_rows(spec.path)
     columns = list(OFFICIAL_COLUMNS)
     first = next(rows, None)
     if first is None:
@@ -132,7 +56,7 @@ def _read_official(spec: SplitSpec, plan: LayoutPlan) -> Iterator[Candidate | Dr
     else:  # No header (some copies of validation.csv): the release's column order.
         pending = [first, *rows]
     index = {c: i for i, c in enumerate(columns)}
-    for item in _checked_rows(spec.name, pending, len(columns), index["subdirectory_filepath"]):
+    for item in checked_rows(spec.name, pending, len(columns), index["subdirectory_filepath"]):
         if isinstance(item, Drop):
             yield item
             continue
@@ -141,18 +65,19 @@ def _read_official(spec: SplitSpec, plan: LayoutPlan) -> Iterator[Candidate | Dr
             if not rel:
                 raise ValueError("empty subDirectory_filePath")
             box = tuple(
-                _float(row[index[c]], c) for c in ("face_x", "face_y", "face_width", "face_height")
+                parse_float(row[index[c]], c)
+                for c in ("face_x", "face_y", "face_width", "face_height")
             )
             if box[2] <= 0 or box[3] <= 0 or not all(math.isfinite(v) for v in box):
                 raise ValueError(f"face box {box} has no area")
             text = row[index["facial_landmarks"]].strip()
             landmarks = (
-                _parse_landmarks([_float(v, "landmark") for v in text.split(";")], "landmarks")
-                if text else _no_landmarks()
+                parse_landmarks([parse_float(v, "landmark") for v in text.split(";")], "landmarks")
+                if text else no_landmarks()
             )
-            expression = _int_code(row[index["expression"]])
-            valence = _float(row[index["valence"]], "valence")
-            arousal = _float(row[index["arousal"]], "arousal")
+            expression = parse_int(row[index["expression"]])
+            valence = parse_float(row[index["valence"]], "valence")
+            arousal = parse_float(row[index["arousal"]], "arousal")
         except ValueError as e:
             yield Drop("dropped_malformed_row", name, str(e))
             continue
@@ -176,7 +101,7 @@ def _npy_landmarks(path: str) -> np.ndarray:
     value = np.load(path, allow_pickle=False)
     if value.dtype.kind in "US":  # Strings of numbers: parse them.
         value = np.array([float(v) for v in value.reshape(-1)], np.float32)
-    return _parse_landmarks(value.astype(np.float32), os.path.basename(path))
+    return parse_landmarks(value.astype(np.float32), os.path.basename(path))
 
 
 def _read_npy(spec: SplitSpec, plan: LayoutPlan) -> Iterator[Candidate | Drop]:
@@ -210,13 +135,13 @@ def _read_npy(spec: SplitSpec, plan: LayoutPlan) -> Iterator[Candidate | Drop]:
             continue
         current = files["exp"]
         try:
-            expression = _int_code(_npy_text(current))
+            expression = parse_int(_npy_text(current))
             current = files["val"]
-            valence = _float(_npy_text(current), "valence")
+            valence = parse_float(_npy_text(current), "valence")
             current = files["aro"]
-            arousal = _float(_npy_text(current), "arousal")
+            arousal = parse_float(_npy_text(current), "arousal")
             current = files.get("lnd", "")
-            landmarks = _npy_landmarks(current) if current else _no_landmarks()
+            landmarks = _npy_landmarks(current) if current else no_landmarks()
         except (ValueError, OSError, EOFError) as e:
             yield Drop(
                 "dropped_malformed_row", f"{spec.name}/annotations/{os.path.basename(current)}",
@@ -245,19 +170,22 @@ def _read_folders(spec: SplitSpec, plan: LayoutPlan) -> Iterator[Candidate | Dro
             continue
         yield Candidate(
             key=name, name=name, image_path=os.path.join(spec.path, rel), expression=code,
-            valence=math.nan, arousal=math.nan, landmarks=_no_landmarks(),
+            valence=math.nan, arousal=math.nan, landmarks=no_landmarks(),
         )
 
 
 def _read_manifest(spec: SplitSpec, plan: LayoutPlan) -> Iterator[Candidate | Drop]:
-    rows = _csv_rows(spec.path)
+    rows = csv_rows(spec.path)
     first = next(rows, None)
     if first is None:
         return
-    header = [c.strip().lower() for c in first[1]]
-    index = {c: i for i, c in enumerate(header)}
-    base = os.path.dirname(spec.path)
-    for item in _checked_rows(spec.name, rows, len(header), index["path"]):
+    header = [column_key(c) for c in first[1]]
+    image_column, label_column = manifest_columns(header)
+    va_columns = (header.index("valence"), header.index("arousal")) if (
+        plan.has_valence_arousal) else None
+    # Relative image paths start at data.image_root when given, else at the CSV's directory.
+    base = plan.images_dir or os.path.dirname(spec.path)
+    for item in checked_rows(spec.name, rows, len(header), image_column):
         if isinstance(item, Drop):
             yield item
             continue
@@ -265,18 +193,18 @@ def _read_manifest(spec: SplitSpec, plan: LayoutPlan) -> Iterator[Candidate | Dr
         if not rel:
             yield Drop("dropped_malformed_row", name, "empty path")
             continue
-        text = row[index["expression"]]
+        text = row[label_column]
         code = class_from_name(text)
         if code is None:
             try:  # A number outside 0-10 is an unknown label; other text is unknown too.
-                code = _int_code(text)
+                code = parse_int(text)
             except ValueError:
                 yield Drop("dropped_unknown_label", name, f"expression {text.strip()!r}")
                 continue
         try:
-            if plan.has_valence_arousal:
-                valence = _float(row[index["valence"]].strip(), "valence")
-                arousal = _float(row[index["arousal"]].strip(), "arousal")
+            if va_columns:
+                valence = parse_float(row[va_columns[0]].strip(), "valence")
+                arousal = parse_float(row[va_columns[1]].strip(), "arousal")
             else:
                 valence = arousal = math.nan
         except ValueError as e:
@@ -284,7 +212,7 @@ def _read_manifest(spec: SplitSpec, plan: LayoutPlan) -> Iterator[Candidate | Dr
             continue
         yield Candidate(
             key=name, name=name, image_path=os.path.join(base, rel), expression=code,
-            valence=valence, arousal=arousal, landmarks=_no_landmarks(),
+            valence=valence, arousal=arousal, landmarks=no_landmarks(),
         )
 
 
@@ -293,6 +221,9 @@ _READERS = {
     "npy": _read_npy,
     "folders": _read_folders,
     "manifest": _read_manifest,
+    "fer2013": fer2013.read,
+    "ferplus": ferplus.read,
+    "rafdb": rafdb.read,
 }
 
 
@@ -305,7 +236,7 @@ def official_unreferenced(plan: LayoutPlan) -> list[str]:
     """Images under Manually_Annotated_Images that no list names (images without annotations)."""
     referenced = set()
     for spec in plan.splits:
-        for _, row in _csv_rows(spec.path):
+        for _, row in csv_rows(spec.path):
             if row:
                 referenced.add(os.path.normpath(row[0].strip()))
     return [

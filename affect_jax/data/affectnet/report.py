@@ -12,6 +12,7 @@ DROP_REASONS = (
     "dropped_malformed_row",
     "dropped_missing_annotation",
     "dropped_unknown_label",
+    "dropped_no_majority",  # FER+: no class holds a majority of the annotators' votes.
     "dropped_non_emotion",
     "dropped_contempt",
     "dropped_bad_valence_arousal",
@@ -53,7 +54,7 @@ def total_counts(split_counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
 def log_report(report: Mapping) -> None:
     """Logs a prepared dataset's report: totals, then each pool with its drops and offenders."""
     logging.info(
-        "AffectNet %s layout at %s, %d classes%s: %s",
+        "Data: %s layout at %s, %d classes%s: %s",
         report["layout"], report["data_dir"], report["num_classes"],
         "" if report["has_valence_arousal"] else " (no valence/arousal)",
         format_counts(report["counts"]),

@@ -1,5 +1,6 @@
-"""The ``affectnet`` source the input pipeline loads: the user's AffectNet files, prepared once
-by the TFDS builder (``builder``), read back as pools.
+"""The ``affectnet`` source the input pipeline loads: the user's AffectNet (FER2013, FER+,
+RAF-DB, manifest, class folders) files, prepared once by the TFDS builder (``builder``), read back
+as pools.
 
 ``load_source`` detects the layout of ``config.data.dir`` (or checks ``config.data.layout``),
 prepares it into TFDS's cache (``config.data.tfds_data_dir``, else TFDS's default) under a config
@@ -31,6 +32,9 @@ from affect_jax.data.images import decode_image_tensor
 from affect_jax.data.source import AFFECTNET_CLASS_NAMES, REPORT_FILE, ExamplePool, Source
 
 IN_MEMORY_MAX_BYTES = 1 << 30
+# Layouts of other datasets, named as such in runs' files; AffectNet's (and the generic manifest
+# and class folders) are 'affectnet'.
+OTHER_DATASETS = ("fer2013", "ferplus", "rafdb")
 _READ_CHUNK = 1024
 
 
@@ -38,16 +42,17 @@ def prepare(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """Prepares (or reuses) the TFDS copy of ``config.data.dir``; returns the builder."""
     data = config.data
     builder_config, plan = make_builder_config(
-        data.dir, data.layout, int(data.num_classes), float(data.face_margin)
+        data.dir, data.layout, int(data.num_classes), float(data.face_margin),
+        data.get("image_root", ""),
     )
     builder = Affectnet(
         config=builder_config, data_dir=data.get("tfds_data_dir") or None
     )
     if builder.is_prepared():
-        logging.info("AffectNet: reusing the prepared copy in %s", builder.data_dir)
+        logging.info("Data: reusing the prepared copy in %s", builder.data_dir)
     else:
         logging.info(
-            "AffectNet: preparing the %s layout of %s into %s (once; later runs reuse it)",
+            "Data: preparing the %s layout of %s into %s (once; later runs reuse it)",
             plan.layout, plan.root, builder.data_dir,
         )
         builder.download_and_prepare(
@@ -90,12 +95,17 @@ def load_source(
         with open(os.path.join(workdir, REPORT_FILE), "w") as f:
             json.dump(report, f, indent=2)
     return Source(
-        name="affectnet",
+        name=dataset_name(report["layout"]),
         class_names=tuple(AFFECTNET_CLASS_NAMES[:num_classes]),
         pools=pools,
         has_valence_arousal=bool(report["has_valence_arousal"]),
         counts=totals,
     )
+
+
+def dataset_name(layout: str) -> str:
+    """The Source name of a layout: 'fer2013', 'ferplus', 'rafdb', else 'affectnet'."""
+    return layout if layout in OTHER_DATASETS else "affectnet"
 
 
 def _read_pool(builder: tfds.core.DatasetBuilder, split: str, limit: int) -> ExamplePool:
