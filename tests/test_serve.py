@@ -33,6 +33,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 MAX_UPLOAD_MB = 1
 MAX_PIXELS = 2_000_000
 MAX_PENDING = 8
+UPLOAD_TIMEOUT_S = 8
 TOLERANCE = 1e-5  # a face scored alone and in a batch: the same up to float32 round-off
 # skimage.data.astronaut(): the face lies roughly in x 150-260, y 40-160 (x, y, w, h).
 ASTRONAUT_FACE = (150, 40, 110, 120)
@@ -64,7 +65,8 @@ def server(run, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     cmd = [sys.executable, "-m", "affect_jax.serve", f"--workdir={run}", "--port=0",
            "--max_batch=8", "--max_wait_ms=100", f"--max_pending={MAX_PENDING}",
-           f"--max_upload_mb={MAX_UPLOAD_MB}", f"--max_pixels={MAX_PIXELS}"]
+           f"--max_upload_mb={MAX_UPLOAD_MB}", f"--max_pixels={MAX_PIXELS}",
+           f"--upload_timeout_s={UPLOAD_TIMEOUT_S}"]
     with open(log, "w") as stderr:
         process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr,
                                    text=True)
@@ -135,7 +137,7 @@ def test_model_health_and_page(server, predictor):
     assert health["status"] == "ok"
     assert health["batching"]["max_batch"] == 8
     assert health["limits"] == {"max_upload_bytes": MAX_UPLOAD_MB * 2**20,
-                                "max_pixels": MAX_PIXELS}
+                                "max_pixels": MAX_PIXELS, "upload_timeout_s": UPLOAD_TIMEOUT_S}
     page = requests.get(f"{server}/", timeout=10)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
@@ -311,6 +313,20 @@ def test_full_server_answers_503_then_recovers(server):
             sock.close()
     _wait_for_pending(server, 0)
     assert _post(server, png, face="none").status_code == 200
+
+
+def test_stalled_upload_answered_408(server):
+    with _stalled_upload(server) as sock:
+        sock.settimeout(UPLOAD_TIMEOUT_S + 30)
+        start = time.time()
+        answer = b""
+        while chunk := sock.recv(65536):  # the server closes the connection after answering
+            answer += chunk
+        answer = answer.decode()
+    assert answer.startswith("HTTP/1.1 408"), answer
+    assert "the upload stalled" in answer
+    assert time.time() - start >= UPLOAD_TIMEOUT_S - 1
+    _wait_for_pending(server, 0)
 
 
 def test_port_in_use_is_one_clear_error(run):

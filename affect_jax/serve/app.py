@@ -46,6 +46,7 @@ class Limits:
     max_wait_s: float = 0.01
     max_pending: int = 64
     workers: int = 2  # threads decoding uploads and finding faces
+    upload_timeout_s: float = 30.0  # longest silence of a client mid-upload
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -81,7 +82,8 @@ def create_app(scorer: FaceScorer, limits: Limits = Limits()) -> Starlette:
                          "max_wait_ms": limits.max_wait_s * 1000,
                          "max_pending": limits.max_pending},
             "limits": {"max_upload_bytes": limits.max_upload_bytes,
-                       "max_pixels": limits.max_pixels},
+                       "max_pixels": limits.max_pixels,
+                       "upload_timeout_s": limits.upload_timeout_s},
             "workers": limits.workers,
             "stats": batcher.stats.as_dict(),
         })
@@ -93,7 +95,8 @@ def create_app(scorer: FaceScorer, limits: Limits = Limits()) -> Starlette:
                               f"{', '.join(FACE_MODES)}")
         try:
             with batcher.admit():
-                data = await upload.image_bytes(request, limits.max_upload_bytes)
+                data = await upload.image_bytes(request, limits.max_upload_bytes,
+                                                limits.upload_timeout_s)
                 image, faces = await asyncio.get_running_loop().run_in_executor(
                     workers, _find_faces, scorer, data, face, limits.max_pixels)
                 scores = await batcher.score([f.crop for f in faces])

@@ -44,6 +44,8 @@ def define_flags() -> None:
                        "answered 413.", lower_bound=0.0)
     flags.DEFINE_integer("max_pixels", 40_000_000, "Largest image (width x height) decoded; "
                          "larger ones are answered 413.", lower_bound=1)
+    flags.DEFINE_float("upload_timeout_s", 30.0, "An upload from which nothing arrives for this "
+                       "long is answered 408.", lower_bound=0.1)
     flags.DEFINE_integer("workers", min(4, os.cpu_count() or 1), "Threads that decode uploads "
                          "and find faces.", lower_bound=1)
     flags.DEFINE_bool("flip_tta", False, "Average over a horizontally flipped copy.")
@@ -79,7 +81,8 @@ def main(argv: Sequence[str]) -> int:
     scorer.warm_up()
     limits = Limits(max_upload_bytes=int(FLAGS.max_upload_mb * 2**20),
                     max_pixels=FLAGS.max_pixels, max_wait_s=FLAGS.max_wait_ms / 1000,
-                    max_pending=FLAGS.max_pending, workers=FLAGS.workers)
+                    max_pending=FLAGS.max_pending, workers=FLAGS.workers,
+                    upload_timeout_s=FLAGS.upload_timeout_s)
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
     print(f"Serving on http://{url_host}:{port}/", flush=True)

@@ -3,6 +3,7 @@ file's format and pixel count; every problem is an ``UploadError`` with its HTTP
 
 from __future__ import annotations
 
+import asyncio
 import io
 import warnings
 from collections.abc import AsyncIterator
@@ -38,15 +39,25 @@ def _formats_text() -> str:
     return ", ".join(names[:-1]) + " or " + names[-1]
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refused (413) as soon as it is known to exceed ``max_bytes``."""
+async def read_body(request: Request, max_bytes: int, idle_timeout_s: float) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed ``max_bytes``, and
+    given up (408) when the client sends nothing for ``idle_timeout_s``."""
     too_large = UploadError(413, f"request body over the limit of {max_bytes} bytes "
                                  "(the server's --max_upload_mb)")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream()
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout_s):
+                chunk = await anext(stream)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise UploadError(408, f"the upload stalled: nothing received for "
+                                   f"{idle_timeout_s:g} s") from None
         size += len(chunk)
         if size > max_bytes:
             raise too_large
@@ -54,13 +65,13 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-async def image_bytes(request: Request, max_bytes: int) -> bytes:
+async def image_bytes(request: Request, max_bytes: int, idle_timeout_s: float) -> bytes:
     """The bytes of the multipart file field ``image`` of a POST."""
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         raise UploadError(415, f"Content-Type {content_type or 'missing'!r}: expected "
                                f"multipart/form-data with a file field {FIELD!r}")
-    body = await read_body(request, max_bytes)
+    body = await read_body(request, max_bytes, idle_timeout_s)
     if not body:
         raise UploadError(400, f"empty request body: expected a file field {FIELD!r}")
 
