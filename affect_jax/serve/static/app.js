@@ -74,6 +74,15 @@ function drawBoxes(result) {
     label.textContent = `${i + 1}: ${face.expression} ${percent(face.probs[face.expression])}`;
     box.append(label);
     overlay.append(box);
+    for (const [lx, ly] of face.landmarks || []) {
+      const dot = document.createElement("span");
+      dot.className = "landmark";
+      Object.assign(dot.style, {
+        left: `${(100 * lx) / result.width}%`, top: `${(100 * ly) / result.height}%`,
+        background: color(i),
+      });
+      overlay.append(dot);
+    }
   });
 }
 
@@ -88,7 +97,8 @@ function drawBars(result) {
     const va = document.createElement("span");
     va.className = "va";
     va.textContent = `valence ${signed(face.valence)} · arousal ${signed(face.arousal)}`;
-    const where = face.source === "whole_image" ? " (whole image)" : "";
+    const where = face.source === "whole_image" ? " (whole image)"
+      : face.confidence != null ? ` (detected, ${percent(face.confidence)} sure)` : "";
     title.append(swatch, `Face ${i + 1}: ${face.expression}${where}`, va);
     card.append(title);
     const classes = state.classes.length ? state.classes : Object.keys(face.probs);
