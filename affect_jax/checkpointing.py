@@ -21,8 +21,6 @@ REGRESSION_KEYS = {f"{d}_{m}" for d in (*VA_DIMENSIONS, "mean") for m in REGRESS
 
 def _metric_getter(config: ml_collections.ConfigDict):
     name, mode = config.best_metric, config.best_mode
-    if mode not in ("max", "min"):
-        raise ValueError(f"config.best_mode={mode!r}; expected 'max' or 'min'")
     worst = -math.inf if mode == "max" else math.inf
 
     def get(saved_metrics: dict[str, float]) -> float:

@@ -9,7 +9,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from affect_jax import distributed, evaluation, run_dir, sharding, steps
+from affect_jax import config_checks, distributed, evaluation, run_dir, sharding, steps
 from affect_jax.data import pipeline
 
 
@@ -24,8 +24,8 @@ def evaluate(
 
     The output is ``workdir/eval_<split>_<checkpoint>[_flip].json``.
     """
+    config_checks.validate(config, training=False)
     mesh = sharding.make_mesh()
-    sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     step, graphdef, state = run_dir.restore_checkpoint(workdir, config, mesh, which=checkpoint)
     with distributed.chief_first("make_splits"):  # process 0 may prepare a shared cache
         splits = pipeline.make_splits(config)

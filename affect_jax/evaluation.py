@@ -7,14 +7,16 @@ write ``result_record``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
-from affect_jax import distributed, metrics, sharding, steps
+from affect_jax import console, distributed, metrics, sharding, steps
 from affect_jax.data import pipeline
 from affect_jax.data.source import ExamplePool, Source
 
@@ -78,9 +80,16 @@ def score_predictions(
     with_va = has_valence_arousal and bool(predictions["has_va"].all())
     va_true = predictions["target_valence_arousal"] if with_va else None
     va_pred = predictions["valence_arousal"] if with_va else None
-    result = metrics.compute_metrics(
-        predictions["expression"], predictions["probs"], va_true, va_pred, class_names
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", metrics.MetricWarning)
+        result = metrics.compute_metrics(
+            predictions["expression"], predictions["probs"], va_true, va_pred, class_names
+        )
+    for w in caught:
+        if issubclass(w.category, metrics.MetricWarning):  # null in the results: no news
+            logging.info("%s", w.message, extra=console.FILE_ONLY)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     loss = loss_weights.classification * float(predictions["ce"].mean())
     if with_va:
         mse = float(((va_pred - va_true) ** 2).mean())

@@ -41,6 +41,8 @@ from absl import app, flags, logging
 from flax import nnx
 
 import affect_jax
+from affect_jax import cli
+from affect_jax.errors import UserError
 
 # The plain-XLA paths of every op with a custom-call alternative (configs/default.py).
 PORTABLE_OPS = {"conv_impl": "xla", "batch_norm_impl": "xla", "pool_impl": "xla"}
@@ -55,7 +57,7 @@ ONNX_OPSET = 23
 PLATFORMS = ("cpu", "cuda")
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """A request that cannot be exported, with what to do instead."""
 
 
@@ -369,11 +371,8 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-    try:
-        result = export_run(FLAGS.workdir, FLAGS.output, FLAGS.which, FLAGS.overwrite)
-    except (OSError, ValueError) as e:  # FileNotFoundError included: a missing run
-        logging.error("%s", e)
-        return 1
+    # A missing run, an existing output, ...: one line from cli.run.
+    result = export_run(FLAGS.workdir, FLAGS.output, FLAGS.which, FLAGS.overwrite)
     logging.info("Exported %s checkpoint %d (%s, %d classes, %d px, %s preprocessing) to %s "
                  "(%s)", result["run_workdir"], result["checkpoint_step"], result["backbone"],
                  len(result["class_names"]), result["image_size"], result["preprocessing"],
@@ -381,6 +380,8 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
+run = cli.console_script(define_flags, main, output_flag="output")  # affect-jax-export
+
+
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    run()

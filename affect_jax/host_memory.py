@@ -20,6 +20,11 @@ def _malloc_trim():
         return None
 
 
+def can_trim_heap() -> bool:
+    """Whether the C library can hand freed heap memory back (glibc's `malloc_trim`)."""
+    return _malloc_trim() is not None
+
+
 def release_host_memory(*, clear_jit_caches: bool = False) -> bool:
     """Returns memory freed by the previous phase to the OS; True if `malloc_trim` ran.
 

@@ -5,16 +5,19 @@ they use, which can be tested and imported.
 
   python -m affect_jax.main --config=configs/resnet50.py --workdir=/tmp/run \\
       --config.data.dir=/data/AffectNet --config.model.weights=/weights/resnet50
+
+The console shows progress, one line per epoch and warnings; ``<workdir>/run.log`` keeps every
+log line of every library. Mistakes (a config value, the data, a missing file, a full disk) are
+one line and exit code 1 (2 for the command line itself); ``--traceback`` shows where they were
+raised. ``TF_CPP_MIN_LOG_LEVEL=0`` shows TensorFlow's and XLA's C++ logs again.
 """
 
 import os
 
-import jax
-import tensorflow as tf
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from affect_jax import distributed, evaluate, train
+from affect_jax import cli, console
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -41,25 +44,45 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-    # tf.data only feeds the input pipeline: keep TensorFlow off any accelerator.
-    tf.config.experimental.set_visible_devices([], "GPU")
-    # Before any JAX computation: joins the processes of a multi-process run.
-    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                           mode=FLAGS.distributed)
+    # Imported here, after cli.run has quieted the C++ loggers; their start-up lines go to the
+    # run's log file.
+    with console.native_startup_logs():
+        import jax
+        import tensorflow as tf
+
+        from affect_jax import config_checks, distributed, evaluate, run_dir, train
+
+        # tf.data only feeds the input pipeline: keep TensorFlow off any accelerator.
+        tf.config.experimental.set_visible_devices([], "GPU")
+        # Before any JAX computation: joins the processes of a multi-process run.
+        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id, mode=FLAGS.distributed)
+        devices = jax.devices()
     config = FLAGS.config
+    training = FLAGS.mode == "train"
+    config_checks.validate(config, training=training)  # before anything is written
+    if jax.process_index() == 0 and (training or os.path.isdir(FLAGS.workdir)):
+        os.makedirs(FLAGS.workdir, exist_ok=True)
+        console.log_to_file(os.path.join(FLAGS.workdir, run_dir.RUN_LOG))
     if config.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir",
                           os.path.expanduser(config.compilation_cache_dir))
         # Keep even sub-second programs: model initialisation compiles one per tensor shape.
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
-                 jax.devices())
-    if FLAGS.mode == "train":
+                 devices)
+    logging.info("Config:\n%s", config, extra=console.FILE_ONLY)
+    if training:
         train.train_and_evaluate(config, FLAGS.workdir)
     else:
         evaluate.evaluate(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, split=FLAGS.split,
                           flip_tta=FLAGS.flip_tta)
 
 
+def run() -> None:
+    """The affect-jax-train console script (this module's flags are defined at import)."""
+    cli.run(main, output_flag="workdir")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

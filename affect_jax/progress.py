@@ -1,7 +1,10 @@
 """Training progress on the console: compile times, throughput and ETA, per-epoch summaries.
 
-Throughput counts only timed steps: the calls that compiled and the time between epochs
-(validation, checkpointing) are left out.
+On a terminal a progress bar is redrawn in place after every call; otherwise (a log, a pipe) a
+progress line is logged every ``log_every_steps`` steps (the run's log file gets those lines in
+both cases). The rate is steps over the time that ran them: a call that compiled counts with the
+time of its run alone (the compile time is logged apart), and the time between epochs
+(validation, checkpointing) is left out of the rate but counted in the ETA.
 """
 
 from __future__ import annotations
@@ -13,6 +16,10 @@ from typing import Any
 
 from absl import logging
 
+from affect_jax import console
+
+BAR_WIDTH = 20
+
 
 def format_duration(seconds: float) -> str:
     """``3725`` -> ``'1h02m05s'``; ``65`` -> ``'1m05s'``."""
@@ -22,8 +29,15 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def format_bar(done: int, total: int, width: int = BAR_WIDTH) -> str:
+    """``[#####---------------]`` for a quarter."""
+    filled = min(width, width * done // max(total, 1))
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
 class ProgressReporter:
-    """Times the training calls and logs a progress line every ``log_every_steps`` steps.
+    """Times the training calls; draws a progress bar or logs progress lines, and a summary per
+    epoch.
 
     The driver opens a timed stretch (``start``) when nothing is running on the device, counts
     the steps of every call that did not compile (``count``) and closes the stretch (``stop``)
@@ -31,16 +45,22 @@ class ProgressReporter:
     """
 
     def __init__(self, *, num_epochs: int, steps_per_epoch: int, batch_size: int,
-                 log_every_steps: int, clock: Callable[[], float] = time.time):
+                 log_every_steps: int, clock: Callable[[], float] = time.time,
+                 interactive: bool | None = None,
+                 status: console.StatusLine | None = None):
         self.num_epochs = num_epochs
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = num_epochs * steps_per_epoch
         self.batch_size = batch_size
         self.log_every_steps = log_every_steps
+        self.interactive = console.is_terminal() if interactive is None else interactive
+        self._status = status or console.status_line
         self._clock = clock
         self._timed_steps = 0
         self._timed_seconds = 0.0
         self._since: float | None = None  # start of the open stretch
+        self._between_epochs: list[float] = []  # seconds of validation + checkpointing
+        self._last_loss: float | None = None
 
     def start(self) -> None:
         """Opens a timed stretch (the device is idle)."""
@@ -62,43 +82,85 @@ class ProgressReporter:
         seconds = self._timed_seconds
         if self._since is not None:
             seconds += self._clock() - self._since
-        return self._timed_steps / max(seconds, 1e-9)
+        return self._timed_steps / seconds if seconds > 0 else 0.0
+
+    def eta_seconds(self, done: int) -> float:
+        """Seconds left after global step ``done``: the remaining steps at the measured rate,
+        plus the measured time between epochs for every epoch end still ahead (NaN before a
+        rate is known)."""
+        rate = self.steps_per_second
+        if not rate:
+            return float("nan")
+        seconds = (self.total_steps - done) / rate
+        if self._between_epochs:
+            epoch_ends_left = self.num_epochs - len(self._between_epochs)
+            seconds += epoch_ends_left * sum(self._between_epochs) / len(self._between_epochs)
+        return seconds
 
     def compiled(self, steps: int, compile_seconds: float, total_seconds: float) -> None:
-        """Logs a call that compiled (its steps are not timed) and opens a new stretch."""
+        """Logs a call that compiled; its run (without the compile) is timed. Opens a new
+        stretch."""
+        run_seconds = total_seconds - compile_seconds
         logging.info("Compiled the %d-step train call in %.1f s (or loaded it from the "
                      "compilation cache); its first call took %.1f s", steps, compile_seconds,
-                     total_seconds - compile_seconds)
+                     run_seconds)
+        self._timed_steps += steps
+        self._timed_seconds += run_seconds
         self.start()
 
     def after_call(self, epoch: int, step: int, steps: int, loss: Callable[[], float]) -> None:
-        """Logs a progress line if the call of ``steps`` steps after global step ``step``
-        passed a multiple of ``log_every_steps``.
+        """Reports the call of ``steps`` steps after global step ``step``: redraws the bar (on
+        a terminal) and logs a progress line if the call passed a multiple of
+        ``log_every_steps``.
 
         ``loss``: the call's last loss, fetched only when a line is logged; fetching it waits
         for the call, so its steps are finished when the rate is taken.
         """
-        every = self.log_every_steps
-        if (step + steps) // every <= step // every:
-            return
-        last_loss = loss()
-        rate = self.steps_per_second
         done = step + steps
-        eta = (self.total_steps - done) / rate if rate else float("nan")
+        every = self.log_every_steps
+        if done // every > step // every:
+            self._last_loss = loss()
+            self._log_line(epoch, done)
+        if self.interactive:
+            self._draw_bar(epoch, done)
+
+    def _eta_text(self, done: int) -> str:
+        eta = self.eta_seconds(done)
+        return format_duration(eta) if math.isfinite(eta) else "(measuring)"
+
+    def _log_line(self, epoch: int, done: int) -> None:
         logging.info(
             "epoch %d/%d step %d/%d (%d/%d in epoch): loss %.4f, %.1f img/s, ETA %s",
             epoch + 1, self.num_epochs, done, self.total_steps,
-            done - epoch * self.steps_per_epoch, self.steps_per_epoch, last_loss,
-            rate * self.batch_size, format_duration(eta) if math.isfinite(eta) else "(measuring)",
+            done - epoch * self.steps_per_epoch, self.steps_per_epoch, self._last_loss,
+            self.steps_per_second * self.batch_size, self._eta_text(done),
+            extra=console.FILE_ONLY if self.interactive else None,
         )
+
+    def _draw_bar(self, epoch: int, done: int) -> None:
+        in_epoch = done - epoch * self.steps_per_epoch
+        loss = f" | loss {self._last_loss:.4f}" if self._last_loss is not None else ""
+        self._status.show(
+            f"epoch {epoch + 1}/{self.num_epochs} {format_bar(in_epoch, self.steps_per_epoch)} "
+            f"{in_epoch}/{self.steps_per_epoch}{loss} | "
+            f"{self.steps_per_second * self.batch_size:.1f} img/s | ETA {self._eta_text(done)}")
 
     def epoch_done(self, record: dict[str, Any], val: dict[str, Any]) -> None:
         """Logs an epoch's summary from its metrics record and validation scores."""
+        self._status.clear()
+        self._between_epochs.append(record["epoch_time_s"] - record["train_time_s"])
         logging.info(
             "epoch %d/%d done in %s: train loss %.4f acc %.3f | val loss %.4f acc %.3f "
-            "balanced acc %.3f F1 %.3f mean CCC %s", record["epoch"], self.num_epochs,
+            "balanced acc %s F1 %s mean CCC %s", record["epoch"], self.num_epochs,
             format_duration(record["epoch_time_s"]), record["train_loss"],
-            record["train_accuracy"], val["loss"], val["accuracy"], val["balanced_accuracy"],
-            val["f1_macro"],
-            f"{val['mean_ccc']:.3f}" if "mean_ccc" in val else "n/a",
+            record["train_accuracy"], val["loss"], val["accuracy"],
+            format_number(val.get("balanced_accuracy")), format_number(val["f1_macro"]),
+            format_number(val.get("mean_ccc")),
         )
+
+
+def format_number(value: Any) -> str:
+    """``0.1234`` -> ``'0.123'``; undefined (NaN, None) -> ``'n/a'``."""
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return f"{value:.3f}"
+    return "n/a"

@@ -12,7 +12,7 @@ Reads what the trainer writes in its run directory (``run_dir``), the contract:
 
 and writes ``training_curves.png``, ``confusion_matrix.png`` and ``report.md``. ``table_row``
 and ``markdown_table`` build the study's comparison table (also used by
-``scripts/compare_runs.py``).
+``affect-jax-compare``, ``tools/compare_runs.py``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,11 @@
 Files of a run directory (``--workdir``):
 
 - ``config.json``: the configuration the run was started (or last resumed) with.
+- ``run.log``: every log line of every run and evaluation in this directory (the console shows
+  fewer; ``console``).
 - ``metrics.jsonl``: one JSON record per completed epoch (see ``report`` for its fields).
+  Every JSON file here is strict JSON: an undefined number (e.g. the precision of a class that
+  was never predicted) is ``null``.
 - ``final_metrics.json``: the best checkpoint's validation scores (``evaluation.result_record``).
 - ``eval_<split>_<checkpoint>[_flip].json``: ``main --mode=eval`` scores.
 - ``data_report.json``: what the data reader kept and dropped.
@@ -22,16 +26,16 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from affect_jax import checkpointing, imbalance, sharding, steps
+from affect_jax import checkpointing, imbalance, sharding, steps, strict_json
 from affect_jax.data import source as data_source
 from affect_jax.data.source import AFFECTNET_CLASS_NAMES
 
 CONFIG = "config.json"
+RUN_LOG = "run.log"
 METRICS_HISTORY = "metrics.jsonl"
 FINAL_METRICS = "final_metrics.json"
 DATA_REPORT = data_source.REPORT_FILE
@@ -58,28 +62,19 @@ def checkpoints_dir(workdir: str | os.PathLike) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def json_safe(value: Any) -> Any:
-    """``value`` with NumPy scalars as Python numbers and tuples as lists."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        return float(value)
-    return value
+json_safe = strict_json.json_safe  # NaN and infinities -> None (JSON null)
 
 
 def write_json(path: str | os.PathLike, record: dict[str, Any]) -> None:
-    with open(path, "w") as f:
-        json.dump(json_safe(record), f, indent=2)
+    """Writes ``record`` as strict JSON (undefined numbers as null)."""
+    strict_json.write(path, record)
 
 
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
-    """Appends one line and syncs it: a kill right after leaves the line complete."""
+    """Appends one strict JSON line and syncs it: a kill right after leaves the line complete."""
+    line = strict_json.dumps(record) + "\n"
     with open(path, "a") as f:
-        f.write(json.dumps(json_safe(record)) + "\n")
+        f.write(line)
         f.flush()
         os.fsync(f.fileno())
 

@@ -19,16 +19,6 @@ def make_mesh() -> jax.sharding.Mesh:
                          axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, what: str) -> None:
-    """The global batch must split evenly over the devices and over the processes."""
-    n = mesh.devices.size
-    if batch_size % n:
-        raise ValueError(f"config.{what}={batch_size} is not divisible by the {n} devices")
-    p = jax.process_count()
-    if batch_size % p:
-        raise ValueError(f"config.{what}={batch_size} is not divisible by the {p} processes")
-
-
 def shard_batch(
     batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh, stacked: bool = False
 ) -> dict[str, jax.Array]:

@@ -30,18 +30,8 @@ Batch = dict[str, jax.Array]
 def create_initial_model(config: ml_collections.ConfigDict) -> nnx.Module:
     """The model training starts from: ``models.create_model``'s architecture, with the Keras
     ImageNet backbone weights when ``config.model.init`` says so."""
-    if config.model.init not in ("imagenet", "random"):
-        raise ValueError(
-            f"config.model.init={config.model.init!r}; expected 'imagenet' or 'random'"
-        )
     model = models.create_model(config, nnx.Rngs(params=config.seed))
     if config.model.init == "imagenet":
-        if not config.model.weights:
-            raise FileNotFoundError(
-                "config.model.init='imagenet' needs the Keras ImageNet weights: pass "
-                "--config.model.weights=DIR (written by scripts/port_weights.py) or a Keras "
-                "application .h5 file, or train from scratch with --config.model.init=random"
-            )
         from affect_jax import weights  # h5py and Orbax readers, only for ImageNet init
 
         weights.load_backbone_weights(model, config.model.weights)

@@ -27,6 +27,8 @@ from clu import metric_writers
 
 from affect_jax import (
     checkpointing,
+    config_checks,
+    console,
     distributed,
     evaluation,
     host_memory,
@@ -37,12 +39,13 @@ from affect_jax import (
     steps,
 )
 from affect_jax.data import pipeline
-from affect_jax.progress import ProgressReporter
+from affect_jax.errors import UserError
+from affect_jax.progress import ProgressReporter, format_number
 
 TARGET_KEYS = ("expression", "valence_arousal", "has_va")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The training loss became NaN or infinite."""
 
 
@@ -100,16 +103,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
     """Checks the config, reads the data, builds the state (resumed from the latest checkpoint
     of ``workdir``), the jitted steps and the metric writer."""
+    config_checks.validate(config)
     os.makedirs(workdir, exist_ok=True)
     is_chief = jax.process_index() == 0
     if is_chief:
         run_dir.save_config(config, workdir)
     mesh = sharding.make_mesh()
-    sharding.check_batch_size(config.batch_size, mesh, "batch_size")
-    sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-    per_call = config.steps_per_execution
-    if not isinstance(per_call, int) or per_call < 1:
-        raise ValueError(f"config.steps_per_execution={per_call!r}; expected an integer >= 1")
 
     # Process 0 first: it may prepare a data cache (TFDS) the others then read.
     with distributed.chief_first("make_splits"):
@@ -300,5 +299,10 @@ def finalize(run: Training) -> dict[str, Any]:
 
         report.write_reports(run.workdir)
     logging.info("Final (best epoch %d) validation metrics: %s", best, {
-        k: round(v, 4) for k, v in scores.items() if isinstance(v, float)})
+        k: round(v, 4) for k, v in scores.items() if isinstance(v, float)},
+        extra=console.FILE_ONLY)
+    logging.info("Best epoch %d of %d: validation accuracy %.1f%%, macro F1 %s, mean CCC %s; "
+                 "results in %s", best, config.num_epochs, 100 * scores["accuracy"],
+                 format_number(scores["f1_macro"]), format_number(scores.get("mean_ccc")),
+                 run.workdir)
     return final

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
 import warnings
@@ -29,12 +28,12 @@ from typing import Any
 import h5py
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 
+from affect_jax.errors import UserError
 from affect_jax.models import resnet50 as resnet50_lib
 from affect_jax.models import vgg16 as vgg16_lib
-
-logger = logging.getLogger(__name__)
 
 # Official keras-applications files (also recorded in third_party/keras_weights.json).
 OFFICIAL_FILES: dict[str, dict[str, Any]] = {
@@ -68,7 +67,7 @@ _BN_TOKENS = ('gamma', 'beta', 'moving_mean', 'moving_variance')
 _KERAS3_KIND = {'conv': 'conv2d', 'bn': 'batch_normalization', 'dense': 'dense'}
 
 
-class WeightFileError(ValueError):
+class WeightFileError(UserError, ValueError):
     """A weight file or ported directory that cannot be loaded into the model."""
 
 
@@ -251,7 +250,7 @@ def _check_file_identity(path: str, md5: str) -> None:
             f"{path} has md5 {md5}, not the official {official['md5']} of {base}; "
             'loading it anyway (a modified or re-saved file?)'
         )
-        logger.warning(msg)
+        logging.warning('%s', msg)
         warnings.warn(msg, stacklevel=3)
 
 
@@ -402,7 +401,7 @@ def load_keras_h5(module: nnx.Module, path: str) -> nnx.Module:
     raw = {k: v for k, v in raw.items() if k not in ignored}
     layers = _to_flax_layers(backbone.arch, raw, info['weight_names'])
     _assign(backbone, layers, path)
-    logger.info(
+    logging.info(
         'Loaded %d %s layers from %s (%s, md5 %s)%s', len(layers),
         backbone.arch, path, info['format'], md5,
         f'; skipped top layers {ignored} (model has include_top=False)' if ignored else '',
@@ -478,7 +477,7 @@ def read_ported_metadata(directory: str) -> dict[str, Any]:
 
 
 def load_ported(model: nnx.Module, directory: str) -> nnx.Module:
-    """Loads a directory written by `save_ported` / scripts/port_weights.py into the backbone."""
+    """Loads a directory written by `save_ported` / affect-jax-port-weights into the backbone."""
     import orbax.checkpoint as ocp
 
     backbone = _backbone_of(model)
@@ -497,7 +496,7 @@ def load_ported(model: nnx.Module, directory: str) -> nnx.Module:
         for name, tensors in restored.items()
     }
     ignored = _assign(backbone, layers, directory)
-    logger.info(
+    logging.info(
         'Loaded ported %s weights from %s (source %s, md5 %s)%s', backbone.arch, directory,
         meta.get('source_file') or '?', meta.get('source_md5') or '?',
         f'; skipped top layers {ignored}' if ignored else '',
@@ -507,7 +506,7 @@ def load_ported(model: nnx.Module, directory: str) -> nnx.Module:
 
 def port_keras_h5(arch: str, keras_h5: str, output_dir: str, *, include_top: bool = False,
                   overwrite: bool = False) -> str:
-    """Reads a Keras weight file and writes the ported directory (used by port_weights.py)."""
+    """Reads a Keras weight file and writes the ported directory (affect-jax-port-weights)."""
     from affect_jax.models import create_backbone
 
     # Abstract model: every value is replaced by the file's, so skip the random init.
@@ -524,14 +523,14 @@ def load_backbone_weights(model: nnx.Module, path: str) -> nnx.Module:
     path = os.fspath(path) if path else ''
     if not path:
         raise WeightFileError(
-            'config.model.weights is empty: give a directory written by scripts/port_weights.py '
+            'config.model.weights is empty: give a directory written by affect-jax-port-weights '
             'or a Keras .h5 file (or set config.model.init=random)'
         )
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, PORTED_METADATA)):
             raise WeightFileError(
                 f'{path} is a directory without {PORTED_METADATA}: write it with '
-                'scripts/port_weights.py'
+                'affect-jax-port-weights'
             )
         return load_ported(model, path)
     if os.path.isfile(path):

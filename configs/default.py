@@ -1,6 +1,7 @@
-r"""Default configuration: every field a user can set, with its meaning.
+r"""Default configuration: every field a user can set, with its meaning and default.
 
-Other configs import this one and override a few fields. Run with, e.g.::
+Other configs import this one and override a few fields; what each field may hold is checked
+when a run starts (affect_jax/config_checks.py). Run with, e.g.::
 
     python -m affect_jax.main --config=configs/default.py --workdir=/tmp/run \
       --config.data.source=synthetic --config.model.init=random
@@ -10,14 +11,14 @@ import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """Returns the default (ResNet50, study settings) configuration."""
+    """Returns the default configuration (the study's settings, with ResNet50)."""
     config = ml_collections.ConfigDict()
 
     # --- Model -------------------------------------------------------------------------------
     config.model = ml_collections.ConfigDict()
     config.model.name = 'resnet50'  # 'resnet50' or 'vgg16' (keras.applications layouts).
     config.model.init = 'imagenet'  # 'imagenet' (ported Keras weights) or 'random'.
-    # Directory written by scripts/port_weights.py (needed when init='imagenet').
+    # Directory written by affect-jax-port-weights (needed when init='imagenet').
     config.model.weights = ''
     # Channel multiplier of the backbone; 1.0 is the Keras architecture (required for
     # ImageNet weights). Smaller values give tiny models for demos and tests.

@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import runpy
 import statistics
 import subprocess
 import sys
@@ -52,7 +53,6 @@ from typing import Any
 from absl import app, flags
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("model", ["resnet50"], "Backbones: resnet50, vgg16.")
@@ -105,7 +105,8 @@ IMPLS = ("auto", "xla", "native")
 CONV_PATHS = ("xla", "dot1x1", "onednn", "winograd")
 
 
-def _parse_lever(lever: str) -> dict[str, str]:
+def parse_lever(lever: str) -> dict[str, str]:
+    """``--lever``'s ``key=value+...`` as a dict; app.UsageError for an unknown key or value."""
     if lever in ("", "default"):
         return {}
     out = {}
@@ -125,6 +126,11 @@ def _parse_lever(lever: str) -> dict[str, str]:
             raise app.UsageError(f"bad malloc lever {value!r} (one of {sorted(MALLOC_ENV)})")
         out[key] = value
     return out
+
+
+def _default_config():
+    """configs/default.py's config (loaded by path: configs/ is a directory, not a package)."""
+    return runpy.run_path(str(ROOT / "configs" / "default.py"))["get_config"]()
 
 
 def _nominal_flops(config, batch) -> float:
@@ -160,12 +166,11 @@ def _jax_worker(spec: dict[str, Any]):
 
     from affect_jax import host_memory, steps
     from affect_jax.ops import conv
-    from configs import default
 
     if spec.get("cache_dir"):
         jax.config.update("jax_compilation_cache_dir", spec["cache_dir"])
-    lever = _parse_lever(spec["lever"])
-    config = default.get_config()
+    lever = parse_lever(spec["lever"])
+    config = _default_config()
     config.model.name = spec["model"]
     config.model.init = "random"
     config.model.hidden_sizes = ()
@@ -277,8 +282,7 @@ def _keras_worker(spec: dict[str, Any]):
 def _torch_worker(spec: dict[str, Any]):
     import torch
     import torch.nn.functional as F
-
-    from scripts.torch_models import MultiTask
+    from torch_models import MultiTask  # scripts/ is sys.path[0]: workers run this file
 
     torch.manual_seed(0)
     b, s, n = spec["batch_size"], spec["image_size"], spec["num_classes"]
@@ -314,9 +318,8 @@ def _torch_worker(spec: dict[str, Any]):
 def _input_worker(spec: dict[str, Any]):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from affect_jax.data import pipeline
-    from configs import default
 
-    config = default.get_config()
+    config = _default_config()
     config.data.source = "synthetic"
     config.model.init = "random"
     config.data.image_size = spec["image_size"]
@@ -416,7 +419,7 @@ def _run_group(specs: list[dict[str, Any]], steps: int, do_eval: bool) -> list[d
     try:
         for spec in specs:  # Started one after another: compile times are not contended.
             env = dict(os.environ)
-            lever = _parse_lever(spec.get("lever", ""))
+            lever = parse_lever(spec.get("lever", ""))
             env.update(MALLOC_ENV.get(lever.get("malloc", ""), {}))
             xla_flags = lever.get("xla_flags", "")
             if xla_flags:
@@ -463,7 +466,7 @@ def main(argv: list[str]) -> None:
         run_worker(json.loads(FLAGS.worker))
         return
     for lever in FLAGS.lever:
-        _parse_lever(lever)
+        parse_lever(lever)
     base = {"batch_size": FLAGS.batch_size, "image_size": FLAGS.image_size,
             "warmup": FLAGS.warmup, "num_classes": FLAGS.num_classes,
             "cache_dir": os.path.expanduser(FLAGS.cache_dir)}

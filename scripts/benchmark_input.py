@@ -15,26 +15,33 @@ batch) that does not depend on the pipeline module.
 
 from __future__ import annotations
 
-import argparse
 import os
+import runpy
 import statistics
-import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-# Run from a checkout without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import cv2
+import numpy as np
+import tensorflow as tf
+from absl import app, flags
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from affect_jax.data import affectnet
+from affect_jax.data.augment import augment_image
 
-from affect_jax.data import affectnet  # noqa: E402
-from affect_jax.data.augment import augment_image  # noqa: E402
-
+ROOT = Path(__file__).resolve().parent.parent
 SIZE = 224
 BATCH = 32
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("images", 320, "Images generated.", lower_bound=BATCH)
+flags.DEFINE_integer("runs", 5, "Timed epochs after one warm-up.", lower_bound=1)
+flags.DEFINE_bool("no-augment", False, "Time without augmentation.")
+flags.DEFINE_enum("chain", "pipeline", ["pipeline", "own"],
+                  "'pipeline': affect_jax.data.pipeline.train_batches; 'own': a stand-alone "
+                  "equivalent chain.")
 
 
 def write_npy_release(root: str, count: int, seed: int = 0) -> None:
@@ -78,27 +85,22 @@ def own_chain(files: list[str], config, epoch: int) -> tf.data.Dataset:
     return ds.batch(BATCH, drop_remainder=True).prefetch(2)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=320, help="Images generated.")
-    parser.add_argument("--runs", type=int, default=5, help="Timed epochs after one warm-up.")
-    parser.add_argument("--no-augment", action="store_true", help="Time without augmentation.")
-    parser.add_argument("--chain", choices=("pipeline", "own"), default="pipeline")
-    args = parser.parse_args(argv)
-
-    from configs import default  # noqa: PLC0415 (configs/ is importable from the checkout)
-
-    config = default.get_config()
+def main(argv: Sequence[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
+    no_augment = FLAGS["no-augment"].value
+    # configs/ is a directory, not a package: loaded by path as the configs load each other.
+    config = runpy.run_path(str(ROOT / "configs" / "default.py"))["get_config"]()
     config.data.image_size = SIZE
     config.data.preprocessing = "caffe"
-    config.augment.enabled = not args.no_augment
+    config.augment.enabled = not no_augment
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = os.path.join(tmp, "affectnet")
-        write_npy_release(data_dir, args.images)
+        write_npy_release(data_dir, FLAGS.images)
         config.data.dir = data_dir
         config.data.tfds_data_dir = os.path.join(tmp, "tfds")
         pool = affectnet.load_source(config, None).pools["train"]
-        if args.chain == "pipeline":
+        if FLAGS.chain == "pipeline":
             from affect_jax.data import pipeline  # noqa: PLC0415
 
             def epoch_batches(epoch):
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 return own_chain(files, config, epoch)
 
         rates = []
-        for epoch in range(args.runs + 1):  # Epoch 0 warms up (tracing, autotuning, caches).
+        for epoch in range(FLAGS.runs + 1):  # Epoch 0 warms up (tracing, autotuning, caches).
             start = time.perf_counter()
             images = sum(int(b["image"].shape[0] if isinstance(b, dict) else b.shape[0])
                          for b in epoch_batches(epoch))
@@ -121,13 +123,13 @@ def main(argv: list[str] | None = None) -> int:
                 rates.append(images / elapsed)
     median = statistics.median(rates)
     print(
-        f"input pipeline ({args.chain}, augment={'off' if args.no_augment else 'on'}, "
+        f"input pipeline ({FLAGS.chain}, augment={'off' if no_augment else 'on'}, "
         f"{SIZE} px, batch {BATCH}, {os.cpu_count()} cores): median {median:.0f} images/s "
-        f"over {args.runs} epochs of {args.images // BATCH * BATCH} images (min {min(rates):.0f}, "
-        f"max {max(rates):.0f})"
+        f"over {FLAGS.runs} epochs of {FLAGS.images // BATCH * BATCH} images "
+        f"(min {min(rates):.0f}, max {max(rates):.0f})"
     )
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    app.run(main)

@@ -1,8 +1,10 @@
 """Shared fixtures: tiny configurations (used for testing only) and paths."""
 
+import logging
 import os
 import runpy
 import tempfile
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -76,6 +78,48 @@ def bit_identical(config: ml_collections.ConfigDict) -> bool:
     """Whether a loop over batches reproduces single calls bit for bit: with the extension's
     convolutions (deterministic kernels); XLA's may fuse the loop body differently."""
     return conv_ops.resolve_impl(config.conv_impl) in ("onednn", "winograd")
+
+
+def randomize_keras_weights(
+    keras, model, rng: np.random.Generator,
+    gamma_range: Callable[[str], tuple[float, float]] = lambda name: (0.5, 1.5),
+) -> None:
+    """Random biases and BatchNorm parameters/statistics of a Keras model (Keras initialises
+    them constant, which would hide a mis-mapped tensor). ``gamma_range(layer name)``: the
+    uniform range of a BatchNorm's scale. ``keras`` is passed in: not every test imports it."""
+    for layer in model.layers:
+        values = layer.get_weights()
+        if not values:
+            continue
+        if isinstance(layer, keras.layers.BatchNormalization):
+            shape = values[0].shape
+            values = [rng.uniform(*gamma_range(layer.name), shape), rng.normal(0, 0.1, shape),
+                      rng.normal(0, 0.1, shape), rng.uniform(0.5, 1.5, shape)]
+        else:
+            values = [values[0], rng.normal(0, 0.05, values[1].shape)]
+        layer.set_weights([v.astype(np.float32) for v in values])
+
+
+def report_measurements(request, cache_key: str, results: dict,
+                        summary: Callable[[dict], list[str]]) -> None:
+    """Shows ``summary(results)``, a test module's measured errors, in the terminal summary
+    (with or without output capture) and logs it; stores ``results`` in the pytest cache
+    under ``cache_key``. Nothing when no test measured anything."""
+    if not results:
+        return
+    lines = summary(results)
+    logger = logging.getLogger(request.module.__name__)
+    for line in lines:
+        logger.info(line)
+    if getattr(request.config, "cache", None) is not None:  # None under -p no:cacheprovider
+        request.config.cache.set(cache_key, results)
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():  # Visible without -s.
+            reporter.write_line("")
+            for line in lines:
+                reporter.write_line(line)
 
 
 # Flags that turn configs/default.py into the tiny config above on the command line.

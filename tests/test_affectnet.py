@@ -458,6 +458,40 @@ def test_nothing_usable_is_a_clear_error_and_caches_nothing(tmp_path):
     assert not builder.is_prepared()
 
 
+def _strict(path):
+    return json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in {path}"))
+
+
+def test_data_report_is_written_when_the_data_error_stops_the_run(tmp_path):
+    split = tmp_path / "data" / "val_set"
+    npy_example(str(split), "a", exp="9")
+    work = tmp_path / "work"
+    with pytest.raises(DataError, match="no usable example") as raised:
+        affectnet.load_source(_config(tmp_path / "data", tmp_path / "tfds"), str(work))
+    report = _strict(work / "data_report.json")
+    assert report["error"] == str(raised.value)
+    assert report["splits"]["train"]["counts"]["dropped_non_emotion"] == 1
+    assert report["splits"]["train"]["examples"]["dropped_non_emotion"] == [
+        "val_set/images/a.jpg: expression 9"]
+    # No layout found at all: the report says so.
+    with pytest.raises(DataError, match="does not exist"):
+        affectnet.load_source(_config(tmp_path / "nowhere", tmp_path / "tfds"), str(work))
+    report = _strict(work / "data_report.json")
+    assert "does not exist" in report["error"] and report["data_dir"].endswith("nowhere")
+
+
+def test_an_interrupted_preparation_is_cleaned_up_by_the_next(tmp_path):
+    npy_release(str(tmp_path / "data" / "val_set"), per_class=1)
+    name = affectnet.make_builder_config(str(tmp_path / "data"))[0].name
+    leftover = tmp_path / "tfds" / "affectnet" / name / "incomplete.K1LLED_1.0.0"
+    (leftover / "affectnet-train.array_record-00000-of-00001").parent.mkdir(parents=True)
+    (leftover / "affectnet-train.array_record-00000-of-00001").write_bytes(b"half")
+    source = affectnet.load_source(_config(tmp_path / "data", tmp_path / "tfds"), None)
+    assert source.counts["kept"] == 8
+    assert not leftover.exists()
+    assert sorted(os.listdir(leftover.parent)) == [".prepare.lock", "1.0.0"]
+
+
 def test_source_feeds_the_input_pipeline(tmp_path):
     npy_release(str(tmp_path / "data" / "val_set"), per_class=5)
     config = _config(tmp_path / "data", tmp_path / "tfds", image_size=32)

@@ -1,25 +1,20 @@
 """scripts/benchmark.py: lever parsing and the per-worker environment it implies."""
 
-import sys
-
 import pytest
 from absl import app
 
-from tests.conftest import REPO
-
-sys.path.insert(0, f'{REPO}/scripts')
-import benchmark  # noqa: E402
+from scripts import benchmark
 
 
 def test_levers_parse():
-    assert benchmark._parse_lever('default') == {}
-    assert benchmark._parse_lever('conv=onednn+malloc=reuse') == {
+    assert benchmark.parse_lever('default') == {}
+    assert benchmark.parse_lever('conv=onednn+malloc=reuse') == {
         'conv': 'onednn', 'malloc': 'reuse'}
-    assert benchmark._parse_lever('xla_flags=--a=1 --b=2') == {'xla_flags': '--a=1 --b=2'}
-    assert benchmark._parse_lever('steps=1') == {'steps': '1'}
-    assert benchmark._parse_lever('act=float32+steps=1') == {'act': 'float32', 'steps': '1'}
-    assert benchmark._parse_lever('bn=xla') == {'bn': 'xla'}
-    assert benchmark._parse_lever('pool=xla+bn=native') == {'pool': 'xla', 'bn': 'native'}
+    assert benchmark.parse_lever('xla_flags=--a=1 --b=2') == {'xla_flags': '--a=1 --b=2'}
+    assert benchmark.parse_lever('steps=1') == {'steps': '1'}
+    assert benchmark.parse_lever('act=float32+steps=1') == {'act': 'float32', 'steps': '1'}
+    assert benchmark.parse_lever('bn=xla') == {'bn': 'xla'}
+    assert benchmark.parse_lever('pool=xla+bn=native') == {'pool': 'xla', 'bn': 'native'}
     assert benchmark.MALLOC_ENV['reuse']['MALLOC_MMAP_MAX_'] == '0'
 
 
@@ -37,7 +32,7 @@ def test_levers_parse():
 ])
 def test_bad_levers_are_usage_errors(lever, match):
     with pytest.raises(app.UsageError, match=match):
-        benchmark._parse_lever(lever)
+        benchmark.parse_lever(lever)
 
 
 def test_act_conv_bn_and_pool_levers_take_the_configs_values():

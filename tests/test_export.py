@@ -25,10 +25,8 @@ import affect_jax
 from affect_jax import export, models, predict
 from affect_jax.data import synthetic
 from affect_jax.data.source import AFFECTNET_CLASS_NAMES
+from scripts import export_check
 from tests.conftest import REPO, tiny_config
-
-sys.path.insert(0, f"{REPO}/scripts")
-import export_check  # noqa: E402
 
 SIZE = 32
 # Max abs difference to the JAX Predictor's outputs.

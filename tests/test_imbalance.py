@@ -40,15 +40,6 @@ def test_weights_of_absent_classes_and_none():
     assert w[1] == 0 and w[0] == pytest.approx(3 * w[2])
 
 
-def test_settings_errors_are_one_clear_line():
-    with pytest.raises(ValueError, match="class_weighting='inverse'; expected one of"):
-        imbalance.check_settings("inverse", "shuffle", 0.9)
-    with pytest.raises(ValueError, match="data.sampling='oversample'"):
-        imbalance.check_settings("none", "oversample", 0.9)
-    with pytest.raises(ValueError, match="effective_number_beta=1.0"):
-        imbalance.check_settings("effective_number", "shuffle", 1.0)
-
-
 def test_balanced_order_draws_classes_equally_and_is_seeded():
     labels = np.repeat(np.arange(4), COUNTS)
     order = imbalance.balanced_order(labels, seed=0, epoch=0)

@@ -34,7 +34,6 @@ Float32 limits, measured against float64 runs of the same step (see the report o
 """
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -47,7 +46,7 @@ from flax import nnx
 
 from affect_jax import sharding, steps, weights
 from affect_jax.ops import conv as conv_ops
-from tests.conftest import REPO, load_config
+from tests.conftest import REPO, load_config, randomize_keras_weights, report_measurements
 
 SIZE = 64
 BATCH = 8
@@ -64,17 +63,18 @@ WEIGHT_RTOL = 1e-4
 # oneDNN path on is 2e-3 away (module docstring).
 WINOGRAD_ROUNDOFF_FACTOR = 2.0
 RESULTS: dict[str, dict[str, object]] = {}
-logger = logging.getLogger(__name__)
 
 
 @pytest.fixture(scope='module', autouse=True)
 def report_errors(request):
     """Reports the measured errors whether or not output capture is on."""
     yield
-    if not RESULTS:
-        return
+    report_measurements(request, 'affect_jax/keras_train_parity', RESULTS, _summary)
+
+
+def _summary(results: dict[str, dict[str, object]]) -> list[str]:
     lines = ['one train step, affect-jax vs Keras (max|jax - keras| / max|keras| per tensor):']
-    for arch, r in sorted(RESULTS.items()):
+    for arch, r in sorted(results.items()):
         lines.append(
             f"  {arch}: loss {r['loss']:.2e}; worst weight {r['weight']:.2e} "
             f"({r['weight_name']}); worst BN statistic {r['stat']:.2e} ({r['stat_name']}); "
@@ -90,17 +90,7 @@ def report_errors(request):
                 '{:.2e} ({}); Keras float32 vs its float64 {:.2e} ({})'.format(
                     r['zero_grad'][1], r['zero_grad'][0], r['zero_grad_f32'][1],
                     r['zero_grad_f32'][0], r['keras_f32_vs_f64'][1], r['keras_f32_vs_f64'][0]))
-    for line in lines:
-        logger.info(line)
-    if getattr(request.config, 'cache', None) is not None:  # None under -p no:cacheprovider
-        request.config.cache.set('affect_jax/keras_train_parity', RESULTS)
-    reporter = request.config.pluginmanager.getplugin('terminalreporter')
-    capture = request.config.pluginmanager.getplugin('capturemanager')
-    if reporter is not None and capture is not None:
-        with capture.global_and_fixture_disabled():  # Visible without -s.
-            reporter.write_line('')
-            for line in lines:
-                reporter.write_line(line)
+    return lines
 
 
 def _config(arch: str):
@@ -143,20 +133,8 @@ def _batch(rng: np.random.Generator) -> dict[str, np.ndarray]:
 # Keras side (a subprocess: `python -m tests.test_keras_train_parity ARCH DIR`).
 
 
-def _randomize(keras, model, rng: np.random.Generator) -> None:
-    """Random biases and BatchNorm parameters/statistics (Keras initialises them constant)."""
-    for layer in model.layers:
-        values = layer.get_weights()
-        if not values:
-            continue
-        if isinstance(layer, keras.layers.BatchNormalization):
-            shape = values[0].shape
-            gamma = RESIDUAL_GAMMA if layer.name.endswith('_3_bn') else (0.5, 1.5)
-            values = [rng.uniform(*gamma, shape), rng.normal(0, 0.1, shape),
-                      rng.normal(0, 0.1, shape), rng.uniform(0.5, 1.5, shape)]
-        else:
-            values = [values[0], rng.normal(0, 0.05, values[1].shape)]
-        layer.set_weights([v.astype(np.float32) for v in values])
+def _gamma_range(layer_name: str) -> tuple[float, float]:
+    return RESIDUAL_GAMMA if layer_name.endswith('_3_bn') else (0.5, 1.5)
 
 
 def _keras_model(keras, arch: str, config):
@@ -173,7 +151,8 @@ def _keras_model(keras, arch: str, config):
         'reg_output': keras.layers.Dense(2, name='reg_output')(x),
     }
     model = keras.Model(base.input, outputs)
-    _randomize(keras, model, np.random.default_rng(SEEDS[arch]))
+    randomize_keras_weights(keras, model, np.random.default_rng(SEEDS[arch]),
+                            _gamma_range)
     model.compile(
         optimizer=keras.optimizers.Adam(
             learning_rate=config.learning_rate, beta_1=config.adam_b1,

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, TINY_FLAGS
+from tests.conftest import REPO, TINY_FLAGS, XLA_CACHE
 
 
 def _main(workdir, *extra, config="configs/default.py"):
@@ -21,6 +21,15 @@ def _main(workdir, *extra, config="configs/default.py"):
 def _run(cmd, timeout=600, env=None):
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env=env)
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_json_loads(text):
+    """json.loads that refuses NaN, Infinity and -Infinity, as other JSON readers do."""
+    return json.loads(text, parse_constant=_reject_constant)
 
 
 def _same(a, b):
@@ -59,6 +68,11 @@ def test_run_writes_everything(reference_run):
         assert key in final["metrics"]
     assert "ETA" in result.stderr
     assert "epoch 3/3 done" in result.stderr
+    # Strict JSON: undefined metrics (e.g. the precision of a class never predicted) are null.
+    records = [strict_json_loads(line)
+               for line in open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()]
+    assert any(v is None for r in records for v in r.values())
+    strict_json_loads(open(os.path.join(workdir, "final_metrics.json")).read())
 
 
 def test_rerun_of_finished_run_resumes_without_training(reference_run):
@@ -144,26 +158,52 @@ def test_resumed_run_takes_its_train_steps_from_the_compilation_cache(tmp_path):
 
 def test_bad_steps_per_execution_is_a_clear_error(tmp_path):
     result = _run(_main(str(tmp_path), "--config.steps_per_execution=0"))
-    assert result.returncode != 0
-    assert "config.steps_per_execution=0" in result.stderr
+    assert result.returncode == 1
+    assert _error_lines(result) == ["error: config.steps_per_execution=0: expected an integer >= 1"]
+
+
+def _error_lines(result):
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result.stderr.strip().splitlines()
 
 
 def test_unknown_config_key_is_a_clear_error(tmp_path):
     result = _run(_main(str(tmp_path), "--config.no_such_field=1"))
-    assert result.returncode != 0
-    assert "no_such_field" in result.stderr
+    assert result.returncode == 2
+    assert _error_lines(result) == [
+        "error: --config.no_such_field=1: the config has no field 'no_such_field' "
+        "(configs/default.py lists every field)"]
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    result = _run(_main(str(tmp_path), config="configs/no_such_config.py"))
+    assert result.returncode == 2
+    assert _error_lines(result) == [
+        "error: --config=configs/no_such_config.py: no such file (--helpfull lists the flags)"]
 
 
 def test_bad_config_value_is_a_clear_error(tmp_path):
     result = _run(_main(str(tmp_path), "--config.batch_size=lots"))
-    assert result.returncode != 0
-    assert "batch_size" in result.stderr
+    assert result.returncode == 2
+    (line,) = _error_lines(result)
+    assert line.startswith("error: flag --config.batch_size=lots: invalid literal for int()")
 
 
-def test_bad_model_name_is_a_clear_error(tmp_path):
-    result = _run(_main(str(tmp_path), "--config.model.name=alexnet"))
-    assert result.returncode != 0
-    assert "alexnet" in result.stderr and "resnet50" in result.stderr
+def test_bad_values_are_refused_one_line_each_before_anything_is_written(tmp_path):
+    workdir = tmp_path / "run"
+    result = _run(_main(str(workdir), "--config.model.name=alexnet", "--config.num_epochs=0",
+                        "--config.learning_rate=-1"))
+    assert result.returncode == 1
+    assert _error_lines(result) == [
+        "error: config.model.name='alexnet': expected one of 'resnet50', 'vgg16'",
+        "error: config.num_epochs=0: expected an integer >= 1",
+        "error: config.learning_rate=-1.0: expected a number > 0",
+    ]
+    assert not workdir.exists()
+    # --traceback shows where a user error was raised.
+    result = _run(_main(str(workdir), "--config.num_epochs=0", "--traceback"))
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "ConfigError: config.num_epochs=0" in result.stderr
 
 
 def test_study_config_without_data_says_what_to_pass(tmp_path):
@@ -190,3 +230,31 @@ def test_eval_mode_scores_a_checkpoint_on_a_chosen_split(reference_run):
     final = json.load(open(os.path.join(workdir, "final_metrics.json")))
     assert best["epoch"] == final["best_epoch"]
     assert _same(best["metrics"], final["metrics"])
+    for name in ("eval_test_latest_flip.json", "eval_validation_best.json"):
+        strict_json_loads(open(os.path.join(workdir, name)).read())
+
+
+def test_console_for_people_and_the_run_log_for_detail(reference_run):
+    workdir, result = reference_run
+    console = result.stderr
+    for noise in ("Orbax", "orbax", "[Hyperparameters]", "cuda", "I0000", "Traceback"):
+        assert noise not in console, noise
+    assert max(len(line) for line in console.splitlines()) < 200
+    log = open(os.path.join(workdir, "run.log")).read()
+    for detail in ("checkpoint_manager.py", "[Hyperparameters]", "val_precision_neutral",
+                   "epoch 3/3 done"):
+        assert detail in log, detail
+
+
+def test_demo_console_stays_short(tmp_path):
+    """The whole console of the demo (its first epoch of 15 here) stays under 100 lines."""
+    epochs = 1
+    result = _run([sys.executable, "-m", "affect_jax.main", "--config=configs/demo.py",
+                   f"--workdir={tmp_path}", f"--config.num_epochs={epochs}",
+                   f"--config.compilation_cache_dir={XLA_CACHE}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    per_epoch = sum(line[9:].startswith(f"epoch {epochs}/") for line in lines)
+    fixed = len(lines) - epochs * per_epoch
+    assert per_epoch <= 5 and fixed <= 8, result.stderr
+    assert fixed + 15 * per_epoch < 100

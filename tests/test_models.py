@@ -195,31 +195,6 @@ def test_dropout_uses_call_time_rngs():
     plain(x, train=True)
 
 
-@pytest.mark.parametrize(
-    'field, value, match',
-    [
-        ('model.name', 'resnet18', 'config.model.name'),
-        ('model.pooling', 'sum', 'config.model.pooling'),
-        ('compute_dtype', 'float16', 'config.compute_dtype'),
-        ('activation_dtype', 'bfloat16', 'config.activation_dtype'),
-        ('batch_norm_impl', 'onednn', 'config.batch_norm_impl'),
-        ('pool_impl', 'onednn', 'config.pool_impl'),
-        ('conv_impl', 'onednn', "config.conv_impl='onednn' is not an option: expected one of "
-                                "'auto', 'xla', 'native' \\('native', the"),
-        ('conv_impl', 'winograd', "config.conv_impl='winograd' is not an option"),
-        ('conv_impl', 'dot', "config.conv_impl='dot' is not an option"),
-        ('conv_impl', 'im2col', "config.conv_impl='im2col' is not an option"),
-        ('data.num_classes', 1, 'config.data.num_classes'),
-        ('model.dropout', 1.0, 'config.model.dropout'),
-        ('model.width', 0.0, 'config.model.width'),
-        ('model.hidden_sizes', (16, 0), 'config.model.hidden_sizes'),
-    ],
-)
-def test_create_model_rejects_bad_config(field, value, match):
-    with pytest.raises(ValueError, match=match):
-        create_model(_config(**{field: value}), nnx.Rngs(0))
-
-
 def test_other_errors():
     with pytest.raises(ValueError, match='resnet50'):
         create_backbone('inception')

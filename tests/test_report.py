@@ -12,9 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from absl import flags
+from absl.testing import flagsaver
 
 from affect_jax import report, run_dir
 from affect_jax.metrics import compute_metrics
+from affect_jax.tools import compare_runs
 
 REPO = Path(__file__).resolve().parent.parent
 NAMES8 = ["Neutral", "Happy", "Sad", "Surprise", "Fear", "Disgust", "Anger", "Contempt"]
@@ -176,11 +179,23 @@ def test_format_duration(seconds, text):
     assert report.format_duration(seconds) == text
 
 
-def test_compare_runs(tmp_path, capsys):
+def test_make_report_command(tmp_path):
+    workdir = make_workdir(tmp_path / "run")
+    # The affect-jax-report console script (its module's ``run``).
+    cmd = [sys.executable, "-m", "affect_jax.tools.make_report", f"--workdir={workdir}"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == [
+        str(workdir / name) for name in ("training_curves.png", "confusion_matrix.png",
+                                         "report.md")]
+
+
+def test_compare_runs(tmp_path, capsys, caplog):
     a = make_workdir(tmp_path / "vgg_run", model="vgg16", seed=1)
     b = make_workdir(tmp_path / "resnet_run", model="resnet50", seed=2)
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_runs.py"), str(a),
-                          str(b)], capture_output=True, text=True, check=True).stdout
+    # The affect-jax-compare console script (its module's ``run``).
+    cmd = [sys.executable, "-m", "affect_jax.tools.compare_runs", str(a), str(b)]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True).stdout
     rows = parse_table(out, "model")
     assert [r["model"] for r in rows] == [
         "VGG16 (vgg_run)", "ResNet50 (resnet_run)", f"VGG16, {report.REFERENCE_LABEL}",
@@ -191,16 +206,14 @@ def test_compare_runs(tmp_path, capsys):
         assert_cell(row["kappa"], m["kappa"])
 
     # In-process for the remaining cases (each subprocess pays the imports again).
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import compare_runs
-    finally:
-        sys.path.pop(0)
-    assert compare_runs.main([str(a), str(b), "--no-reference"]) == 0
+    if "no-reference" not in flags.FLAGS:
+        compare_runs.define_flags()
+    with flagsaver.flagsaver(**{"no-reference": True}):
+        assert compare_runs.main(["affect-jax-compare", str(a), str(b)]) == 0
     out = capsys.readouterr().out
     assert "reference" not in out and len(parse_table(out, "model")) == 2
-    assert compare_runs.main([str(a), str(tmp_path / "nothing")]) == 1
-    assert "nothing" in capsys.readouterr().err
+    assert compare_runs.main(["affect-jax-compare", str(a), str(tmp_path / "nothing")]) == 1
+    assert "nothing" in caplog.text
 
 
 def test_confusion_matrix_with_absent_class(tmp_path):

@@ -26,7 +26,7 @@ import sys
 import numpy as np
 import pytest
 
-from affect_jax import distributed, sharding
+from affect_jax import config_checks, distributed
 from affect_jax.data import pipeline
 from affect_jax.data.source import ExamplePool, decode_raw_image
 from tests.conftest import REPO, TINY_FLAGS
@@ -90,22 +90,19 @@ def test_eval_batches_over_processes_score_every_example_once(tiny):
     assert not rows[mask == 0].any()  # padding is zeros
 
 
-def test_batch_must_split_over_devices_and_processes(monkeypatch):
+def test_batch_must_split_over_devices_and_processes(tiny):
     with pytest.raises(pipeline.DataConfigError, match="3 processes"):
         pipeline.process_rows(16, 8, 0, 3)
-    mesh = sharding.make_mesh()
-    sharding.check_batch_size(6, mesh, "batch_size")
-    monkeypatch.setattr(sharding.jax, "process_count", lambda: 4)
-    with pytest.raises(ValueError, match="batch_size=6 is not divisible by the 4 processes"):
-        sharding.check_batch_size(6, mesh, "batch_size")
+    tiny.batch_size = 6
+    assert config_checks.config_errors(tiny, device_count=1, process_count=1) == []
+    errors = config_checks.config_errors(tiny, device_count=1, process_count=4)
+    assert errors == ["config.batch_size=6: expected a multiple of the 4 processes"]
 
 
-def test_batch_size_must_divide_devices():
-    class FakeMesh:
-        devices = np.zeros(3)
-
-    with pytest.raises(ValueError, match="batch_size=8 is not divisible by the 3 devices"):
-        sharding.check_batch_size(8, FakeMesh(), "batch_size")
+def test_batch_size_must_divide_devices(tiny):
+    errors = config_checks.config_errors(tiny, device_count=3, process_count=1)
+    assert errors == ["config.batch_size=8: expected a multiple of the 3 devices",
+                      "config.eval_batch_size=16: expected a multiple of the 3 devices"]
 
 
 def test_distributed_initialize_is_a_no_op_for_one_process(monkeypatch):

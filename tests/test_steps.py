@@ -116,16 +116,6 @@ def test_frozen_backbone_does_not_change(tiny):
     assert not np.array_equal(head_before, jax.tree.leaves(state["params"]["class_output"])[0])
 
 
-def test_imagenet_init_without_weights_says_what_to_pass(tiny):
-    tiny.model.init = "imagenet"
-    tiny.model.weights = ""
-    with pytest.raises(FileNotFoundError, match="--config.model.weights=DIR"):
-        steps.create_initial_model(tiny)
-    tiny.model.init = "keras"
-    with pytest.raises(ValueError, match="config.model.init='keras'"):
-        steps.create_initial_model(tiny)
-
-
 def test_abstract_train_state_has_the_train_states_shapes(tiny):
     graphdef, shapes = steps.abstract_train_state(tiny)
     _, _, state = steps.create_train_state(tiny, steps.create_initial_model(tiny))

@@ -95,36 +95,34 @@ def _clean_params(expression: int) -> synthetic.FaceParams:
     )
 
 
-def _diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.abs(a.astype(np.int32) - b.astype(np.int32)).sum(-1)
+SIZE = 64
+
+
+def _change(expression: int, field: str) -> tuple[int, np.ndarray]:
+    """Same class, same pose, ``field`` (valence or arousal) -0.2 and +0.2: the summed pixel
+    change and the rows that visibly change."""
+    p = _clean_params(expression)
+    low, high = (synthetic.draw_face(dataclasses.replace(p, **{field: getattr(p, field) + d}),
+                                     SIZE) for d in (-0.2, 0.2))
+    diff = np.abs(low.astype(np.int32) - high.astype(np.int32)).sum(-1)
+    return diff.sum(), np.nonzero(diff.sum(1) > 30)[0]
 
 
 @pytest.mark.parametrize("expression", range(8))
 def test_valence_changes_only_the_mouth(expression):
-    # Same class, same pose: +-0.2 valence must visibly move pixels, and only around the mouth.
-    size = 64
-    p = _clean_params(expression)
-    low = synthetic._draw_one(dataclasses.replace(p, valence=p.valence - 0.2), size)
-    high = synthetic._draw_one(dataclasses.replace(p, valence=p.valence + 0.2), size)
-    diff = _diff(low, high)
+    total, rows = _change(expression, "valence")
+    assert total > 500
     # The mouth sits 0.58 face half-widths (0.3 * size) below the centre.
-    mouth_row = int(size * (0.5 + 0.3 * 0.58))
-    rows = np.nonzero(diff.sum(1) > 30)[0]
-    assert diff.sum() > 500
+    mouth_row = int(SIZE * (0.5 + 0.3 * 0.58))
     assert rows.min() >= mouth_row - 8 and rows.max() <= mouth_row + 8
 
 
 @pytest.mark.parametrize("expression", range(8))
 def test_arousal_changes_eyes_and_brows(expression):
-    size = 64
-    p = _clean_params(expression)
-    low = synthetic._draw_one(dataclasses.replace(p, arousal=p.arousal - 0.2), size)
-    high = synthetic._draw_one(dataclasses.replace(p, arousal=p.arousal + 0.2), size)
-    diff = _diff(low, high)
-    rows = np.nonzero(diff.sum(1) > 30)[0]
-    assert diff.sum() > 500
+    total, rows = _change(expression, "arousal")
+    assert total > 500
     # Eyes and brows are above the nose, 0.2 face half-widths below the centre.
-    assert rows.max() < size * (0.5 + 0.3 * 0.2)
+    assert rows.max() < SIZE * (0.5 + 0.3 * 0.2)
 
 
 def test_load_source():

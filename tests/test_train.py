@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from absl import logging
 
-from affect_jax import progress, sharding, steps, train
+from affect_jax import console, progress, sharding, steps, train
 from tests.conftest import one_batch, stack_batches, tiny_config
 
 
@@ -35,43 +35,88 @@ class FakeClock:
 
 def _lines(monkeypatch):
     lines = []
-    monkeypatch.setattr(logging, "info", lambda fmt, *args: lines.append(fmt % args))
+    monkeypatch.setattr(logging, "info",
+                        lambda fmt, *args, **kwargs: lines.append(fmt % args))
     return lines
 
 
-def test_progress_rate_counts_only_timed_steps(monkeypatch):
-    """Compiling calls and the time between epochs do not count; the ETA uses the rest."""
+def test_progress_rate_is_right_from_the_first_call(monkeypatch):
+    """A compiling call counts with its run time alone; the time between epochs is left out of
+    the rate and added to the ETA once measured."""
     lines = _lines(monkeypatch)
     clock = FakeClock()
     reporter = progress.ProgressReporter(num_epochs=2, steps_per_epoch=10, batch_size=4,
-                                         log_every_steps=5, clock=clock)
+                                         log_every_steps=5, clock=clock, interactive=False)
     reporter.start()  # epoch 1
     reporter.stop()  # before the first call compiles
-    clock.now += 30.0  # compiling and running the 5-step call
+    clock.now += 30.0  # compiling (25 s) and running (5 s) the 5-step call
     reporter.compiled(5, 25.0, 30.0)
     reporter.after_call(0, 0, 5, lambda: 1.5)
     assert "Compiled the 5-step train call in 25.0 s" in lines[0]
     assert "its first call took 5.0 s" in lines[0]
-    assert lines[1].endswith("step 5/20 (5/10 in epoch): loss 1.5000, 0.0 img/s, ETA (measuring)")
-    clock.now += 2.0  # 5 timed steps in 2 s
+    assert lines[1].endswith("step 5/20 (5/10 in epoch): loss 1.5000, 4.0 img/s, ETA 0m15s")
+    clock.now += 2.0  # 5 timed steps in 2 s: 10 steps in 7 s
     reporter.count(5)
     reporter.after_call(0, 5, 5, lambda: 1.25)
-    assert lines[2].endswith("step 10/20 (10/10 in epoch): loss 1.2500, 10.0 img/s, ETA 0m04s")
+    assert lines[2].endswith("step 10/20 (10/10 in epoch): loss 1.2500, 5.7 img/s, ETA 0m07s")
     reporter.stop()
     clock.now += 100.0  # validation, checkpoint: not timed
+    reporter.epoch_done({"epoch": 1, "epoch_time_s": 107.0, "train_time_s": 7.0,
+                         "train_loss": 1.3, "train_accuracy": 0.5},
+                        {"loss": 1.2, "accuracy": 0.5, "f1_macro": float("nan")})
+    assert lines[3].endswith("train loss 1.3000 acc 0.500 | val loss 1.2000 acc 0.500 F1 n/a "
+                             "mean CCC n/a")
     reporter.start()  # epoch 2
-    clock.now += 3.0  # 5 steps in 3 s: 10 steps in 5 s so far
+    clock.now += 3.0  # 5 steps in 3 s: 15 steps in 10 s so far
     reporter.count(5)
     reporter.after_call(1, 10, 5, lambda: 1.0)
-    assert lines[3].endswith("epoch 2/2 step 15/20 (5/10 in epoch): loss 1.0000, 8.0 img/s, "
-                             "ETA 0m02s")
-    assert reporter.steps_per_second == pytest.approx(2.0)
+    # 5 steps at 1.5 steps/s, then epoch 2's validation and checkpoint (100 s, as epoch 1's).
+    assert lines[4].endswith("epoch 2/2 step 15/20 (5/10 in epoch): loss 1.0000, 6.0 img/s, "
+                             "ETA 1m43s")
+    assert reporter.steps_per_second == pytest.approx(1.5)
+
+
+class FakeStream:
+    def __init__(self):
+        self.text = ""
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+
+def test_progress_bar_on_a_terminal(monkeypatch):
+    """The bar is redrawn after every call; the progress lines go to the log file only."""
+    records = []
+    monkeypatch.setattr(logging, "info", lambda fmt, *args, **kwargs: records.append(kwargs))
+    stream = FakeStream()
+    clock = FakeClock()
+    reporter = progress.ProgressReporter(
+        num_epochs=1, steps_per_epoch=8, batch_size=2, log_every_steps=4, clock=clock,
+        interactive=True, status=console.StatusLine(stream))
+    reporter.start()
+    clock.now += 1.0
+    reporter.count(2)
+    reporter.after_call(0, 0, 2, lambda: 2.0)
+    assert stream.text.endswith("epoch 1/1 [#####---------------] 2/8 | 4.0 img/s | ETA 0m03s")
+    clock.now += 1.0
+    reporter.count(2)
+    reporter.after_call(0, 2, 2, lambda: 1.5)
+    assert stream.text.endswith("epoch 1/1 [##########----------] 4/8 | loss 1.5000 | 4.0 img/s "
+                                "| ETA 0m02s")
+    assert records == [{"extra": console.FILE_ONLY}]  # the line at step 4, for the log file
+    reporter.epoch_done({"epoch": 1, "epoch_time_s": 5.0, "train_time_s": 4.0,
+                         "train_loss": 1.3, "train_accuracy": 0.5},
+                        {"loss": 1.2, "accuracy": 0.5, "f1_macro": 0.25, "mean_ccc": 0.5})
+    assert stream.text.endswith("\r\033[K")  # the bar is gone before the summary
 
 
 def test_progress_logs_when_a_call_passes_a_multiple_of_log_every(monkeypatch):
     lines = _lines(monkeypatch)
     reporter = progress.ProgressReporter(num_epochs=1, steps_per_epoch=12, batch_size=8,
-                                         log_every_steps=2, clock=FakeClock())
+                                         log_every_steps=2, clock=FakeClock(), interactive=False)
     fetched = []
     for step, n in ((0, 3), (3, 3), (6, 1), (7, 1), (8, 3), (11, 1)):
         reporter.after_call(0, step, n, lambda step=step: fetched.append(step) or 0.0)

@@ -26,51 +26,27 @@ from flax import nnx
 
 from affect_jax import weights
 from affect_jax.models import create_backbone, create_model
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, randomize_keras_weights, report_measurements, tiny_config
 
 SIZES = (32, 64)
 RTOL = 1e-5
 RESULTS: dict[str, float] = {}
-logger = logging.getLogger(__name__)
 
 
 @pytest.fixture(scope='module', autouse=True)
 def report_errors(request):
     """Reports the measured parity errors whether or not output capture is on."""
     yield
-    if not RESULTS:
-        return
-    lines = ['max|flax - keras| / max|keras| (inference mode):']
-    lines += [f'  {case:<58s} {err:.3e}' for case, err in sorted(RESULTS.items())]
-    for line in lines:
-        logger.info(line)
-    request.config.cache.set('affect_jax/weights_parity', RESULTS)
-    reporter = request.config.pluginmanager.getplugin('terminalreporter')
-    capture = request.config.pluginmanager.getplugin('capturemanager')
-    if reporter is not None and capture is not None:
-        with capture.global_and_fixture_disabled():  # Visible without -s.
-            reporter.write_line('')
-            for line in lines:
-                reporter.write_line(line)
+    report_measurements(request, 'affect_jax/weights_parity', RESULTS, _summary)
+
+
+def _summary(results: dict[str, float]) -> list[str]:
+    return ['max|flax - keras| / max|keras| (inference mode):'] + [
+        f'  {case:<58s} {err:.3e}' for case, err in sorted(results.items())]
 
 
 # --------------------------------------------------------------------------------------------
 # Writing Keras files.
-
-
-def _randomize(model, rng):
-    """Random biases and BatchNorm parameters/statistics (Keras initialises them constant)."""
-    for layer in model.layers:
-        values = layer.get_weights()
-        if not values:
-            continue
-        if isinstance(layer, keras.layers.BatchNormalization):
-            shape = values[0].shape
-            values = [rng.uniform(0.5, 1.5, shape), rng.normal(0, 0.1, shape),
-                      rng.normal(0, 0.1, shape), rng.uniform(0.5, 1.5, shape)]
-        else:
-            values = [values[0], rng.normal(0, 0.05, values[1].shape)]
-        layer.set_weights([v.astype(np.float32) for v in values])
 
 
 def _copy_weights(src, dst):
@@ -139,7 +115,7 @@ def resnet(tmp_path_factory, images):
     rng = np.random.default_rng(1)
     top = keras.applications.ResNet50(weights=None, include_top=True, input_shape=(32, 32, 3),
                                       classifier_activation=None)
-    _randomize(top, rng)
+    randomize_keras_weights(keras, top, rng)
     flex = keras.applications.ResNet50(weights=None, include_top=False,
                                        input_shape=(None, None, 3))
     _copy_weights(top, flex)
@@ -173,7 +149,7 @@ def vgg(tmp_path_factory, images):
     for s in SIZES:  # fc1's input size depends on the image size: one top model per size.
         model = keras.applications.VGG16(weights=None, include_top=True, input_shape=(s, s, 3),
                                          classifier_activation=None)
-        _randomize(model, rng)
+        randomize_keras_weights(keras, model, rng)
         if first is None:
             first = model
         else:
@@ -269,7 +245,7 @@ def test_vgg16_logits_match_keras(vgg, images, size, fmt):
 
 
 def test_top_layers_skipped_and_logged(resnet, vgg, caplog):
-    with caplog.at_level(logging.INFO, logger='affect_jax.weights'):
+    with caplog.at_level(logging.INFO, logger='absl'):
         _loaded('resnet50', resnet['files']['legacy_top'])
         _loaded('vgg16', vgg['files']['legacy_oldnames_top32'])
     assert "skipped top layers ['predictions']" in caplog.text
@@ -433,12 +409,12 @@ def test_load_backbone_weights_entry_point(resnet, tmp_path):
     _assert_same(expected, _snapshot(model.backbone))
 
 
-def test_port_weights_script_end_to_end(resnet, tmp_path):
+def test_port_weights_command_end_to_end(resnet, tmp_path):
     out = tmp_path / 'resnet50_imagenet'
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
-    cmd = [sys.executable, os.path.join(REPO, 'scripts', 'port_weights.py'), '--arch=resnet50',
+    # The affect-jax-port-weights console script runs `run` of this module.
+    cmd = [sys.executable, '-m', 'affect_jax.tools.port_weights', '--arch=resnet50',
            f"--keras_h5={resnet['files']['keras_writer_top']}", f'--output={out}']
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads((out / 'ported.json').read_text())
     assert meta['source_file'] == 'resnet50_keras_writer.h5'

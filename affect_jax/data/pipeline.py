@@ -22,9 +22,13 @@ from sklearn.model_selection import train_test_split
 from affect_jax import imbalance
 from affect_jax.data import augment as augment_lib
 from affect_jax.data.source import ExamplePool, Source
+from affect_jax.errors import UserError
 
 # Keras "caffe" preprocessing for the ImageNet weights of VGG16/ResNet50: BGR means.
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
+
+# config.data.preprocessing: 'auto' resolves by config.model.init (``preprocessing_mode``).
+PREPROCESSING_MODES = ("auto", "caffe", "unit")
 
 # Data sources by name: module path whose `load_source(config, workdir)` returns a Source.
 SOURCES = {
@@ -33,7 +37,7 @@ SOURCES = {
 }
 
 
-class DataConfigError(ValueError):
+class DataConfigError(UserError, ValueError):
     """A data setting that cannot work, with what to pass instead."""
 
 
@@ -48,18 +52,8 @@ class DataSplits:
 
 
 def load_source(config: ml_collections.ConfigDict, workdir: str | None = None) -> Source:
-    """Loads ``config.data.source`` by name."""
+    """Loads ``config.data.source`` by name (a config ``config_checks.validate`` accepted)."""
     name = config.data.source
-    if name not in SOURCES:
-        raise DataConfigError(
-            f"config.data.source={name!r} is not a known source; choose one of {sorted(SOURCES)}"
-        )
-    if name == "affectnet" and not config.data.dir:
-        raise DataConfigError(
-            "config.data.source='affectnet' needs config.data.dir: pass "
-            "--config.data.dir=/path/to/AffectNet (any layout listed in the README), or train "
-            "on drawn faces with --config.data.source=synthetic"
-        )
     module = importlib.import_module(SOURCES[name])
     source = module.load_source(config, workdir)
     if source.num_classes != config.data.num_classes:
@@ -78,9 +72,8 @@ def subset(pool: ExamplePool, indices: np.ndarray) -> ExamplePool:
 def stratified_split(
     labels: np.ndarray, val_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted train and validation indices, stratified by ``labels`` (scikit-learn)."""
-    if not 0.0 < val_fraction < 1.0:
-        raise DataConfigError(f"config.data.val_fraction must be in (0, 1), got {val_fraction}")
+    """Sorted train and validation indices, stratified by ``labels`` (scikit-learn);
+    ``val_fraction`` in (0, 1)."""
     counts = np.bincount(labels)
     rare = [c for c, n in enumerate(counts) if 0 < n < 2]
     if rare:
@@ -129,10 +122,6 @@ def preprocessing_mode(config: ml_collections.ConfigDict) -> str:
     mode = config.data.preprocessing
     if mode == "auto":
         return "caffe" if config.model.init == "imagenet" else "unit"
-    if mode not in ("caffe", "unit"):
-        raise DataConfigError(
-            f"config.data.preprocessing={mode!r}; expected 'auto', 'caffe' or 'unit'"
-        )
     return mode
 
 

@@ -180,7 +180,7 @@ def _shade(colour: Sequence[float], factor: float) -> tuple[float, ...]:
     return tuple(min(255.0, max(0.0, c * factor)) for c in colour)
 
 
-def _draw_one(p: FaceParams, image_size: int) -> np.ndarray:
+def draw_face(p: FaceParams, image_size: int) -> np.ndarray:
     """Draws one face as a uint8 [image_size, image_size, 3] RGB image."""
     # Supersample to a canvas of >= 128 px: enough for smooth sub-pixel edges at small sizes,
     # while cv2's anti-aliasing alone suffices for large ones.
@@ -293,7 +293,7 @@ def draw_faces(
     params = sample_params(num_examples, num_classes, seed)
     image = np.empty((len(params), image_size, image_size, 3), np.uint8)
     for i, p in enumerate(params):
-        image[i] = _draw_one(p, image_size)
+        image[i] = draw_face(p, image_size)
     return {
         "image": image,
         "expression": np.array([p.expression for p in params], np.int32),

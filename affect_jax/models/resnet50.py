@@ -34,6 +34,15 @@ def _scaled(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
+def feature_side(image_size: int) -> int:
+    """The side of the last feature map (conv5_block3_out) for a square input."""
+    size = (image_size + 6 - 7) // 2 + 1  # conv1_pad + conv1_conv
+    size = (size + 2 - 3) // 2 + 1  # pool1_pad + pool1_pool
+    for _, _, _, stride in _STAGES:
+        size = (size - 1) // stride + 1  # strided 1x1 'valid' conv
+    return size
+
+
 def keras_layer_names(include_top: bool) -> tuple[str, ...]:
     """Names of the Keras layers that hold weights, in `model.layers` order.
 
@@ -92,7 +101,7 @@ class ResNet50(nnx.Module):
         pool_impl: str = 'auto',
         rngs: nnx.Rngs,
     ):
-        if width <= 0:
+        if not width > 0:
             raise ValueError(f'width must be > 0, got {width}')
         self.include_top = include_top
         self.width = float(width)
@@ -149,10 +158,7 @@ class ResNet50(nnx.Module):
 
     def feature_shape(self, image_size: int) -> tuple[int, int, int]:
         """(h, w, c) of the last feature map (conv5_block3_out) for a square input."""
-        size = (image_size + 6 - 7) // 2 + 1  # conv1_pad + conv1_conv
-        size = (size + 2 - 3) // 2 + 1  # pool1_pad + pool1_pool
-        for _, _, _, stride in _STAGES:
-            size = (size - 1) // stride + 1  # strided 1x1 'valid' conv
+        size = feature_side(image_size)
         return size, size, self.num_features
 
     def _conv_bn(self, name: str, x: jax.Array, train: bool, relu: bool = False,

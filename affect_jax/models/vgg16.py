@@ -29,6 +29,14 @@ def _scaled(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
+def feature_side(image_size: int) -> int:
+    """The side of the last feature map (block5_pool) for a square input: 0 if too small."""
+    size = image_size
+    for _ in _BLOCKS:
+        size //= 2
+    return size
+
+
 def keras_layer_names(include_top: bool) -> tuple[str, ...]:
     """Names of the Keras layers that hold weights, in `model.layers` order."""
     names = [f'block{b}_conv{i}' for b, n, _ in _BLOCKS for i in range(1, n + 1)]
@@ -78,7 +86,7 @@ class VGG16(nnx.Module):
         pool_impl: str = 'auto',
         rngs: nnx.Rngs,
     ):
-        if width <= 0:
+        if not width > 0:
             raise ValueError(f'width must be > 0, got {width}')
         self.include_top = include_top
         self.width = float(width)
@@ -112,9 +120,7 @@ class VGG16(nnx.Module):
 
     def feature_shape(self, image_size: int) -> tuple[int, int, int]:
         """(h, w, c) of the last feature map (block5_pool) for a square input."""
-        size = image_size
-        for _ in _BLOCKS:
-            size //= 2
+        size = feature_side(image_size)
         return size, size, self.num_features
 
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:

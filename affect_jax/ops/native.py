@@ -148,17 +148,24 @@ def call_kernel(what: str, target: str, out: Any, *operands: jax.Array, **attrs:
     return jax.ffi.ffi_call(target, out)(*operands, **attrs)
 
 
-def check_impl(field: str, impl: str) -> None:
-    """Raises one clear line unless `impl` is one of IMPLS; `field` names the setting."""
+def allowed_impls(impl: str) -> str | None:
+    """What an impl setting may be, when `impl` is not one of IMPLS (None when it is)."""
     if impl in IMPLS:
-        return
+        return None
     hint = ''
     if impl in ('onednn', 'winograd'):
         hint = " ('native', the extension's kernels, replaced 'onednn' and 'winograd')"
     elif impl in ('dot1x1', 'dot', 'im2col'):
         hint = " (the XLA variants are no longer options: 'auto' picks the fastest path)"
-    raise ValueError(f'{field}={impl!r} is not an option: expected one of '
-                     f'{", ".join(map(repr, IMPLS))}{hint}')
+    return f'one of {", ".join(map(repr, IMPLS))}{hint}'
+
+
+def check_impl(field: str, impl: str) -> None:
+    """Raises one clear line unless `impl` is one of IMPLS; `field` names the setting (the ops'
+    guard for direct callers; a run's config is checked by `config_checks`)."""
+    allowed = allowed_impls(impl)
+    if allowed:
+        raise ValueError(f'{field}={impl!r} is not an option: expected {allowed}')
 
 
 def applies(dtype: Any = jnp.float32) -> bool:

@@ -26,7 +26,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from affect_jax import strict_json
+from affect_jax.data import tfds_cache
 from affect_jax.data.affectnet.builder import Affectnet, make_builder_config
+from affect_jax.data.affectnet.errors import DataError
 from affect_jax.data.affectnet.report import log_report, total_counts
 from affect_jax.data.images import decode_image_tensor
 from affect_jax.data.source import AFFECTNET_CLASS_NAMES, REPORT_FILE, ExamplePool, Source
@@ -50,15 +53,19 @@ def prepare(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     )
     if builder.is_prepared():
         logging.info("Data: reusing the prepared copy in %s", builder.data_dir)
-    else:
-        logging.info(
-            "Data: preparing the %s layout of %s into %s (once; later runs reuse it)",
-            plan.layout, plan.root, builder.data_dir,
-        )
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=plan.root),
+        return builder
+    logging.info(
+        "Data: preparing the %s layout of %s into %s (once; later runs reuse it)",
+        plan.layout, plan.root, builder.data_dir,
+    )
+    try:
+        tfds_cache.prepare_once(
+            builder, download_config=tfds.download.DownloadConfig(manual_dir=plan.root),
             file_format="array_record",
         )
+    except DataError as e:
+        e.report = builder.info.metadata.get("report", {})  # what was read before it stopped
+        raise
     return builder
 
 
@@ -71,9 +78,15 @@ def load_source(
     """The user's AffectNet as a Source (see the module docstring); raises DataError if unusable.
 
     Logs what was kept and dropped per reason (with the first offending files) and writes it to
-    ``<workdir>/data_report.json`` when ``workdir`` is given.
+    ``<workdir>/data_report.json`` when ``workdir`` is given, with the error if there is one.
     """
-    builder = prepare(config)
+    try:
+        builder = prepare(config)
+    except DataError as e:
+        if workdir:
+            _write_report(workdir, {"error": str(e), "data_dir": config.data.dir,
+                                    "layout": config.data.layout, **getattr(e, "report", {})})
+        raise
     report = json.loads(json.dumps(builder.info.metadata["report"]))  # A copy to extend.
     report["cache_dir"] = os.fspath(builder.data_dir)
     limit = IN_MEMORY_MAX_BYTES if in_memory_max_bytes is None else in_memory_max_bytes
@@ -91,9 +104,7 @@ def load_source(
             for c, n in enumerate(np.bincount(pools[pool_name].labels, minlength=num_classes))
         }
     if workdir:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, REPORT_FILE), "w") as f:
-            json.dump(report, f, indent=2)
+        _write_report(workdir, report)
     return Source(
         name=dataset_name(report["layout"]),
         class_names=tuple(AFFECTNET_CLASS_NAMES[:num_classes]),
@@ -106,6 +117,11 @@ def load_source(
 def dataset_name(layout: str) -> str:
     """The Source name of a layout: 'fer2013', 'ferplus', 'rafdb', else 'affectnet'."""
     return layout if layout in OTHER_DATASETS else "affectnet"
+
+
+def _write_report(workdir: str, report: dict) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    strict_json.write(os.path.join(workdir, REPORT_FILE), report)
 
 
 def _read_pool(builder: tfds.core.DatasetBuilder, split: str, limit: int) -> ExamplePool:
