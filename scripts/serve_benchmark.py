@@ -31,8 +31,7 @@ FLAGS = flags.FLAGS
 
 
 def random_run(name: str, root: str) -> str:
-    sys.path.insert(0, os.path.join(REPO, "scripts"))
-    from export_check import write_random_run
+    from export_check import write_random_run  # this script's folder
 
     config = runpy.run_path(os.path.join(REPO, "configs", f"{name}.py"))["get_config"]()
     config.model.init = "random"

@@ -18,7 +18,9 @@ import tensorflow as tf
 import uvicorn
 from absl import app, flags, logging
 
+from affect_jax import cli as command_line
 from affect_jax import run_dir
+from affect_jax.errors import UserError
 from affect_jax.serve.app import Limits, create_app
 from affect_jax.serve.scorer import FaceScorer
 
@@ -52,13 +54,16 @@ def define_flags() -> None:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on host:port (IPv4 or IPv6)."""
+    """A listening TCP socket on host:port (IPv4 or IPv6); UserError if it cannot be had."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
-    sock.set_inheritable(True)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except (OSError, OverflowError) as e:
+        sock.close()
+        raise UserError(f"--host={host} --port={port}: cannot listen there ({e})") from None
     return sock
 
 
@@ -67,17 +72,14 @@ def main(argv: Sequence[str]) -> int:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     # TensorFlow only decodes and resizes images here: keep it off any accelerator.
     tf.config.experimental.set_visible_devices([], "GPU")
-    try:
-        config = run_dir.load_config(FLAGS.workdir)
-        if config.get("compilation_cache_dir"):
-            jax.config.update("jax_compilation_cache_dir",
-                              os.path.expanduser(config.compilation_cache_dir))
-        scorer = FaceScorer(FLAGS.workdir, FLAGS.which, max_batch=FLAGS.max_batch,
-                            flip_tta=FLAGS.flip_tta)
-        sock = bind(FLAGS.host, FLAGS.port)
-    except (OSError, ValueError) as e:  # a missing run, a port in use
-        logging.error("%s", e)
-        return 1
+    # A missing run or checkpoint, a port in use: one line from cli.run.
+    config = run_dir.load_config(FLAGS.workdir)
+    if config.get("compilation_cache_dir"):
+        jax.config.update("jax_compilation_cache_dir",
+                          os.path.expanduser(config.compilation_cache_dir))
+    sock = bind(FLAGS.host, FLAGS.port)
+    scorer = FaceScorer(FLAGS.workdir, FLAGS.which, max_batch=FLAGS.max_batch,
+                        flip_tta=FLAGS.flip_tta)
     scorer.warm_up()
     limits = Limits(max_upload_bytes=int(FLAGS.max_upload_mb * 2**20),
                     max_pixels=FLAGS.max_pixels, max_wait_s=FLAGS.max_wait_ms / 1000,
@@ -92,3 +94,6 @@ def main(argv: Sequence[str]) -> int:
                                            access_log=False))
     server.run(sockets=[sock])
     return 0
+
+
+run = command_line.console_script(define_flags, main)  # affect-jax-serve
