@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from affect_jax import strict_json
+from affect_jax import console, strict_json
 
 CLASS_WEIGHTINGS = ("none", "inverse_frequency", "effective_number")
 SAMPLINGS = ("shuffle", "balanced")
@@ -106,6 +106,8 @@ def training_class_weights(
             f"{n} {w:.3g}" for n, w in zip(class_names, weights, strict=True)),
         sampling, len(labels), ", each class drawn equally often" if sampling == "balanced"
         else "",
+        # The study's settings need no console line; class_balance.json has the counts too.
+        extra=console.FILE_ONLY if weighting == "none" and sampling == "shuffle" else None,
     )
     if weighting != "none" and sampling == "balanced":
         logging.warning("Class weights on class-balanced batches weight the classes twice; "

@@ -2,7 +2,6 @@
 
 import ml_collections
 import numpy as np
-import pytest
 import tensorflow as tf
 
 from affect_jax.data.augment import augment_image
@@ -114,8 +113,3 @@ def test_graph_mode_in_tf_data_matches_eager():
     assert tf.function(lambda x, s: augment_image(x, s, cfg))(images[0], seeds[0]).shape == (
         SIZE, SIZE, 3,
     )
-
-
-def test_bad_crop_scale_is_rejected():
-    with pytest.raises(ValueError, match="crop_scale"):
-        augment_image(_image(), _seed(0), _cfg(crop_scale=(0.0, 1.2)))

@@ -279,7 +279,7 @@ def test_nothing_predicted_exits_non_zero(trained_run, inputs):
 
 def test_face_flags_that_cannot_work_are_usage_errors(trained_run, inputs):
     result = _cli(f"--workdir={trained_run}", "--align", "--detector=lbp", inputs["pngs"][0])
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert ("--align needs eye landmarks: --face=auto or detect with --detector=mtcnn (got "
             "--face=auto --detector=lbp)") in result.stderr
     with pytest.raises(ValueError, match="detector='haar'"):

@@ -265,7 +265,7 @@ def test_two_processes_match_one_process(reference, tmp_path):
         text = log.read()
         log.close()
         assert code == 0, text[-3000:]
-        assert f"process {index} of 2" in text
+        assert f"JAX process {index}/2, devices:" in text
     assert_same_results(workdir, reference)
     # Only process 0 writes the logs: one history line per epoch, one TensorBoard file.
     with open(workdir / "metrics.jsonl") as f:

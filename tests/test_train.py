@@ -64,8 +64,8 @@ def test_progress_rate_is_right_from_the_first_call(monkeypatch):
     reporter.epoch_done({"epoch": 1, "epoch_time_s": 107.0, "train_time_s": 7.0,
                          "train_loss": 1.3, "train_accuracy": 0.5},
                         {"loss": 1.2, "accuracy": 0.5, "f1_macro": float("nan")})
-    assert lines[3].endswith("train loss 1.3000 acc 0.500 | val loss 1.2000 acc 0.500 F1 n/a "
-                             "mean CCC n/a")
+    assert lines[3].endswith("train loss 1.3000 acc 0.500 | val loss 1.2000 acc 0.500 "
+                             "balanced acc n/a F1 n/a mean CCC n/a")
     reporter.start()  # epoch 2
     clock.now += 3.0  # 5 steps in 3 s: 15 steps in 10 s so far
     reporter.count(5)
