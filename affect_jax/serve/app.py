@@ -106,7 +106,7 @@ def create_app(scorer: FaceScorer, limits: Limits = Limits()) -> Starlette:
             return error(e.status, e.message)
         height, width = image.shape[:2]
         return JSONResponse({
-            "faces": [{"box": list(f.box), "source": f.source, **s}
+            "faces": [{**f.description(), **s}
                       for f, s in zip(faces, scores, strict=True)],
             "width": width,
             "height": height,

@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import threading
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from affect_jax import predict
-from affect_jax.data.images import crop_box
+from affect_jax.predict.faces import crop_window, find_faces
 
 FACE_MODES = ("auto", "detect", "none")
-SOURCE_DETECTED = "detected"
-SOURCE_WHOLE_IMAGE = "whole_image"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +27,17 @@ class Face:
     box: tuple[int, int, int, int]
     source: str
     crop: np.ndarray
+    confidence: float | None = None  # the detector's, for detected faces
+    landmarks: tuple[tuple[float, float], ...] | None = None  # eyes, nose, mouth corners
+
+    def description(self) -> dict[str, Any]:
+        """The face's JSON fields besides its scores."""
+        out: dict[str, Any] = {"box": list(self.box), "source": self.source}
+        if self.confidence is not None:
+            out["confidence"] = self.confidence
+        if self.landmarks is not None:
+            out["landmarks"] = [list(point) for point in self.landmarks]
+        return out
 
 
 def step_sizes(max_batch: int) -> tuple[int, ...]:
@@ -65,7 +73,6 @@ class FaceScorer:
         self.step_sizes = step_sizes(self.max_batch)
         self._predictor = predict.Predictor(workdir, which, self.max_batch, step=step,
                                             flip_tta=flip_tta)
-        self._detect_lock = threading.Lock()  # one cascade, used by one thread at a time
         p = self._predictor
         self.class_names = [str(c) for c in p.class_names]
         self.info = {
@@ -81,25 +88,20 @@ class FaceScorer:
         }
 
     def find_faces(self, image: np.ndarray, face: str) -> list[Face]:
-        """The faces to score in a uint8 RGB image.
-
-        'none': the whole image; 'detect': the largest frontal face, or none; 'auto': that
-        face, else the whole image. Boxes are grown by the run's ``data.face_margin`` and
-        clipped, as the prediction command line crops them.
-        """
+        """Every face to score in a uint8 RGB image, left to right, as the prediction command
+        line finds them: 'none' the whole image; 'detect' every detected face (none if none is
+        found); 'auto' those, else the whole image. Boxes are grown by the run's
+        ``data.face_margin`` and clipped."""
         if face not in FACE_MODES:
             raise ValueError(f"face={face!r}; expected one of {', '.join(FACE_MODES)}")
         height, width = image.shape[:2]
-        if face != "none":
-            with self._detect_lock:
-                found = self._predictor.detect_face(image)
-            if found is not None:
-                crop = crop_box(found, self._predictor.face_margin, width, height)
-                if crop is not None:
-                    return [_face(image, crop, SOURCE_DETECTED)]
-            if face == "detect":
-                return []
-        return [_face(image, (0, 0, width, height), SOURCE_WHOLE_IMAGE)]
+        found, _ = find_faces(image, face, "all", self._predictor.detect_faces)
+        faces = []
+        for f in found:
+            crop = crop_window(f, self._predictor.face_margin, width, height)
+            if crop is not None:
+                faces.append(_face(image, crop, f))
+        return faces
 
     def score(self, crops: Sequence[np.ndarray]) -> list[dict[str, Any]]:
         """``expression``, ``probs`` (class -> p), ``valence``, ``arousal`` of each crop, in one
@@ -128,6 +130,10 @@ class FaceScorer:
             self.score([np.zeros((size, size, 3), np.uint8)] * n)
 
 
-def _face(image: np.ndarray, crop: tuple[int, int, int, int], source: str) -> Face:
+def _face(image: np.ndarray, crop: tuple[int, int, int, int], found: predict.Face) -> Face:
     x0, y0, x1, y1 = crop
-    return Face((x0, y0, x1 - x0, y1 - y0), source, image[y0:y1, x0:x1])
+    landmarks = None if found.landmarks is None else tuple(
+        (float(x), float(y)) for x, y in found.landmarks)
+    confidence = None if found.confidence is None else float(found.confidence)
+    return Face((x0, y0, x1 - x0, y1 - y0), found.source, image[y0:y1, x0:x1], confidence,
+                landmarks)
