@@ -73,7 +73,7 @@ class StatusLine:
 
     def show(self, text: str) -> None:
         width = _terminal_width()
-        self.stream.write("\r\033[K" + text[:width - 1])
+        self.stream.write("\r\033[K" + text[: width - 1])
         self.stream.flush()
         self.shown = True
 
@@ -104,8 +104,9 @@ class _ConsoleFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING and (
-                not getattr(record, "console", True)
-                or not os.path.abspath(record.pathname).startswith(PACKAGE_DIR)):
+            not getattr(record, "console", True)
+            or not os.path.abspath(record.pathname).startswith(PACKAGE_DIR)
+        ):
             return False
         status_line.clear()  # the line prints where the progress bar was
         return True

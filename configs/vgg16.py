@@ -13,17 +13,17 @@ import runpy
 import ml_collections
 
 # Loaded by path so the config works from any working directory.
-default = runpy.run_path(os.path.join(os.path.dirname(__file__), 'default.py'))
+default = runpy.run_path(os.path.join(os.path.dirname(__file__), "default.py"))
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = default['get_config']()
-    config.model.name = 'vgg16'
-    config.model.init = 'imagenet'  # Keras's ImageNet weights, ported by affect-jax-port-weights
-    config.model.pooling = 'avg'
+    config = default["get_config"]()
+    config.model.name = "vgg16"
+    config.model.init = "imagenet"  # Keras's ImageNet weights, ported by affect-jax-port-weights
+    config.model.pooling = "avg"
     config.model.hidden_sizes = (256,)
     config.model.dropout = 0.5
-    config.data.source = 'affectnet'
+    config.data.source = "affectnet"
     config.data.num_classes = 8
     config.data.image_size = 224
     config.data.val_fraction = 0.2
@@ -31,5 +31,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.batch_size = 32
     config.num_epochs = 20
     config.learning_rate = 1e-4
-    config.best_metric = 'mean_ccc'
+    config.best_metric = "mean_ccc"
     return config

@@ -68,51 +68,61 @@ def create_app(scorer: FaceScorer, limits: Limits = Limits()) -> Starlette:
 
     async def page(request: Request) -> Response:
         name, media_type = PAGE_FILES[request.url.path]
-        return Response(files[name], media_type=media_type,
-                        headers={"Cache-Control": "no-cache"})
+        return Response(files[name], media_type=media_type, headers={"Cache-Control": "no-cache"})
 
     async def model(request: Request) -> JSONResponse:
         return JSONResponse(scorer.info)
 
     async def health(request: Request) -> JSONResponse:
-        return JSONResponse({
-            "status": "ok",
-            "uptime_s": round(time.time() - started, 1),
-            "batching": {"max_batch": scorer.max_batch, "step_sizes": scorer.step_sizes,
-                         "max_wait_ms": limits.max_wait_s * 1000,
-                         "max_pending": limits.max_pending},
-            "limits": {"max_upload_bytes": limits.max_upload_bytes,
-                       "max_pixels": limits.max_pixels,
-                       "upload_timeout_s": limits.upload_timeout_s},
-            "workers": limits.workers,
-            "stats": batcher.stats.as_dict(),
-        })
+        return JSONResponse(
+            {
+                "status": "ok",
+                "uptime_s": round(time.time() - started, 1),
+                "batching": {
+                    "max_batch": scorer.max_batch,
+                    "step_sizes": scorer.step_sizes,
+                    "max_wait_ms": limits.max_wait_s * 1000,
+                    "max_pending": limits.max_pending,
+                },
+                "limits": {
+                    "max_upload_bytes": limits.max_upload_bytes,
+                    "max_pixels": limits.max_pixels,
+                    "upload_timeout_s": limits.upload_timeout_s,
+                },
+                "workers": limits.workers,
+                "stats": batcher.stats.as_dict(),
+            }
+        )
 
     async def predict(request: Request) -> JSONResponse:
         face = request.query_params.get("face", "auto")
         if face not in FACE_MODES:
-            return error(400, f"query parameter face={face!r}: expected one of "
-                              f"{', '.join(FACE_MODES)}")
+            return error(
+                400, f"query parameter face={face!r}: expected one of {', '.join(FACE_MODES)}"
+            )
         try:
             with batcher.admit():
-                data = await upload.image_bytes(request, limits.max_upload_bytes,
-                                                limits.upload_timeout_s)
+                data = await upload.image_bytes(
+                    request, limits.max_upload_bytes, limits.upload_timeout_s
+                )
                 image, faces = await asyncio.get_running_loop().run_in_executor(
-                    workers, _find_faces, scorer, data, face, limits.max_pixels)
+                    workers, _find_faces, scorer, data, face, limits.max_pixels
+                )
                 scores = await batcher.score([f.crop for f in faces])
         except Busy as e:
             return error(503, str(e))
         except upload.UploadError as e:
             return error(e.status, e.message)
         height, width = image.shape[:2]
-        return JSONResponse({
-            "faces": [{**f.description(), **s}
-                      for f, s in zip(faces, scores, strict=True)],
-            "width": width,
-            "height": height,
-            "face": face,
-            "model": scorer.info,
-        })
+        return JSONResponse(
+            {
+                "faces": [{**f.description(), **s} for f, s in zip(faces, scores, strict=True)],
+                "width": width,
+                "height": height,
+                "face": face,
+                "model": scorer.info,
+            }
+        )
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -139,16 +149,22 @@ def create_app(scorer: FaceScorer, limits: Limits = Limits()) -> Starlette:
         Route("/model", model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: http_error,
-                                        ClientDisconnect: disconnected,
-                                        Exception: internal_error})
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            HTTPException: http_error,
+            ClientDisconnect: disconnected,
+            Exception: internal_error,
+        },
+    )
     app.state.batcher = batcher
     return app
 
 
-def _find_faces(scorer: FaceScorer, data: bytes, face: str,
-                max_pixels: int) -> tuple[np.ndarray, list[Face]]:
+def _find_faces(
+    scorer: FaceScorer, data: bytes, face: str, max_pixels: int
+) -> tuple[np.ndarray, list[Face]]:
     """Decoding and face finding: the request's work on a worker thread."""
     image = upload.decode(data, max_pixels)
     return image, scorer.find_faces(image, face)

@@ -67,12 +67,20 @@ class FaceScorer:
       flip_tta: average over a horizontally flipped copy.
     """
 
-    def __init__(self, workdir: str, which: str = "best", *, step: int | None = None,
-                 max_batch: int = 8, flip_tta: bool = False):
+    def __init__(
+        self,
+        workdir: str,
+        which: str = "best",
+        *,
+        step: int | None = None,
+        max_batch: int = 8,
+        flip_tta: bool = False,
+    ):
         self.max_batch = int(max_batch)
         self.step_sizes = step_sizes(self.max_batch)
-        self._predictor = predict.Predictor(workdir, which, self.max_batch, step=step,
-                                            flip_tta=flip_tta)
+        self._predictor = predict.Predictor(
+            workdir, which, self.max_batch, step=step, flip_tta=flip_tta
+        )
         p = self._predictor
         self.class_names = [str(c) for c in p.class_names]
         self.info = {
@@ -119,8 +127,9 @@ class FaceScorer:
                 "valence": _f32(va[0]),
                 "arousal": _f32(va[1]),
             }
-            for expression, probs, va in zip(out["expression"], out["probs"],
-                                             out["valence_arousal"], strict=True)
+            for expression, probs, va in zip(
+                out["expression"], out["probs"], out["valence_arousal"], strict=True
+            )
         ]
 
     def warm_up(self) -> None:
@@ -132,8 +141,10 @@ class FaceScorer:
 
 def _face(image: np.ndarray, crop: tuple[int, int, int, int], found: predict.Face) -> Face:
     x0, y0, x1, y1 = crop
-    landmarks = None if found.landmarks is None else tuple(
-        (float(x), float(y)) for x, y in found.landmarks)
+    landmarks = (
+        None if found.landmarks is None else tuple((float(x), float(y)) for x, y in found.landmarks)
+    )
     confidence = None if found.confidence is None else float(found.confidence)
-    return Face((x0, y0, x1 - x0, y1 - y0), found.source, image[y0:y1, x0:x1], confidence,
-                landmarks)
+    return Face(
+        (x0, y0, x1 - x0, y1 - y0), found.source, image[y0:y1, x0:x1], confidence, landmarks
+    )
