@@ -99,7 +99,7 @@ def is_terminal() -> bool:
     return sys.stderr.isatty()
 
 
-class _ConsoleFilter(logging.Filter):
+class ConsoleFilter(logging.Filter):
     """Lets through warnings and errors, and affect_jax's INFO lines not marked file-only."""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -112,7 +112,7 @@ class _ConsoleFilter(logging.Filter):
         return True
 
 
-class _ConsoleFormatter(logging.Formatter):
+class ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
         if record.exc_info:
@@ -128,9 +128,9 @@ class _ConsoleFormatter(logging.Formatter):
 def setup() -> None:
     """The console policy above, on absl's stderr handler; Python warnings become log records."""
     handler = absl_logging.get_absl_handler()
-    if not any(isinstance(f, _ConsoleFilter) for f in handler.filters):
-        handler.addFilter(_ConsoleFilter())
-    handler.setFormatter(_ConsoleFormatter())
+    if not any(isinstance(f, ConsoleFilter) for f in handler.filters):
+        handler.addFilter(ConsoleFilter())
+    handler.setFormatter(ConsoleFormatter())
     logging.captureWarnings(True)
 
 

@@ -141,11 +141,11 @@ class IncompatibleConfigError(UserError, ValueError):
     """A run resumed (or scored) with a config its checkpoints or data split do not fit."""
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_config(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -156,8 +156,8 @@ def config_changes(
 ) -> dict[str, tuple[Any, Any]]:
     """``{field: (saved value, new value)}`` of every field that differs (JSON values;
     ``<unset>`` for a field only one of them has)."""
-    old = _flatten(saved)
-    new = _flatten(json.loads(config.to_json_best_effort()))
+    old = flatten_config(saved)
+    new = flatten_config(json.loads(config.to_json_best_effort()))
     unset = "<unset>"
     return {
         k: (old.get(k, unset), new.get(k, unset))

@@ -77,9 +77,9 @@ def test_console_shows_our_info_and_everyones_warnings(tmp_path):
     )
     detail = record("absl", logging.INFO, f"{console.PACKAGE_DIR}/main.py", 1, "config", (), None)
     detail.console = False
-    shown = console._ConsoleFilter()
+    shown = console.ConsoleFilter()
     assert [shown.filter(r) for r in (ours, library, warning, detail)] == [True, False, True, False]
-    formatter = console._ConsoleFormatter()
+    formatter = console.ConsoleFormatter()
     assert formatter.format(ours)[8:] == " epoch 1"  # HH:MM:SS first
     assert formatter.format(warning)[8:] == " warning: slow"
     error = record(

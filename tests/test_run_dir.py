@@ -283,7 +283,7 @@ def test_resume_config_check(run, caplog):
     ):
         changed.model.width = config.model.width
         run_dir.check_config(changed, workdir, "score")
-    assert set(run_dir.CHANGEABLE_FIELDS) <= set(run_dir._flatten(config.to_dict()))
+    assert set(run_dir.CHANGEABLE_FIELDS) <= set(run_dir.flatten_config(config.to_dict()))
 
 
 def test_leftovers_of_an_interrupted_save_are_ignored_then_removed(run):
