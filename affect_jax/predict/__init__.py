@@ -1,6 +1,8 @@
 """Prediction of a trained run on your own images, folders of images and videos.
 
-``Predictor`` is the Python API (``predictor.py``). Faces: which faces of an image to score and
+``Predictor`` is the Python API (``predictor.py``); it streams files and videos in input
+order with ``stream.py``, a face's crop prepared by ``samples.py`` into a row of ``rows.py``,
+with the time per stage in ``timing.py``. Faces: which faces of an image to score and
 box tables (``faces.py``), the MTCNN and LBP detectors (``detectors.py``), eye-level alignment
 (``align.py``), video face tracks and smoothing (``tracks.py``). Inputs: files, folders and
 video frames (``media.py``), read ahead of the model by a few threads (``parallel.py``). The

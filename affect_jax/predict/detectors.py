@@ -9,6 +9,8 @@ third_party/README.md).
 
 from __future__ import annotations
 
+import threading
+
 import cv2
 import numpy as np
 
@@ -127,3 +129,39 @@ def make_detector(
     if name == "lbp":
         return LbpDetector(max_side)
     raise ValueError(f"detector={name!r}; expected one of {DETECTORS}")
+
+
+class ThreadDetectors:
+    """One detector per thread, built on first use (the detectors are not known to be
+    thread-safe); the settings are checked at once.
+
+    Args:
+      name: one of DETECTORS.
+      min_confidence: MTCNN faces below this confidence are dropped.
+      max_side: the longest side of the searched copy.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+        max_side: int = DETECT_MAX_SIDE,
+    ):
+        if name not in DETECTORS:
+            raise ValueError(f"detector={name!r}; expected one of {DETECTORS}")
+        if not 0.0 <= min_confidence <= 1.0:
+            raise ValueError(f"min_face_confidence={min_confidence}; expected 0 to 1")
+        if max_side < LBP_MIN_FACE:
+            raise ValueError(f"detect_size={max_side}; expected at least {LBP_MIN_FACE} pixels")
+        self.name = name
+        self.min_confidence = float(min_confidence)
+        self.max_side = int(max_side)
+        self._local = threading.local()
+
+    def get(self):
+        """This thread's detector. Raises RuntimeError if its package is missing."""
+        detector = getattr(self._local, "detector", None)
+        if detector is None:
+            detector = make_detector(self.name, self.min_confidence, self.max_side)
+            self._local.detector = detector
+        return detector
