@@ -79,7 +79,9 @@ def test_face_modes_without_a_detector():
     assert faces.find_faces(image, "none") == ([faces.Face((0, 0, 40, 30), "whole_image")], None)
     found, status = faces.find_faces(image, "box", boxes=[(1, 2, 3, 4), (5, 6, 7, 8)])
     assert status is None and [(f.box, f.source) for f in found] == [
-        ((1, 2, 3, 4), "box"), ((5, 6, 7, 8), "box")]
+        ((1, 2, 3, 4), "box"),
+        ((5, 6, 7, 8), "box"),
+    ]
     no_box = "no face box for this frame in the box file"
     assert faces.find_faces(image, "box", frame=3) == ([], no_box)
     with pytest.raises(ValueError, match="face='faces'"):
@@ -116,8 +118,7 @@ def test_align_levels_a_rotated_face(mtcnn, degrees):
     assert aligned.shape == (crop[3] - crop[1], crop[2] - crop[0], 3)
     (again,) = mtcnn.detect(aligned)  # the detector, run on the aligned crop, sees level eyes
     assert abs(align.eye_angle(again.landmarks)) < 2
-    expected = align.transform_points(align.eye_level_matrix(face.landmarks, crop),
-                                      face.landmarks)
+    expected = align.transform_points(align.eye_level_matrix(face.landmarks, crop), face.landmarks)
     np.testing.assert_allclose(np.array(again.landmarks)[:2], expected[:2], atol=3)
 
 
@@ -151,7 +152,8 @@ def test_ordered_map_keeps_order_and_raises_in_place():
         return x * x
 
     assert list(parallel.ordered_map(slow_square, range(20), workers=3, ahead=4)) == [
-        x * x for x in range(20)]
+        x * x for x in range(20)
+    ]
 
     def fail_at_five(x):
         if x == 5:

@@ -54,9 +54,16 @@ def _iou(a, b):
 def trained_run(tmp_path_factory):
     """A tiny run: 2 epochs of 2 steps (later flags override TINY_FLAGS)."""
     workdir = str(tmp_path_factory.mktemp("run"))
-    cmd = [sys.executable, "-m", "affect_jax.main", "--config=configs/default.py",
-           f"--workdir={workdir}", *TINY_FLAGS, "--config.num_epochs=2",
-           "--config.steps_per_epoch=2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "affect_jax.main",
+        "--config=configs/default.py",
+        f"--workdir={workdir}",
+        *TINY_FLAGS,
+        "--config.num_epochs=2",
+        "--config.steps_per_epoch=2",
+    ]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
@@ -83,8 +90,7 @@ def inputs(tmp_path_factory):
     (root / "mixed" / "corrupt.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (root / "mixed" / "notes.txt").write_text("not an image")
     (root / "empty").mkdir()
-    video = cv2.VideoWriter(str(root / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10,
-                            (48, 40))
+    video = cv2.VideoWriter(str(root / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (48, 40))
     assert video.isOpened()
     for i in range(10):  # 48x40 frames
         frame = np.pad(faces[i % 8], ((0, 0), (4, 4), (0, 0)))
@@ -102,10 +108,17 @@ def cli_csv(trained_run, inputs):
     """One CLI call over a folder, a mixed folder, a video and a missing file."""
     root = inputs["root"]
     out = root / "out.csv"
-    result = _cli(f"--workdir={trained_run}", "--face=none", "--every_n_frames=3",
-                  f"--output={out}",
-                  "--batch_size=4", str(root / "faces"), str(root / "mixed"),
-                  str(root / "clip.avi"), str(root / "missing.jpg"))
+    result = _cli(
+        f"--workdir={trained_run}",
+        "--face=none",
+        "--every_n_frames=3",
+        f"--output={out}",
+        "--batch_size=4",
+        str(root / "faces"),
+        str(root / "mixed"),
+        str(root / "clip.avi"),
+        str(root / "missing.jpg"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return (*_read_csv(out), result.stderr)
 
@@ -113,21 +126,40 @@ def cli_csv(trained_run, inputs):
 def test_csv_columns_rows_and_ranges(cli_csv, predictor, inputs):
     columns, rows, stderr = cli_csv
     names = ["neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt"]
-    assert columns == (["path", "frame", "face_index", "track_id", "expression"]
-                       + [f"prob_{n}" for n in names]
-                       + ["valence", "arousal", "face_x", "face_y", "face_width", "face_height",
-                          "face_source", "face_confidence"]
-                       + [f"{p}_{a}" for p in ("left_eye", "right_eye", "nose", "mouth_left",
-                                               "mouth_right") for a in "xy"]
-                       + ["status"])
+    assert columns == (
+        ["path", "frame", "face_index", "track_id", "expression"]
+        + [f"prob_{n}" for n in names]
+        + [
+            "valence",
+            "arousal",
+            "face_x",
+            "face_y",
+            "face_width",
+            "face_height",
+            "face_source",
+            "face_confidence",
+        ]
+        + [
+            f"{p}_{a}"
+            for p in ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+            for a in "xy"
+        ]
+        + ["status"]
+    )
     root = str(inputs["root"])
     got = [(os.path.relpath(r["path"], root), r["frame"], r["status"][:14]) for r in rows]
     assert got == [
-        ("faces/a.png", "", "ok"), ("faces/b.png", "", "ok"), ("faces/d.JPG", "", "ok"),
+        ("faces/a.png", "", "ok"),
+        ("faces/b.png", "", "ok"),
+        ("faces/d.JPG", "", "ok"),
         ("faces/more/c.png", "", "ok"),
-        ("mixed/corrupt.jpg", "", "cannot decode "), ("mixed/good.png", "", "ok"),
-        ("clip.avi", "0", "ok"), ("clip.avi", "3", "ok"), ("clip.avi", "6", "ok"),
-        ("clip.avi", "9", "ok"), ("missing.jpg", "", "no such file o"),
+        ("mixed/corrupt.jpg", "", "cannot decode "),
+        ("mixed/good.png", "", "ok"),
+        ("clip.avi", "0", "ok"),
+        ("clip.avi", "3", "ok"),
+        ("clip.avi", "6", "ok"),
+        ("clip.avi", "9", "ok"),
+        ("missing.jpg", "", "no such file o"),
     ]
     ok = [r for r in rows if r["status"] == "ok"]
     probs = _probs(ok, predictor)
@@ -153,23 +185,32 @@ def test_predictions_equal_the_eval_pipeline(cli_csv, predictor, inputs):
     faces = inputs["faces"]
     by_path = {r["path"]: r for r in rows}
     cli_probs = _probs([by_path[p] for p in inputs["pngs"]], predictor)
-    pool = ExamplePool({
-        "image": faces, "expression": np.zeros(len(faces), np.int32),
-        "valence": np.full(len(faces), np.nan, np.float32),
-        "arousal": np.full(len(faces), np.nan, np.float32),
-    }, decode_raw_image)
+    pool = ExamplePool(
+        {
+            "image": faces,
+            "expression": np.zeros(len(faces), np.int32),
+            "valence": np.full(len(faces), np.nan, np.float32),
+            "arousal": np.full(len(faces), np.nan, np.float32),
+        },
+        decode_raw_image,
+    )
     mesh = sharding.make_mesh()
     _, graphdef, state = run_dir.restore_checkpoint(predictor.workdir, predictor.config, mesh)
     reference = evaluation.predict_split(
-        jax.jit(steps.make_eval_steps(steps.make_eval_step(graphdef))), state,
-        pipeline.eval_batches(pool, predictor.config, 16), mesh)
+        jax.jit(steps.make_eval_steps(steps.make_eval_step(graphdef))),
+        state,
+        pipeline.eval_batches(pool, predictor.config, 16),
+        mesh,
+    )
     np.testing.assert_allclose(cli_probs, reference["probs"], atol=1e-5)
     api = predictor.predict(list(faces))
     np.testing.assert_allclose(api["probs"], reference["probs"], atol=1e-5)
-    np.testing.assert_allclose(api["valence_arousal"],
-                               np.clip(reference["valence_arousal"], -1, 1), atol=1e-5)
-    va = np.array([[float(by_path[p]["valence"]), float(by_path[p]["arousal"])]
-                   for p in inputs["pngs"]])
+    np.testing.assert_allclose(
+        api["valence_arousal"], np.clip(reference["valence_arousal"], -1, 1), atol=1e-5
+    )
+    va = np.array(
+        [[float(by_path[p]["valence"]), float(by_path[p]["arousal"])] for p in inputs["pngs"]]
+    )
     np.testing.assert_allclose(va, api["valence_arousal"], atol=1e-5)
 
 
@@ -183,20 +224,26 @@ def test_reproduces_the_runs_validation_metrics(predictor, trained_run):
     va_true = np.stack([validation.columns["valence"], validation.columns["arousal"]], 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", metrics.MetricWarning)
-        got = metrics.compute_metrics(validation.labels, out["probs"], va_true,
-                                      out["valence_arousal"], predictor.class_names)
-    for key in ("accuracy", "f1_macro", "auc", "kappa", "valence_rmse", "arousal_rmse",
-                "mean_ccc"):
+        got = metrics.compute_metrics(
+            validation.labels, out["probs"], va_true, out["valence_arousal"], predictor.class_names
+        )
+    for key in ("accuracy", "f1_macro", "auc", "kappa", "valence_rmse", "arousal_rmse", "mean_ccc"):
         np.testing.assert_allclose(got[key], final["metrics"][key], atol=1e-5, err_msg=key)
 
 
 def test_detect_finds_the_astronaut_and_reports_no_face(trained_run, inputs):
     root = inputs["root"]
-    steps = sorted(int(s) for s in os.listdir(os.path.join(trained_run, "checkpoints"))
-                   if s.isdigit())
+    steps = sorted(
+        int(s) for s in os.listdir(os.path.join(trained_run, "checkpoints")) if s.isdigit()
+    )
     checkpoint = os.path.join(trained_run, "checkpoints", str(steps[0]))
-    result = _cli(f"--checkpoint={checkpoint}", "--face=detect", "--format=jsonl",
-                  str(root / "astronaut.png"), str(root / "blank.png"))
+    result = _cli(
+        f"--checkpoint={checkpoint}",
+        "--face=detect",
+        "--format=jsonl",
+        str(root / "astronaut.png"),
+        str(root / "blank.png"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"checkpoint {steps[0]}" in result.stderr
     astronaut, blank = [json.loads(line) for line in result.stdout.splitlines()]
@@ -227,7 +274,10 @@ def test_box_mode_scores_the_given_crops(predictor, inputs, tmp_path):
     )
     rows = predictor.predict_files(
         [str(root / "astronaut.png"), str(root / "clip.avi"), str(root / "blank.png")],
-        face="box", boxes=str(boxes), every_n_frames=5)
+        face="box",
+        boxes=str(boxes),
+        every_n_frames=5,
+    )
     got = [(r["frame"], r["status"][:16], [r[c] for c in predict.FACE_COLUMNS]) for r in rows]
     assert got == [
         (None, "ok", [150, 40, 110, 120]),
@@ -237,12 +287,20 @@ def test_box_mode_scores_the_given_crops(predictor, inputs, tmp_path):
         (None, "no face box for ", [None] * 4),
     ]
     assert [(r["face_index"], r["face_source"]) for r in rows] == [
-        (0, "box"), (1, "box"), (0, "box"), (0, "box"), (None, None)]
+        (0, "box"),
+        (1, "box"),
+        (0, "box"),
+        (0, "box"),
+        (None, None),
+    ]
     from skimage import data
 
     crop = data.astronaut()[40:160, 150:260]
-    np.testing.assert_allclose([rows[0][c] for c in predictor.prob_columns],
-                               predictor.predict([crop])["probs"][0], atol=1e-5)
+    np.testing.assert_allclose(
+        [rows[0][c] for c in predictor.prob_columns],
+        predictor.predict([crop])["probs"][0],
+        atol=1e-5,
+    )
 
 
 def test_predictor_api(predictor, inputs):
@@ -255,33 +313,44 @@ def test_predictor_api(predictor, inputs):
     np.testing.assert_allclose(out["probs"].sum(1), 1.0, atol=1e-5)
     assert np.abs(out["valence_arousal"]).max() <= 1.0
     assert list(out["expression"]) == [predictor.class_names[k] for k in out["probs"].argmax(1)]
-    np.testing.assert_allclose(predictor.predict(faces)["probs"],
-                               predictor.predict(list(faces))["probs"], atol=1e-6)
+    np.testing.assert_allclose(
+        predictor.predict(faces)["probs"], predictor.predict(list(faces))["probs"], atol=1e-6
+    )
     assert predictor.predict([])["probs"].shape == (0, 8)
     with pytest.raises(ValueError, match="uint8"):
         predictor.predict([faces[0].astype(np.float32)])
     rows = predictor.predict_files(inputs["pngs"], face="none")
     assert [r["status"] for r in rows] == ["ok"] * 3
-    np.testing.assert_allclose(_probs(rows, predictor), predictor.predict(faces)["probs"],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        _probs(rows, predictor), predictor.predict(faces)["probs"], atol=1e-5
+    )
 
 
 def test_nothing_predicted_exits_non_zero(trained_run, inputs):
     root = inputs["root"]
-    result = _cli(f"--workdir={trained_run}", str(root / "mixed" / "corrupt.jpg"),
-                  str(root / "mixed" / "notes.txt"), str(root / "empty"))
+    result = _cli(
+        f"--workdir={trained_run}",
+        str(root / "mixed" / "corrupt.jpg"),
+        str(root / "mixed" / "notes.txt"),
+        str(root / "empty"),
+    )
     assert result.returncode == 1
     statuses = [r["status"] for r in csv.DictReader(result.stdout.splitlines())]
-    assert [s[:20] for s in statuses] == ["cannot decode image:", "unsupported format '",
-                                          "no images or videos "]
+    assert [s[:20] for s in statuses] == [
+        "cannot decode image:",
+        "unsupported format '",
+        "no images or videos ",
+    ]
     assert "Nothing could be predicted" in result.stderr
 
 
 def test_face_flags_that_cannot_work_are_usage_errors(trained_run, inputs):
     result = _cli(f"--workdir={trained_run}", "--align", "--detector=lbp", inputs["pngs"][0])
     assert result.returncode == 2
-    assert ("--align needs eye landmarks: --face=auto or detect with --detector=mtcnn (got "
-            "--face=auto --detector=lbp)") in result.stderr
+    assert (
+        "--align needs eye landmarks: --face=auto or detect with --detector=mtcnn (got "
+        "--face=auto --detector=lbp)"
+    ) in result.stderr
     with pytest.raises(ValueError, match="detector='haar'"):
         predict.Predictor(trained_run, detector="haar")
 
@@ -306,8 +375,11 @@ def test_missing_or_incomplete_run_is_a_clear_error(trained_run, tmp_path, input
 @pytest.fixture(scope="module")
 def face_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("face_files")
-    images = {"two": face_images.two_astronauts(), "tight": face_images.tight_crop(),
-              "tilted": face_images.rotated_astronaut(25)}
+    images = {
+        "two": face_images.two_astronauts(),
+        "tight": face_images.tight_crop(),
+        "tilted": face_images.rotated_astronaut(25),
+    }
     paths = {}
     for name, image in images.items():
         paths[name] = str(root / f"{name}.png")
@@ -319,14 +391,16 @@ def face_files(tmp_path_factory):
 
 def _crop(image, row):
     x, y, w, h = (row[c] for c in predict.FACE_COLUMNS)
-    return image[y:y + h, x:x + w]
+    return image[y : y + h, x : x + w]
 
 
 def test_every_face_gets_a_row_with_landmarks(predictor, face_files):
     paths, images = face_files
     rows = predictor.predict_files([paths["two"]])
     assert [(r["face_index"], r["face_source"], r["status"]) for r in rows] == [
-        (0, "detected", "ok"), (1, "detected", "ok")]
+        (0, "detected", "ok"),
+        (1, "detected", "ok"),
+    ]
     x, y, w, h = face_images.ASTRONAUT_FACE
     for row, offset in zip(rows, (0, 512), strict=True):
         box = [row[c] for c in predict.FACE_COLUMNS]
@@ -350,10 +424,14 @@ def test_a_tight_crop_is_scored_whole_under_auto(predictor, face_files):
     (row,) = predictor.predict_files([paths["tight"]])
     height, width = images["tight"].shape[:2]
     assert (row["face_source"], row["status"], row["face_confidence"]) == (
-        "whole_image", "ok", None)
+        "whole_image",
+        "ok",
+        None,
+    )
     assert [row[c] for c in predict.FACE_COLUMNS] == [0, 0, width, height]
-    np.testing.assert_allclose(_probs([row], predictor),
-                               predictor.predict([images["tight"]])["probs"], atol=1e-5)
+    np.testing.assert_allclose(
+        _probs([row], predictor), predictor.predict([images["tight"]])["probs"], atol=1e-5
+    )
     (row,) = predictor.predict_files([paths["tight"]], face="detect")
     assert row["status"] == "no_face" and row["expression"] is None
 
@@ -363,15 +441,22 @@ def test_align_scores_the_eye_level_crop(predictor, face_files):
     (row,) = predictor.predict_files([paths["tilted"]], align=True)
     (face,) = predictor.detect_faces(images["tilted"])
     crop = faces.crop_window(face, predictor.face_margin, 512, 512)
-    assert [row[c] for c in predict.FACE_COLUMNS] == [crop[0], crop[1], crop[2] - crop[0],
-                                                       crop[3] - crop[1]]
+    assert [row[c] for c in predict.FACE_COLUMNS] == [
+        crop[0],
+        crop[1],
+        crop[2] - crop[0],
+        crop[3] - crop[1],
+    ]
     levelled = align.aligned_crop(images["tilted"], face.landmarks, crop)
-    np.testing.assert_allclose(_probs([row], predictor),
-                               predictor.predict([levelled])["probs"], atol=1e-5)
+    np.testing.assert_allclose(
+        _probs([row], predictor), predictor.predict([levelled])["probs"], atol=1e-5
+    )
     (plain,) = predictor.predict_files([paths["tilted"]])  # off by default: the plain crop
-    np.testing.assert_allclose(_probs([plain], predictor),
-                               predictor.predict([_crop(images["tilted"], plain)])["probs"],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        _probs([plain], predictor),
+        predictor.predict([_crop(images["tilted"], plain)])["probs"],
+        atol=1e-5,
+    )
 
 
 def test_video_faces_keep_their_track_ids(predictor, face_files):
@@ -381,11 +466,13 @@ def test_video_faces_keep_their_track_ids(predictor, face_files):
     # The right face is track 0 from frame 0; the left one appears at frame 3 as track 1 and
     # comes first in each frame (faces are numbered left to right).
     assert got == [(f, 0, 0) for f in range(3)] + [
-        (f, i, t) for f in range(3, 8) for i, t in ((0, 1), (1, 0))]
+        (f, i, t) for f in range(3, 8) for i, t in ((0, 1), (1, 0))
+    ]
     # Detection every 3rd frame: the frames between reuse its boxes and tracks.
     sparse = predictor.predict_files([paths["video"]], detect_every=3)
     assert [(r["frame"], r["track_id"]) for r in sparse] == [(0, 0), (1, 0), (2, 0)] + [
-        (f, t) for f in range(3, 8) for t in (1, 0)]
+        (f, t) for f in range(3, 8) for t in (1, 0)
+    ]
     assert [r["face_x"] for r in sparse[:3]] == [rows[0]["face_x"]] * 3
     # Smoothing: an exponential moving average of each track's probabilities and valence.
     smooth = predictor.predict_files([paths["video"]], smooth=0.4)
@@ -398,8 +485,10 @@ def test_video_faces_keep_their_track_ids(predictor, face_files):
             expected.append(0.4 * values + 0.6 * expected[-1])
         np.testing.assert_allclose(got, expected, atol=1e-5)
     for r in smooth:
-        assert r["expression"] == predictor.class_names[
-            int(np.argmax([r[c] for c in predictor.prob_columns]))]
+        assert (
+            r["expression"]
+            == predictor.class_names[int(np.argmax([r[c] for c in predictor.prob_columns]))]
+        )
 
 
 def test_threads_and_batches_do_not_change_the_rows(predictor, face_files, inputs):
@@ -411,5 +500,6 @@ def test_threads_and_batches_do_not_change_the_rows(predictor, face_files, input
     assert [r["status"] for r in rows] == [r["status"] for r in again]
     for a, b in zip(rows, again, strict=True):
         assert {k: v for k, v in a.items() if k not in predictor.prob_columns} == pytest.approx(
-            {k: v for k, v in b.items() if k not in predictor.prob_columns}, abs=1e-5)
+            {k: v for k, v in b.items() if k not in predictor.prob_columns}, abs=1e-5
+        )
     assert threaded.timings["detect"] > 0 and threaded.timings["model"] > 0

@@ -15,6 +15,7 @@ import numpy as np
 
 from affect_jax import predict
 from affect_jax.predict.faces import crop_window, find_faces
+from affect_jax.predict.rows import f32
 
 FACE_MODES = ("auto", "detect", "none")
 
@@ -50,11 +51,6 @@ def step_sizes(max_batch: int) -> tuple[int, ...]:
     while sizes[-1] * 2 < max_batch:
         sizes.append(sizes[-1] * 2)
     return (*sizes, max_batch) if sizes[-1] != max_batch else tuple(sizes)
-
-
-def _f32(value: Any) -> float:
-    """The shortest decimal that round-trips the float32 value (as the CLI writes it)."""
-    return float(str(np.float32(value)))
 
 
 class FaceScorer:
@@ -123,9 +119,9 @@ class FaceScorer:
         return [
             {
                 "expression": str(expression),
-                "probs": {c: _f32(v) for c, v in zip(self.class_names, probs, strict=True)},
-                "valence": _f32(va[0]),
-                "arousal": _f32(va[1]),
+                "probs": {c: f32(v) for c, v in zip(self.class_names, probs, strict=True)},
+                "valence": f32(va[0]),
+                "arousal": f32(va[1]),
             }
             for expression, probs, va in zip(
                 out["expression"], out["probs"], out["valence_arousal"], strict=True
