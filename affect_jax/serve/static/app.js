@@ -74,7 +74,7 @@ function drawBoxes(result) {
     label.textContent = `${i + 1}: ${face.expression} ${percent(face.probs[face.expression])}`;
     box.append(label);
     overlay.append(box);
-    for (const [lx, ly] of face.landmarks || []) {
+    for (const [lx, ly] of Object.values(face.landmarks || {})) {
       const dot = document.createElement("span");
       dot.className = "landmark";
       Object.assign(dot.style, {
@@ -168,7 +168,7 @@ function summary(result, started) {
   const n = result.faces.length;
   const ms = Math.round(performance.now() - started);
   if (!n) return `No face found in the ${result.width}×${result.height} image (faces: ` +
-    `${result.face}) · ${ms} ms`;
+    `${result.options.face}) · ${ms} ms`;
   return `${n} face${n > 1 ? "s" : ""} in the ${result.width}×${result.height} image · ${ms} ms`;
 }
 
