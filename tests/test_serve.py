@@ -451,7 +451,7 @@ def test_page_in_headless_chromium(server, astronaut, tmp_path):
                     new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
             }""", blank)
             expect(page.locator("#status")).to_contain_text("90×60")
-            expect(page.locator("#faces h2")).to_contain_text("whole image")
+            expect(page.locator("#faces .meta")).to_contain_text("whole image")
 
             # The webcam (Chromium's test-pattern camera): frames scored, a trail drawn.
             page.click("#webcam")
