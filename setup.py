@@ -37,51 +37,58 @@ def _dist_file(dist: str, suffix: str) -> Path | None:
     return None
 
 
-SOURCES = ('native', 'onednn_conv', 'winograd', 'batch_norm', 'max_pool')
-HEADERS = ('kernel_util', 'onednn_util')
+SOURCES = ("native", "onednn_conv", "winograd", "batch_norm", "max_pool")
+HEADERS = ("kernel_util", "onednn_util")
 
 
 def _build_switched_off() -> bool:
-    if 'AFFECT_JAX_BUILD_NATIVE_KERNELS' in os.environ:
-        return os.environ['AFFECT_JAX_BUILD_NATIVE_KERNELS'] == '0'
-    if 'AFFECT_JAX_BUILD_ONEDNN' in os.environ:
-        print('affect-jax: AFFECT_JAX_BUILD_ONEDNN is renamed AFFECT_JAX_BUILD_NATIVE_KERNELS; '
-              'honouring it')
-        return os.environ['AFFECT_JAX_BUILD_ONEDNN'] == '0'
+    if "AFFECT_JAX_BUILD_NATIVE_KERNELS" in os.environ:
+        return os.environ["AFFECT_JAX_BUILD_NATIVE_KERNELS"] == "0"
+    if "AFFECT_JAX_BUILD_ONEDNN" in os.environ:
+        print(
+            "affect-jax: AFFECT_JAX_BUILD_ONEDNN is renamed AFFECT_JAX_BUILD_NATIVE_KERNELS; "
+            "honouring it"
+        )
+        return os.environ["AFFECT_JAX_BUILD_ONEDNN"] == "0"
     return False
 
 
 def _native_extension() -> list[Extension]:
     if _build_switched_off():
-        print('affect-jax: switched off, not building the native extension')
+        print("affect-jax: switched off, not building the native extension")
         return []
-    if sys.platform != 'linux' or platform.machine() != 'x86_64':
-        print('affect-jax: the native extension is built on Linux x86_64 only')
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        print("affect-jax: the native extension is built on Linux x86_64 only")
         return []
-    header = _dist_file('onednn-devel-cpu-gomp', 'include/oneapi/dnnl/dnnl.hpp')
-    library = _dist_file('onednn-cpu-gomp', '/libdnnl.so.3')
+    header = _dist_file("onednn-devel-cpu-gomp", "include/oneapi/dnnl/dnnl.hpp")
+    library = _dist_file("onednn-cpu-gomp", "/libdnnl.so.3")
     if header is None or library is None:
-        print('affect-jax: onednn-devel-cpu-gomp not found in the build environment; '
-              'building without the native extension')
+        print(
+            "affect-jax: onednn-devel-cpu-gomp not found in the build environment; "
+            "building without the native extension"
+        )
         return []
-    return [Extension(
-        'affect_jax.ops._native',
-        sources=[f'affect_jax/ops/{stem}.cc' for stem in SOURCES],
-        depends=[f'affect_jax/ops/{stem}.h' for stem in HEADERS],
-        include_dirs=[str(header.parent.parent.parent), str(ROOT / 'third_party' / 'xla_ffi')],
-        # Linking the file records its soname (libdnnl.so.3) as a dependency; at run time
-        # affect_jax.ops.native loads the installed onednn-cpu-gomp copy before the extension.
-        extra_objects=[str(library)],
-        # No FMA contraction: the BatchNorm kernels recompute the forward's ReLU mask exactly.
-        extra_compile_args=['-std=c++17', '-O3', '-fopenmp', '-ffp-contract=off', '-w'],
-        extra_link_args=['-fopenmp'],
-        language='c++',
-    )]
+    return [
+        Extension(
+            "affect_jax.ops._native",
+            sources=[f"affect_jax/ops/{stem}.cc" for stem in SOURCES],
+            depends=[f"affect_jax/ops/{stem}.h" for stem in HEADERS],
+            include_dirs=[str(header.parent.parent.parent), str(ROOT / "third_party" / "xla_ffi")],
+            # Linking the file records its soname (libdnnl.so.3) as a dependency; at run time
+            # affect_jax.ops.native loads the installed onednn-cpu-gomp copy before the extension.
+            extra_objects=[str(library)],
+            # No FMA contraction: the BatchNorm kernels recompute the forward's ReLU mask exactly.
+            extra_compile_args=["-std=c++17", "-O3", "-fopenmp", "-ffp-contract=off", "-w"],
+            extra_link_args=["-fopenmp"],
+            language="c++",
+        )
+    ]
 
 
 def _not_built(error: Exception) -> None:
-    print(f'affect-jax: WARNING: native extension not built ({error}); '
-          "affect-jax will use XLA's code")
+    print(
+        f"affect-jax: WARNING: native extension not built ({error}); affect-jax will use XLA's code"
+    )
 
 
 class OptionalBuildExt(build_ext):
@@ -104,4 +111,4 @@ class OptionalBuildExt(build_ext):
             _not_built(e)
 
 
-setup(ext_modules=_native_extension(), cmdclass={'build_ext': OptionalBuildExt})
+setup(ext_modules=_native_extension(), cmdclass={"build_ext": OptionalBuildExt})

@@ -58,8 +58,9 @@ def _metric_getter(config: ml_collections.ConfigDict):
     return get
 
 
-def create_manager(directory: str, config: ml_collections.ConfigDict,
-                   read_only: bool = False) -> ocp.CheckpointManager:
+def create_manager(
+    directory: str, config: ml_collections.ConfigDict, read_only: bool = False
+) -> ocp.CheckpointManager:
     """A manager of the absolute ``directory`` that keeps the latest N and the best one (by
     ``config.best_metric``); ``run_dir.checkpoint_manager`` opens a run's.
 
@@ -72,10 +73,12 @@ def create_manager(directory: str, config: ml_collections.ConfigDict,
         create=not read_only,
         best_fn=get_metric,
         best_mode=config.best_mode,
-        preservation_policy=policies.AnyPreservationPolicy([
-            policies.LatestN(n=config.keep_checkpoints),
-            policies.BestN(get_metric_fn=get_metric, reverse=config.best_mode == "min", n=1),
-        ]),
+        preservation_policy=policies.AnyPreservationPolicy(
+            [
+                policies.LatestN(n=config.keep_checkpoints),
+                policies.BestN(get_metric_fn=get_metric, reverse=config.best_mode == "min", n=1),
+            ]
+        ),
         # Leftovers of a save interrupted by a kill.
         cleanup_tmp_directories=not read_only,
     )
@@ -86,11 +89,11 @@ def _scalar_metrics(values: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
 
 
-def save(manager: ocp.CheckpointManager, epoch: int, state: dict[str, Any],
-         val_metrics: dict[str, Any]) -> None:
+def save(
+    manager: ocp.CheckpointManager, epoch: int, state: dict[str, Any], val_metrics: dict[str, Any]
+) -> None:
     """Saves ``state`` as step ``epoch`` (asynchronously) with its validation metrics."""
-    manager.save(epoch, args=ocp.args.StandardSave(state),
-                 metrics=_scalar_metrics(val_metrics))
+    manager.save(epoch, args=ocp.args.StandardSave(state), metrics=_scalar_metrics(val_metrics))
 
 
 def restore(manager: ocp.CheckpointManager, step: int, like: dict[str, Any]) -> dict[str, Any]:
@@ -132,8 +135,9 @@ def _all_processes(flag: bool) -> bool:
     return bool(multihost_utils.process_allgather(np.int32(flag)).min())
 
 
-def restore_first_intact(manager: ocp.CheckpointManager, steps: Sequence[int],
-                         like: dict[str, Any], aside_dir: str) -> tuple[int, dict[str, Any]]:
+def restore_first_intact(
+    manager: ocp.CheckpointManager, steps: Sequence[int], like: dict[str, Any], aside_dir: str
+) -> tuple[int, dict[str, Any]]:
     """(step, state) of the first of ``steps`` that restores; those before it that did not
     are reported in one line each and set aside into ``aside_dir``.
 
@@ -157,8 +161,14 @@ def restore_first_intact(manager: ocp.CheckpointManager, steps: Sequence[int],
                     where = "moved to " + set_aside(str(manager.directory), bad, aside_dir)
                 except OSError as e:
                     where = f"(could not move it: {e.strerror})"
-            logging.warning("Checkpoint %d of %s cannot be restored (%s); %s; using checkpoint "
-                            "%d instead", bad, manager.directory, why, where, step)
+            logging.warning(
+                "Checkpoint %d of %s cannot be restored (%s); %s; using checkpoint %d instead",
+                bad,
+                manager.directory,
+                why,
+                where,
+                step,
+            )
         if failures:
             if jax.process_count() > 1:
                 multihost_utils.sync_global_devices("damaged checkpoints set aside")
@@ -171,8 +181,9 @@ def restore_first_intact(manager: ocp.CheckpointManager, steps: Sequence[int],
     )
 
 
-def ranked_steps(manager: ocp.CheckpointManager, config: ml_collections.ConfigDict,
-                 which: str) -> list[int]:
+def ranked_steps(
+    manager: ocp.CheckpointManager, config: ml_collections.ConfigDict, which: str
+) -> list[int]:
     """Every step, the preferred first: ``latest`` newest first; ``best`` Orbax's best, then
     the others by ``config.best_metric`` (steps without metrics last), newest first on ties."""
     steps = sorted(manager.all_steps(), reverse=True)
@@ -193,8 +204,9 @@ def ranked_steps(manager: ocp.CheckpointManager, config: ml_collections.ConfigDi
     return ranked
 
 
-def restore_latest(manager: ocp.CheckpointManager, like: dict[str, Any],
-                   aside_dir: str | None = None) -> tuple[dict[str, Any], int]:
+def restore_latest(
+    manager: ocp.CheckpointManager, like: dict[str, Any], aside_dir: str | None = None
+) -> tuple[dict[str, Any], int]:
     """The latest saved state that restores and its completed-epoch count, or ``(like, 0)``
     if none is saved. Damaged newer ones are set aside into ``aside_dir`` (default: beside
     the checkpoint directory, ``<directory>_damaged``)."""
@@ -214,20 +226,27 @@ def restore_latest(manager: ocp.CheckpointManager, like: dict[str, Any],
 
 def create_mid_epoch_manager(directory: str) -> ocp.CheckpointManager:
     """The manager of a run's mid-epoch checkpoint (one at most; steps are global steps)."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                           cleanup_tmp_directories=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, cleanup_tmp_directories=True)
     return ocp.CheckpointManager(directory, options=options)
 
 
-def save_mid_epoch(manager: ocp.CheckpointManager, step: int, state: dict[str, Any],
-                   epoch_so_far: dict[str, Any], position: dict[str, Any]) -> None:
+def save_mid_epoch(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: dict[str, Any],
+    epoch_so_far: dict[str, Any],
+    position: dict[str, Any],
+) -> None:
     """Saves global step ``step`` and waits: the state, the epoch's outputs and targets so far
     (NumPy arrays, step-major) and ``position`` (JSON: epoch, step in epoch, ...)."""
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        epoch_so_far=ocp.args.StandardSave(epoch_so_far),
-        position=ocp.args.JsonSave(position),
-    ))
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            epoch_so_far=ocp.args.StandardSave(epoch_so_far),
+            position=ocp.args.JsonSave(position),
+        ),
+    )
     manager.wait_until_finished()
 
 
@@ -238,19 +257,24 @@ def mid_epoch_position(manager: ocp.CheckpointManager) -> tuple[int, dict[str, A
     if step is None:
         return None
     try:
-        return step, manager.restore(step, args=ocp.args.Composite(
-            position=ocp.args.JsonRestore())).position
+        return step, manager.restore(
+            step, args=ocp.args.Composite(position=ocp.args.JsonRestore())
+        ).position
     except Exception:  # noqa: BLE001 - a damaged file: restore_mid_epoch says which
         return step, {}
 
 
-def restore_mid_epoch(manager: ocp.CheckpointManager, step: int, like: dict[str, Any]
-                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+def restore_mid_epoch(
+    manager: ocp.CheckpointManager, step: int, like: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state, epoch so far) of mid-epoch checkpoint ``step``, the state restored into the
     structure, shapes and shardings of ``like``."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
-        epoch_so_far=ocp.args.StandardRestore(),
-    ))
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract),
+            epoch_so_far=ocp.args.StandardRestore(),
+        ),
+    )
     return restored.state, restored.epoch_so_far

@@ -27,8 +27,13 @@ FLAGS = flags.FLAGS
 USAGE = 2
 FAILURE = 1
 # Missing or unusable files and directories the user named.
-FILE_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-               FileExistsError)
+FILE_ERRORS = (
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    FileExistsError,
+)
 NO_SPACE = "No space left on device"
 
 
@@ -58,11 +63,12 @@ def user_error_message(error: BaseException, output_flag: str | None = None) -> 
     """
     path = _no_space_path(error)
     if path is not None:
-        where = path or (FLAGS[output_flag].value if output_flag and output_flag in FLAGS
-                         else "")
+        where = path or (FLAGS[output_flag].value if output_flag and output_flag in FLAGS else "")
         advice = f" or pass another --{output_flag}" if output_flag else ""
-        return (f"no space left on device{f' writing {where}' if where else ''}: free some "
-                f"space{advice}")
+        return (
+            f"no space left on device{f' writing {where}' if where else ''}: free some "
+            f"space{advice}"
+        )
     for e in _chain(error):
         if isinstance(e, UserError):
             return str(e)
@@ -76,8 +82,12 @@ def user_error_message(error: BaseException, output_flag: str | None = None) -> 
 def _unknown_field_message(error: BaseException, argv: Sequence[str]) -> str | None:
     """One line for ``--config.no_such_field=...``, which ml_collections fails on."""
     key = str(error).strip("'\"")
-    overrides = [a for a in argv if a.lstrip("-").split("=")[0].split(".")[0] in
-                 _config_flag_names() and "." in a.split("=")[0]]
+    overrides = [
+        a
+        for a in argv
+        if a.lstrip("-").split("=")[0].split(".")[0] in _config_flag_names()
+        and "." in a.split("=")[0]
+    ]
     for arg in overrides:
         path = arg.lstrip("-").split("=")[0].split(".")
         if key in path:
@@ -88,8 +98,9 @@ def _unknown_field_message(error: BaseException, argv: Sequence[str]) -> str | N
 def _config_flag_names() -> list[str]:
     from ml_collections.config_flags import config_flags
 
-    return [name for name, flag in FLAGS._flags().items()
-            if isinstance(flag, config_flags._ConfigFlag)]
+    return [
+        name for name, flag in FLAGS._flags().items() if isinstance(flag, config_flags._ConfigFlag)
+    ]
 
 
 def _config_file_message(name: str, argv: Sequence[str]) -> str | None:
@@ -123,8 +134,9 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     except flags.Error as e:
         _usage_error(str(e))
     except OSError as e:  # a config file that did not load, met by an override
-        names = [n for n in _config_flag_names() if any(
-            a.lstrip("-").startswith(f"{n}=") for a in argv)]
+        names = [
+            n for n in _config_flag_names() if any(a.lstrip("-").startswith(f"{n}=") for a in argv)
+        ]
         if not names:
             raise
         _usage_error(_load_error_message(names[0], argv, e))
@@ -142,12 +154,17 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 def _define_flags() -> None:
     if "traceback" not in FLAGS:
-        flags.DEFINE_bool("traceback", False, "Show the Python traceback of user errors (a bad "
-                          "config value, unusable data, a missing file) too.")
+        flags.DEFINE_bool(
+            "traceback",
+            False,
+            "Show the Python traceback of user errors (a bad "
+            "config value, unusable data, a missing file) too.",
+        )
 
 
-def guard(main: Callable[[list[str]], int | None], output_flag: str | None = None
-          ) -> Callable[[list[str]], int | None]:
+def guard(
+    main: Callable[[list[str]], int | None], output_flag: str | None = None
+) -> Callable[[list[str]], int | None]:
     """``main`` with user errors printed as lines (exit code 1) and usage errors in one line
     (exit code 2); other exceptions keep their traceback."""
 
@@ -176,9 +193,11 @@ def run(main: Callable[[list[str]], int | None], output_flag: str | None = None)
     app.run(guard(main, output_flag), flags_parser=parse_flags)
 
 
-def console_script(define_flags: Callable[[], None],
-                   main: Callable[[list[str]], int | None],
-                   output_flag: str | None = None) -> Callable[[], None]:
+def console_script(
+    define_flags: Callable[[], None],
+    main: Callable[[list[str]], int | None],
+    output_flag: str | None = None,
+) -> Callable[[], None]:
     """A command's entry point (``[project.scripts]``): defines its flags only when it runs
     (absl flags are process-wide), then ``run(main, output_flag)``."""
 

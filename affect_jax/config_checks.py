@@ -35,9 +35,14 @@ NUM_CLASSES = (7, 8)  # AffectNet's two protocols; every source orders its class
 _KERNEL_FIELDS = ("conv_impl", "batch_norm_impl", "pool_impl")
 # Validation metrics a checkpoint can be ranked by (besides per-class precision/recall/F1).
 SCALAR_METRICS = (
-    "loss", "accuracy", "balanced_accuracy", "f1_macro", "auc", "pr_auc", "kappa"
-) + tuple(
-    f"{d}_{m}" for d in (*VA_DIMENSIONS, "mean") for m in REGRESSION_METRICS)
+    "loss",
+    "accuracy",
+    "balanced_accuracy",
+    "f1_macro",
+    "auc",
+    "pr_auc",
+    "kappa",
+) + tuple(f"{d}_{m}" for d in (*VA_DIMENSIONS, "mean") for m in REGRESSION_METRICS)
 _PER_CLASS_METRIC = re.compile(r"(precision|recall|f1)_[a-z0-9_]+")
 
 
@@ -55,8 +60,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def integer(minimum: int | None = None) -> Check:
@@ -64,12 +68,18 @@ def integer(minimum: int | None = None) -> Check:
     return lambda v: None if _is_int(v) and (minimum is None or v >= minimum) else allowed
 
 
-def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
-           high_open: bool = True) -> Check:
+def number(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = True,
+) -> Check:
     """A finite number in the interval from ``low`` to ``high`` (open or closed ends)."""
     if low is not None and high is not None:
-        allowed = (f"a number in {'(' if low_open else '['}{low:g}, {high:g}"
-                   f"{')' if high_open else ']'}")
+        allowed = (
+            f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        )
     elif low is not None:
         allowed = f"a number {'>' if low_open else '>='} {low:g}"
     else:
@@ -107,8 +117,12 @@ def positive_sizes(v: Any) -> str | None:
 
 
 def area_range(v: Any) -> str | None:
-    ok = (isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(s) for s in v)
-          and 0 < v[0] <= v[1] <= 1)
+    ok = (
+        isinstance(v, (tuple, list))
+        and len(v) == 2
+        and all(_is_number(s) for s in v)
+        and 0 < v[0] <= v[1] <= 1
+    )
     return None if ok else "(min, max) area fractions with 0 < min <= max <= 1"
 
 
@@ -133,8 +147,11 @@ def kernel_impl(v: Any) -> str | None:
 def best_metric(v: Any) -> str | None:
     if isinstance(v, str) and (v in SCALAR_METRICS or _PER_CLASS_METRIC.fullmatch(v)):
         return None
-    return ("a validation metric: one of " + ", ".join(SCALAR_METRICS)
-            + ", or precision_/recall_/f1_<class>, e.g. f1_happy")
+    return (
+        "a validation metric: one of "
+        + ", ".join(SCALAR_METRICS)
+        + ", or precision_/recall_/f1_<class>, e.g. f1_happy"
+    )
 
 
 RULES: dict[str, Check] = {
@@ -224,8 +241,9 @@ def _field_errors(config: ml_collections.ConfigDict) -> list[str]:
     return errors
 
 
-def _device_errors(config: ml_collections.ConfigDict, device_count: int,
-                   process_count: int) -> list[str]:
+def _device_errors(
+    config: ml_collections.ConfigDict, device_count: int, process_count: int
+) -> list[str]:
     """The global batches must split evenly over the devices and over the processes."""
     errors = []
     for field in ("batch_size", "eval_batch_size"):
@@ -242,14 +260,20 @@ def _combination_errors(config: ml_collections.ConfigDict) -> list[str]:
     m, data = config.model, config.data
     minimum = models.min_image_size(m.name)
     if data.image_size < minimum:
-        errors.append(_line("data.image_size", data.image_size,
-                            f"an integer >= {minimum} for model.name={m.name!r}"))
+        errors.append(
+            _line(
+                "data.image_size",
+                data.image_size,
+                f"an integer >= {minimum} for model.name={m.name!r}",
+            )
+        )
     if data.source == "affectnet":
         if not data.dir:
             errors.append(
                 "config.data.source='affectnet' needs config.data.dir: pass "
                 "--config.data.dir=/path/to/AffectNet (any layout listed in the README), or "
-                "train on drawn faces with --config.data.source=synthetic")
+                "train on drawn faces with --config.data.source=synthetic"
+            )
         from affect_jax.data.affectnet.layouts import LAYOUTS  # TFDS only with AffectNet
 
         allowed = one_of(("auto", *LAYOUTS))(data.layout)
@@ -257,12 +281,19 @@ def _combination_errors(config: ml_collections.ConfigDict) -> list[str]:
             errors.append(_line("data.layout", data.layout, allowed))
     fractions = data.synthetic_class_fractions
     if fractions and len(fractions) != data.num_classes:
-        errors.append(_line("data.synthetic_class_fractions", tuple(fractions),
-                            f"{data.num_classes} fractions (data.num_classes), one per class"))
+        errors.append(
+            _line(
+                "data.synthetic_class_fractions",
+                tuple(fractions),
+                f"{data.num_classes} fractions (data.num_classes), one per class",
+            )
+        )
     weights = config.loss_weights
     if not weights.classification + weights.regression + weights.ccc > 0:
-        errors.append("config.loss_weights: expected at least one of classification, "
-                      "regression, ccc > 0 (all are 0: nothing would be learnt)")
+        errors.append(
+            "config.loss_weights: expected at least one of classification, "
+            "regression, ccc > 0 (all are 0: nothing would be learnt)"
+        )
     return errors
 
 
@@ -272,17 +303,26 @@ def _training_errors(config: ml_collections.ConfigDict) -> list[str]:
     if config.model.init != "imagenet":
         return []
     if not weights:
-        return ["config.model.init='imagenet' needs the Keras ImageNet weights: pass "
-                "--config.model.weights=DIR (written by affect-jax-port-weights) or a Keras "
-                "application .h5 file, or train from scratch with --config.model.init=random"]
+        return [
+            "config.model.init='imagenet' needs the Keras ImageNet weights: pass "
+            "--config.model.weights=DIR (written by affect-jax-port-weights) or a Keras "
+            "application .h5 file, or train from scratch with --config.model.init=random"
+        ]
     if not os.path.exists(os.path.expanduser(weights)):
-        return [f"config.model.weights={weights!r}: no such file or directory (expected a "
-                "directory written by affect-jax-port-weights or a Keras .h5 file)"]
+        return [
+            f"config.model.weights={weights!r}: no such file or directory (expected a "
+            "directory written by affect-jax-port-weights or a Keras .h5 file)"
+        ]
     return []
 
 
-def config_errors(config: ml_collections.ConfigDict, *, device_count: int = 1,
-                  process_count: int = 1, training: bool = True) -> list[str]:
+def config_errors(
+    config: ml_collections.ConfigDict,
+    *,
+    device_count: int = 1,
+    process_count: int = 1,
+    training: bool = True,
+) -> list[str]:
     """Every problem of ``config``, one line each ([] when it is valid).
 
     ``training``: also what training needs beyond scoring a saved run (the ImageNet weights).
@@ -297,8 +337,13 @@ def config_errors(config: ml_collections.ConfigDict, *, device_count: int = 1,
     return errors
 
 
-def validate(config: ml_collections.ConfigDict, *, device_count: int | None = None,
-             process_count: int | None = None, training: bool = True) -> None:
+def validate(
+    config: ml_collections.ConfigDict,
+    *,
+    device_count: int | None = None,
+    process_count: int | None = None,
+    training: bool = True,
+) -> None:
     """Raises ``ConfigError`` (one line per bad field) unless ``config`` can run.
 
     ``device_count``/``process_count``: of the run (default: JAX's, for the batch sizes).
@@ -308,7 +353,8 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
 
         device_count = jax.device_count() if device_count is None else device_count
         process_count = jax.process_count() if process_count is None else process_count
-    errors = config_errors(config, device_count=device_count, process_count=process_count,
-                           training=training)
+    errors = config_errors(
+        config, device_count=device_count, process_count=process_count, training=training
+    )
     if errors:
         raise ConfigError("\n".join(errors))

@@ -73,7 +73,7 @@ class StatusLine:
 
     def show(self, text: str) -> None:
         width = _terminal_width()
-        self.stream.write("\r\033[K" + text[:width - 1])
+        self.stream.write("\r\033[K" + text[: width - 1])
         self.stream.flush()
         self.shown = True
 
@@ -99,19 +99,20 @@ def is_terminal() -> bool:
     return sys.stderr.isatty()
 
 
-class _ConsoleFilter(logging.Filter):
+class ConsoleFilter(logging.Filter):
     """Lets through warnings and errors, and affect_jax's INFO lines not marked file-only."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING and (
-                not getattr(record, "console", True)
-                or not os.path.abspath(record.pathname).startswith(PACKAGE_DIR)):
+            not getattr(record, "console", True)
+            or not os.path.abspath(record.pathname).startswith(PACKAGE_DIR)
+        ):
             return False
         status_line.clear()  # the line prints where the progress bar was
         return True
 
 
-class _ConsoleFormatter(logging.Formatter):
+class ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
         if record.exc_info:
@@ -127,9 +128,9 @@ class _ConsoleFormatter(logging.Formatter):
 def setup() -> None:
     """The console policy above, on absl's stderr handler; Python warnings become log records."""
     handler = absl_logging.get_absl_handler()
-    if not any(isinstance(f, _ConsoleFilter) for f in handler.filters):
-        handler.addFilter(_ConsoleFilter())
-    handler.setFormatter(_ConsoleFormatter())
+    if not any(isinstance(f, ConsoleFilter) for f in handler.filters):
+        handler.addFilter(ConsoleFilter())
+    handler.setFormatter(ConsoleFormatter())
     logging.captureWarnings(True)
 
 

@@ -69,8 +69,7 @@ def initialize(
         cluster = detected_cluster()
         if cluster is None:
             return False
-        logging.info("Detected a %s multi-process job: starting JAX's distributed runtime",
-                     cluster)
+        logging.info("Detected a %s multi-process job: starting JAX's distributed runtime", cluster)
     elif mode == "auto" and None in explicit:
         # A partial explicit setting would otherwise hang waiting for a coordinator.
         raise ValueError(
@@ -83,9 +82,13 @@ def initialize(
     # precede backend creation, and is ignored by GPU/TPU backends.
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    logging.info("JAX distributed: process %d of %d, %d local / %d global devices",
-                 jax.process_index(), jax.process_count(), jax.local_device_count(),
-                 jax.device_count())
+    logging.info(
+        "JAX distributed: process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return True
 
 

@@ -33,8 +33,9 @@ def evaluate(
         return _evaluate(config, workdir, checkpoint, split, flip_tta)
 
 
-def _evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str, split: str,
-              flip_tta: bool) -> dict[str, Any]:
+def _evaluate(
+    config: ml_collections.ConfigDict, workdir: str, checkpoint: str, split: str, flip_tta: bool
+) -> dict[str, Any]:
     mesh = sharding.make_mesh()
     step, graphdef, state = run_dir.restore_checkpoint(workdir, config, mesh, which=checkpoint)
     with distributed.chief_first("make_splits"):  # process 0 may prepare a shared cache
@@ -46,12 +47,26 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str, 
 
     eval_steps = jax.jit(steps.make_eval_steps(steps.make_eval_step(graphdef, flip_tta=flip_tta)))
     scores = evaluation.score_split(eval_steps, state, pool, splits.source, config, mesh)
-    result = evaluation.result_record(config, splits.source, scores, len(pool),
-                                      checkpoint=checkpoint, epoch=step, split=split,
-                                      flip_tta=flip_tta)
+    result = evaluation.result_record(
+        config,
+        splits.source,
+        scores,
+        len(pool),
+        checkpoint=checkpoint,
+        epoch=step,
+        split=split,
+        flip_tta=flip_tta,
+    )
     if jax.process_index() == 0:
         run_dir.write_json(
-            os.path.join(workdir, run_dir.eval_result_name(split, checkpoint, flip_tta)), result)
-    logging.info("%s checkpoint (epoch %d) on %s (%d examples): %s", checkpoint, step, split,
-                 len(pool), {k: round(v, 4) for k, v in scores.items() if isinstance(v, float)})
+            os.path.join(workdir, run_dir.eval_result_name(split, checkpoint, flip_tta)), result
+        )
+    logging.info(
+        "%s checkpoint (epoch %d) on %s (%d examples): %s",
+        checkpoint,
+        step,
+        split,
+        len(pool),
+        {k: round(v, 4) for k, v in scores.items() if isinstance(v, float)},
+    )
     return result

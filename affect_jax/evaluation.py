@@ -22,8 +22,11 @@ from affect_jax.data.source import ExamplePool, Source
 
 
 def predict_split(
-    eval_steps: Callable, state: steps.State, batches: Iterable[dict[str, np.ndarray]],
-    mesh: jax.sharding.Mesh, batches_per_call: int = 1,
+    eval_steps: Callable,
+    state: steps.State,
+    batches: Iterable[dict[str, np.ndarray]],
+    mesh: jax.sharding.Mesh,
+    batches_per_call: int = 1,
 ) -> dict[str, np.ndarray]:
     """Runs ``eval_steps`` (``make_eval_steps``) over padded batches, ``batches_per_call`` per
     call (the last call may take fewer); returns the unpadded per-example arrays.
@@ -39,14 +42,19 @@ def predict_split(
         # The host batches and their stacked copy are dropped before the call's temporaries
         # are mapped: only the device copy of the call's inputs stays.
         global_chunk = sharding.shard_batch(
-            {k: np.stack([batch[k] for batch in group]) for k in group[0]}, mesh, stacked=True)
+            {k: np.stack([batch[k] for batch in group]) for k in group[0]}, mesh, stacked=True
+        )
         group.clear()
         outputs = eval_steps(state, global_chunk)
-        rows = distributed.to_host({
-            **outputs, "expression": global_chunk["expression"],
-            "target_valence_arousal": global_chunk["valence_arousal"],
-            "has_va": global_chunk["has_va"], "mask": global_chunk["mask"],
-        })
+        rows = distributed.to_host(
+            {
+                **outputs,
+                "expression": global_chunk["expression"],
+                "target_valence_arousal": global_chunk["valence_arousal"],
+                "has_va": global_chunk["has_va"],
+                "mask": global_chunk["mask"],
+            }
+        )
         # [calls' batches, rows, ...] -> [rows, ...], batch after batch.
         rows = {k: v.reshape(-1, *v.shape[2:]) for k, v in rows.items()}
         keep = rows.pop("mask") > 0
@@ -73,8 +81,10 @@ def eval_batches_per_call(config: ml_collections.ConfigDict) -> int:
 
 
 def score_predictions(
-    predictions: dict[str, np.ndarray], class_names: tuple[str, ...],
-    has_valence_arousal: bool, loss_weights: ml_collections.ConfigDict,
+    predictions: dict[str, np.ndarray],
+    class_names: tuple[str, ...],
+    has_valence_arousal: bool,
+    loss_weights: ml_collections.ConfigDict,
 ) -> dict[str, Any]:
     """The study's metrics (``metrics.compute_metrics``) plus the split's loss."""
     with_va = has_valence_arousal and bool(predictions["has_va"].all())
@@ -101,24 +111,34 @@ def score_predictions(
 
 
 def score_split(
-    eval_steps: Callable, state: steps.State, pool: ExamplePool, source: Source,
-    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+    eval_steps: Callable,
+    state: steps.State,
+    pool: ExamplePool,
+    source: Source,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
 ) -> dict[str, Any]:
     """``score_predictions`` of ``eval_steps`` over every example of ``pool``.
 
     Every process calls it; each reads its slice of the evaluation batches.
     """
-    batches = pipeline.eval_batches(pool, config, config.eval_batch_size, jax.process_index(),
-                                    jax.process_count())
+    batches = pipeline.eval_batches(
+        pool, config, config.eval_batch_size, jax.process_index(), jax.process_count()
+    )
     return score_predictions(
         predict_split(eval_steps, state, batches, mesh, eval_batches_per_call(config)),
-        source.class_names, source.has_valence_arousal, config.loss_weights,
+        source.class_names,
+        source.has_valence_arousal,
+        config.loss_weights,
     )
 
 
 def result_record(
-    config: ml_collections.ConfigDict, source: Source, scores: dict[str, Any],
-    num_examples: int, **fields: Any,
+    config: ml_collections.ConfigDict,
+    source: Source,
+    scores: dict[str, Any],
+    num_examples: int,
+    **fields: Any,
 ) -> dict[str, Any]:
     """What scored a checkpoint (model, classes, data), ``fields`` (which checkpoint, split,
     ...), then ``num_examples`` and ``metrics``: final_metrics.json and the eval_*.json files."""

@@ -95,8 +95,7 @@ def load_run(workdir: str, which: str = "best") -> Run:
         raise ExportError(f"which={which!r}; expected 'best' or 'latest'")
     config = portable_config(run_dir.load_config(workdir))
     class_names = run_dir.class_names(workdir, config)
-    step, graphdef, state = run_dir.restore_checkpoint(
-        workdir, config, sharding.make_mesh(), which)
+    step, graphdef, state = run_dir.restore_checkpoint(workdir, config, sharding.make_mesh(), which)
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     variables = jax.tree.map(np.asarray, variables)  # host copies: constants of the export
     return Run(os.path.abspath(workdir), config, class_names, which, step, graphdef, variables)
@@ -113,8 +112,10 @@ def metadata(run: Run) -> dict[str, Any]:
         "image_size": size,
         "preprocessing": preprocessing_mode(run.config),
         "input": f"{INPUT_NAME}: uint8 RGB [N, {size}, {size}, 3]",
-        "outputs": (f"probs: float32 [N, {len(run.class_names)}] (softmax); valence_arousal: "
-                    "float32 [N, 2] (clipped to [-1, 1])"),
+        "outputs": (
+            f"probs: float32 [N, {len(run.class_names)}] (softmax); valence_arousal: "
+            "float32 [N, 2] (clipped to [-1, 1])"
+        ),
         "run_workdir": run.workdir,
         "checkpoint": run.which,
         "checkpoint_step": int(run.step),
@@ -169,7 +170,8 @@ def output_format(path: str) -> str:
     if extension not in FORMATS and not os.path.isdir(path):
         raise ExportError(
             f"--output={path}: unknown extension {extension!r}; expected .onnx (ONNX), "
-            ".tflite (LiteRT) or a directory name without extension (TensorFlow SavedModel)")
+            ".tflite (LiteRT) or a directory name without extension (TensorFlow SavedModel)"
+        )
     return FORMATS.get(extension, "saved_model")
 
 
@@ -182,15 +184,21 @@ def export_onnx(run: Run, path: str) -> None:
     """ONNX by jax2onnx: the weights are initializers, the metadata ``metadata_props``."""
     to_onnx = _import_jax2onnx()
     import onnx  # a dependency of jax2onnx
+
     serve = serving_function(run)
     size = int(run.config.data.image_size)
     (batch,) = jax.export.symbolic_shape("N")
     spec = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8)
     # jax2onnx prints debugging lines for some ops: keep the command's output to its own.
     with contextlib.redirect_stdout(io.StringIO()):
-        model = to_onnx(lambda images: serve(run.variables, images), [spec],
-                        model_name="affect_jax", opset=ONNX_OPSET, input_names=[INPUT_NAME],
-                        output_names=list(OUTPUT_NAMES))
+        model = to_onnx(
+            lambda images: serve(run.variables, images),
+            [spec],
+            model_name="affect_jax",
+            opset=ONNX_OPSET,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+        )
     model.producer_name, model.producer_version = "affect-jax", affect_jax.__version__
     for key, value in metadata(run).items():
         entry = model.metadata_props.add()
@@ -204,8 +212,9 @@ def _import_jax2onnx():
     try:
         from jax2onnx import to_onnx
     except ImportError:
-        raise ExportError("ONNX export needs jax2onnx and onnx: pip install -c constraints.txt "
-                          "-e '.[export]'") from None
+        raise ExportError(
+            "ONNX export needs jax2onnx and onnx: pip install -c constraints.txt -e '.[export]'"
+        ) from None
 
     return to_onnx
 
@@ -222,8 +231,12 @@ def saved_model_module(run: Run, metadata_dir: str):
     def serve_leaves(leaves: Sequence[jax.Array], images: jax.Array):
         return serve(jax.tree.unflatten(treedef, leaves), images)
 
-    converted = jax2tf.convert(serve_leaves, polymorphic_shapes=[None, f"(N, {size}, {size}, 3)"],
-                               with_gradient=False, native_serialization_platforms=PLATFORMS)
+    converted = jax2tf.convert(
+        serve_leaves,
+        polymorphic_shapes=[None, f"(N, {size}, {size}, 3)"],
+        with_gradient=False,
+        native_serialization_platforms=PLATFORMS,
+    )
     module = tf.Module()
     module.weights = [tf.Variable(leaf, trainable=False) for leaf in leaves]
     text = json.dumps(metadata(run), indent=2)
@@ -233,8 +246,10 @@ def saved_model_module(run: Run, metadata_dir: str):
     module.metadata_file = tf.saved_model.Asset(metadata_file)
     module.metadata_json = tf.Variable(text, trainable=False)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8, INPUT_NAME)],
-                 autograph=False)
+    @tf.function(
+        input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8, INPUT_NAME)],
+        autograph=False,
+    )
     def serving_default(images):
         probs, valence_arousal = converted(module.weights, images)
         return {"probs": probs, "valence_arousal": valence_arousal}
@@ -292,8 +307,9 @@ def read_metadata(path: str) -> dict[str, Any]:
         import onnx
 
         props = onnx.load(path, load_external_data=False).metadata_props
-        return {p.key: json.loads(p.value) if p.key in NON_STRING_METADATA else p.value
-                for p in props}
+        return {
+            p.key: json.loads(p.value) if p.key in NON_STRING_METADATA else p.value for p in props
+        }
     if fmt == "saved_model":
         with open(os.path.join(path, "assets", f"{METADATA_NAME}.json")) as f:
             return json.load(f)
@@ -317,10 +333,15 @@ def _check_output(path: str, fmt: str, overwrite: bool) -> None:
     existing = [p for p in _outputs(path, fmt) if os.path.lexists(p)]
     if existing and not overwrite:
         raise ExportError(f"{existing[0]} already exists; pass --overwrite to replace it")
-    if (fmt == "saved_model" and os.path.isdir(path) and os.listdir(path)
-            and not os.path.isfile(os.path.join(path, "saved_model.pb"))):
-        raise ExportError(f"--output={path} is a directory that is not a SavedModel; "
-                          "refusing to replace it")
+    if (
+        fmt == "saved_model"
+        and os.path.isdir(path)
+        and os.listdir(path)
+        and not os.path.isfile(os.path.join(path, "saved_model.pb"))
+    ):
+        raise ExportError(
+            f"--output={path} is a directory that is not a SavedModel; refusing to replace it"
+        )
 
 
 def _move_into_place(source: str, target: str) -> None:
@@ -331,8 +352,9 @@ def _move_into_place(source: str, target: str) -> None:
     os.replace(source, target)
 
 
-def export_run(workdir: str, output: str, which: str = "best",
-               overwrite: bool = False) -> dict[str, Any]:
+def export_run(
+    workdir: str, output: str, which: str = "best", overwrite: bool = False
+) -> dict[str, Any]:
     """Exports run ``workdir``'s ``which`` checkpoint to ``output`` (format by extension).
 
     Returns the stored metadata with ``format`` and ``output``. The files are written beside
@@ -362,8 +384,12 @@ def define_flags() -> None:
     """The command line's flags (defined only when run, so importing the module defines none)."""
     flags.DEFINE_string("workdir", None, "The run directory (config.json, checkpoints/).")
     flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint of --workdir to export.")
-    flags.DEFINE_string("output", None, "model.onnx (ONNX), model.tflite (LiteRT) or a "
-                        "directory name without extension (TensorFlow SavedModel).")
+    flags.DEFINE_string(
+        "output",
+        None,
+        "model.onnx (ONNX), model.tflite (LiteRT) or a "
+        "directory name without extension (TensorFlow SavedModel).",
+    )
     flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
     flags.mark_flags_as_required(["workdir", "output"])
 
@@ -373,10 +399,17 @@ def main(argv: Sequence[str]) -> int:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
     # A missing run, an existing output, ...: one line from cli.run.
     result = export_run(FLAGS.workdir, FLAGS.output, FLAGS.which, FLAGS.overwrite)
-    logging.info("Exported %s checkpoint %d (%s, %d classes, %d px, %s preprocessing) to %s "
-                 "(%s)", result["run_workdir"], result["checkpoint_step"], result["backbone"],
-                 len(result["class_names"]), result["image_size"], result["preprocessing"],
-                 result["output"], result["format"])
+    logging.info(
+        "Exported %s checkpoint %d (%s, %d classes, %d px, %s preprocessing) to %s (%s)",
+        result["run_workdir"],
+        result["checkpoint_step"],
+        result["backbone"],
+        len(result["class_names"]),
+        result["image_size"],
+        result["preprocessing"],
+        result["output"],
+        result["format"],
+    )
     return 0
 
 

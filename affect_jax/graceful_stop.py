@@ -73,8 +73,11 @@ class StopSignals:
         self.signum = signum
         if not self._deferring:
             raise Stopped(signum)
-        logging.warning("%s: stopping after the running train call, once its point is saved "
-                        "(send it again to exit at once without saving)", name)
+        logging.warning(
+            "%s: stopping after the running train call, once its point is saved "
+            "(send it again to exit at once without saving)",
+            name,
+        )
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:

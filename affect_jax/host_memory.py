@@ -13,9 +13,9 @@ import jax
 @functools.cache
 def _malloc_trim():
     """glibc's `malloc_trim`, or None where the C library has none (musl, macOS)."""
-    name = ctypes.util.find_library('c')
+    name = ctypes.util.find_library("c")
     try:
-        return getattr(ctypes.CDLL(name), 'malloc_trim', None) if name else None
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
     except OSError:
         return None
 

@@ -69,8 +69,14 @@ def balanced_order(labels: np.ndarray, seed: int, epoch: int) -> np.ndarray:
 
 
 def write_class_balance(
-    workdir: str, class_names: Sequence[str], counts: Sequence[int], weights: np.ndarray,
-    weighting: str, beta: float, sampling: str, epoch_length: int,
+    workdir: str,
+    class_names: Sequence[str],
+    counts: Sequence[int],
+    weights: np.ndarray,
+    weighting: str,
+    beta: float,
+    sampling: str,
+    epoch_length: int,
 ) -> str:
     """Writes ``<workdir>/class_balance.json`` (the training counts, weights and sampling)."""
     record = {
@@ -79,9 +85,7 @@ def write_class_balance(
         "sampling": sampling,
         "epoch_length": int(epoch_length),
         "train_counts": {name: int(n) for name, n in zip(class_names, counts, strict=True)},
-        "class_weights": {
-            name: float(w) for name, w in zip(class_names, weights, strict=True)
-        },
+        "class_weights": {name: float(w) for name, w in zip(class_names, weights, strict=True)},
     }
     path = os.path.join(workdir, CLASS_BALANCE_FILE)
     strict_json.write(path, record)
@@ -89,7 +93,9 @@ def write_class_balance(
 
 
 def training_class_weights(
-    config: ml_collections.ConfigDict, labels: np.ndarray, class_names: Sequence[str],
+    config: ml_collections.ConfigDict,
+    labels: np.ndarray,
+    class_names: Sequence[str],
     workdir: str | None,
 ) -> np.ndarray | None:
     """The cross-entropy's class weights of a run (None for 'none'), from the training split's
@@ -100,19 +106,25 @@ def training_class_weights(
     counts = np.bincount(labels, minlength=len(class_names))
     weights = class_weights(counts, weighting, beta)
     logging.info(
-        "Training split per class: %s; class weighting %r%s; sampling %r (%d examples per "
-        "epoch%s)", dict(zip(class_names, counts.tolist(), strict=True)), weighting,
-        "" if weighting == "none" else ": " + ", ".join(
-            f"{n} {w:.3g}" for n, w in zip(class_names, weights, strict=True)),
-        sampling, len(labels), ", each class drawn equally often" if sampling == "balanced"
-        else "",
+        "Training split per class: %s; class weighting %r%s; sampling %r (%d examples per epoch%s)",
+        dict(zip(class_names, counts.tolist(), strict=True)),
+        weighting,
+        ""
+        if weighting == "none"
+        else ": " + ", ".join(f"{n} {w:.3g}" for n, w in zip(class_names, weights, strict=True)),
+        sampling,
+        len(labels),
+        ", each class drawn equally often" if sampling == "balanced" else "",
         # The study's settings need no console line; class_balance.json has the counts too.
         extra=console.FILE_ONLY if weighting == "none" and sampling == "shuffle" else None,
     )
     if weighting != "none" and sampling == "balanced":
-        logging.warning("Class weights on class-balanced batches weight the classes twice; "
-                        "docs/imbalance.md suggests one of the two.")
+        logging.warning(
+            "Class weights on class-balanced batches weight the classes twice; "
+            "docs/imbalance.md suggests one of the two."
+        )
     if workdir:
-        write_class_balance(workdir, class_names, counts, weights, weighting, beta, sampling,
-                            len(labels))
+        write_class_balance(
+            workdir, class_names, counts, weights, weighting, beta, sampling, len(labels)
+        )
     return None if weighting == "none" else weights

@@ -71,8 +71,10 @@ def ccc(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 def _pearson(y_true: np.ndarray, y_pred: np.ndarray, what: str) -> float:
     # pearsonr would warn (ConstantInputWarning) and return NaN; warn with our class instead.
     if y_true.size < 2 or np.ptp(y_true) == 0.0 or np.ptp(y_pred) == 0.0:
-        _warn(f"{what} correlation is undefined: constant target or prediction "
-              f"(or fewer than 2 examples)")
+        _warn(
+            f"{what} correlation is undefined: constant target or prediction "
+            f"(or fewer than 2 examples)"
+        )
         return float("nan")
     return float(scipy.stats.pearsonr(y_true, y_pred).statistic)
 
@@ -83,13 +85,17 @@ def _check_labels(labels: Any, num_classes: int) -> np.ndarray:
         raise ValueError(f"labels must be 1-D (N,), got shape {labels.shape}")
     if not np.issubdtype(labels.dtype, np.integer):
         # Accept integral floats (e.g. labels read back from a float column), nothing else.
-        if not (np.issubdtype(labels.dtype, np.floating) and np.all(np.isfinite(labels))
-                and np.all(labels == np.round(labels))):
+        if not (
+            np.issubdtype(labels.dtype, np.floating)
+            and np.all(np.isfinite(labels))
+            and np.all(labels == np.round(labels))
+        ):
             raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
         labels = labels.astype(np.int64)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}), got range "
-                         f"[{labels.min()}, {labels.max()}]")
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got range [{labels.min()}, {labels.max()}]"
+        )
     return labels
 
 
@@ -101,12 +107,16 @@ def _check_probs(probs: Any, n: int) -> np.ndarray:
         raise ValueError(f"length mismatch: labels has {n} rows, probs has {probs.shape[0]}")
     bad_rows = np.flatnonzero(~np.all(np.isfinite(probs), axis=1))
     if bad_rows.size:
-        raise ValueError(f"probs has non-finite values in {bad_rows.size} rows (first: row "
-                         f"{bad_rows[0]}); the model or the evaluation loop is broken")
+        raise ValueError(
+            f"probs has non-finite values in {bad_rows.size} rows (first: row "
+            f"{bad_rows[0]}); the model or the evaluation loop is broken"
+        )
     # Same tolerance as sklearn's roc_auc_score check, so sklearn never raises on its own.
     if np.any(probs < 0) or np.any(probs > 1) or not np.allclose(1.0, probs.sum(axis=1)):
-        raise ValueError("probs must be softmax probabilities (in [0, 1], rows summing to 1); "
-                         "were logits passed?")
+        raise ValueError(
+            "probs must be softmax probabilities (in [0, 1], rows summing to 1); "
+            "were logits passed?"
+        )
     return probs
 
 
@@ -119,9 +129,9 @@ def _check_va(va: Any, name: str, n: int) -> np.ndarray:
     return va
 
 
-def _classification_metrics(labels: np.ndarray, probs: np.ndarray,
-                            class_keys: Sequence[str],
-                            class_names: Sequence[str]) -> dict[str, Any]:
+def _classification_metrics(
+    labels: np.ndarray, probs: np.ndarray, class_keys: Sequence[str], class_names: Sequence[str]
+) -> dict[str, Any]:
     num_classes = probs.shape[1]
     class_range = list(range(num_classes))
     preds = np.argmax(probs, axis=1)  # Ties go to the lowest class index.
@@ -136,16 +146,20 @@ def _classification_metrics(labels: np.ndarray, probs: np.ndarray,
 
     # zero_division=nan marks undefined per-class values; we warn about them ourselves.
     precision, recall, f1, _ = skm.precision_recall_fscore_support(
-        labels, preds, labels=class_range, average=None, zero_division=np.nan)
+        labels, preds, labels=class_range, average=None, zero_division=np.nan
+    )
     f1_undefined = [class_names[k] for k in class_range if np.isnan(f1[k])]
     if f1_undefined:
         # sklearn's macro average would silently skip these classes; the rule is NaN instead.
-        _warn(f"macro F1 is undefined: class(es) {f1_undefined} are neither in the labels "
-              f"nor predicted")
+        _warn(
+            f"macro F1 is undefined: class(es) {f1_undefined} are neither in the labels "
+            f"nor predicted"
+        )
         out["f1_macro"] = float("nan")
     else:
-        out["f1_macro"] = float(skm.f1_score(labels, preds, labels=class_range,
-                                             average="macro", zero_division=np.nan))
+        out["f1_macro"] = float(
+            skm.f1_score(labels, preds, labels=class_range, average="macro", zero_division=np.nan)
+        )
 
     if absent:
         _warn(f"AUC and PR-AUC are undefined: class(es) {absent} absent from the labels")
@@ -153,8 +167,11 @@ def _classification_metrics(labels: np.ndarray, probs: np.ndarray,
     else:
         # All classes present with C >= 2, so each one-vs-rest column has both outcomes.
         if num_classes > 2:
-            out["auc"] = float(skm.roc_auc_score(labels, probs, multi_class="ovr",
-                                                 average="macro", labels=class_range))
+            out["auc"] = float(
+                skm.roc_auc_score(
+                    labels, probs, multi_class="ovr", average="macro", labels=class_range
+                )
+            )
         else:
             # Binary: both one-vs-rest AUCs equal the AUC of p(class 1), so that is the macro.
             out["auc"] = float(skm.roc_auc_score(labels, probs[:, 1]))
@@ -163,8 +180,9 @@ def _classification_metrics(labels: np.ndarray, probs: np.ndarray,
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)  # We warn ourselves.
-        kappa = skm.cohen_kappa_score(labels, preds, labels=class_range,
-                                      replace_undefined_by=np.nan)
+        kappa = skm.cohen_kappa_score(
+            labels, preds, labels=class_range, replace_undefined_by=np.nan
+        )
     if np.isnan(kappa):
         _warn("Cohen's kappa is undefined: labels and predictions are one and the same class")
     out["kappa"] = float(kappa)
@@ -201,8 +219,13 @@ def _regression_metrics(va_true: np.ndarray, va_pred: np.ndarray) -> dict[str, f
     return out
 
 
-def compute_metrics(labels: np.ndarray, probs: np.ndarray, va_true: np.ndarray | None,
-                    va_pred: np.ndarray | None, class_names: Sequence[str]) -> dict[str, Any]:
+def compute_metrics(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    va_true: np.ndarray | None,
+    va_pred: np.ndarray | None,
+    class_names: Sequence[str],
+) -> dict[str, Any]:
     """All metrics of a split in one flat dict.
 
     Args:
@@ -247,8 +270,9 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, va_true: np.ndarray |
     probs_shape = np.shape(probs)
     # Checked first: a wrong class count would otherwise surface as labels out of range.
     if len(probs_shape) == 2 and probs_shape[1] != num_classes:
-        raise ValueError(f"probs has {probs_shape[1]} columns but class_names has "
-                         f"{num_classes} names")
+        raise ValueError(
+            f"probs has {probs_shape[1]} columns but class_names has {num_classes} names"
+        )
     labels = _check_labels(labels, num_classes)
     n = labels.shape[0]
     if n == 0:
@@ -265,8 +289,10 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, va_true: np.ndarray |
         va_pred = _check_va(va_pred, "va_pred", n)
         bad_rows = np.flatnonzero(~np.all(np.isfinite(va_pred), axis=1))
         if bad_rows.size:
-            raise ValueError(f"va_pred has non-finite values in {bad_rows.size} rows (first: "
-                             f"row {bad_rows[0]}); the model or the evaluation loop is broken")
+            raise ValueError(
+                f"va_pred has non-finite values in {bad_rows.size} rows (first: "
+                f"row {bad_rows[0]}); the model or the evaluation loop is broken"
+            )
         out.update(_regression_metrics(va_true, va_pred))
 
     out["confusion_matrix"] = [[int(v) for v in row] for row in confusion]

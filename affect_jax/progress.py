@@ -44,10 +44,17 @@ class ProgressReporter:
     once they have all finished, so the rate is steps over the time that ran them.
     """
 
-    def __init__(self, *, num_epochs: int, steps_per_epoch: int, batch_size: int,
-                 log_every_steps: int, clock: Callable[[], float] = time.time,
-                 interactive: bool | None = None,
-                 status: console.StatusLine | None = None):
+    def __init__(
+        self,
+        *,
+        num_epochs: int,
+        steps_per_epoch: int,
+        batch_size: int,
+        log_every_steps: int,
+        clock: Callable[[], float] = time.time,
+        interactive: bool | None = None,
+        status: console.StatusLine | None = None,
+    ):
         self.num_epochs = num_epochs
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = num_epochs * steps_per_epoch
@@ -101,9 +108,13 @@ class ProgressReporter:
         """Logs a call that compiled; its run (without the compile) is timed. Opens a new
         stretch."""
         run_seconds = total_seconds - compile_seconds
-        logging.info("Compiled the %d-step train call in %.1f s (or loaded it from the "
-                     "compilation cache); its first call took %.1f s", steps, compile_seconds,
-                     run_seconds)
+        logging.info(
+            "Compiled the %d-step train call in %.1f s (or loaded it from the "
+            "compilation cache); its first call took %.1f s",
+            steps,
+            compile_seconds,
+            run_seconds,
+        )
         self._timed_steps += steps
         self._timed_seconds += run_seconds
         self.start()
@@ -131,9 +142,15 @@ class ProgressReporter:
     def _log_line(self, epoch: int, done: int) -> None:
         logging.info(
             "epoch %d/%d step %d/%d (%d/%d in epoch): loss %.4f, %.1f img/s, ETA %s",
-            epoch + 1, self.num_epochs, done, self.total_steps,
-            done - epoch * self.steps_per_epoch, self.steps_per_epoch, self._last_loss,
-            self.steps_per_second * self.batch_size, self._eta_text(done),
+            epoch + 1,
+            self.num_epochs,
+            done,
+            self.total_steps,
+            done - epoch * self.steps_per_epoch,
+            self.steps_per_epoch,
+            self._last_loss,
+            self.steps_per_second * self.batch_size,
+            self._eta_text(done),
             extra=console.FILE_ONLY if self.interactive else None,
         )
 
@@ -143,7 +160,8 @@ class ProgressReporter:
         self._status.show(
             f"epoch {epoch + 1}/{self.num_epochs} {format_bar(in_epoch, self.steps_per_epoch)} "
             f"{in_epoch}/{self.steps_per_epoch}{loss} | "
-            f"{self.steps_per_second * self.batch_size:.1f} img/s | ETA {self._eta_text(done)}")
+            f"{self.steps_per_second * self.batch_size:.1f} img/s | ETA {self._eta_text(done)}"
+        )
 
     def epoch_done(self, record: dict[str, Any], val: dict[str, Any]) -> None:
         """Logs an epoch's summary from its metrics record and validation scores."""
@@ -151,10 +169,16 @@ class ProgressReporter:
         self._between_epochs.append(record["epoch_time_s"] - record["train_time_s"])
         logging.info(
             "epoch %d/%d done in %s: train loss %.4f acc %.3f | val loss %.4f acc %.3f "
-            "balanced acc %s F1 %s mean CCC %s", record["epoch"], self.num_epochs,
-            format_duration(record["epoch_time_s"]), record["train_loss"],
-            record["train_accuracy"], val["loss"], val["accuracy"],
-            format_number(val.get("balanced_accuracy")), format_number(val["f1_macro"]),
+            "balanced acc %s F1 %s mean CCC %s",
+            record["epoch"],
+            self.num_epochs,
+            format_duration(record["epoch_time_s"]),
+            record["train_loss"],
+            record["train_accuracy"],
+            val["loss"],
+            val["accuracy"],
+            format_number(val.get("balanced_accuracy")),
+            format_number(val["f1_macro"]),
             format_number(val.get("mean_ccc")),
         )
 

@@ -28,27 +28,72 @@ import numpy as np
 from affect_jax import run_dir
 from affect_jax.metrics import REGRESSION_METRICS, VA_DIMENSIONS, metric_key_name
 
-TABLE_COLUMNS = ("model", "classes", "accuracy", "balanced acc", "macro F1", "AUC", "PR-AUC",
-                 "kappa", "RMSE", "CORR", "SAGR", "CCC", "time/epoch")
+TABLE_COLUMNS = (
+    "model",
+    "classes",
+    "accuracy",
+    "balanced acc",
+    "macro F1",
+    "AUC",
+    "PR-AUC",
+    "kappa",
+    "RMSE",
+    "CORR",
+    "SAGR",
+    "CCC",
+    "time/epoch",
+)
 # Column -> key of compute_metrics' output (regression columns: mean of valence and arousal).
-_METRIC_COLUMNS = {"accuracy": "accuracy", "balanced acc": "balanced_accuracy",
-                   "macro F1": "f1_macro", "AUC": "auc",
-                   "PR-AUC": "pr_auc", "kappa": "kappa", "RMSE": "mean_rmse",
-                   "CORR": "mean_corr", "SAGR": "mean_sagr", "CCC": "mean_ccc"}
+_METRIC_COLUMNS = {
+    "accuracy": "accuracy",
+    "balanced acc": "balanced_accuracy",
+    "macro F1": "f1_macro",
+    "AUC": "auc",
+    "PR-AUC": "pr_auc",
+    "kappa": "kappa",
+    "RMSE": "mean_rmse",
+    "CORR": "mean_corr",
+    "SAGR": "mean_sagr",
+    "CCC": "mean_ccc",
+}
 
 REFERENCE_LABEL = "Keras study (reference)"
 # The study's results table (docs/study.md), verbatim.
 REFERENCE_ROWS = (
-    {"model": f"VGG16, {REFERENCE_LABEL}", "classes": "7*", "accuracy": "28.25%",
-     "macro F1": "0.225", "AUC": "0.74", "PR-AUC": "0.305", "kappa": "0.18", "RMSE": "0.401",
-     "CORR": "0.619", "SAGR": "0.72", "CCC": "0.503", "time/epoch": "18-42 min"},
-    {"model": f"ResNet50, {REFERENCE_LABEL}", "classes": "7*", "accuracy": "40.75%",
-     "macro F1": "0.397", "AUC": "0.773", "PR-AUC": "0.412", "kappa": "0.323", "RMSE": "0.369",
-     "CORR": "0.687", "SAGR": "0.756", "CCC": "0.637", "time/epoch": "7-14 min"},
+    {
+        "model": f"VGG16, {REFERENCE_LABEL}",
+        "classes": "7*",
+        "accuracy": "28.25%",
+        "macro F1": "0.225",
+        "AUC": "0.74",
+        "PR-AUC": "0.305",
+        "kappa": "0.18",
+        "RMSE": "0.401",
+        "CORR": "0.619",
+        "SAGR": "0.72",
+        "CCC": "0.503",
+        "time/epoch": "18-42 min",
+    },
+    {
+        "model": f"ResNet50, {REFERENCE_LABEL}",
+        "classes": "7*",
+        "accuracy": "40.75%",
+        "macro F1": "0.397",
+        "AUC": "0.773",
+        "PR-AUC": "0.412",
+        "kappa": "0.323",
+        "RMSE": "0.369",
+        "CORR": "0.687",
+        "SAGR": "0.756",
+        "CCC": "0.637",
+        "time/epoch": "7-14 min",
+    },
 )
-REFERENCE_NOTE = ("\\* The study says 7 classes, but its 3999-image release carries 8 labels "
-                  "(see docs/study.md). Reference regression figures are for valence/arousal "
-                  "together; ours are the mean of the two. The study ran on CPU.")
+REFERENCE_NOTE = (
+    "\\* The study says 7 classes, but its 3999-image release carries 8 labels "
+    "(see docs/study.md). Reference regression figures are for valence/arousal "
+    "together; ours are the mean of the two. The study ran on CPU."
+)
 
 _MODEL_NAMES = {"resnet50": "ResNet50", "vgg16": "VGG16"}
 MISSING = "n/a"
@@ -56,9 +101,9 @@ MISSING = "n/a"
 
 # --- Formatting ------------------------------------------------------------------------------
 
+
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
-        value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def format_number(value: Any, digits: int = 3) -> str:
@@ -91,6 +136,7 @@ def model_display_name(model: str) -> str:
 
 # --- Tables ----------------------------------------------------------------------------------
 
+
 def table_row(final_metrics: Mapping[str, Any], name: str | None = None) -> dict[str, str]:
     """One row of the study's comparison table (``TABLE_COLUMNS`` -> formatted cell).
 
@@ -98,20 +144,28 @@ def table_row(final_metrics: Mapping[str, Any], name: str | None = None) -> dict
     """
     metrics = final_metrics.get("metrics", {})
     model = model_display_name(final_metrics.get("model", "?"))
-    row = {"model": f"{model} ({name})" if name else model,
-           "classes": str(final_metrics.get("num_classes",
-                                            len(final_metrics.get("class_names", [])) or "?"))}
+    row = {
+        "model": f"{model} ({name})" if name else model,
+        "classes": str(
+            final_metrics.get("num_classes", len(final_metrics.get("class_names", [])) or "?")
+        ),
+    }
     for column, key in _METRIC_COLUMNS.items():
         value = metrics.get(key)
-        row[column] = (format_percent(value) if column in ("accuracy", "balanced acc")
-                       else format_number(value))
+        row[column] = (
+            format_percent(value)
+            if column in ("accuracy", "balanced acc")
+            else format_number(value)
+        )
     row["time/epoch"] = format_duration(final_metrics.get("time_per_epoch_s", {}).get("median"))
     return row
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]],
-                   columns: Sequence[str] = TABLE_COLUMNS) -> str:
+def markdown_table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = TABLE_COLUMNS
+) -> str:
     """Renders rows (mappings column -> cell) as a GitHub Markdown table."""
+
     def cell(value: Any) -> str:
         # A pipe inside a cell would split it into two columns.
         return str(value).replace("|", "\\|")
@@ -121,8 +175,11 @@ def markdown_table(rows: Sequence[Mapping[str, Any]],
     return "\n".join(lines) + "\n"
 
 
-def comparison_table(final_metrics_list: Sequence[Mapping[str, Any]],
-                     names: Sequence[str | None] | None = None, reference: bool = True) -> str:
+def comparison_table(
+    final_metrics_list: Sequence[Mapping[str, Any]],
+    names: Sequence[str | None] | None = None,
+    reference: bool = True,
+) -> str:
     """The study's table for several runs, plus (optionally) the study's own rows and note."""
     names = names if names is not None else [None] * len(final_metrics_list)
     rows = [table_row(fm, n) for fm, n in zip(final_metrics_list, names, strict=True)]
@@ -135,9 +192,16 @@ def comparison_table(final_metrics_list: Sequence[Mapping[str, Any]],
 
 def _per_dimension_table(metrics: Mapping[str, Any]) -> str:
     columns = ("dimension", "RMSE", "CORR", "SAGR", "CCC")
-    rows = [{"dimension": dim, **{c: format_number(metrics.get(f"{dim}_{m}"))
-                                  for c, m in zip(columns[1:], REGRESSION_METRICS, strict=True)}}
-            for dim in (*VA_DIMENSIONS, "mean")]
+    rows = [
+        {
+            "dimension": dim,
+            **{
+                c: format_number(metrics.get(f"{dim}_{m}"))
+                for c, m in zip(columns[1:], REGRESSION_METRICS, strict=True)
+            },
+        }
+        for dim in (*VA_DIMENSIONS, "mean")
+    ]
     return markdown_table(rows, columns)
 
 
@@ -147,33 +211,51 @@ def _per_class_table(metrics: Mapping[str, Any], class_names: Sequence[str]) -> 
     rows = []
     for k, name in enumerate(class_names):
         key = metric_key_name(name)
-        rows.append({"class": name,
-                     "precision": format_number(metrics.get(f"precision_{key}")),
-                     "recall": format_number(metrics.get(f"recall_{key}")),
-                     "F1": format_number(metrics.get(f"f1_{key}")),
-                     "support": str(sum(confusion[k])) if confusion else MISSING})
+        rows.append(
+            {
+                "class": name,
+                "precision": format_number(metrics.get(f"precision_{key}")),
+                "recall": format_number(metrics.get(f"recall_{key}")),
+                "F1": format_number(metrics.get(f"f1_{key}")),
+                "support": str(sum(confusion[k])) if confusion else MISSING,
+            }
+        )
     return markdown_table(rows, columns)
 
 
 def _epoch_table(history: Sequence[Mapping[str, Any]], best_epoch: Any) -> str:
-    columns = ("epoch", "train loss", "val loss", "train acc", "val acc", "val bal acc",
-               "train CCC", "val CCC", "time")
+    columns = (
+        "epoch",
+        "train loss",
+        "val loss",
+        "train acc",
+        "val acc",
+        "val bal acc",
+        "train CCC",
+        "val CCC",
+        "time",
+    )
     rows = []
     for r in history:
         epoch = str(r.get("epoch"))
-        rows.append({"epoch": f"**{epoch}**" if r.get("epoch") == best_epoch else epoch,
-                     "train loss": format_number(r.get("train_loss"), 4),
-                     "val loss": format_number(r.get("val_loss"), 4),
-                     "train acc": format_percent(r.get("train_accuracy")),
-                     "val acc": format_percent(r.get("val_accuracy")),
-                     "val bal acc": format_percent(r.get("val_balanced_accuracy")),
-                     "train CCC": format_number(r.get("train_mean_ccc")),
-                     "val CCC": format_number(r.get("val_mean_ccc")),
-                     "time": format_duration(r.get("epoch_time_s"))})
+        rows.append(
+            {
+                "epoch": f"**{epoch}**" if r.get("epoch") == best_epoch else epoch,
+                "train loss": format_number(r.get("train_loss"), 4),
+                "val loss": format_number(r.get("val_loss"), 4),
+                "train acc": format_percent(r.get("train_accuracy")),
+                "val acc": format_percent(r.get("val_accuracy")),
+                "val bal acc": format_percent(r.get("val_balanced_accuracy")),
+                "train CCC": format_number(r.get("train_mean_ccc")),
+                "val CCC": format_number(r.get("val_mean_ccc")),
+                "time": format_duration(r.get("epoch_time_s")),
+            }
+        )
     return markdown_table(rows, columns)
 
 
 # --- Figures ---------------------------------------------------------------------------------
+
 
 def _new_figure(width: float, height: float):
     # Figure + Agg canvas, not pyplot: no global backend switch, no figures left open.
@@ -194,13 +276,20 @@ def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray,
     return np.asarray(epochs, float), np.asarray(values, float)
 
 
-def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path,
-                         title: str = "", best_epoch: int | None = None) -> Path:
+def plot_training_curves(
+    history: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    title: str = "",
+    best_epoch: int | None = None,
+) -> Path:
     """Loss, accuracy and mean CCC per epoch, train vs validation, in three panels."""
     fig = _new_figure(13, 4)
     axes = fig.subplots(1, 3)
-    panels = (("loss", "loss", 1.0), ("accuracy", "accuracy (%)", 100.0),
-              ("mean_ccc", "mean CCC (valence, arousal)", 1.0))
+    panels = (
+        ("loss", "loss", 1.0),
+        ("accuracy", "accuracy (%)", 100.0),
+        ("mean_ccc", "mean CCC (valence, arousal)", 1.0),
+    )
     all_epochs = [r["epoch"] for r in history]
     for ax, (key, label, scale) in zip(axes, panels, strict=True):
         plotted = False
@@ -211,12 +300,23 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path,
                 ax.plot(epochs, values * scale, style, markersize=3, label=name)
                 plotted = True
         if not plotted:
-            ax.text(0.5, 0.5, "not recorded\n(no valence/arousal?)" if key == "mean_ccc"
-                    else "not recorded", ha="center", va="center", transform=ax.transAxes,
-                    color="gray")
+            ax.text(
+                0.5,
+                0.5,
+                "not recorded\n(no valence/arousal?)" if key == "mean_ccc" else "not recorded",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                color="gray",
+            )
         if best_epoch is not None and plotted:
-            ax.axvline(best_epoch, color="gray", linestyle=":", linewidth=1,
-                       label=f"best epoch ({best_epoch})")
+            ax.axvline(
+                best_epoch,
+                color="gray",
+                linestyle=":",
+                linewidth=1,
+                label=f"best epoch ({best_epoch})",
+            )
         ax.set_title(label)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -233,8 +333,12 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path,
     return path
 
 
-def plot_confusion_matrix(confusion: Sequence[Sequence[int]], class_names: Sequence[str],
-                          path: str | Path, title: str = "") -> Path:
+def plot_confusion_matrix(
+    confusion: Sequence[Sequence[int]],
+    class_names: Sequence[str],
+    path: str | Path,
+    title: str = "",
+) -> Path:
     """Counts and row-normalised (per true class) confusion matrices side by side."""
     counts = np.asarray(confusion, dtype=np.int64)
     num_classes = counts.shape[0]
@@ -258,8 +362,15 @@ def plot_confusion_matrix(confusion: Sequence[Sequence[int]], class_names: Seque
                     continue
                 # Light text on dark cells so numbers stay readable.
                 dark = value > 0.6 * (vmax if vmax is not None else finite_max)
-                ax.text(j, i, format(value, fmt), ha="center", va="center", fontsize=8,
-                        color="white" if dark else "black")
+                ax.text(
+                    j,
+                    i,
+                    format(value, fmt),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if dark else "black",
+                )
         ax.set_xticks(range(num_classes), class_names, rotation=45, ha="right")
         ax.set_yticks(range(num_classes), class_names)
         ax.set_xlabel("predicted")
@@ -274,8 +385,12 @@ def plot_confusion_matrix(confusion: Sequence[Sequence[int]], class_names: Seque
 
 # --- Report ----------------------------------------------------------------------------------
 
-def render_markdown(final_metrics: Mapping[str, Any], history: Sequence[Mapping[str, Any]],
-                    images: Mapping[str, Path]) -> str:
+
+def render_markdown(
+    final_metrics: Mapping[str, Any],
+    history: Sequence[Mapping[str, Any]],
+    images: Mapping[str, Path],
+) -> str:
     """The text of ``report.md``."""
     metrics = final_metrics.get("metrics", {})
     class_names = list(final_metrics.get("class_names", []))
@@ -285,20 +400,26 @@ def render_markdown(final_metrics: Mapping[str, Any], history: Sequence[Mapping[
     num_classes = final_metrics.get("num_classes", len(class_names))
     out = [f"# {model}: {num_classes}-class expression and valence/arousal\n"]
     out.append("| setting | value |\n| --- | --- |")
-    time_range = (f"{format_duration(times.get('median'))} ({format_duration(times.get('min'))}"
-                  f" - {format_duration(times.get('max'))})")
-    for label, value in (("model", final_metrics.get("model")),
-                         ("data source", final_metrics.get("data_source")),
-                         ("classes", ", ".join(class_names)),
-                         ("epochs", final_metrics.get("epochs")),
-                         ("best epoch", best_epoch),
-                         ("evaluated checkpoint", final_metrics.get("checkpoint")),
-                         ("evaluated split", final_metrics.get("split")),
-                         ("time/epoch: median (min - max)", time_range)):
+    time_range = (
+        f"{format_duration(times.get('median'))} ({format_duration(times.get('min'))}"
+        f" - {format_duration(times.get('max'))})"
+    )
+    for label, value in (
+        ("model", final_metrics.get("model")),
+        ("data source", final_metrics.get("data_source")),
+        ("classes", ", ".join(class_names)),
+        ("epochs", final_metrics.get("epochs")),
+        ("best epoch", best_epoch),
+        ("evaluated checkpoint", final_metrics.get("checkpoint")),
+        ("evaluated split", final_metrics.get("split")),
+        ("time/epoch: median (min - max)", time_range),
+    ):
         out.append(f"| {label} | {value if value is not None else MISSING} |")
 
-    out.append(f"\n## Comparison with the study\n\nMetrics on the "
-               f"{final_metrics.get('split', 'validation')} split.\n")
+    out.append(
+        f"\n## Comparison with the study\n\nMetrics on the "
+        f"{final_metrics.get('split', 'validation')} split.\n"
+    )
     out.append(comparison_table([final_metrics]))
 
     out.append("## Valence and arousal\n")
@@ -337,18 +458,25 @@ def write_reports(workdir: str | Path) -> dict[str, Path]:
 
     if history:
         written["training_curves"] = plot_training_curves(
-            history, workdir / run_dir.TRAINING_CURVES, title=f"{model}: training curves",
-            best_epoch=final_metrics.get("best_epoch"))
+            history,
+            workdir / run_dir.TRAINING_CURVES,
+            title=f"{model}: training curves",
+            best_epoch=final_metrics.get("best_epoch"),
+        )
     else:
-        warnings.warn(f"{workdir}: no {run_dir.METRICS_HISTORY}; training curves skipped",
-                      stacklevel=2)
+        warnings.warn(
+            f"{workdir}: no {run_dir.METRICS_HISTORY}; training curves skipped", stacklevel=2
+        )
 
     confusion = final_metrics.get("metrics", {}).get("confusion_matrix")
     if confusion:
         written["confusion_matrix"] = plot_confusion_matrix(
-            confusion, class_names, workdir / run_dir.CONFUSION_MATRIX,
+            confusion,
+            class_names,
+            workdir / run_dir.CONFUSION_MATRIX,
             title=f"{model}: confusion matrix ({final_metrics.get('split', 'validation')}, "
-                  f"{final_metrics.get('checkpoint', '?')} checkpoint)")
+            f"{final_metrics.get('checkpoint', '?')} checkpoint)",
+        )
 
     report = workdir / run_dir.REPORT
     report.write_text(render_markdown(final_metrics, history, written))

@@ -124,7 +124,7 @@ CHANGEABLE_FIELDS = {
     "log_every_steps": "console output only",
     "eval_batch_size": "how validation is batched; the same scores (float32 round-off apart)",
     "steps_per_execution": "how many steps one call runs; the same training (float32 round-off "
-                           "apart with XLA's kernels)",
+    "apart with XLA's kernels)",
     "conv_impl": "which kernels compute; the same results up to float32 round-off",
     "batch_norm_impl": "which kernels compute; the same results up to float32 round-off",
     "pool_impl": "which kernels compute; the same results up to float32 round-off",
@@ -141,25 +141,29 @@ class IncompatibleConfigError(UserError, ValueError):
     """A run resumed (or scored) with a config its checkpoints or data split do not fit."""
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_config(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
 
 
-def config_changes(saved: dict[str, Any],
-                   config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+def config_changes(
+    saved: dict[str, Any], config: ml_collections.ConfigDict
+) -> dict[str, tuple[Any, Any]]:
     """``{field: (saved value, new value)}`` of every field that differs (JSON values;
     ``<unset>`` for a field only one of them has)."""
-    old = _flatten(saved)
-    new = _flatten(json.loads(config.to_json_best_effort()))
+    old = flatten_config(saved)
+    new = flatten_config(json.loads(config.to_json_best_effort()))
     unset = "<unset>"
-    return {k: (old.get(k, unset), new.get(k, unset)) for k in sorted(old.keys() | new.keys())
-            if old.get(k, unset) != new.get(k, unset)}
+    return {
+        k: (old.get(k, unset), new.get(k, unset))
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k, unset) != new.get(k, unset)
+    }
 
 
 def _listing(changes: dict[str, tuple[Any, Any]]) -> str:
@@ -179,16 +183,24 @@ def check_config(config: ml_collections.ConfigDict, workdir: str, action: str = 
         changes = config_changes(json.load(f), config)
     refused = {k: v for k, v in changes.items() if k not in CHANGEABLE_FIELDS}
     if refused:
-        todo = ("start a new run with another --workdir, or resume with the values of "
-                f"{path}" if action == "resume" else f"score it with the values of {path}")
+        todo = (
+            f"start a new run with another --workdir, or resume with the values of {path}"
+            if action == "resume"
+            else f"score it with the values of {path}"
+        )
         raise IncompatibleConfigError(
             f"cannot {action} {workdir} with this config: {_listing(refused)} "
             f"{'differs' if len(refused) == 1 else 'differ'} from the run's config and would "
             f"not fit its checkpoints or data split; {todo}"
         )
     if changes:
-        logging.info("%s %s with changed %s (%s)", action.capitalize(), workdir,
-                     _listing(changes), "; ".join(CHANGEABLE_FIELDS[k] for k in changes))
+        logging.info(
+            "%s %s with changed %s (%s)",
+            action.capitalize(),
+            workdir,
+            _listing(changes),
+            "; ".join(CHANGEABLE_FIELDS[k] for k in changes),
+        )
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -265,8 +277,9 @@ def load_history(workdir: str | Path) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict,
-                       read_only: bool = False) -> ocp.CheckpointManager:
+def checkpoint_manager(
+    workdir: str, config: ml_collections.ConfigDict, read_only: bool = False
+) -> ocp.CheckpointManager:
     """The run's checkpoint manager (``checkpointing.create_manager``), ranked as training
     ranks; ``read_only`` neither creates nor deletes anything (safe beside a training run)."""
     return checkpointing.create_manager(checkpoints_dir(workdir), config, read_only=read_only)
@@ -290,8 +303,9 @@ def open_checkpoints(workdir: str, config: ml_collections.ConfigDict) -> ocp.Che
     return manager
 
 
-def choose_checkpoint(manager: ocp.CheckpointManager, which: str = "best",
-                      step: int | None = None) -> int:
+def choose_checkpoint(
+    manager: ocp.CheckpointManager, which: str = "best", step: int | None = None
+) -> int:
     """The step (epoch) ``step`` if given, else the ``best`` or ``latest`` one.
 
     ``best`` falls back to the latest (with a warning) when no validation metrics were saved.
@@ -302,7 +316,8 @@ def choose_checkpoint(manager: ocp.CheckpointManager, which: str = "best",
     if step is not None:
         if step not in available:
             raise FileNotFoundError(
-                f"no checkpoint {step} in {manager.directory}; available: {available}")
+                f"no checkpoint {step} in {manager.directory}; available: {available}"
+            )
         return step
     if which == "best":
         best = manager.best_step()
@@ -313,8 +328,11 @@ def choose_checkpoint(manager: ocp.CheckpointManager, which: str = "best",
 
 
 def restore_checkpoint(
-    workdir: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-    which: str = "best", step: int | None = None,
+    workdir: str,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    which: str = "best",
+    step: int | None = None,
 ) -> tuple[int, nnx.GraphDef, steps.State]:
     """(step, graphdef, train state) of the chosen checkpoint, replicated over ``mesh``.
 
@@ -335,12 +353,14 @@ def restore_checkpoint(
             except Exception as e:  # whatever a damaged file raises: one line saying why
                 raise checkpointing.CheckpointError(
                     f"checkpoint {step} of {manager.directory} cannot be restored: "
-                    f"{checkpointing.error_reason(e)}") from e
+                    f"{checkpointing.error_reason(e)}"
+                ) from e
         else:
             candidates = checkpointing.ranked_steps(manager, config, which)
             candidates.remove(chosen)
             step, state = checkpointing.restore_first_intact(
-                manager, [chosen, *candidates], like, damaged_checkpoints_dir(workdir))
+                manager, [chosen, *candidates], like, damaged_checkpoints_dir(workdir)
+            )
     finally:
         manager.close()
     return step, graphdef, state

@@ -78,8 +78,10 @@ def describe(holder: dict[str, Any]) -> str:
     """``'train on host h, PID 12, started 2024-...'`` (what is known of it)."""
     if not holder:
         return "a holder that has not written its record yet"
-    return (f"{holder.get('command', 'a command')} on host {holder.get('host', '?')}, "
-            f"PID {holder.get('pid', '?')}, started {holder.get('started', '?')}")
+    return (
+        f"{holder.get('command', 'a command')} on host {holder.get('host', '?')}, "
+        f"PID {holder.get('pid', '?')}, started {holder.get('started', '?')}"
+    )
 
 
 def holder_is_gone(holder: dict[str, Any]) -> bool:
@@ -138,7 +140,10 @@ class RunLock:
             if previous:
                 logging.warning(
                     "Took over the lock of %s from %s, which ended without releasing it "
-                    "(killed, or its machine restarted)", self.workdir, describe(previous))
+                    "(killed, or its machine restarted)",
+                    self.workdir,
+                    describe(previous),
+                )
             _write_record(fd, holder_record(self.command))
         except BaseException:
             os.close(fd)
@@ -153,8 +158,11 @@ class RunLock:
         except OSError as e:
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
-            logging.warning("%s: this filesystem has no file locks (%s); going by the holder "
-                            "record alone", self.path, e.strerror)
+            logging.warning(
+                "%s: this filesystem has no file locks (%s); going by the holder record alone",
+                self.path,
+                e.strerror,
+            )
             holder = _read_record(fd)
             if holder and not holder_is_gone(holder):
                 raise self._refusal(holder) from None

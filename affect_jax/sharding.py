@@ -15,8 +15,7 @@ def make_mesh() -> jax.sharding.Mesh:
 
     Auto axes: XLA propagates the batch sharding and inserts the gradient all-reduce itself.
     """
-    return jax.make_mesh((jax.device_count(),), ("data",),
-                         axis_types=(jax.sharding.AxisType.Auto,))
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def shard_batch(
@@ -36,6 +35,7 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     sharding = NamedSharding(mesh, P())
     if jax.process_count() == 1:
         return jax.device_put(tree, sharding)
+
     # Every process holds the same value (same seed, same checkpoint); device_put would check
     # that with one cross-process gather per leaf.
     def place(x: Any) -> jax.Array:
@@ -49,5 +49,4 @@ def replicated_shapes(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     """``jax.ShapeDtypeStruct`` leaves of ``tree``, replicated over the mesh: where a restored
     checkpoint goes, whatever the device count that saved it."""
     sharding = NamedSharding(mesh, P())
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        tree)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)

@@ -58,9 +58,11 @@ def scale_by_keras_adam(b1: float, b2: float, eps: float) -> optax.GradientTrans
     """
 
     def init_fn(params):
-        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32),
-                                      mu=optax.tree.zeros_like(params),
-                                      nu=optax.tree.zeros_like(params))
+        return optax.ScaleByAdamState(
+            count=jnp.zeros([], jnp.int32),
+            mu=optax.tree.zeros_like(params),
+            nu=optax.tree.zeros_like(params),
+        )
 
     def update_fn(updates, state, params=None):
         del params
@@ -137,7 +139,9 @@ def weighted_ccc(y: jax.Array, p: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def compute_loss(
-    outputs: dict[str, jax.Array], batch: Batch, loss_weights: ml_collections.ConfigDict,
+    outputs: dict[str, jax.Array],
+    batch: Batch,
+    loss_weights: ml_collections.ConfigDict,
     class_weights: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``w_cls * CE + w_reg * MSE (+ w_ccc * mean(1 - CCC))`` over the valid (mask=1) rows.
@@ -159,18 +163,23 @@ def compute_loss(
     loss = loss_weights.classification * ce + loss_weights.regression * mse
     terms = {"ce": ce, "mse": mse}
     if loss_weights.ccc:
-        ccc = jnp.stack([
-            weighted_ccc(batch["valence_arousal"][:, d], outputs["valence_arousal"][:, d],
-                         va_weight)
-            for d in range(2)
-        ])
+        ccc = jnp.stack(
+            [
+                weighted_ccc(
+                    batch["valence_arousal"][:, d], outputs["valence_arousal"][:, d], va_weight
+                )
+                for d in range(2)
+            ]
+        )
         terms["ccc_loss"] = (1.0 - ccc).mean()
         loss = loss + loss_weights.ccc * terms["ccc_loss"]
     return loss, terms
 
 
 def make_train_step(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
     class_weights: np.ndarray | None = None,
 ) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
     """A pure ``(state, batch) -> (state, outputs)`` training step (not yet jitted);
@@ -187,16 +196,18 @@ def make_train_step(
         def loss_fn(params, batch_stats):
             model = nnx.merge(graphdef, params, batch_stats, copy=True)
             outputs = model(
-                batch["image"], train=True, rngs=nnx.Rngs(dropout=dropout_key),
+                batch["image"],
+                train=True,
+                rngs=nnx.Rngs(dropout=dropout_key),
                 train_backbone=not frozen,
             )
             loss, terms = compute_loss(outputs, batch, loss_weights, class_weights)
             _, _, new_batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
             return loss, (terms, outputs, new_batch_stats)
 
-        (loss, (terms, outputs, batch_stats)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True
-        )(state["params"], state["batch_stats"])
+        (loss, (terms, outputs, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], state["batch_stats"]
+        )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = dict(
             state,

@@ -71,16 +71,22 @@ class EpochSoFar:
 
     def arrays(self) -> dict[str, dict[str, np.ndarray]]:
         """Step-major arrays, as a mid-epoch checkpoint keeps them."""
-        return {"outputs": {k: np.stack([o[k] for o in self.outputs]) for k in self.outputs[0]},
-                "targets": {k: np.stack([t[k] for t in self.targets]) for k in TARGET_KEYS}}
+        return {
+            "outputs": {k: np.stack([o[k] for o in self.outputs]) for k in self.outputs[0]},
+            "targets": {k: np.stack([t[k] for t in self.targets]) for k in TARGET_KEYS},
+        }
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, dict[str, np.ndarray]],
-                    train_seconds: float) -> EpochSoFar:
+    def from_arrays(
+        cls, arrays: dict[str, dict[str, np.ndarray]], train_seconds: float
+    ) -> EpochSoFar:
         n = len(arrays["outputs"]["loss"])
-        return cls(n, [{k: v[i] for k, v in arrays["outputs"].items()} for i in range(n)],
-                   [{k: v[i] for k, v in arrays["targets"].items()} for i in range(n)],
-                   train_seconds)
+        return cls(
+            n,
+            [{k: v[i] for k, v in arrays["outputs"].items()} for i in range(n)],
+            [{k: v[i] for k, v in arrays["targets"].items()} for i in range(n)],
+            train_seconds,
+        )
 
 
 @dataclasses.dataclass
@@ -121,8 +127,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with run_lock.hold(workdir, "train"), graceful_stop.StopSignals() as signals:
         run = setup(config, workdir)
         progress = ProgressReporter(
-            num_epochs=config.num_epochs, steps_per_epoch=run.steps_per_epoch,
-            batch_size=config.batch_size, log_every_steps=config.log_every_steps,
+            num_epochs=config.num_epochs,
+            steps_per_epoch=run.steps_per_epoch,
+            batch_size=config.batch_size,
+            log_every_steps=config.log_every_steps,
         )
         with signals.deferred():
             for epoch in range(run.completed_epochs, config.num_epochs):
@@ -158,12 +166,16 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
     with distributed.chief_first("make_splits"):
         splits = pipeline.make_splits(config, workdir if is_chief else None)
     if not splits.source.has_valence_arousal:
-        logging.warning("Data %r has no valence/arousal: the regression loss and metrics are "
-                        "skipped%s.", splits.source.name,
-                        f", and checkpoints are ranked by accuracy, not {config.best_metric}"
-                        if config.best_metric in checkpointing.REGRESSION_KEYS else "")
+        logging.warning(
+            "Data %r has no valence/arousal: the regression loss and metrics are skipped%s.",
+            splits.source.name,
+            f", and checkpoints are ranked by accuracy, not {config.best_metric}"
+            if config.best_metric in checkpointing.REGRESSION_KEYS
+            else "",
+        )
     class_weights = imbalance.training_class_weights(
-        config, splits.train.labels, splits.source.class_names, workdir if is_chief else None)
+        config, splits.train.labels, splits.source.class_names, workdir if is_chief else None
+    )
     steps_per_epoch = pipeline.steps_per_epoch(len(splits.train), config.batch_size)
     if config.steps_per_epoch > 0:
         steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
@@ -172,38 +184,64 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
     manager = run_dir.checkpoint_manager(workdir, config)
     # Restored into the current mesh's shardings, whatever the device count that saved it.
     state, completed, resumed = restore_resume_point(
-        workdir, manager, sharding.replicate(state, mesh), steps_per_epoch)
+        workdir, manager, sharding.replicate(state, mesh), steps_per_epoch
+    )
     if completed > config.num_epochs:
         raise run_dir.IncompatibleConfigError(
             f"config.num_epochs={config.num_epochs} but {workdir} has already trained "
             f"{completed} epochs: pass --config.num_epochs={completed} or more, or use another "
-            "--workdir")
+            "--workdir"
+        )
     if is_chief:
         run_dir.truncate_history(workdir, completed)
     if resumed:
-        logging.info("Resumed from epoch %d, step %d/%d of epoch %d (mid-epoch checkpoint) in "
-                     "%s", completed, resumed.steps, steps_per_epoch, completed + 1, workdir)
+        logging.info(
+            "Resumed from epoch %d, step %d/%d of epoch %d (mid-epoch checkpoint) in %s",
+            completed,
+            resumed.steps,
+            steps_per_epoch,
+            completed + 1,
+            workdir,
+        )
     elif completed:
-        logging.info("Resumed from epoch %d (step %d) in %s", completed,
-                     completed * steps_per_epoch, workdir)
+        logging.info(
+            "Resumed from epoch %d (step %d) in %s", completed, completed * steps_per_epoch, workdir
+        )
     # The initialisers' eager executables and heap are not needed again.
     host_memory.release_host_memory(clear_jit_caches=True)
 
     train_steps = jax.jit(
         steps.make_train_steps(steps.make_train_step(graphdef, tx, config, class_weights)),
-        donate_argnums=(0,))
+        donate_argnums=(0,),
+    )
     # Validation calls, like training's, take several batches each.
     eval_steps = jax.jit(steps.make_eval_steps(steps.make_eval_step(graphdef)))
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
     if completed == 0 and resumed is None:
-        writer.write_hparams({k: str(v) for k, v in config.to_dict().items()
-                              if not isinstance(v, dict)})
-    return Training(config, workdir, mesh, splits, steps_per_epoch, state, completed, manager,
-                    train_steps, eval_steps, writer, resumed)
+        writer.write_hparams(
+            {k: str(v) for k, v in config.to_dict().items() if not isinstance(v, dict)}
+        )
+    return Training(
+        config,
+        workdir,
+        mesh,
+        splits,
+        steps_per_epoch,
+        state,
+        completed,
+        manager,
+        train_steps,
+        eval_steps,
+        writer,
+        resumed,
+    )
 
 
 def restore_resume_point(
-    workdir: str, manager: ocp.CheckpointManager, like: steps.State, steps_per_epoch: int,
+    workdir: str,
+    manager: ocp.CheckpointManager,
+    like: steps.State,
+    steps_per_epoch: int,
 ) -> tuple[steps.State, int, EpochSoFar | None]:
     """(state, completed epochs, the next epoch so far) where the run left off.
 
@@ -213,15 +251,17 @@ def restore_resume_point(
     """
     damaged_dir = run_dir.damaged_checkpoints_dir(workdir)
     mid_dir = run_dir.mid_epoch_checkpoint_dir(workdir)
-    mid_manager = (checkpointing.create_mid_epoch_manager(mid_dir) if os.path.isdir(mid_dir)
-                   else None)
+    mid_manager = (
+        checkpointing.create_mid_epoch_manager(mid_dir) if os.path.isdir(mid_dir) else None
+    )
     found = mid_manager and checkpointing.mid_epoch_position(mid_manager)
     damaged = None
     if found:
         step, position = found
         latest = manager.latest_step() or 0
-        usable = (position.get("epoch") == latest
-                  and position.get("steps_per_epoch") == steps_per_epoch)
+        usable = (
+            position.get("epoch") == latest and position.get("steps_per_epoch") == steps_per_epoch
+        )
         if usable or not position:
             try:
                 state, arrays = checkpointing.restore_mid_epoch(mid_manager, step, like)
@@ -236,14 +276,26 @@ def restore_resume_point(
     if damaged and jax.process_index() == 0:
         step, why = damaged
         where = checkpointing.set_aside(mid_dir, step, damaged_dir, prefix="mid_epoch_step_")
-        logging.warning("Mid-epoch checkpoint %d of %s cannot be restored (%s); moved to %s; "
-                        "resuming from epoch %d", step, mid_dir, why, where, completed)
+        logging.warning(
+            "Mid-epoch checkpoint %d of %s cannot be restored (%s); moved to %s; "
+            "resuming from epoch %d",
+            step,
+            mid_dir,
+            why,
+            where,
+            completed,
+        )
     if mid_manager is not None and not found:
         drop_mid_epoch_checkpoint(workdir)  # only the leftovers of an interrupted save
     if found:
         if not damaged:
-            logging.info("Dropped the mid-epoch checkpoint %d (%s): it does not continue "
-                         "epoch %d's checkpoint", found[0], found[1], completed)
+            logging.info(
+                "Dropped the mid-epoch checkpoint %d (%s): it does not continue "
+                "epoch %d's checkpoint",
+                found[0],
+                found[1],
+                completed,
+            )
         drop_mid_epoch_checkpoint(workdir)
     return state, completed, None
 
@@ -259,8 +311,9 @@ def drop_mid_epoch_checkpoint(workdir: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_epoch(run: Training, epoch: int, progress: ProgressReporter,
-              signals: graceful_stop.StopSignals) -> None:
+def run_epoch(
+    run: Training, epoch: int, progress: ProgressReporter, signals: graceful_stop.StopSignals
+) -> None:
     """Trains epoch ``epoch`` (0-based), scores validation, then writes the epoch's record and
     checkpoint; on a stop signal saves where it is and raises ``graceful_stop.Stopped``."""
     resumed = run.resumed if epoch == run.completed_epochs else None
@@ -269,11 +322,15 @@ def run_epoch(run: Training, epoch: int, progress: ProgressReporter,
         stop(run, epoch, so_far, signals.signum)
     record = {"epoch": epoch + 1, "step": (epoch + 1) * run.steps_per_epoch}
     # [steps, rows, ...] -> [rows, ...], step after step.
-    record.update(epoch_train_metrics(so_far.outputs, {
-        k: np.concatenate([t[k] for t in so_far.targets]) for k in TARGET_KEYS}))
+    record.update(
+        epoch_train_metrics(
+            so_far.outputs, {k: np.concatenate([t[k] for t in so_far.targets]) for k in TARGET_KEYS}
+        )
+    )
     val_start = time.time()
-    val = evaluation.score_split(run.eval_steps, run.state, run.splits.validation,
-                                 run.splits.source, run.config, run.mesh)
+    val = evaluation.score_split(
+        run.eval_steps, run.state, run.splits.validation, run.splits.source, run.config, run.mesh
+    )
     record.update({f"val_{k}": v for k, v in val.items()})
     record["epoch_time_s"] = so_far.train_seconds + time.time() - val_start
     record["train_time_s"] = so_far.train_seconds
@@ -301,15 +358,27 @@ def stop(run: Training, epoch: int, so_far: EpochSoFar, signum: int) -> None:
         where = f"after epoch {epoch}/{num_epochs}" if epoch else "before the first epoch"
     else:
         where = f"in epoch {epoch + 1}/{num_epochs} after step {so_far.steps}/{spe}"
-        already_saved = epoch == run.completed_epochs and run.resumed is not None and (
-            run.resumed.steps == so_far.steps)
+        already_saved = (
+            epoch == run.completed_epochs
+            and run.resumed is not None
+            and (run.resumed.steps == so_far.steps)
+        )
         if not already_saved:
             mid_manager = checkpointing.create_mid_epoch_manager(
-                run_dir.mid_epoch_checkpoint_dir(run.workdir))
+                run_dir.mid_epoch_checkpoint_dir(run.workdir)
+            )
             checkpointing.save_mid_epoch(
-                mid_manager, epoch * spe + so_far.steps, run.state, so_far.arrays(),
-                {"epoch": epoch, "step_in_epoch": so_far.steps, "steps_per_epoch": spe,
-                 "train_seconds": so_far.train_seconds})
+                mid_manager,
+                epoch * spe + so_far.steps,
+                run.state,
+                so_far.arrays(),
+                {
+                    "epoch": epoch,
+                    "step_in_epoch": so_far.steps,
+                    "steps_per_epoch": spe,
+                    "train_seconds": so_far.train_seconds,
+                },
+            )
             mid_manager.close()
     run.manager.wait_until_finished()
     run.manager.close()
@@ -317,8 +386,13 @@ def stop(run: Training, epoch: int, so_far: EpochSoFar, signum: int) -> None:
     raise graceful_stop.Stopped(signum, where + " (saved)")
 
 
-def train_epoch(run: Training, epoch: int, progress: ProgressReporter, so_far: EpochSoFar,
-                signals: graceful_stop.StopSignals) -> EpochSoFar:
+def train_epoch(
+    run: Training,
+    epoch: int,
+    progress: ProgressReporter,
+    so_far: EpochSoFar,
+    signals: graceful_stop.StopSignals,
+) -> EpochSoFar:
     """Trains epoch ``epoch`` (0-based) on from ``so_far`` in calls of ``steps_per_execution``
     steps, until its end or a stop signal (checked before every call); returns it so far."""
     start = time.time()
@@ -327,9 +401,19 @@ def train_epoch(run: Training, epoch: int, progress: ProgressReporter, so_far: E
     pending = None  # (first step, outputs) of the previous call, fetched after the next
     process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
     # Chunks of per_call consecutive batches (the last one may be shorter): one call each.
-    chunks = pipeline.train_batches(
-        run.splits.train, config, epoch, config.batch_size, start_step=so_far.steps, **process,
-    ).take(spe - so_far.steps).batch(config.steps_per_execution).prefetch(1)
+    chunks = (
+        pipeline.train_batches(
+            run.splits.train,
+            config,
+            epoch,
+            config.batch_size,
+            start_step=so_far.steps,
+            **process,
+        )
+        .take(spe - so_far.steps)
+        .batch(config.steps_per_execution)
+        .prefetch(1)
+    )
     step = epoch * spe + so_far.steps  # steps done before this chunk
     progress.start()
     for chunk in chunks.as_numpy_iterator():
@@ -354,8 +438,9 @@ def train_epoch(run: Training, epoch: int, progress: ProgressReporter, so_far: E
     return so_far
 
 
-def _train_call(run: Training, chunk: steps.Batch, n: int,
-                progress: ProgressReporter) -> dict[str, jax.Array]:
+def _train_call(
+    run: Training, chunk: steps.Batch, n: int, progress: ProgressReporter
+) -> dict[str, jax.Array]:
     """Runs ``n`` steps on the stacked ``chunk``, compiling the call for a new length first."""
     if n in run.executables:
         run.state, out = run.executables[n](run.state, chunk)
@@ -375,8 +460,9 @@ def _train_call(run: Training, chunk: steps.Batch, n: int,
     return out
 
 
-def fetch_checked_outputs(first_step: int,
-                          out: dict[str, jax.Array]) -> list[dict[str, np.ndarray]]:
+def fetch_checked_outputs(
+    first_step: int, out: dict[str, jax.Array]
+) -> list[dict[str, np.ndarray]]:
     """Per-step host copies of a call's stacked outputs; stops at a non-finite loss.
 
     ``first_step``: steps done before the call (so its first step is number first_step + 1).
@@ -393,8 +479,9 @@ def fetch_checked_outputs(first_step: int,
     return per_step
 
 
-def epoch_train_metrics(outputs: list[dict[str, np.ndarray]],
-                        targets: dict[str, np.ndarray]) -> dict[str, float]:
+def epoch_train_metrics(
+    outputs: list[dict[str, np.ndarray]], targets: dict[str, np.ndarray]
+) -> dict[str, float]:
     """Loss, accuracy and (with valence/arousal for every row) mean CCC of an epoch's steps."""
     pred = np.concatenate([o["predicted_class"] for o in outputs])
     va = np.clip(np.concatenate([o["valence_arousal"] for o in outputs]), -1.0, 1.0)
@@ -419,8 +506,11 @@ def epoch_train_metrics(outputs: list[dict[str, np.ndarray]],
 
 def _epoch_times(workdir: str) -> dict[str, float]:
     times = [r["epoch_time_s"] for r in run_dir.load_history(workdir)]
-    return {"median": float(np.median(times)), "min": float(np.min(times)),
-            "max": float(np.max(times))}
+    return {
+        "median": float(np.median(times)),
+        "min": float(np.min(times)),
+        "max": float(np.max(times)),
+    }
 
 
 def finalize(run: Training) -> dict[str, Any]:
@@ -431,12 +521,21 @@ def finalize(run: Training) -> dict[str, Any]:
     if best != int(state["epoch"]):
         # A best checkpoint that cannot be restored is set aside for the next best.
         best, state = checkpointing.restore_first_intact(
-            run.manager, ranked, state, run_dir.damaged_checkpoints_dir(run.workdir))
-    scores = evaluation.score_split(run.eval_steps, state, run.splits.validation, source,
-                                    config, run.mesh)
+            run.manager, ranked, state, run_dir.damaged_checkpoints_dir(run.workdir)
+        )
+    scores = evaluation.score_split(
+        run.eval_steps, state, run.splits.validation, source, config, run.mesh
+    )
     final = evaluation.result_record(
-        config, source, scores, len(run.splits.validation), epochs=config.num_epochs,
-        best_epoch=best, best_metric=config.best_metric, checkpoint="best", split="validation",
+        config,
+        source,
+        scores,
+        len(run.splits.validation),
+        epochs=config.num_epochs,
+        best_epoch=best,
+        best_metric=config.best_metric,
+        checkpoint="best",
+        split="validation",
     )
     if run.is_chief:
         # Only process 0 writes (and so can read) the history.
@@ -445,11 +544,19 @@ def finalize(run: Training) -> dict[str, Any]:
         from affect_jax import report  # matplotlib only where reports are written
 
         report.write_reports(run.workdir)
-    logging.info("Final (best epoch %d) validation metrics: %s", best, {
-        k: round(v, 4) for k, v in scores.items() if isinstance(v, float)},
-        extra=console.FILE_ONLY)
-    logging.info("Best epoch %d of %d: validation accuracy %.1f%%, macro F1 %s, mean CCC %s; "
-                 "results in %s", best, config.num_epochs, 100 * scores["accuracy"],
-                 format_number(scores["f1_macro"]), format_number(scores.get("mean_ccc")),
-                 run.workdir)
+    logging.info(
+        "Final (best epoch %d) validation metrics: %s",
+        best,
+        {k: round(v, 4) for k, v in scores.items() if isinstance(v, float)},
+        extra=console.FILE_ONLY,
+    )
+    logging.info(
+        "Best epoch %d of %d: validation accuracy %.1f%%, macro F1 %s, mean CCC %s; results in %s",
+        best,
+        config.num_epochs,
+        100 * scores["accuracy"],
+        format_number(scores["f1_macro"]),
+        format_number(scores.get("mean_ccc")),
+        run.workdir,
+    )
     return final

@@ -60,8 +60,9 @@ flags.DEFINE_list("dtype", ["float32"], "Compute dtypes: float32, bfloat16.")
 flags.DEFINE_integer("batch_size", 32, "Global batch size.")
 flags.DEFINE_integer("image_size", 224, "Square input side.")
 flags.DEFINE_integer("steps", 5, "Timed rounds (>= 5 for a median with spread).")
-flags.DEFINE_integer("warmup", 2, "Untimed steps per contender after compilation (at least "
-                     "one call).")
+flags.DEFINE_integer(
+    "warmup", 2, "Untimed steps per contender after compilation (at least one call)."
+)
 flags.DEFINE_integer("num_classes", 8, "Classes of the expression head.")
 flags.DEFINE_multi_string("lever", ["default"], "affect-jax variants (see module doc).")
 flags.DEFINE_bool("compare", False, "Also run Keras/TF and PyTorch (when installed).")
@@ -90,8 +91,11 @@ def _send(obj: dict[str, Any]) -> None:
 
 # glibc reads these when the process starts, so they are set in the worker's environment.
 MALLOC_ENV = {
-    "reuse": {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
-              "MALLOC_TRIM_THRESHOLD_": str(1 << 40)},
+    "reuse": {
+        "MALLOC_ARENA_MAX": "1",
+        "MALLOC_MMAP_MAX_": "0",
+        "MALLOC_TRIM_THRESHOLD_": str(1 << 40),
+    },
     "hugepages": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
 }
 
@@ -153,7 +157,8 @@ def _nominal_flops(config, batch) -> float:
 
     state = jax.eval_shape(build)
     lowered = jax.jit(steps.make_train_step(built["graphdef"], built["tx"], reference)).lower(
-        state, batch)
+        state, batch
+    )
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost.get("flops", 0.0)) if cost else 0.0
@@ -204,12 +209,19 @@ def _jax_worker(spec: dict[str, Any]):
     per_call = int(lever.get("steps", config.steps_per_execution))
     chunk = {name: jnp.stack([value] * per_call) for name, value in batch.items()}
     t0 = time.perf_counter()
-    train_c = jax.jit(steps.make_train_steps(steps.make_train_step(graphdef, tx, config)),
-                      donate_argnums=donate).lower(state, chunk).compile()
+    train_c = (
+        jax.jit(
+            steps.make_train_steps(steps.make_train_step(graphdef, tx, config)),
+            donate_argnums=donate,
+        )
+        .lower(state, chunk)
+        .compile()
+    )
     compile_s = time.perf_counter() - t0
     # Evaluation as the driver runs it too: per_call batches per call (make_eval_steps).
-    eval_c = jax.jit(steps.make_eval_steps(steps.make_eval_step(graphdef))).lower(
-        state, chunk).compile()
+    eval_c = (
+        jax.jit(steps.make_eval_steps(steps.make_eval_step(graphdef))).lower(state, chunk).compile()
+    )
     flops = _nominal_flops(config, batch)
     hlo = train_c.as_text()
     host_memory.release_host_memory()
@@ -223,8 +235,11 @@ def _jax_worker(spec: dict[str, Any]):
         jax.block_until_ready(eval_c(holder["state"], chunk))
 
     info = {
-        "compile_s": compile_s, "flops": flops, "steps_per_call": per_call,
-        "hlo_convolutions": hlo.count(" convolution("), "hlo_dots": hlo.count(" dot("),
+        "compile_s": compile_s,
+        "flops": flops,
+        "steps_per_call": per_call,
+        "hlo_convolutions": hlo.count(" convolution("),
+        "hlo_dots": hlo.count(" dot("),
         "onednn_calls": hlo.count("affect_jax_onednn_conv"),
         "native_batch_norm_calls": hlo.count("affect_jax_batch_norm"),
     }
@@ -242,11 +257,14 @@ def _keras_worker(spec: dict[str, Any]):
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     b, s, n = spec["batch_size"], spec["image_size"], spec["num_classes"]
     app_fn = {"resnet50": keras.applications.ResNet50, "vgg16": keras.applications.VGG16}
-    base = app_fn[spec["model"]](include_top=False, weights=None, input_shape=(s, s, 3),
-                                 pooling="avg")
+    base = app_fn[spec["model"]](
+        include_top=False, weights=None, input_shape=(s, s, 3), pooling="avg"
+    )
     f = base.output
-    model = keras.Model(base.input, [keras.layers.Dense(n, dtype="float32")(f),
-                                     keras.layers.Dense(2, dtype="float32")(f)])
+    model = keras.Model(
+        base.input,
+        [keras.layers.Dense(n, dtype="float32")(f), keras.layers.Dense(2, dtype="float32")(f)],
+    )
     opt = keras.optimizers.Adam(1e-4)
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(b, s, s, 3)).astype(np.float32))
@@ -311,8 +329,11 @@ def _torch_worker(spec: dict[str, Any]):
 
     t0 = time.perf_counter()
     train_once()
-    return train_once, eval_once, {"compile_s": time.perf_counter() - t0,
-                                   "torch_threads": torch.get_num_threads()}
+    return (
+        train_once,
+        eval_once,
+        {"compile_s": time.perf_counter() - t0, "torch_threads": torch.get_num_threads()},
+    )
 
 
 def _input_worker(spec: dict[str, Any]):
@@ -341,8 +362,12 @@ def _input_worker(spec: dict[str, Any]):
 
 
 def run_worker(spec: dict[str, Any]) -> None:
-    builder = {"jax": _jax_worker, "keras": _keras_worker, "torch": _torch_worker,
-               "input": _input_worker}[spec["kind"]]
+    builder = {
+        "jax": _jax_worker,
+        "keras": _keras_worker,
+        "torch": _torch_worker,
+        "input": _input_worker,
+    }[spec["kind"]]
     train_once, eval_once, info = builder(spec)
     # --warmup counts steps; a call may run several.
     per_call = info.get("steps_per_call", 1)
@@ -373,8 +398,12 @@ class Worker:
     def __init__(self, spec: dict[str, Any], env: dict[str, str]):
         self.spec = spec
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, f"--worker={json.dumps(spec)}"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, text=True, env=env, cwd=str(ROOT),
+            [sys.executable, __file__, f"--worker={json.dumps(spec)}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=str(ROOT),
         )
         self.info = self._read()
 
@@ -382,7 +411,7 @@ class Worker:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             if line.startswith(PREFIX):
-                return json.loads(line[len(PREFIX):])
+                return json.loads(line[len(PREFIX) :])
         raise RuntimeError(f"worker {self.spec['label']} died (exit {self.proc.wait()})")
 
     def call(self, cmd: str) -> dict[str, Any]:
@@ -401,13 +430,19 @@ class Worker:
 
 def _available(module: str) -> bool:
     import importlib.util
+
     return importlib.util.find_spec(module) is not None
 
 
 def _stats(values: list[float]) -> dict[str, float]:
     qs = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "q1": qs[0], "q3": qs[2]}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "q1": qs[0],
+        "q3": qs[2],
+    }
 
 
 def _fmt(st: dict[str, float], digits: int = 2) -> str:
@@ -429,19 +464,26 @@ def _run_group(specs: list[dict[str, Any]], steps: int, do_eval: bool) -> list[d
             print(f"    ready: compile {workers[-1].info.get('compile_s', 0):.1f}s", flush=True)
         times: dict[str, list[list[float]]] = {w.spec["label"]: [[], []] for w in workers}
         for r in range(steps):
-            order = workers[r % len(workers):] + workers[:r % len(workers)]
+            order = workers[r % len(workers) :] + workers[: r % len(workers)]
             for w in order:
                 times[w.spec["label"]][0].append(w.call("train")["t"])
                 if do_eval and w.spec["kind"] != "input":
                     times[w.spec["label"]][1].append(w.call("eval")["t"])
-            print(f"  round {r + 1}/{steps}: " + ", ".join(
-                f"{k} {v[0][-1]:.2f}s" for k, v in times.items()), flush=True)
+            print(
+                f"  round {r + 1}/{steps}: "
+                + ", ".join(f"{k} {v[0][-1]:.2f}s" for k, v in times.items()),
+                flush=True,
+            )
         results = []
         for w in workers:
             train_t, eval_t = times[w.spec["label"]]
             b = w.spec["batch_size"] * (4 if w.spec["kind"] == "input" else 1)
-            res = {**w.spec, **{k: v for k, v in w.info.items() if k != "ready"},
-                   "train_times_s": train_t, "train_img_s": _stats([b / t for t in train_t])}
+            res = {
+                **w.spec,
+                **{k: v for k, v in w.info.items() if k != "ready"},
+                "train_times_s": train_t,
+                "train_img_s": _stats([b / t for t in train_t]),
+            }
             if eval_t:
                 res["eval_times_s"] = eval_t
                 res["eval_img_s"] = _stats([b / t for t in eval_t])
@@ -467,9 +509,13 @@ def main(argv: list[str]) -> None:
         return
     for lever in FLAGS.lever:
         parse_lever(lever)
-    base = {"batch_size": FLAGS.batch_size, "image_size": FLAGS.image_size,
-            "warmup": FLAGS.warmup, "num_classes": FLAGS.num_classes,
-            "cache_dir": os.path.expanduser(FLAGS.cache_dir)}
+    base = {
+        "batch_size": FLAGS.batch_size,
+        "image_size": FLAGS.image_size,
+        "warmup": FLAGS.warmup,
+        "num_classes": FLAGS.num_classes,
+        "cache_dir": os.path.expanduser(FLAGS.cache_dir),
+    }
     peers = []
     if FLAGS.compare:
         for kind, module in (("keras", "keras"), ("torch", "torch")):
@@ -481,12 +527,25 @@ def main(argv: list[str]) -> None:
     ratio_rows: list[dict[str, Any]] = []
     for model in FLAGS.model:
         for dtype in FLAGS.dtype:
-            specs = [dict(base, kind="jax", model=model, dtype=dtype, lever=lever,
-                          label=f"affect-jax[{lever}]") for lever in FLAGS.lever]
-            specs += [dict(base, kind=k, model=model, dtype=dtype, lever="", label=k)
-                      for k in peers]
-            print(f"== {model} {dtype} batch {FLAGS.batch_size} at {FLAGS.image_size} px: "
-                  f"{len(specs)} contenders, {FLAGS.steps} alternating rounds", flush=True)
+            specs = [
+                dict(
+                    base,
+                    kind="jax",
+                    model=model,
+                    dtype=dtype,
+                    lever=lever,
+                    label=f"affect-jax[{lever}]",
+                )
+                for lever in FLAGS.lever
+            ]
+            specs += [
+                dict(base, kind=k, model=model, dtype=dtype, lever="", label=k) for k in peers
+            ]
+            print(
+                f"== {model} {dtype} batch {FLAGS.batch_size} at {FLAGS.image_size} px: "
+                f"{len(specs)} contenders, {FLAGS.steps} alternating rounds",
+                flush=True,
+            )
             results = _run_group(specs, FLAGS.steps, FLAGS.eval)
             jax_flops = results[0].get("flops", 0.0)
             for res in results:
@@ -497,37 +556,71 @@ def main(argv: list[str]) -> None:
             for res in results[1:]:
                 for key in ("train", "eval"):
                     if f"{key}_times_s" in res and f"{key}_times_s" in first:
-                        ratio_rows.append({"model": model, "dtype": dtype, "step": key,
-                                           "a": first["label"], "b": res["label"],
-                                           **_ratios(first, res, key)})
-            for res in results[1:len(FLAGS.lever)]:  # other levers vs every peer, too
-                for peer in results[len(FLAGS.lever):]:
-                    ratio_rows.append({"model": model, "dtype": dtype, "step": "train",
-                                       "a": res["label"], "b": peer["label"],
-                                       **_ratios(res, peer, "train")})
+                        ratio_rows.append(
+                            {
+                                "model": model,
+                                "dtype": dtype,
+                                "step": key,
+                                "a": first["label"],
+                                "b": res["label"],
+                                **_ratios(first, res, key),
+                            }
+                        )
+            for res in results[1 : len(FLAGS.lever)]:  # other levers vs every peer, too
+                for peer in results[len(FLAGS.lever) :]:
+                    ratio_rows.append(
+                        {
+                            "model": model,
+                            "dtype": dtype,
+                            "step": "train",
+                            "a": res["label"],
+                            "b": peer["label"],
+                            **_ratios(res, peer, "train"),
+                        }
+                    )
     if FLAGS.input:
         print("== input pipeline (synthetic faces, train_batches)", flush=True)
         spec = dict(base, kind="input", model="-", dtype="-", lever="", label="input")
         all_results += _run_group([spec], FLAGS.steps, False)
 
     print("\nimages/s: median [min-max] over rounds; GFLOP/s from XLA's cost analysis")
-    print(f"{'model':9} {'dtype':9} {'contender':34} {'train img/s':>20} {'eval img/s':>20} "
-          f"{'GFLOP/s':>8} {'compile s':>9} {'peak RSS MB':>11}")
+    print(
+        f"{'model':9} {'dtype':9} {'contender':34} {'train img/s':>20} {'eval img/s':>20} "
+        f"{'GFLOP/s':>8} {'compile s':>9} {'peak RSS MB':>11}"
+    )
     for r in all_results:
         ev = _fmt(r["eval_img_s"]) if "eval_img_s" in r else "-"
         gf = f"{r['gflops_per_s']:.0f}" if r.get("gflops_per_s") else "-"
-        print(f"{r['model']:9} {r['dtype']:9} {r['label']:34} {_fmt(r['train_img_s']):>20} "
-              f"{ev:>20} {gf:>8} {r.get('compile_s', 0):9.1f} {r['peak_rss_mb']:11.0f}")
+        print(
+            f"{r['model']:9} {r['dtype']:9} {r['label']:34} {_fmt(r['train_img_s']):>20} "
+            f"{ev:>20} {gf:>8} {r.get('compile_s', 0):9.1f} {r['peak_rss_mb']:11.0f}"
+        )
     if ratio_rows:
         print("\nratios (a / b images/s, per alternating round): median [min-max]")
         for q in ratio_rows:
-            print(f"{q['model']:9} {q['dtype']:9} {q['step']:5} {q['a']:>30} / {q['b']:<30} "
-                  f"{_fmt(q, 2)}")
+            print(
+                f"{q['model']:9} {q['dtype']:9} {q['step']:5} {q['a']:>30} / {q['b']:<30} "
+                f"{_fmt(q, 2)}"
+            )
     if FLAGS.output:
-        out = {"flags": {k: FLAGS[k].value for k in ("model", "dtype", "batch_size", "image_size",
-                                                       "steps", "warmup", "lever", "compare")},
-               "host": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()},
-               "results": all_results, "ratios": ratio_rows}
+        out = {
+            "flags": {
+                k: FLAGS[k].value
+                for k in (
+                    "model",
+                    "dtype",
+                    "batch_size",
+                    "image_size",
+                    "steps",
+                    "warmup",
+                    "lever",
+                    "compare",
+                )
+            },
+            "host": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()},
+            "results": all_results,
+            "ratios": ratio_rows,
+        }
         Path(FLAGS.output).write_text(json.dumps(out, indent=1))
         print(f"\nwrote {FLAGS.output}")
 

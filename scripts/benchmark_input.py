@@ -39,9 +39,12 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("images", 320, "Images generated.", lower_bound=BATCH)
 flags.DEFINE_integer("runs", 5, "Timed epochs after one warm-up.", lower_bound=1)
 flags.DEFINE_bool("no-augment", False, "Time without augmentation.")
-flags.DEFINE_enum("chain", "pipeline", ["pipeline", "own"],
-                  "'pipeline': affect_jax.data.pipeline.train_batches; 'own': a stand-alone "
-                  "equivalent chain.")
+flags.DEFINE_enum(
+    "chain",
+    "pipeline",
+    ["pipeline", "own"],
+    "'pipeline': affect_jax.data.pipeline.train_batches; 'own': a stand-alone equivalent chain.",
+)
 
 
 def write_npy_release(root: str, count: int, seed: int = 0) -> None:
@@ -56,11 +59,13 @@ def write_npy_release(root: str, count: int, seed: int = 0) -> None:
         image = cv2.resize(coarse, (SIZE, SIZE), interpolation=cv2.INTER_CUBIC)
         image += rng.normal(0, 6, image.shape)
         cv2.imwrite(
-            os.path.join(images, f"{i}.jpg"), np.clip(image, 0, 255).astype(np.uint8),
+            os.path.join(images, f"{i}.jpg"),
+            np.clip(image, 0, 255).astype(np.uint8),
             [cv2.IMWRITE_JPEG_QUALITY, 90],
         )
         for kind, value in (
-            ("exp", str(i % 8)), ("val", f"{rng.uniform(-1, 1):.3f}"),
+            ("exp", str(i % 8)),
+            ("val", f"{rng.uniform(-1, 1):.3f}"),
             ("aro", f"{rng.uniform(-1, 1):.3f}"),
         ):
             np.save(os.path.join(annotations, f"{i}_{kind}.npy"), np.array(value))
@@ -106,9 +111,7 @@ def main(argv: Sequence[str]) -> int:
             def epoch_batches(epoch):
                 return pipeline.train_batches(pool, config, epoch, BATCH)
         else:
-            files = sorted(
-                str(p) for p in Path(data_dir, "val_set", "images").glob("*.jpg")
-            )
+            files = sorted(str(p) for p in Path(data_dir, "val_set", "images").glob("*.jpg"))
 
             def epoch_batches(epoch):
                 return own_chain(files, config, epoch)
@@ -116,8 +119,10 @@ def main(argv: Sequence[str]) -> int:
         rates = []
         for epoch in range(FLAGS.runs + 1):  # Epoch 0 warms up (tracing, autotuning, caches).
             start = time.perf_counter()
-            images = sum(int(b["image"].shape[0] if isinstance(b, dict) else b.shape[0])
-                         for b in epoch_batches(epoch))
+            images = sum(
+                int(b["image"].shape[0] if isinstance(b, dict) else b.shape[0])
+                for b in epoch_batches(epoch)
+            )
             elapsed = time.perf_counter() - start
             if epoch:
                 rates.append(images / elapsed)

@@ -26,9 +26,12 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FORMATS = {"onnx": "model.onnx", "saved_model": "saved_model", "tflite": "model.tflite"}
 
 
-def write_random_run(config: ml_collections.ConfigDict, workdir: str,
-                     steps_metrics: tuple[tuple[int, float], ...] = ((1, 0.5),),
-                     class_names: list[str] | None = None) -> str:
+def write_random_run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    steps_metrics: tuple[tuple[int, float], ...] = ((1, 0.5),),
+    class_names: list[str] | None = None,
+) -> str:
     """A run directory without training: ``config.json`` and one checkpoint per step.
 
     The weights are the random initialisation (``config.model.init='random'``), the BatchNorm
@@ -88,8 +91,11 @@ RUNNERS = {"onnx": run_onnx, "saved_model": run_saved_model, "tflite": run_tflit
 def file_size(path: str) -> int:
     if os.path.isfile(path):
         return os.path.getsize(path)
-    return sum(os.path.getsize(os.path.join(root, name))
-               for root, _, names in os.walk(path) for name in names)
+    return sum(
+        os.path.getsize(os.path.join(root, name))
+        for root, _, names in os.walk(path)
+        for name in names
+    )
 
 
 def paired_rates(first, second, images: np.ndarray, repeats: int) -> tuple[float, float]:
@@ -120,12 +126,16 @@ def check_backbone(name: str, root: str, repeats: int) -> list[str]:
     workdir = write_random_run(config, os.path.join(root, name, "run"))
     predictor = predict.Predictor(workdir, batch_size=32)
     expected = predictor.predict(images)
-    spread = (np.ptp(expected["probs"], axis=0).max(),
-              np.ptp(expected["valence_arousal"], axis=0).max())
+    spread = (
+        np.ptp(expected["probs"], axis=0).max(),
+        np.ptp(expected["valence_arousal"], axis=0).max(),
+    )
     # Random weights: the outputs hardly vary over the crops; the differences are to be read
     # against this spread.
-    print(f"{name}: outputs over the crops span up to {spread[0]:.1e} (probs) and "
-          f"{spread[1]:.1e} (valence/arousal)")
+    print(
+        f"{name}: outputs over the crops span up to {spread[0]:.1e} (probs) and "
+        f"{spread[1]:.1e} (valence/arousal)"
+    )
     rows = []
     for fmt, filename in FORMATS.items():
         path = os.path.join(root, name, filename)
@@ -133,29 +143,40 @@ def check_backbone(name: str, root: str, repeats: int) -> list[str]:
         export.export_run(workdir, path, overwrite=True)
         seconds = time.perf_counter() - start
         probs, va = RUNNERS[fmt](path, images)
-        diff = max(np.abs(probs - expected["probs"]).max(),
-                   np.abs(va - expected["valence_arousal"]).max())
+        diff = max(
+            np.abs(probs - expected["probs"]).max(), np.abs(va - expected["valence_arousal"]).max()
+        )
         size = file_size(path) / 2**20
         rows.append(f"| {name} | {fmt} | {seconds:.1f} s | {size:.1f} MiB | {diff:.1e} |")
         print(rows[-1], flush=True)
-    session = ort.InferenceSession(os.path.join(root, name, "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        os.path.join(root, name, "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     for batch in (1, 32):
         jax_predictor = predict.Predictor(workdir, batch_size=batch)
-        ort_rate, jax_rate = paired_rates(lambda a: session.run(None, {"images": a}),
-                                          jax_predictor.predict, images[:batch], repeats)
-        rows.append(f"| {name} | {batch} | {ort_rate:.1f} | {jax_rate:.1f} | "
-                    f"{ort_rate / jax_rate:.2f}x |")
+        ort_rate, jax_rate = paired_rates(
+            lambda a: session.run(None, {"images": a}),
+            jax_predictor.predict,
+            images[:batch],
+            repeats,
+        )
+        rows.append(
+            f"| {name} | {batch} | {ort_rate:.1f} | {jax_rate:.1f} | {ort_rate / jax_rate:.2f}x |"
+        )
         print(rows[-1], flush=True)
     return rows
 
 
 def main(argv):
     del argv
-    print(f"jax {jax.__version__}, devices {jax.devices()}, cpus {os.cpu_count()}, "
-          f"load average {os.getloadavg()[0]:.1f}")
-    print("| backbone | format | export time | size | max abs diff vs JAX |\n"
-          "| backbone | batch | onnxruntime images/s | JAX Predictor images/s | ratio |")
+    print(
+        f"jax {jax.__version__}, devices {jax.devices()}, cpus {os.cpu_count()}, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        "| backbone | format | export time | size | max abs diff vs JAX |\n"
+        "| backbone | batch | onnxruntime images/s | JAX Predictor images/s | ratio |"
+    )
     for name in FLAGS.backbones:
         check_backbone(name, FLAGS.output_dir, FLAGS.repeats)
 

@@ -29,8 +29,11 @@ SETTINGS = {
 }
 # Neutral, Happy, Sad, Surprise, Fear, Disgust, Anger, Contempt: of 500 drawn faces each.
 DEFAULT_FRACTIONS = (1.0, 0.85, 0.1, 0.1, 0.04, 0.1, 0.1, 0.02)
-METRICS = (("f1_macro", "macro F1"), ("balanced_accuracy", "balanced acc"),
-           ("accuracy", "accuracy"))
+METRICS = (
+    ("f1_macro", "macro F1"),
+    ("balanced_accuracy", "balanced acc"),
+    ("accuracy", "accuracy"),
+)
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -42,16 +45,24 @@ def run(cmd: list[str], log: Path) -> None:
 
 def train_and_test(workdir: Path, flags: list[str]) -> tuple[dict, dict]:
     """Final validation metrics and the latest checkpoint's test metrics of one run."""
-    base = [sys.executable, "-m", "affect_jax.main", "--config=configs/demo.py",
-            f"--workdir={workdir}", *flags]
+    base = [
+        sys.executable,
+        "-m",
+        "affect_jax.main",
+        "--config=configs/demo.py",
+        f"--workdir={workdir}",
+        *flags,
+    ]
     workdir.mkdir(parents=True, exist_ok=True)
     if not (workdir / "final_metrics.json").is_file():
         run(base, workdir / "run.log")
     test = workdir / "eval_test_latest.json"
     if not test.is_file():
         run(base + ["--mode=eval", "--split=test", "--checkpoint=latest"], workdir / "run.log")
-    return (json.loads((workdir / "final_metrics.json").read_text())["metrics"],
-            json.loads(test.read_text())["metrics"])
+    return (
+        json.loads((workdir / "final_metrics.json").read_text())["metrics"],
+        json.loads(test.read_text())["metrics"],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,21 +70,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="Directory for the runs.")
     parser.add_argument("--epochs", type=int, default=15, help="Epochs per run (demo: 15).")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--settings", nargs="+", default=["none", "inverse_frequency",
-                                                          "balanced"], choices=sorted(SETTINGS))
-    parser.add_argument("--fractions", type=float, nargs=8, default=DEFAULT_FRACTIONS,
-                        help="Fraction of each class's 500 drawn faces kept for training.")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=["none", "inverse_frequency", "balanced"],
+        choices=sorted(SETTINGS),
+    )
+    parser.add_argument(
+        "--fractions",
+        type=float,
+        nargs=8,
+        default=DEFAULT_FRACTIONS,
+        help="Fraction of each class's 500 drawn faces kept for training.",
+    )
     args = parser.parse_args(argv)
     fractions = "(" + ", ".join(f"{f:g}" for f in args.fractions) + ")"
-    header = ["setting", "seed"] + [f"{split} {name}" for split in ("val", "test")
-                                    for _, name in METRICS]
+    header = ["setting", "seed"] + [
+        f"{split} {name}" for split in ("val", "test") for _, name in METRICS
+    ]
     rows = []
     for setting in args.settings:
         scores = []
         for seed in args.seeds:
-            flags = [f"--config.seed={seed}", f"--config.num_epochs={args.epochs}",
-                     f"--config.data.synthetic_class_fractions={fractions}",
-                     *SETTINGS[setting]]
+            flags = [
+                f"--config.seed={seed}",
+                f"--config.num_epochs={args.epochs}",
+                f"--config.data.synthetic_class_fractions={fractions}",
+                *SETTINGS[setting],
+            ]
             val, test = train_and_test(args.out / f"{setting}_seed{seed}", flags)
             scores.append([m[k] for m in (val, test) for k, _ in METRICS])
             rows.append([setting, str(seed)] + [f"{v:.3f}" for v in scores[-1]])

@@ -30,8 +30,11 @@ def image_paths(paths: list[str]) -> list[str]:
         if os.path.isdir(path):
             for root, dirs, files in os.walk(path):
                 dirs.sort()
-                found += [os.path.join(root, name) for name in sorted(files)
-                          if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
+                found += [
+                    os.path.join(root, name)
+                    for name in sorted(files)
+                    if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+                ]
         else:
             found.append(path)
     return found
@@ -60,22 +63,28 @@ def main(argv: list[str] | None = None) -> int:
     session = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
     if "class_names" not in meta or "image_size" not in meta:
-        print(f"{args.model}: no affect-jax metadata (class_names, image_size); export it with "
-              "python -m affect_jax.export", file=sys.stderr)
+        print(
+            f"{args.model}: no affect-jax metadata (class_names, image_size); export it with "
+            "python -m affect_jax.export",
+            file=sys.stderr,
+        )
         return 1
     class_names = json.loads(meta["class_names"])
     size = int(meta["image_size"])
     writer = csv.writer(sys.stdout, lineterminator="\n")
-    writer.writerow(["path", "expression", *(f"prob_{c}" for c in class_names), "valence",
-                     "arousal"])
+    writer.writerow(
+        ["path", "expression", *(f"prob_{c}" for c in class_names), "valence", "arousal"]
+    )
     paths, failed = image_paths(args.inputs), 0
     if not paths:
-        print(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(args.inputs)}",
-              file=sys.stderr)
+        print(
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(args.inputs)}",
+            file=sys.stderr,
+        )
         return 1
     for start in range(0, len(paths), args.batch_size):
         batch, faces = [], []
-        for path in paths[start:start + args.batch_size]:
+        for path in paths[start : start + args.batch_size]:
             try:
                 faces.append(load_face(path, size))
                 batch.append(path)
@@ -84,11 +93,19 @@ def main(argv: list[str] | None = None) -> int:
                 failed += 1
         if not faces:
             continue
-        probs, valence_arousal = session.run(["probs", "valence_arousal"],
-                                             {"images": np.stack(faces)})
+        probs, valence_arousal = session.run(
+            ["probs", "valence_arousal"], {"images": np.stack(faces)}
+        )
         for path, p, (valence, arousal) in zip(batch, probs, valence_arousal, strict=True):
-            writer.writerow([path, class_names[int(p.argmax())], *(f"{v:.6f}" for v in p),
-                             f"{valence:.6f}", f"{arousal:.6f}"])
+            writer.writerow(
+                [
+                    path,
+                    class_names[int(p.argmax())],
+                    *(f"{v:.6f}" for v in p),
+                    f"{valence:.6f}",
+                    f"{arousal:.6f}",
+                ]
+            )
     return 1 if failed else 0
 
 

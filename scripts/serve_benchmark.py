@@ -69,8 +69,12 @@ def load(url: str, image: bytes, clients: int, n: int, face: str) -> dict[str, f
     def one(_):
         with requests.Session() as session:
             start = time.perf_counter()
-            response = session.post(f"{url}/predict", params={"face": face},
-                                    files={"image": ("a.jpg", image, "image/jpeg")}, timeout=600)
+            response = session.post(
+                f"{url}/predict",
+                params={"face": face},
+                files={"image": ("a.jpg", image, "image/jpeg")},
+                timeout=600,
+            )
             response.raise_for_status()
             return time.perf_counter() - start
 
@@ -96,20 +100,28 @@ def main(argv):
     workdir = random_run(FLAGS.random, FLAGS.output_dir) if FLAGS.random else FLAGS.workdir
     name = FLAGS.random or os.path.basename(os.path.normpath(workdir))
     print(f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}", flush=True)
-    process, url = start_server(workdir, os.path.join(FLAGS.output_dir, f"{name}_server.log"),
-                                [f"--max_batch={FLAGS.max_batch}"])
+    process, url = start_server(
+        workdir,
+        os.path.join(FLAGS.output_dir, f"{name}_server.log"),
+        [f"--max_batch={FLAGS.max_batch}"],
+    )
     try:
         image = photo()
         load(url, image, 1, 3, FLAGS.face)  # warm: first requests, connections
-        print("| model | face | clients | p50 ms | p95 ms | images/s | faces per model call | "
-              "time in model calls |")
+        print(
+            "| model | face | clients | p50 ms | p95 ms | images/s | faces per model call | "
+            "time in model calls |"
+        )
         for clients in FLAGS.clients:
             clients = int(clients)
             r = load(url, image, clients, FLAGS.requests, FLAGS.face)
-            print(f"| {name} | {FLAGS.face} | {clients} | {r['p50_ms']:.0f} | "
-                  f"{r['p95_ms']:.0f} | {r['images_per_s']:.1f} | "
-                  f"{r['faces_per_call']:.1f} (max {r['max_faces_per_call']}) | "
-                  f"{100 * r['model_share']:.0f}% |", flush=True)
+            print(
+                f"| {name} | {FLAGS.face} | {clients} | {r['p50_ms']:.0f} | "
+                f"{r['p95_ms']:.0f} | {r['images_per_s']:.1f} | "
+                f"{r['faces_per_call']:.1f} (max {r['max_faces_per_call']}) | "
+                f"{100 * r['model_share']:.0f}% |",
+                flush=True,
+            )
         print(f"load average after {os.getloadavg()[0]:.1f}")
     finally:
         process.terminate()
@@ -118,8 +130,12 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "A run to serve.")
-    flags.DEFINE_enum("random", None, ["resnet50", "vgg16"], "Serve a random-weight run of "
-                      "this backbone's config (full size) instead of --workdir.")
+    flags.DEFINE_enum(
+        "random",
+        None,
+        ["resnet50", "vgg16"],
+        "Serve a random-weight run of this backbone's config (full size) instead of --workdir.",
+    )
     flags.DEFINE_string("output_dir", "/tmp/affect_jax_serve_benchmark", "Random runs, logs.")
     flags.DEFINE_integer("requests", 100, "Requests per client count.")
     flags.DEFINE_list("clients", ["1", "8"], "Concurrent clients.")

@@ -21,14 +21,18 @@ class Bottleneck(nn.Module):
         out = 4 * filters
         self.shortcut = (
             nn.Sequential(nn.Conv2d(cin, out, 1, stride), nn.BatchNorm2d(out, eps=1.001e-5))
-            if shortcut else None
+            if shortcut
+            else None
         )
         self.body = nn.Sequential(
-            nn.Conv2d(cin, filters, 1, stride), nn.BatchNorm2d(filters, eps=1.001e-5),
+            nn.Conv2d(cin, filters, 1, stride),
+            nn.BatchNorm2d(filters, eps=1.001e-5),
             nn.ReLU(inplace=True),
-            nn.Conv2d(filters, filters, 3, 1, 1), nn.BatchNorm2d(filters, eps=1.001e-5),
+            nn.Conv2d(filters, filters, 3, 1, 1),
+            nn.BatchNorm2d(filters, eps=1.001e-5),
             nn.ReLU(inplace=True),
-            nn.Conv2d(filters, out, 1), nn.BatchNorm2d(out, eps=1.001e-5),
+            nn.Conv2d(filters, out, 1),
+            nn.BatchNorm2d(out, eps=1.001e-5),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -39,8 +43,12 @@ class Bottleneck(nn.Module):
 def resnet50() -> tuple[nn.Module, int]:
     """(backbone without top, number of output channels)."""
     layers: list[nn.Module] = [
-        nn.ZeroPad2d(3), nn.Conv2d(3, 64, 7, 2), nn.BatchNorm2d(64, eps=1.001e-5),
-        nn.ReLU(inplace=True), nn.ZeroPad2d(1), nn.MaxPool2d(3, 2),
+        nn.ZeroPad2d(3),
+        nn.Conv2d(3, 64, 7, 2),
+        nn.BatchNorm2d(64, eps=1.001e-5),
+        nn.ReLU(inplace=True),
+        nn.ZeroPad2d(1),
+        nn.MaxPool2d(3, 2),
     ]
     cin = 64
     for filters, blocks, stride in _RESNET_STAGES:
@@ -67,7 +75,7 @@ class MultiTask(nn.Module):
 
     def __init__(self, name: str, num_classes: int):
         super().__init__()
-        self.backbone, features = {'resnet50': resnet50, 'vgg16': vgg16}[name]()
+        self.backbone, features = {"resnet50": resnet50, "vgg16": vgg16}[name]()
         self.cls = nn.Linear(features, num_classes)
         self.reg = nn.Linear(features, 2)
 

@@ -34,8 +34,16 @@ def write_truncated_jpeg(path):
     write_bytes(path, data[: len(data) // 2])
 
 
-def npy_example(split_dir, example_id, exp="0", val="0.5", aro="-0.25", lnd=True, image=True,
-                colour=(128, 128, 128)):
+def npy_example(
+    split_dir,
+    example_id,
+    exp="0",
+    val="0.5",
+    aro="-0.25",
+    lnd=True,
+    image=True,
+    colour=(128, 128, 128),
+):
     """One npy-release example: its image and annotation files (None leaves a file out)."""
     if image:
         write_jpeg(os.path.join(split_dir, "images", f"{example_id}.jpg"), colour)
@@ -55,8 +63,12 @@ def npy_release(split_dir, per_class=3):
     for c in range(8):
         for k in range(per_class):
             npy_example(
-                split_dir, str(c * 100 + k), exp=str(c), val=f"{-0.9 + 0.1 * c:.3f}",
-                aro=f"{0.05 * k:.3f}", colour=(10 * c, 20 * k, 50),
+                split_dir,
+                str(c * 100 + k),
+                exp=str(c),
+                val=f"{-0.9 + 0.1 * c:.3f}",
+                aro=f"{0.05 * k:.3f}",
+                colour=(10 * c, 20 * k, 50),
             )
 
 
@@ -65,7 +77,7 @@ def official_image(images_dir, rel, size, box, face=RED, background=BLUE):
     width, height = size
     array = np.zeros((height, width, 3), np.uint8) + np.array(background, np.uint8)
     x, y, w, h = box
-    array[max(0, y):y + h, max(0, x):x + w] = face
+    array[max(0, y) : y + h, max(0, x) : x + w] = face
     write_jpeg(os.path.join(images_dir, rel), array)
 
 
@@ -78,8 +90,17 @@ def landmark_text(x, y):
 def official_row(rel, box, expression=1, valence=0.5, arousal=-0.5, landmarks=None):
     """A row of training.csv/validation.csv."""
     x, y, w, h = box
-    return [rel, x, y, w, h, landmark_text(x, y) if landmarks is None else landmarks,
-            expression, valence, arousal]
+    return [
+        rel,
+        x,
+        y,
+        w,
+        h,
+        landmark_text(x, y) if landmarks is None else landmarks,
+        expression,
+        valence,
+        arousal,
+    ]
 
 
 def write_csv(path, rows, header=None):
@@ -93,6 +114,13 @@ def write_csv(path, rows, header=None):
 
 
 OFFICIAL_HEADER = [
-    "subDirectory_filePath", "face_x", "face_y", "face_width", "face_height",
-    "facial_landmarks", "expression", "valence", "arousal",
+    "subDirectory_filePath",
+    "face_x",
+    "face_y",
+    "face_width",
+    "face_height",
+    "facial_landmarks",
+    "expression",
+    "valence",
+    "arousal",
 ]

@@ -81,7 +81,9 @@ def bit_identical(config: ml_collections.ConfigDict) -> bool:
 
 
 def randomize_keras_weights(
-    keras, model, rng: np.random.Generator,
+    keras,
+    model,
+    rng: np.random.Generator,
     gamma_range: Callable[[str], tuple[float, float]] = lambda name: (0.5, 1.5),
 ) -> None:
     """Random biases and BatchNorm parameters/statistics of a Keras model (Keras initialises
@@ -93,15 +95,20 @@ def randomize_keras_weights(
             continue
         if isinstance(layer, keras.layers.BatchNormalization):
             shape = values[0].shape
-            values = [rng.uniform(*gamma_range(layer.name), shape), rng.normal(0, 0.1, shape),
-                      rng.normal(0, 0.1, shape), rng.uniform(0.5, 1.5, shape)]
+            values = [
+                rng.uniform(*gamma_range(layer.name), shape),
+                rng.normal(0, 0.1, shape),
+                rng.normal(0, 0.1, shape),
+                rng.uniform(0.5, 1.5, shape),
+            ]
         else:
             values = [values[0], rng.normal(0, 0.05, values[1].shape)]
         layer.set_weights([v.astype(np.float32) for v in values])
 
 
-def report_measurements(request, cache_key: str, results: dict,
-                        summary: Callable[[dict], list[str]]) -> None:
+def report_measurements(
+    request, cache_key: str, results: dict, summary: Callable[[dict], list[str]]
+) -> None:
     """Shows ``summary(results)``, a test module's measured errors, in the terminal summary
     (with or without output capture) and logs it; stores ``results`` in the pytest cache
     under ``cache_key``. Nothing when no test measured anything."""
@@ -124,10 +131,18 @@ def report_measurements(request, cache_key: str, results: dict,
 
 # Flags that turn configs/default.py into the tiny config above on the command line.
 TINY_FLAGS = [
-    "--config.model.name=vgg16", "--config.model.width=0.0625", "--config.model.init=random",
-    "--config.model.hidden_sizes=(16,)", "--config.model.dropout=0.1",
-    "--config.data.source=synthetic", "--config.data.synthetic_size=120",
-    "--config.data.image_size=32", "--config.batch_size=8", "--config.eval_batch_size=16",
-    "--config.num_epochs=3", "--config.steps_per_epoch=4", "--config.log_every_steps=2",
+    "--config.model.name=vgg16",
+    "--config.model.width=0.0625",
+    "--config.model.init=random",
+    "--config.model.hidden_sizes=(16,)",
+    "--config.model.dropout=0.1",
+    "--config.data.source=synthetic",
+    "--config.data.synthetic_size=120",
+    "--config.data.image_size=32",
+    "--config.batch_size=8",
+    "--config.eval_batch_size=16",
+    "--config.num_epochs=3",
+    "--config.steps_per_epoch=4",
+    "--config.log_every_steps=2",
     f"--config.compilation_cache_dir={XLA_CACHE}",
 ]

@@ -10,8 +10,18 @@ from tests.affectnet_files import RED, write_bytes, write_jpeg
 
 FER_HEADER = ["emotion", "pixels", "Usage"]
 FERPLUS_HEADER = [
-    "Usage", "Image name", "neutral", "happiness", "surprise", "sadness", "anger", "disgust",
-    "fear", "contempt", "unknown", "NF",
+    "Usage",
+    "Image name",
+    "neutral",
+    "happiness",
+    "surprise",
+    "sadness",
+    "anger",
+    "disgust",
+    "fear",
+    "contempt",
+    "unknown",
+    "NF",
 ]
 # FER2013 classes 0-6 (Angry ... Neutral) -> the project's codes (Neutral 0 ... Anger 6).
 FER_TO_PROJECT = {0: 6, 1: 5, 2: 4, 3: 1, 4: 2, 5: 3, 6: 0}

@@ -49,9 +49,7 @@ def _decoded(pool, i):
 
 def _by_name(pool):
     """Row index per image file stem."""
-    return {
-        os.path.splitext(os.path.basename(p))[0]: i for i, p in enumerate(pool.columns["path"])
-    }
+    return {os.path.splitext(os.path.basename(p))[0]: i for i, p in enumerate(pool.columns["path"])}
 
 
 # --- npy (the redistributed release) ---------------------------------------------------------
@@ -102,7 +100,8 @@ def test_npy_release_keeps_and_drops_exactly(tmp_path):
     }
     rows = _by_name(pool)
     assert set(rows) == {str(c * 100 + k) for c in range(8) for k in range(3)} | {
-        "nolnd", "strlnd",
+        "nolnd",
+        "strlnd",
     }
     i = rows["502"]
     assert pool.columns["expression"][i] == 5
@@ -111,8 +110,9 @@ def test_npy_release_keeps_and_drops_exactly(tmp_path):
     np.testing.assert_array_equal(pool.columns["landmarks"][i].reshape(-1), np.arange(136))
     np.testing.assert_array_equal(pool.columns["box"][i], [0, 0, 32, 32])
     assert np.isnan(pool.columns["landmarks"][rows["nolnd"]]).all()
-    np.testing.assert_array_equal(pool.columns["landmarks"][rows["strlnd"]].reshape(-1),
-                                  np.arange(136))
+    np.testing.assert_array_equal(
+        pool.columns["landmarks"][rows["strlnd"]].reshape(-1), np.arange(136)
+    )
     image = _decoded(pool, i)
     assert image.shape == (32, 32, 3) and image.dtype == np.uint8
     np.testing.assert_allclose(image.mean(axis=(0, 1)), (50, 40, 50), atol=3)
@@ -127,7 +127,8 @@ def test_npy_release_keeps_and_drops_exactly(tmp_path):
     assert any("noannotation.jpg" in e for e in examples["dropped_missing_annotation"])
     assert any("noimage_exp.npy" in e for e in examples["dropped_missing_image"])
     assert sorted(e.split(":")[0] for e in examples["dropped_undecodable_image"]) == [
-        "val_set/images/corrupt.jpg", "val_set/images/truncated.jpg",
+        "val_set/images/corrupt.jpg",
+        "val_set/images/truncated.jpg",
     ]
     assert report["splits"]["train"]["class_counts"]["Neutral"] == 5
 
@@ -351,8 +352,7 @@ def test_manifest_with_valence_arousal(tmp_path):
     assert pool.columns["expression"][rows_by_name["b"]] == 2
     assert pool.columns["valence"][rows_by_name["b"]] == pytest.approx(-0.5)
     assert pool.columns["arousal"][rows_by_name["c"]] == pytest.approx(1.0)
-    np.testing.assert_allclose(_decoded(pool, rows_by_name["c"]).mean((0, 1)), (0, 200, 0),
-                               atol=3)
+    np.testing.assert_allclose(_decoded(pool, rows_by_name["c"]).mean((0, 1)), (0, 200, 0), atol=3)
 
 
 def test_manifest_without_valence_arousal(tmp_path):
@@ -383,14 +383,20 @@ def test_prepared_copy_is_reused_and_keyed_by_settings(tmp_path, monkeypatch):
 
     names = {affectnet.prepare(config).builder_config.name}
     variants = [
-        {"num_classes": 7}, {"face_margin": 0.1}, {"layout": "official"},
+        {"num_classes": 7},
+        {"face_margin": 0.1},
+        {"layout": "official"},
     ]
     for change in variants:
         changed = _config(tmp_path / "data", tmp_path / "tfds", **change)
-        names.add(affectnet.make_builder_config(
-            changed.data.dir, changed.data.layout, changed.data.num_classes,
-            changed.data.face_margin,
-        )[0].name)
+        names.add(
+            affectnet.make_builder_config(
+                changed.data.dir,
+                changed.data.layout,
+                changed.data.num_classes,
+                changed.data.face_margin,
+            )[0].name
+        )
     # layout='official' resolves to the same detected layout: the same copy.
     assert len(names) == 3
     shutil.copytree(tmp_path / "data", tmp_path / "copy")
@@ -402,8 +408,9 @@ def test_prepared_copy_is_reused_and_keyed_by_settings(tmp_path, monkeypatch):
     os.utime(tmp_path / "copy" / "Manually_Annotated_file_lists" / "validation.csv", (1, 1))
     assert affectnet.make_builder_config(str(tmp_path / "copy"))[0].name != moved
 
-    seven = affectnet.load_source(_config(tmp_path / "data", tmp_path / "tfds", num_classes=7),
-                                  None)
+    seven = affectnet.load_source(
+        _config(tmp_path / "data", tmp_path / "tfds", num_classes=7), None
+    )
     assert seven.counts["dropped_contempt"] == 1 and seven.num_classes == 7
     assert len(calls) > prepared
 
@@ -438,8 +445,9 @@ def test_missing_or_empty_or_unrecognised_dir_is_a_clear_error(tmp_path):
 def test_requested_layout_that_does_not_match_is_a_clear_error(tmp_path):
     npy_release(str(tmp_path / "data" / "val_set"), per_class=1)
     with pytest.raises(DataError, match="layout='official' but .* found: val_set/"):
-        affectnet.load_source(_config(tmp_path / "data", tmp_path / "tfds", layout="official"),
-                              None)
+        affectnet.load_source(
+            _config(tmp_path / "data", tmp_path / "tfds", layout="official"), None
+        )
     with pytest.raises(DataError, match="expected 'auto' or one of"):
         affectnet.load_source(_config(tmp_path / "data", tmp_path / "tfds", layout="csv"), None)
 
@@ -472,7 +480,8 @@ def test_data_report_is_written_when_the_data_error_stops_the_run(tmp_path):
     assert report["error"] == str(raised.value)
     assert report["splits"]["train"]["counts"]["dropped_non_emotion"] == 1
     assert report["splits"]["train"]["examples"]["dropped_non_emotion"] == [
-        "val_set/images/a.jpg: expression 9"]
+        "val_set/images/a.jpg: expression 9"
+    ]
     # No layout found at all: the report says so.
     with pytest.raises(DataError, match="does not exist"):
         affectnet.load_source(_config(tmp_path / "nowhere", tmp_path / "tfds"), str(work))

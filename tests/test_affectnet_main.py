@@ -29,8 +29,9 @@ def _official(root):
         for k in range(PER_CLASS + 1):  # the last face of each class goes to validation.csv
             rel = f"{c}/{k}.jpg"
             official_image(images, rel, (48, 40), (4 + k, 5, 30, 30))
-            row = official_row(rel, (4 + k, 5, 30, 30), expression=c,
-                                valence=0.2 * k - 0.4, arousal=0.1 * c - 0.3)
+            row = official_row(
+                rel, (4 + k, 5, 30, 30), expression=c, valence=0.2 * k - 0.4, arousal=0.1 * c - 0.3
+            )
             (val_rows if k == PER_CLASS else train_rows).append(row)
     train_rows.append(official_row("0/0.jpg", (4, 5, 30, 30), expression=9))  # Uncertain
     write_csv(os.path.join(root, "training.csv"), train_rows, OFFICIAL_HEADER)
@@ -42,8 +43,10 @@ def _folders(root):
     rng = np.random.default_rng(0)
     for name in names:
         for k in range(PER_CLASS):
-            write_jpeg(os.path.join(root, name, f"{k}.jpg"),
-                  rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+            write_jpeg(
+                os.path.join(root, name, f"{k}.jpg"),
+                rng.integers(0, 255, (32, 32, 3), dtype=np.uint8),
+            )
     write_bytes(os.path.join(root, "happy", "broken.jpg"))
 
 
@@ -54,8 +57,7 @@ def _manifest(root):
             write_jpeg(os.path.join(root, "faces", f"{c}_{k}.jpg"), (30 * c, 40 * k, 90))
             rows.append([f"faces/{c}_{k}.jpg", c, f"{0.1 * k:.2f}", f"{-0.1 * c:.2f}"])
     rows.append(["faces/missing.jpg", 1, "0.1", "0.1"])
-    write_csv(os.path.join(root, "labels.csv"), rows, ["path", "expression", "valence",
-                                                         "arousal"])
+    write_csv(os.path.join(root, "labels.csv"), rows, ["path", "expression", "valence", "arousal"])
 
 
 LAYOUTS = {
@@ -70,10 +72,20 @@ LAYOUTS = {
 def test_main_trains_and_evaluates_on_each_layout(tmp_path, layout):
     data, workdir = tmp_path / "data", tmp_path / "run"
     LAYOUTS[layout](str(data))
-    cmd = [sys.executable, "-m", "affect_jax.main", "--config=configs/default.py",
-           f"--workdir={workdir}", *TINY_FLAGS, "--config.data.source=affectnet",
-           f"--config.data.dir={data}", f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
-           "--config.batch_size=4", "--config.num_epochs=1", "--config.steps_per_epoch=2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "affect_jax.main",
+        "--config=configs/default.py",
+        f"--workdir={workdir}",
+        *TINY_FLAGS,
+        "--config.data.source=affectnet",
+        f"--config.data.dir={data}",
+        f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
+        "--config.batch_size=4",
+        "--config.num_epochs=1",
+        "--config.steps_per_epoch=2",
+    ]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -91,8 +103,13 @@ def test_main_trains_and_evaluates_on_each_layout(tmp_path, layout):
     else:
         assert np.isfinite(final["metrics"]["valence_rmse"])
     if layout == "official":  # validation.csv is the held-out test split
-        result = subprocess.run(cmd + ["--mode=eval", "--split=test"], cwd=REPO,
-                                capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            cmd + ["--mode=eval", "--split=test"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         scored = json.load(open(workdir / "eval_test_best.json"))
         assert scored["num_examples"] == 8

@@ -11,8 +11,12 @@ SIZE = 48
 
 def _cfg(flip=True, crop_scale=(0.8, 1.0), rotation_degrees=10.0, color_jitter=0.2):
     return ml_collections.ConfigDict(
-        dict(flip=flip, crop_scale=crop_scale, rotation_degrees=rotation_degrees,
-             color_jitter=color_jitter)
+        dict(
+            flip=flip,
+            crop_scale=crop_scale,
+            rotation_degrees=rotation_degrees,
+            color_jitter=color_jitter,
+        )
     )
 
 
@@ -111,5 +115,7 @@ def test_graph_mode_in_tf_data_matches_eager():
     for i, out in enumerate(ds.as_numpy_iterator()):
         np.testing.assert_allclose(out, augment_image(images[i], seeds[i], cfg), atol=1e-4)
     assert tf.function(lambda x, s: augment_image(x, s, cfg))(images[0], seeds[0]).shape == (
-        SIZE, SIZE, 3,
+        SIZE,
+        SIZE,
+        3,
     )

@@ -11,12 +11,16 @@ from affect_jax.data.pipeline import DataConfigError
 from affect_jax.weights import WeightFileError
 
 
-@pytest.mark.parametrize("error", [
-    config_checks.ConfigError("config.batch_size=0: expected an integer >= 1\nsecond line"),
-    DataError("no usable example in val_set"), DataConfigError("fewer than batch_size"),
-    WeightFileError("weights.h5 holds vgg16 weights but the model is resnet50"),
-    FileNotFoundError("no checkpoints in /run/checkpoints"),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        config_checks.ConfigError("config.batch_size=0: expected an integer >= 1\nsecond line"),
+        DataError("no usable example in val_set"),
+        DataConfigError("fewer than batch_size"),
+        WeightFileError("weights.h5 holds vgg16 weights but the model is resnet50"),
+        FileNotFoundError("no checkpoints in /run/checkpoints"),
+    ],
+)
 def test_user_errors_are_their_message(error):
     assert cli.user_error_message(error) == str(error)
 
@@ -47,7 +51,8 @@ def test_a_full_disk_names_the_path_and_what_to_do():
     full = OSError(errno.ENOSPC, "No space left on device", "/runs/a/metrics.jsonl")
     assert cli.user_error_message(full, "workdir") == (
         "no space left on device writing /runs/a/metrics.jsonl: free some space or pass "
-        "another --workdir")
+        "another --workdir"
+    )
     try:  # deep in a checkpoint writer's thread, re-raised by another exception
         try:
             raise full
@@ -55,7 +60,8 @@ def test_a_full_disk_names_the_path_and_what_to_do():
             raise RuntimeError("Event loop is closed") from e
     except RuntimeError as e:
         assert cli.user_error_message(e, "output").startswith(
-            "no space left on device writing /runs/a/metrics.jsonl")
+            "no space left on device writing /runs/a/metrics.jsonl"
+        )
     tensorstore = ValueError("OUT_OF_RANGE: Error writing local file: No space left on device")
     assert cli.user_error_message(tensorstore) == "no space left on device: free some space"
 
@@ -63,19 +69,20 @@ def test_a_full_disk_names_the_path_and_what_to_do():
 def test_console_shows_our_info_and_everyones_warnings(tmp_path):
     record = logging.LogRecord
     ours = record("absl", logging.INFO, f"{console.PACKAGE_DIR}/train.py", 1, "epoch 1", (), None)
-    library = record("absl", logging.INFO, "/site-packages/orbax/checkpoint.py", 1, "Saving",
-                     (), None)
-    warning = record("absl", logging.WARNING, "/site-packages/orbax/checkpoint.py", 1, "slow",
-                     (), None)
-    detail = record("absl", logging.INFO, f"{console.PACKAGE_DIR}/main.py", 1, "config", (),
-                    None)
+    library = record(
+        "absl", logging.INFO, "/site-packages/orbax/checkpoint.py", 1, "Saving", (), None
+    )
+    warning = record(
+        "absl", logging.WARNING, "/site-packages/orbax/checkpoint.py", 1, "slow", (), None
+    )
+    detail = record("absl", logging.INFO, f"{console.PACKAGE_DIR}/main.py", 1, "config", (), None)
     detail.console = False
-    shown = console._ConsoleFilter()
-    assert [shown.filter(r) for r in (ours, library, warning, detail)] == [
-        True, False, True, False]
-    formatter = console._ConsoleFormatter()
+    shown = console.ConsoleFilter()
+    assert [shown.filter(r) for r in (ours, library, warning, detail)] == [True, False, True, False]
+    formatter = console.ConsoleFormatter()
     assert formatter.format(ours)[8:] == " epoch 1"  # HH:MM:SS first
     assert formatter.format(warning)[8:] == " warning: slow"
-    error = record("absl", logging.ERROR, "x.py", 1, "config.seed=0.5: expected an integer",
-                   (), None)
+    error = record(
+        "absl", logging.ERROR, "x.py", 1, "config.seed=0.5: expected an integer", (), None
+    )
     assert formatter.format(error) == "error: config.seed=0.5: expected an integer"

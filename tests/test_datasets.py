@@ -58,8 +58,7 @@ def _counts(**drops):
 
 def test_fer2013_usage_gives_the_standard_pools(tmp_path):
     good = fer2013_rows(per_class=2)  # 14 Training, 7 PublicTest, 7 PrivateTest.
-    write_rows(str(tmp_path / "data" / "fer2013" / "fer2013.csv"), FER_HEADER,
-               good + FER_BAD_ROWS)
+    write_rows(str(tmp_path / "data" / "fer2013" / "fer2013.csv"), FER_HEADER, good + FER_BAD_ROWS)
     (tmp_path / "data" / "fer2013" / "README").write_text("as extracted from fer2013.tar.gz")
     workdir = tmp_path / "work"
     source = affectnet.load_source(
@@ -68,10 +67,11 @@ def test_fer2013_usage_gives_the_standard_pools(tmp_path):
     assert source.name == "fer2013" and source.num_classes == 7
     assert not source.has_valence_arousal
     assert {k: len(p) for k, p in source.pools.items()} == {
-        "train": 14, "validation": 7, "test": 7,
+        "train": 14,
+        "validation": 7,
+        "test": 7,
     }
-    assert dict(source.counts) == _counts(kept=28, dropped_malformed_row=5,
-                                          dropped_unknown_label=1)
+    assert dict(source.counts) == _counts(kept=28, dropped_malformed_row=5, dropped_unknown_label=1)
     train = source.pools["train"]
     assert np.isnan(train.columns["valence"]).all()
     for i, path in enumerate(train.columns["path"]):  # 'fer2013.csv:<line> ()'
@@ -94,8 +94,14 @@ def test_fer2013_usage_gives_the_standard_pools(tmp_path):
     assert any("emotion 7" in e for e in examples["dropped_unknown_label"])
 
     splits = pipeline.make_splits(
-        _config(tmp_path / "data" / "fer2013" / "fer2013.csv", tmp_path / "tfds",
-                num_classes=7, image_size=32), None)
+        _config(
+            tmp_path / "data" / "fer2013" / "fer2013.csv",
+            tmp_path / "tfds",
+            num_classes=7,
+            image_size=32,
+        ),
+        None,
+    )
     assert (len(splits.train), len(splits.validation), len(splits.test)) == (14, 7, 7)
 
 
@@ -157,17 +163,23 @@ def test_ferplus_votes_beside_fer2013_pixels(tmp_path):
     add("Training", [0] * 9 + [10], name=False)  # NF, as the release writes it
     add("Training", ["x"] + [0] * 9)  # malformed votes
     add("Training", ferplus_votes(0), fer_usage="PublicTest")  # files out of order
-    write_rows(str(root / "fer2013.csv"), FER_HEADER, fer_rows + [["1", face_pixels(99),
-                                                                  "Training"]])
+    write_rows(
+        str(root / "fer2013.csv"), FER_HEADER, fer_rows + [["1", face_pixels(99), "Training"]]
+    )
     write_rows(str(root / "FERPlus" / "fer2013new.csv"), FERPLUS_HEADER, vote_rows)
 
     source = affectnet.load_source(_config(root, tmp_path / "tfds"), None)
     assert source.name == "ferplus" and source.num_classes == 8
     assert {k: len(p) for k, p in source.pools.items()} == {
-        "train": 16, "validation": 8, "test": 8,
+        "train": 16,
+        "validation": 8,
+        "test": 8,
     }
     assert dict(source.counts) == _counts(
-        kept=32, dropped_no_majority=2, dropped_non_emotion=2, dropped_malformed_row=2,
+        kept=32,
+        dropped_no_majority=2,
+        dropped_non_emotion=2,
+        dropped_malformed_row=2,
         dropped_missing_annotation=1,  # the extra fer2013.csv row
     )
     column_codes = [0, 1, 3, 2, 6, 5, 4, 7]  # neutral, happiness, surprise, sadness, ...
@@ -196,14 +208,18 @@ def test_rafdb_pools_from_file_names(tmp_path):
     train, test = source.pools["train"], source.pools["test"]
     assert (len(train), len(test)) == (14, 7)
     assert dict(source.counts) == _counts(
-        kept=21, dropped_malformed_row=3, dropped_unknown_label=1, dropped_missing_image=1,
-        dropped_undecodable_image=1, dropped_missing_annotation=1,
+        kept=21,
+        dropped_malformed_row=3,
+        dropped_unknown_label=1,
+        dropped_missing_image=1,
+        dropped_undecodable_image=1,
+        dropped_missing_annotation=1,
     )
     for pool, split in ((train, "train"), (test, "test")):
         for i, path in enumerate(pool.columns["path"]):
             name = os.path.basename(path)
             assert name.startswith(split) and name.endswith("_aligned.jpg")
-            assert pool.columns["expression"][i] == RAF_TO_PROJECT[int(name[len(split) + 1:][:3])]
+            assert pool.columns["expression"][i] == RAF_TO_PROJECT[int(name[len(split) + 1 :][:3])]
     with pytest.raises(DataError, match="carries 7 classes"):
         affectnet.load_source(_config(tmp_path / "data", tmp_path / "tfds"), None)
 
@@ -227,8 +243,19 @@ def test_manifest_column_names_label_case_and_image_root(tmp_path):
     # As a public collection ships: data/legend.csv ('user.id, image, emotion', labels in mixed
     # case) and the images in ../images/.
     root = tmp_path / "facial_expressions"
-    labels = ["HAPPINESS", "happiness", "Neutral", "NEUTRAL", "surprise", "CONTEMPT", "sadness",
-              "anger", "fear", "disgust", "3"]
+    labels = [
+        "HAPPINESS",
+        "happiness",
+        "Neutral",
+        "NEUTRAL",
+        "surprise",
+        "CONTEMPT",
+        "sadness",
+        "anger",
+        "fear",
+        "disgust",
+        "3",
+    ]
     rows = []
     for k, label in enumerate(labels):
         write_jpeg(str(root / "images" / f"face{k}.jpg"), (20 * k, 0, 0))
@@ -239,26 +266,30 @@ def test_manifest_column_names_label_case_and_image_root(tmp_path):
 
     with pytest.raises(DataError, match="2 manifest CSV files"):
         affectnet.load_source(_config(root / "data", tmp_path / "tfds"), None)
-    config = _config(root / "data" / "legend.csv", tmp_path / "tfds",
-                     image_root=str(root / "images"))
+    config = _config(
+        root / "data" / "legend.csv", tmp_path / "tfds", image_root=str(root / "images")
+    )
     source = affectnet.load_source(config, None)
     pool = source.pools["train"]
     assert source.name == "affectnet" and not source.has_valence_arousal
-    assert dict(source.counts) == _counts(kept=11, dropped_unknown_label=1,
-                                          dropped_missing_image=1, dropped_malformed_row=1)
+    assert dict(source.counts) == _counts(
+        kept=11, dropped_unknown_label=1, dropped_missing_image=1, dropped_malformed_row=1
+    )
     codes = {os.path.basename(p): c for p, c in zip(pool.columns["path"], pool.labels, strict=True)}
-    assert [codes[f"face{k}.jpg"] for k in range(len(labels))] == [1, 1, 0, 0, 3, 7, 2, 6, 4,
-                                                                     5, 3]
+    assert [codes[f"face{k}.jpg"] for k in range(len(labels))] == [1, 1, 0, 0, 3, 7, 2, 6, 4, 5, 3]
     # Without image_root, paths start at the CSV's directory: every image is missing.
     with pytest.raises(DataError, match="no usable example.*dropped_missing_image 12"):
         affectnet.load_source(_config(root / "data" / "legend.csv", tmp_path / "tfds"), None)
     with pytest.raises(DataError, match="image_root='/nowhere' does not exist"):
-        affectnet.load_source(_config(root / "data" / "legend.csv", tmp_path / "tfds",
-                                      image_root="/nowhere"), None)
+        affectnet.load_source(
+            _config(root / "data" / "legend.csv", tmp_path / "tfds", image_root="/nowhere"), None
+        )
 
 
-@pytest.mark.parametrize("header", [["File Name", "Label"], ["filepath", "class"],
-                                    ["file", "Expression"], ["path", "emotion"]])
+@pytest.mark.parametrize(
+    "header",
+    [["File Name", "Label"], ["filepath", "class"], ["file", "Expression"], ["path", "emotion"]],
+)
 def test_manifest_accepts_the_usual_column_names(tmp_path, header):
     root = tmp_path / "data"
     write_jpeg(str(root / "a.jpg"), RED)
@@ -274,14 +305,25 @@ def test_manifest_accepts_the_usual_column_names(tmp_path, header):
 
 
 def test_main_trains_on_fer2013_without_valence_arousal(tmp_path):
-    write_rows(str(tmp_path / "data" / "fer2013.csv"), FER_HEADER,
-               fer2013_rows(per_class=2) + FER_BAD_ROWS)
+    write_rows(
+        str(tmp_path / "data" / "fer2013.csv"), FER_HEADER, fer2013_rows(per_class=2) + FER_BAD_ROWS
+    )
     workdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "affect_jax.main", "--config=configs/default.py",
-           f"--workdir={workdir}", *TINY_FLAGS, "--config.data.source=affectnet",
-           f"--config.data.dir={tmp_path / 'data'}", "--config.data.num_classes=7",
-           f"--config.data.tfds_data_dir={tmp_path / 'tfds'}", "--config.batch_size=4",
-           "--config.num_epochs=1", "--config.steps_per_epoch=2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "affect_jax.main",
+        "--config=configs/default.py",
+        f"--workdir={workdir}",
+        *TINY_FLAGS,
+        "--config.data.source=affectnet",
+        f"--config.data.dir={tmp_path / 'data'}",
+        "--config.data.num_classes=7",
+        f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
+        "--config.batch_size=4",
+        "--config.num_epochs=1",
+        "--config.steps_per_epoch=2",
+    ]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     final = json.loads((workdir / "final_metrics.json").read_text())

@@ -36,27 +36,39 @@ def test_several_eval_batches_per_call_match_one_per_call(name):
             np.testing.assert_allclose(three[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
     # The labels come back in the batches' order.
     np.testing.assert_array_equal(
-        one["expression"], np.concatenate([b["expression"][b["mask"] > 0] for b in batches]))
+        one["expression"], np.concatenate([b["expression"][b["mask"] > 0] for b in batches])
+    )
     with pytest.raises(ValueError, match="batches_per_call=0"):
         evaluation.predict_split(eval_steps, state, batches, mesh, batches_per_call=0)
 
 
-@pytest.mark.parametrize(("steps_per_call", "batch", "eval_batch", "expected"),
-                         [(8, 32, 64, 4), (8, 32, 32, 8), (1, 32, 64, 1), (8, 32, 512, 1),
-                          (3, 16, 20, 2)])
-def test_evaluation_calls_hold_a_training_calls_images(steps_per_call, batch, eval_batch,
-                                                       expected):
-    config = tiny_config(steps_per_execution=steps_per_call, batch_size=batch,
-                         eval_batch_size=eval_batch)
+@pytest.mark.parametrize(
+    ("steps_per_call", "batch", "eval_batch", "expected"),
+    [(8, 32, 64, 4), (8, 32, 32, 8), (1, 32, 64, 1), (8, 32, 512, 1), (3, 16, 20, 2)],
+)
+def test_evaluation_calls_hold_a_training_calls_images(steps_per_call, batch, eval_batch, expected):
+    config = tiny_config(
+        steps_per_execution=steps_per_call, batch_size=batch, eval_batch_size=eval_batch
+    )
     assert evaluation.eval_batches_per_call(config) == expected
 
 
 def test_result_record_names_what_was_scored(tiny):
     source = pipeline.make_splits(tiny).source
-    record = evaluation.result_record(tiny, source, {"accuracy": 0.5}, 24, checkpoint="best",
-                                      epoch=3, split="test")
-    assert list(record) == ["model", "num_classes", "class_names", "data_source", "checkpoint",
-                            "epoch", "split", "num_examples", "metrics"]
+    record = evaluation.result_record(
+        tiny, source, {"accuracy": 0.5}, 24, checkpoint="best", epoch=3, split="test"
+    )
+    assert list(record) == [
+        "model",
+        "num_classes",
+        "class_names",
+        "data_source",
+        "checkpoint",
+        "epoch",
+        "split",
+        "num_examples",
+        "metrics",
+    ]
     assert record["model"] == "vgg16" and record["data_source"] == "synthetic"
     assert record["num_classes"] == 8 and record["class_names"] == list(source.class_names)
     assert record["num_examples"] == 24 and record["metrics"] == {"accuracy": 0.5}

@@ -94,10 +94,12 @@ def test_exported_model_computes_what_the_predictor_does(name, fmt, runs, faces,
         probs, va = _run(fmt, exported[name, fmt], images)
         assert probs.shape == (len(images), len(predictor.class_names))
         assert va.shape == (len(images), 2) and probs.dtype == va.dtype == np.float32
-        np.testing.assert_allclose(probs, expected["probs"][:len(images)], rtol=0,
-                                   atol=TOLERANCE[fmt])
-        np.testing.assert_allclose(va, expected["valence_arousal"][:len(images)], rtol=0,
-                                   atol=TOLERANCE[fmt])
+        np.testing.assert_allclose(
+            probs, expected["probs"][: len(images)], rtol=0, atol=TOLERANCE[fmt]
+        )
+        np.testing.assert_allclose(
+            va, expected["valence_arousal"][: len(images)], rtol=0, atol=TOLERANCE[fmt]
+        )
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
 
 
@@ -110,8 +112,10 @@ def _expected_metadata(name, workdir, predictor, step=1, which="best"):
         "image_size": SIZE,
         "preprocessing": predictor.preprocessing,
         "input": f"images: uint8 RGB [N, {SIZE}, {SIZE}, 3]",
-        "outputs": (f"probs: float32 [N, {len(predictor.class_names)}] (softmax); "
-                    "valence_arousal: float32 [N, 2] (clipped to [-1, 1])"),
+        "outputs": (
+            f"probs: float32 [N, {len(predictor.class_names)}] (softmax); "
+            "valence_arousal: float32 [N, 2] (clipped to [-1, 1])"
+        ),
         "run_workdir": os.path.abspath(workdir),
         "checkpoint": which,
         "checkpoint_step": step,
@@ -122,8 +126,9 @@ def _expected_metadata(name, workdir, predictor, step=1, which="best"):
 def test_metadata_in_every_format(name, runs, exported):
     workdir, predictor = runs[name]
     expected = _expected_metadata(name, workdir, predictor)
-    assert predictor.class_names == tuple(VGG_CLASSES if name == "vgg16" else
-                                          AFFECTNET_CLASS_NAMES[:7])
+    assert predictor.class_names == tuple(
+        VGG_CLASSES if name == "vgg16" else AFFECTNET_CLASS_NAMES[:7]
+    )
     for fmt in FILENAMES:
         assert export.read_metadata(exported[name, fmt]) == expected, fmt
     # As a consumer without affect-jax reads it.
@@ -153,8 +158,15 @@ def test_graph_has_no_custom_call(name, exported):
     assert {config[k] for k in ("conv_impl", "batch_norm_impl", "pool_impl")} == {"xla"}
     model = nnx.eval_shape(lambda: models.create_model(config, nnx.Rngs(params=0)))
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    run = export.Run("run", config, ("a", "b"), "best", 1, graphdef,
-                     {"params": params, "batch_stats": batch_stats})
+    run = export.Run(
+        "run",
+        config,
+        ("a", "b"),
+        "best",
+        1,
+        graphdef,
+        {"params": params, "batch_stats": batch_stats},
+    )
     images = jax.ShapeDtypeStruct((2, SIZE, SIZE, 3), np.uint8)
     lowered = jax.jit(export.serving_function(run)).lower(run.variables, images)
     assert "custom_call" not in lowered.as_text()
@@ -170,8 +182,9 @@ def test_latest_checkpoint_and_overwrite(runs, exported):
     path = exported["vgg16", "onnx"]
     result = export.export_run(workdir, path, which="latest", overwrite=True)
     assert result["checkpoint_step"] == 2
-    assert export.read_metadata(path) == _expected_metadata("vgg16", workdir, predictor, 2,
-                                                            "latest")
+    assert export.read_metadata(path) == _expected_metadata(
+        "vgg16", workdir, predictor, 2, "latest"
+    )
     assert [p for p in os.listdir(os.path.dirname(path)) if p.startswith(".")] == []
 
 
@@ -180,11 +193,15 @@ def test_bad_requests_get_one_clear_line(runs, tmp_path):
     existing = tmp_path / "taken.onnx"
     existing.write_bytes(b"keep me")
     cases = [
-        ([f"--workdir={workdir}", f"--output={tmp_path / 'model.h5'}"],
-         f"--output={tmp_path / 'model.h5'}: unknown extension '.h5'; expected .onnx (ONNX), "
-         ".tflite (LiteRT) or a directory name without extension (TensorFlow SavedModel)"),
-        ([f"--workdir={workdir}", f"--output={existing}"],
-         f"{existing} already exists; pass --overwrite to replace it"),
+        (
+            [f"--workdir={workdir}", f"--output={tmp_path / 'model.h5'}"],
+            f"--output={tmp_path / 'model.h5'}: unknown extension '.h5'; expected .onnx (ONNX), "
+            ".tflite (LiteRT) or a directory name without extension (TensorFlow SavedModel)",
+        ),
+        (
+            [f"--workdir={workdir}", f"--output={existing}"],
+            f"{existing} already exists; pass --overwrite to replace it",
+        ),
     ]
     for args, message in cases:
         result = _cli(*args)
@@ -220,10 +237,18 @@ def test_predict_onnx_script_needs_only_onnxruntime(runs, exported, faces, tmp_p
     Image.fromarray(np.pad(faces[1], ((0, 0), (4, 4), (0, 0)))).save(folder / "more" / "b.png")
     (folder / "notes.txt").write_text("not an image")
     # No affect_jax, jax or tensorflow in the script's process.
-    code = ("import sys, runpy; sys.modules.update(affect_jax=None, jax=None, tensorflow=None); "
-            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-    cmd = [sys.executable, "-c", code, f"{REPO}/scripts/predict_onnx.py",
-           exported["vgg16", "onnx"], str(folder)]
+    code = (
+        "import sys, runpy; sys.modules.update(affect_jax=None, jax=None, tensorflow=None); "
+        "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    cmd = [
+        sys.executable,
+        "-c",
+        code,
+        f"{REPO}/scripts/predict_onnx.py",
+        exported["vgg16", "onnx"],
+        str(folder),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
@@ -232,6 +257,5 @@ def test_predict_onnx_script_needs_only_onnxruntime(runs, exported, faces, tmp_p
     for row, probs, va in zip(rows, expected["probs"], expected["valence_arousal"], strict=True):
         got = np.array([float(row[f"prob_{c}"]) for c in VGG_CLASSES])
         np.testing.assert_allclose(got, probs, atol=1e-5)
-        np.testing.assert_allclose([float(row["valence"]), float(row["arousal"])], va,
-                                   atol=1e-5)
+        np.testing.assert_allclose([float(row["valence"]), float(row["arousal"])], va, atol=1e-5)
         assert row["expression"] == VGG_CLASSES[int(probs.argmax())]

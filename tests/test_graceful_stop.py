@@ -39,21 +39,29 @@ def test_exit_on_stop_prints_the_command_that_resumes(capsys, monkeypatch):
     assert exit_.value.code == 143
     assert capsys.readouterr().err == (
         "Stopped by SIGTERM after epoch 1/3 (saved). Resume with: python -m affect_jax.main "
-        "--config=c.py '--workdir=/tmp/a b'\n")
+        "--config=c.py '--workdir=/tmp/a b'\n"
+    )
 
 
 # Waits in a deferred block (as training does) until stopped.
-WAITER = ("import time; from affect_jax import graceful_stop\n"
-          "with graceful_stop.StopSignals() as s, s.deferred():\n"
-          "    print('ready', flush=True)\n"
-          "    while True:\n"
-          "        time.sleep(0.01)\n"
-          "        if s.signum: print('asked', flush=True); time.sleep(600)\n")
+WAITER = (
+    "import time; from affect_jax import graceful_stop\n"
+    "with graceful_stop.StopSignals() as s, s.deferred():\n"
+    "    print('ready', flush=True)\n"
+    "    while True:\n"
+    "        time.sleep(0.01)\n"
+    "        if s.signum: print('asked', flush=True); time.sleep(600)\n"
+)
 
 
 def test_a_second_ctrl_c_exits_at_once():
-    proc = subprocess.Popen([sys.executable, "-c", WAITER], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WAITER],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGINT)
     assert proc.stdout.readline().strip() == "asked"

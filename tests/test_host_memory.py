@@ -4,13 +4,14 @@ import pytest
 
 from affect_jax import host_memory
 
-glibc = pytest.mark.skipif(not host_memory.can_trim_heap(),
-                           reason='the C library has no malloc_trim (not glibc)')
+glibc = pytest.mark.skipif(
+    not host_memory.can_trim_heap(), reason="the C library has no malloc_trim (not glibc)"
+)
 
 
 def _rss_mb() -> float:
-    with open('/proc/self/status') as f:
-        line = next(line for line in f if line.startswith('VmRSS:'))
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmRSS:"))
     return int(line.split()[1]) / 1024
 
 

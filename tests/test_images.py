@@ -13,7 +13,12 @@ from affect_jax.data import images
 from affect_jax.data.affectnet import detect_layout, readers
 
 PIL_FORMATS = {
-    ".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".gif": "GIF", ".webp": "WEBP",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".bmp": "BMP",
+    ".gif": "GIF",
+    ".webp": "WEBP",
 }
 COLOUR = (200, 40, 60)
 

@@ -24,14 +24,18 @@ def test_inverse_frequency_weights():
 def test_effective_number_weights():
     beta = 0.99
     w = imbalance.class_weights(COUNTS, "effective_number", beta)
-    raw = (1 - beta) / (1 - beta ** COUNTS)
+    raw = (1 - beta) / (1 - beta**COUNTS)
     np.testing.assert_allclose(w / w[0], raw / raw[0], rtol=1e-5)  # Cui et al.'s ratios
     assert (w * COUNTS).sum() == pytest.approx(COUNTS.sum())
-    np.testing.assert_array_equal(imbalance.class_weights(COUNTS, "effective_number", 0.0),
-                                  np.ones(4))  # beta 0: no re-weighting
+    np.testing.assert_array_equal(
+        imbalance.class_weights(COUNTS, "effective_number", 0.0), np.ones(4)
+    )  # beta 0: no re-weighting
     # beta -> 1: inverse frequency.
-    np.testing.assert_allclose(imbalance.class_weights(COUNTS, "effective_number", 1 - 1e-9),
-                               imbalance.class_weights(COUNTS, "inverse_frequency"), rtol=1e-3)
+    np.testing.assert_allclose(
+        imbalance.class_weights(COUNTS, "effective_number", 1 - 1e-9),
+        imbalance.class_weights(COUNTS, "inverse_frequency"),
+        rtol=1e-3,
+    )
 
 
 def test_weights_of_absent_classes_and_none():
@@ -57,12 +61,16 @@ def test_balanced_order_draws_classes_equally_and_is_seeded():
 
 def _pool(labels):
     n = len(labels)
-    return ExamplePool({
-        "image": np.random.default_rng(0).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),
-        "expression": labels.astype(np.int32),
-        "valence": np.zeros(n, np.float32), "arousal": np.zeros(n, np.float32),
-        "id": np.arange(n),
-    }, decode_raw_image)
+    return ExamplePool(
+        {
+            "image": np.random.default_rng(0).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),
+            "expression": labels.astype(np.int32),
+            "valence": np.zeros(n, np.float32),
+            "arousal": np.zeros(n, np.float32),
+            "id": np.arange(n),
+        },
+        decode_raw_image,
+    )
 
 
 def test_balanced_sampling_in_the_pipeline_is_deterministic_and_resumable():
@@ -71,10 +79,15 @@ def test_balanced_sampling_in_the_pipeline_is_deterministic_and_resumable():
     config = tiny_config(**{"data.sampling": "balanced", "data.image_size": 8})
 
     def epoch(number, start_step=0):
-        batches = list(pipeline.train_batches(pool, config, number, 8, start_step=start_step)
-                       .as_numpy_iterator())
-        return (np.concatenate([b["expression"] for b in batches]),
-                np.concatenate([b["image"] for b in batches]))
+        batches = list(
+            pipeline.train_batches(
+                pool, config, number, 8, start_step=start_step
+            ).as_numpy_iterator()
+        )
+        return (
+            np.concatenate([b["expression"] for b in batches]),
+            np.concatenate([b["image"] for b in batches]),
+        )
 
     labels_read, images = epoch(0)
     assert len(labels_read) == 48  # The epoch keeps the training split's length: 6 batches.
@@ -85,13 +98,15 @@ def test_balanced_sampling_in_the_pipeline_is_deterministic_and_resumable():
     shuffled = tiny_config(**{"data.image_size": 8})
     batches = pipeline.train_batches(pool, shuffled, 0, 8).as_numpy_iterator()
     np.testing.assert_array_equal(
-        np.bincount(np.concatenate([b["expression"] for b in batches])), [40, 6, 2])
+        np.bincount(np.concatenate([b["expression"] for b in batches])), [40, 6, 2]
+    )
 
 
 def test_class_balance_file(tmp_path):
     w = imbalance.class_weights(COUNTS, "effective_number", 0.9)
-    path = imbalance.write_class_balance(str(tmp_path), ["a", "b", "c", "d"], COUNTS, w,
-                                         "effective_number", 0.9, "shuffle", 1000)
+    path = imbalance.write_class_balance(
+        str(tmp_path), ["a", "b", "c", "d"], COUNTS, w, "effective_number", 0.9, "shuffle", 1000
+    )
     record = json.loads(open(path).read())
     assert record["train_counts"] == {"a": 900, "b": 60, "c": 30, "d": 10}
     assert record["class_weights"]["d"] == pytest.approx(float(w[3]))
@@ -104,8 +119,9 @@ def test_synthetic_class_fractions_make_an_imbalanced_pool():
     config = tiny_config(**{"data.synthetic_size": 160})
     config.data.synthetic_class_fractions = (1, 1, 0.5, 0.25, 1, 1, 1, 0.1)
     source = synthetic.load_source(config)
-    np.testing.assert_array_equal(np.bincount(source.pools["train"].labels),
-                                  [20, 20, 10, 5, 20, 20, 20, 2])
+    np.testing.assert_array_equal(
+        np.bincount(source.pools["train"].labels), [20, 20, 10, 5, 20, 20, 20, 2]
+    )
     assert source.counts["kept"] == 117 and len(source.pools["test"]) == 32
     config.data.synthetic_class_fractions = (1, 0)
     with pytest.raises(ValueError, match="synthetic_class_fractions=\\(1, 0\\); expected 8"):
@@ -115,9 +131,14 @@ def test_synthetic_class_fractions_make_an_imbalanced_pool():
 def test_weighted_run_ranks_checkpoints_by_balanced_accuracy(tmp_path):
     from affect_jax import train
 
-    config = tiny_config(**{"loss_weights.class_weighting": "effective_number",
-                            "loss_weights.effective_number_beta": 0.9,
-                            "best_metric": "balanced_accuracy", "num_epochs": 3})
+    config = tiny_config(
+        **{
+            "loss_weights.class_weighting": "effective_number",
+            "loss_weights.effective_number_beta": 0.9,
+            "best_metric": "balanced_accuracy",
+            "num_epochs": 3,
+        }
+    )
     config.data.synthetic_class_fractions = (1, 1, 0.5, 0.5, 0.3, 0.3, 0.3, 0.2)
     final = train.train_and_evaluate(config, str(tmp_path))
     balance = json.loads((tmp_path / imbalance.CLASS_BALANCE_FILE).read_text())

@@ -17,13 +17,19 @@ from tests.conftest import REPO, TINY_FLAGS, XLA_CACHE
 
 
 def _main(workdir, *extra, config="configs/default.py"):
-    return [sys.executable, "-m", "affect_jax.main", f"--config={config}",
-            f"--workdir={workdir}", *TINY_FLAGS, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "affect_jax.main",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        *TINY_FLAGS,
+        *extra,
+    ]
 
 
 def _run(cmd, timeout=600, env=None):
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=env)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def _reject_constant(name):
@@ -43,9 +49,10 @@ def _same(a, b):
 def _val_history(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    return [{k: v for k, v in r.items() if k.startswith("val_") or k in ("epoch", "step",
-                                                                           "train_loss")}
-            for r in rows]
+    return [
+        {k: v for k, v in r.items() if k.startswith("val_") or k in ("epoch", "step", "train_loss")}
+        for r in rows
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +66,15 @@ def reference_run(tmp_path_factory):
 def test_run_writes_everything(reference_run):
     workdir, result = reference_run
     files = set(os.listdir(workdir))
-    for name in ("config.json", "metrics.jsonl", "final_metrics.json", "report.md",
-                 "training_curves.png", "confusion_matrix.png", "checkpoints"):
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "final_metrics.json",
+        "report.md",
+        "training_curves.png",
+        "confusion_matrix.png",
+        "checkpoints",
+    ):
         assert name in files, (name, files)
     assert any(f.startswith("events.out.tfevents") for f in files)
     history = _val_history(workdir)
@@ -72,8 +86,10 @@ def test_run_writes_everything(reference_run):
     assert "ETA" in result.stderr
     assert "epoch 3/3 done" in result.stderr
     # Strict JSON: undefined metrics (e.g. the precision of a class never predicted) are null.
-    records = [strict_json_loads(line)
-               for line in open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()]
+    records = [
+        strict_json_loads(line)
+        for line in open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
+    ]
     assert any(v is None for r in records for v in r.values())
     strict_json_loads(open(os.path.join(workdir, "final_metrics.json")).read())
 
@@ -90,8 +106,7 @@ def test_rerun_of_finished_run_resumes_without_training(reference_run):
 
 
 def _kill_when(cmd, condition, timeout=300):
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     start = time.time()
     while not condition():
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -140,20 +155,25 @@ def test_steps_per_execution_that_does_not_divide_the_epoch(reference_run, tmp_p
     for g, w in zip(got, want, strict=True):
         assert g.keys() == w.keys()
         for key in g:  # NaN (undefined metrics) equals NaN
-            np.testing.assert_allclose(np.asarray(g[key], float), np.asarray(w[key], float),
-                                       rtol=1e-4, atol=1e-5, err_msg=key)
+            np.testing.assert_allclose(
+                np.asarray(g[key], float),
+                np.asarray(w[key], float),
+                rtol=1e-4,
+                atol=1e-5,
+                err_msg=key,
+            )
 
 
 def test_resumed_run_takes_its_train_steps_from_the_compilation_cache(tmp_path):
     workdir, cache = str(tmp_path / "run"), str(tmp_path / "xla_cache")
-    first = _run(_main(workdir, "--config.num_epochs=1",
-                       f"--config.compilation_cache_dir={cache}"))
+    first = _run(_main(workdir, "--config.num_epochs=1", f"--config.compilation_cache_dir={cache}"))
     assert first.returncode == 0, first.stderr[-3000:]
     assert any(name.startswith("jit_train_steps-") for name in os.listdir(cache))
     # JAX_LOG_COMPILES makes JAX log persistent-cache hits as warnings.
     resumed = _run(
         _main(workdir, "--config.num_epochs=2", f"--config.compilation_cache_dir={cache}"),
-        env=dict(os.environ, JAX_LOG_COMPILES="1"))
+        env=dict(os.environ, JAX_LOG_COMPILES="1"),
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resumed from epoch 1" in resumed.stderr
     assert "Persistent compilation cache hit for 'jit_train_steps'" in resumed.stderr
@@ -175,14 +195,16 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
     assert result.returncode == 2
     assert _error_lines(result) == [
         "error: --config.no_such_field=1: the config has no field 'no_such_field' "
-        "(configs/default.py lists every field)"]
+        "(configs/default.py lists every field)"
+    ]
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):
     result = _run(_main(str(tmp_path), config="configs/no_such_config.py"))
     assert result.returncode == 2
     assert _error_lines(result) == [
-        "error: --config=configs/no_such_config.py: no such file (--helpfull lists the flags)"]
+        "error: --config=configs/no_such_config.py: no such file (--helpfull lists the flags)"
+    ]
 
 
 def test_bad_config_value_is_a_clear_error(tmp_path):
@@ -194,8 +216,14 @@ def test_bad_config_value_is_a_clear_error(tmp_path):
 
 def test_bad_values_are_refused_one_line_each_before_anything_is_written(tmp_path):
     workdir = tmp_path / "run"
-    result = _run(_main(str(workdir), "--config.model.name=alexnet", "--config.num_epochs=0",
-                        "--config.learning_rate=-1"))
+    result = _run(
+        _main(
+            str(workdir),
+            "--config.model.name=alexnet",
+            "--config.num_epochs=0",
+            "--config.learning_rate=-1",
+        )
+    )
     assert result.returncode == 1
     assert _error_lines(result) == [
         "error: config.model.name='alexnet': expected one of 'resnet50', 'vgg16'",
@@ -210,8 +238,13 @@ def test_bad_values_are_refused_one_line_each_before_anything_is_written(tmp_pat
 
 
 def test_study_config_without_data_says_what_to_pass(tmp_path):
-    cmd = [sys.executable, "-m", "affect_jax.main", "--config=configs/resnet50.py",
-           f"--workdir={tmp_path}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "affect_jax.main",
+        "--config=configs/resnet50.py",
+        f"--workdir={tmp_path}",
+    ]
     result = _run(cmd)
     assert result.returncode != 0
     assert "--config.data.dir" in result.stderr and "synthetic" in result.stderr
@@ -219,8 +252,9 @@ def test_study_config_without_data_says_what_to_pass(tmp_path):
 
 def test_eval_mode_scores_a_checkpoint_on_a_chosen_split(reference_run):
     workdir, _ = reference_run
-    result = _run(_main(workdir, "--mode=eval", "--checkpoint=latest", "--split=test",
-                        "--flip_tta"))
+    result = _run(
+        _main(workdir, "--mode=eval", "--checkpoint=latest", "--split=test", "--flip_tta")
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     scored = json.load(open(os.path.join(workdir, "eval_test_latest_flip.json")))
     assert scored["split"] == "test" and scored["epoch"] == 3 and scored["flip_tta"]
@@ -244,17 +278,29 @@ def test_console_for_people_and_the_run_log_for_detail(reference_run):
         assert noise not in console, noise
     assert max(len(line) for line in console.splitlines()) < 200
     log = open(os.path.join(workdir, "run.log")).read()
-    for detail in ("checkpoint_manager.py", "[Hyperparameters]", "val_precision_neutral",
-                   "epoch 3/3 done"):
+    for detail in (
+        "checkpoint_manager.py",
+        "[Hyperparameters]",
+        "val_precision_neutral",
+        "epoch 3/3 done",
+    ):
         assert detail in log, detail
 
 
 def test_demo_console_stays_short(tmp_path):
     """The whole console of the demo (its first epoch of 15 here) stays under 100 lines."""
     epochs = 1
-    result = _run([sys.executable, "-m", "affect_jax.main", "--config=configs/demo.py",
-                   f"--workdir={tmp_path}", f"--config.num_epochs={epochs}",
-                   f"--config.compilation_cache_dir={XLA_CACHE}"])
+    result = _run(
+        [
+            sys.executable,
+            "-m",
+            "affect_jax.main",
+            "--config=configs/demo.py",
+            f"--workdir={tmp_path}",
+            f"--config.num_epochs={epochs}",
+            f"--config.compilation_cache_dir={XLA_CACHE}",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stderr.splitlines()
     per_epoch = sum(line[9:].startswith(f"epoch {epochs}/") for line in lines)
@@ -294,7 +340,8 @@ def test_a_second_run_is_refused_and_a_killed_holders_lock_taken_over(reference_
     assert _last_line(taken.stderr).endswith(
         f"cannot resume {workdir} with this config: model.width (0.0625 -> 0.125) differs from "
         "the run's config and would not fit its checkpoints or data split; start a new run "
-        f"with another --workdir, or resume with the values of {workdir}/config.json")
+        f"with another --workdir, or resume with the values of {workdir}/config.json"
+    )
 
 
 def test_a_damaged_newest_checkpoint_is_set_aside_and_its_epoch_redone(reference_run, tmp_path):
@@ -316,8 +363,12 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_its_epoch_redone(reference
 
 
 # 12 one-step calls per epoch, a progress line after each: signals land between calls.
-STOP_FLAGS = ["--config.steps_per_execution=1", "--config.steps_per_epoch=12",
-              "--config.num_epochs=2", "--config.log_every_steps=1"]
+STOP_FLAGS = [
+    "--config.steps_per_execution=1",
+    "--config.steps_per_epoch=12",
+    "--config.num_epochs=2",
+    "--config.log_every_steps=1",
+]
 
 
 def _signal_when(cmd, condition, signum, timeout=300):
@@ -346,18 +397,21 @@ def test_sigint_after_an_epoch_and_sigterm_mid_epoch_resume_exactly(tmp_path):
     history = os.path.join(workdir, "metrics.jsonl")
 
     # Ctrl-C right after epoch 1's metrics line, while its checkpoint is being written.
-    stopped = _signal_when(_main(workdir, *STOP_FLAGS), lambda _: os.path.exists(history),
-                           signal.SIGINT)
+    stopped = _signal_when(
+        _main(workdir, *STOP_FLAGS), lambda _: os.path.exists(history), signal.SIGINT
+    )
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     assert "Traceback" not in stopped.stderr
     assert _last_line(stopped.stderr) == (
         "Stopped by SIGINT after epoch 1/2 (saved). Resume with: "
-        + shlex.join(["python", "-m", "affect_jax.main", *_main(workdir, *STOP_FLAGS)[3:]]))
+        + shlex.join(["python", "-m", "affect_jax.main", *_main(workdir, *STOP_FLAGS)[3:]])
+    )
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"]  # whole, no tmp folder
 
     # SIGTERM (preemption) two steps into epoch 2: the run stops mid-epoch, saved.
-    stopped = _signal_when(_main(workdir, *STOP_FLAGS), lambda err: "step 14/24 " in err,
-                           signal.SIGTERM)
+    stopped = _signal_when(
+        _main(workdir, *STOP_FLAGS), lambda err: "step 14/24 " in err, signal.SIGTERM
+    )
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     assert "Traceback" not in stopped.stderr
     assert "Resumed from epoch 1 (step 12)" in stopped.stderr

@@ -31,15 +31,16 @@ def ccc_ref(y, p):
 
 
 def sagr_ref(y, p):
-    return sum((a > 0 and b > 0) or (a < 0 and b < 0) or (a == 0 and b == 0)
-               for a, b in zip(y, p, strict=True)) / len(y)
+    return sum(
+        (a > 0 and b > 0) or (a < 0 and b < 0) or (a == 0 and b == 0)
+        for a, b in zip(y, p, strict=True)
+    ) / len(y)
 
 
 def random_split(seed, n, num_classes):
     """Labels covering every class, Dirichlet probs, valence/arousal partly outside [-1, 1]."""
     rng = np.random.default_rng(seed)
-    labels = np.concatenate([np.arange(num_classes), rng.integers(0, num_classes,
-                                                                  n - num_classes)])
+    labels = np.concatenate([np.arange(num_classes), rng.integers(0, num_classes, n - num_classes)])
     logits = rng.normal(size=(n, num_classes)) + 1.5 * np.eye(num_classes)[labels]
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     va_true = rng.uniform(-1, 1, size=(n, 2))
@@ -57,15 +58,22 @@ def check_against_references(labels, probs, va_true, va_pred, class_names, m):
     preds = probs.argmax(axis=1)
     close(m["accuracy"], np.mean(preds == labels))
     close(m["balanced_accuracy"], skm.balanced_accuracy_score(labels, preds))
-    close(m["balanced_accuracy"], np.mean([np.mean(preds[labels == k] == k)
-                                           for k in range(num_classes)]))
+    close(
+        m["balanced_accuracy"],
+        np.mean([np.mean(preds[labels == k] == k) for k in range(num_classes)]),
+    )
     close(m["kappa"], skm.cohen_kappa_score(labels, preds))
     if num_classes > 2:
         close(m["auc"], skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
-    close(m["auc"], np.mean([skm.roc_auc_score(labels == k, probs[:, k])
-                             for k in range(num_classes)]))
-    close(m["pr_auc"], np.mean([skm.average_precision_score(labels == k, probs[:, k])
-                                for k in range(num_classes)]))
+    close(
+        m["auc"], np.mean([skm.roc_auc_score(labels == k, probs[:, k]) for k in range(num_classes)])
+    )
+    close(
+        m["pr_auc"],
+        np.mean(
+            [skm.average_precision_score(labels == k, probs[:, k]) for k in range(num_classes)]
+        ),
+    )
     close(m["f1_macro"], skm.f1_score(labels, preds, average="macro", zero_division=0))
     for k, name in enumerate(class_names):
         key = name.lower()
@@ -89,8 +97,7 @@ def check_against_references(labels, probs, va_true, va_pred, class_names, m):
         close(m[f"mean_{metric}"], (m[f"valence_{metric}"] + m[f"arousal_{metric}"]) / 2)
 
 
-@pytest.mark.parametrize("seed,n,num_classes", [(0, 400, 8), (1, 350, 7), (2, 60, 3),
-                                                (3, 50, 2)])
+@pytest.mark.parametrize("seed,n,num_classes", [(0, 400, 8), (1, 350, 7), (2, 60, 3), (3, 50, 2)])
 def test_random_matches_references_without_warnings(seed, n, num_classes):
     labels, probs, va_true, va_pred = random_split(seed, n, num_classes)
     with warnings.catch_warnings():
@@ -106,9 +113,23 @@ def test_output_is_flat_floats_plus_confusion_matrix():
     cm = m.pop("confusion_matrix")
     assert all(type(v) is int for row in cm for v in row) and len(cm) == 8
     assert all(type(v) is float for v in m.values())
-    for key in ("accuracy", "balanced_accuracy", "f1_macro", "auc", "pr_auc", "kappa",
-                "precision_neutral", "recall_contempt", "f1_happy", "valence_ccc",
-                "arousal_rmse", "mean_ccc", "mean_sagr", "mean_corr", "valence_sagr"):
+    for key in (
+        "accuracy",
+        "balanced_accuracy",
+        "f1_macro",
+        "auc",
+        "pr_auc",
+        "kappa",
+        "precision_neutral",
+        "recall_contempt",
+        "f1_happy",
+        "valence_ccc",
+        "arousal_rmse",
+        "mean_ccc",
+        "mean_sagr",
+        "mean_corr",
+        "valence_sagr",
+    ):
         assert key in m
     assert json.loads(json.dumps(m)) == m
 
@@ -131,8 +152,13 @@ def test_ties_in_probabilities_and_argmax():
 
 def test_float32_softmax_accepted():
     labels, probs, va_true, va_pred = random_split(6, 100, 8)
-    m = compute_metrics(labels, probs.astype(np.float32), va_true.astype(np.float32),
-                        va_pred.astype(np.float32), NAMES8)
+    m = compute_metrics(
+        labels,
+        probs.astype(np.float32),
+        va_true.astype(np.float32),
+        va_pred.astype(np.float32),
+        NAMES8,
+    )
     close(m["accuracy"], np.mean(probs.argmax(1) == labels))
 
 
@@ -171,8 +197,12 @@ def va_metrics(y, p, **kwargs):
 def test_perfect_affine_and_anti_correlation():
     y = np.random.default_rng(8).uniform(-1, 1, 100)
     m = va_metrics(y, y)
-    for key, value in (("valence_corr", 1), ("valence_ccc", 1), ("valence_rmse", 0),
-                       ("valence_sagr", 1)):
+    for key, value in (
+        ("valence_corr", 1),
+        ("valence_ccc", 1),
+        ("valence_rmse", 0),
+        ("valence_sagr", 1),
+    ):
         close(m[key], value)
     m = va_metrics(y, 0.5 * y + 0.1)
     close(m["valence_corr"], 1)
@@ -223,8 +253,10 @@ def test_absent_class():
     assert np.any(preds == 7)  # Predicted though absent: precision 0, F1 0, macro F1 defined.
     close(m["precision_contempt"], 0.0)
     close(m["f1_contempt"], 0.0)
-    close(m["f1_macro"], skm.f1_score(labels, preds, labels=range(8), average="macro",
-                                      zero_division=0))
+    close(
+        m["f1_macro"],
+        skm.f1_score(labels, preds, labels=range(8), average="macro", zero_division=0),
+    )
     close(m["kappa"], skm.cohen_kappa_score(labels, preds, labels=range(8)))
     close(m["accuracy"], skm.accuracy_score(labels, preds))
     with warnings.catch_warnings():
@@ -232,8 +264,14 @@ def test_absent_class():
         close(m["balanced_accuracy"], skm.balanced_accuracy_score(labels, preds))
     close(m["balanced_accuracy"], np.mean([np.mean(preds[labels == k] == k) for k in range(7)]))
     assert len(m["confusion_matrix"]) == 8 and sum(m["confusion_matrix"][7]) == 0
-    close(m["mean_ccc"], (ccc_ref(va_true[:, 0], np.clip(va_pred[:, 0], -1, 1))
-                          + ccc_ref(va_true[:, 1], np.clip(va_pred[:, 1], -1, 1))) / 2)
+    close(
+        m["mean_ccc"],
+        (
+            ccc_ref(va_true[:, 0], np.clip(va_pred[:, 0], -1, 1))
+            + ccc_ref(va_true[:, 1], np.clip(va_pred[:, 1], -1, 1))
+        )
+        / 2,
+    )
 
 
 def test_balanced_accuracy_is_mean_recall_on_imbalanced_labels():
@@ -270,8 +308,7 @@ def test_never_predicted_class_precision_nan():
         m = compute_metrics(labels, probs, None, None, ("x", "y", "z"))
     assert np.isnan(m["precision_y"]) and np.isnan(m["precision_z"])
     close(m["f1_y"], 0.0)
-    close(m["f1_macro"], skm.f1_score(labels, probs.argmax(1), average="macro",
-                                      zero_division=0))
+    close(m["f1_macro"], skm.f1_score(labels, probs.argmax(1), average="macro", zero_division=0))
     close(m["kappa"], 0.0)
 
 
@@ -300,28 +337,36 @@ def test_unannotated_rows_are_ignored():
     m = compute_metrics(labels, probs, partial, va_pred, NAMES8)
     keep = ~np.isnan(partial[:, 0])
     close(m["valence_ccc"], ccc_ref(va_true[keep, 0], np.clip(va_pred[keep, 0], -1, 1)))
-    close(m["arousal_rmse"], np.sqrt(np.mean((va_true[keep, 1]
-                                              - np.clip(va_pred[keep, 1], -1, 1)) ** 2)))
+    close(
+        m["arousal_rmse"],
+        np.sqrt(np.mean((va_true[keep, 1] - np.clip(va_pred[keep, 1], -1, 1)) ** 2)),
+    )
     close(m["accuracy"], np.mean(probs.argmax(1) == labels))  # Classification uses all rows.
 
 
-@pytest.mark.parametrize("change,match", [
-    (lambda a: {**a, "probs": np.where(np.arange(50)[:, None] == 3, np.nan, a["probs"])},
-     "probs has non-finite values"),
-    (lambda a: {**a, "va_pred": np.where(np.arange(50)[:, None] == 7, np.nan, a["va_pred"])},
-     "va_pred has non-finite values"),
-    (lambda a: {**a, "probs": a["probs"][:-1]}, "labels has 50 rows, probs has 49"),
-    (lambda a: {**a, "va_true": a["va_true"][:-2]}, "va_true has 48"),
-    (lambda a: {**a, "va_pred": a["va_pred"][:-1]}, "va_pred has 49"),
-    (lambda a: {**a, "probs": np.log(a["probs"])}, "logits"),
-    (lambda a: {**a, "class_names": NAMES8[:7]}, "7 names"),
-    (lambda a: {**a, "labels": a["labels"] + 1}, r"labels must lie in \[0, 8\)"),
-    (lambda a: {**a, "va_pred": None}, "va_pred is None"),
-    (lambda a: {**a, "va_true": a["va_true"][:, :1]}, r"shape \(N, 2\)"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (
+            lambda a: {**a, "probs": np.where(np.arange(50)[:, None] == 3, np.nan, a["probs"])},
+            "probs has non-finite values",
+        ),
+        (
+            lambda a: {**a, "va_pred": np.where(np.arange(50)[:, None] == 7, np.nan, a["va_pred"])},
+            "va_pred has non-finite values",
+        ),
+        (lambda a: {**a, "probs": a["probs"][:-1]}, "labels has 50 rows, probs has 49"),
+        (lambda a: {**a, "va_true": a["va_true"][:-2]}, "va_true has 48"),
+        (lambda a: {**a, "va_pred": a["va_pred"][:-1]}, "va_pred has 49"),
+        (lambda a: {**a, "probs": np.log(a["probs"])}, "logits"),
+        (lambda a: {**a, "class_names": NAMES8[:7]}, "7 names"),
+        (lambda a: {**a, "labels": a["labels"] + 1}, r"labels must lie in \[0, 8\)"),
+        (lambda a: {**a, "va_pred": None}, "va_pred is None"),
+        (lambda a: {**a, "va_true": a["va_true"][:, :1]}, r"shape \(N, 2\)"),
+    ],
+)
 def test_bad_inputs_raise(change, match):
     labels, probs, va_true, va_pred = random_split(13, 50, 8)
-    args = dict(labels=labels, probs=probs, va_true=va_true, va_pred=va_pred,
-                class_names=NAMES8)
+    args = dict(labels=labels, probs=probs, va_true=va_true, va_pred=va_pred, class_names=NAMES8)
     with pytest.raises(ValueError, match=match):
         compute_metrics(**change(args))

@@ -38,8 +38,10 @@ def test_stratified_split_is_disjoint_complete_stratified_and_seeded():
 def test_split_errors_are_clear():
     with pytest.raises(pipeline.DataConfigError, match="fewer than 2"):
         pipeline.stratified_split(np.array([0, 0, 0, 1]), 0.5, 0)
-    with pytest.raises(pipeline.DataConfigError, match="7 validation / 25 training examples, "
-                                                       "fewer than the 8 classes"):
+    with pytest.raises(
+        pipeline.DataConfigError,
+        match="7 validation / 25 training examples, fewer than the 8 classes",
+    ):
         pipeline.stratified_split(np.arange(32) % 8, 0.2, 0)
 
 
@@ -99,4 +101,3 @@ def test_preprocessing_mode_follows_init(tiny):
     assert pipeline.preprocessing_mode(tiny) == "caffe"
     tiny.data.preprocessing = "unit"
     assert pipeline.preprocessing_mode(tiny) == "unit"
-

@@ -25,8 +25,7 @@ NAMES8 = ["Neutral", "Happy", "Sad", "Surprise", "Fear", "Disgust", "Anger", "Co
 
 def fake_metrics(seed, num_classes=8, with_va=True, n=240):
     rng = np.random.default_rng(seed)
-    labels = np.concatenate([np.arange(num_classes), rng.integers(0, num_classes,
-                                                                  n - num_classes)])
+    labels = np.concatenate([np.arange(num_classes), rng.integers(0, num_classes, n - num_classes)])
     logits = rng.normal(size=(n, num_classes)) + 2.0 * np.eye(num_classes)[labels]
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     va_true = rng.uniform(-1, 1, (n, 2)) if with_va else None
@@ -36,14 +35,21 @@ def fake_metrics(seed, num_classes=8, with_va=True, n=240):
         return compute_metrics(labels, probs, va_true, va_pred, NAMES8[:num_classes])
 
 
-def make_workdir(path: Path, model="resnet50", seed=0, num_classes=8, with_va=True,
-                 epochs=3) -> Path:
+def make_workdir(
+    path: Path, model="resnet50", seed=0, num_classes=8, with_va=True, epochs=3
+) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     lines = []
     for epoch in range(1, epochs + 1):
         val = fake_metrics(seed * 100 + epoch, num_classes, with_va)
-        record = {"epoch": epoch, "step": 100 * epoch, "epoch_time_s": 40.0 + epoch,
-                  "train_loss": 2.0 / epoch, "train_accuracy": 0.2 * epoch, "val_loss": 2.2 / epoch}
+        record = {
+            "epoch": epoch,
+            "step": 100 * epoch,
+            "epoch_time_s": 40.0 + epoch,
+            "train_loss": 2.0 / epoch,
+            "train_accuracy": 0.2 * epoch,
+            "val_loss": 2.2 / epoch,
+        }
         if with_va and epoch == 1:
             record["train_mean_ccc"] = 0.3
         elif with_va and epoch == 3:
@@ -51,11 +57,18 @@ def make_workdir(path: Path, model="resnet50", seed=0, num_classes=8, with_va=Tr
         record |= {f"val_{k}": v for k, v in val.items()}
         lines.append(json.dumps(record))
     (path / run_dir.METRICS_HISTORY).write_text("\n".join(lines) + "\n")
-    final = {"model": model, "num_classes": num_classes, "class_names": NAMES8[:num_classes],
-             "data_source": "synthetic", "epochs": epochs, "best_epoch": 2,
-             "checkpoint": "best", "split": "validation",
-             "metrics": fake_metrics(seed * 100 + 2, num_classes, with_va),
-             "time_per_epoch_s": {"median": 192.0, "min": 41.0, "max": 250.0}}
+    final = {
+        "model": model,
+        "num_classes": num_classes,
+        "class_names": NAMES8[:num_classes],
+        "data_source": "synthetic",
+        "epochs": epochs,
+        "best_epoch": 2,
+        "checkpoint": "best",
+        "split": "validation",
+        "metrics": fake_metrics(seed * 100 + 2, num_classes, with_va),
+        "time_per_epoch_s": {"median": 192.0, "min": 41.0, "max": 250.0},
+    }
     (path / run_dir.FINAL_METRICS).write_text(json.dumps(final))
     return path
 
@@ -69,15 +82,17 @@ def png_size(path: Path) -> tuple[int, int]:
 def parse_table(text: str, first_header: str) -> list[dict[str, str]]:
     """The Markdown table whose header starts with ``first_header``, as dicts."""
     lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines[:-1]) if line.startswith(f"| {first_header} |")
-                 and lines[i + 1].startswith("| ---"))
+    start = next(
+        i
+        for i, line in enumerate(lines[:-1])
+        if line.startswith(f"| {first_header} |") and lines[i + 1].startswith("| ---")
+    )
     header = [c.strip() for c in lines[start].strip("|").split("|")]
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
-        rows.append(dict(zip(header, [c.strip() for c in line.strip("|").split("|")],
-                             strict=True)))
+        rows.append(dict(zip(header, [c.strip() for c in line.strip("|").split("|")], strict=True)))
     return rows
 
 
@@ -85,7 +100,7 @@ def assert_cell(cell: str, value, digits=3):
     if value is None or not math.isfinite(value):
         assert cell == report.MISSING
     else:
-        assert float(cell) == pytest.approx(value, abs=0.5 * 10 ** -digits + 1e-12)
+        assert float(cell) == pytest.approx(value, abs=0.5 * 10**-digits + 1e-12)
 
 
 def test_write_reports(tmp_path):
@@ -107,15 +122,25 @@ def test_write_reports(tmp_path):
     assert ours["model"] == "ResNet50" and ours["classes"] == "8"
     assert ours["accuracy"].endswith("%")
     assert float(ours["accuracy"][:-1]) == pytest.approx(100 * m["accuracy"], abs=0.005 + 1e-12)
-    assert float(ours["balanced acc"][:-1]) == pytest.approx(100 * m["balanced_accuracy"],
-                                                            abs=0.005 + 1e-12)
-    for column, key in (("macro F1", "f1_macro"), ("AUC", "auc"), ("PR-AUC", "pr_auc"),
-                        ("kappa", "kappa"), ("RMSE", "mean_rmse"), ("CORR", "mean_corr"),
-                        ("SAGR", "mean_sagr"), ("CCC", "mean_ccc")):
+    assert float(ours["balanced acc"][:-1]) == pytest.approx(
+        100 * m["balanced_accuracy"], abs=0.005 + 1e-12
+    )
+    for column, key in (
+        ("macro F1", "f1_macro"),
+        ("AUC", "auc"),
+        ("PR-AUC", "pr_auc"),
+        ("kappa", "kappa"),
+        ("RMSE", "mean_rmse"),
+        ("CORR", "mean_corr"),
+        ("SAGR", "mean_sagr"),
+        ("CCC", "mean_ccc"),
+    ):
         assert_cell(ours[column], m[key])
     assert ours["time/epoch"] == "3.2 min"
-    assert [r["model"] for r in rows[1:]] == [f"VGG16, {report.REFERENCE_LABEL}",
-                                              f"ResNet50, {report.REFERENCE_LABEL}"]
+    assert [r["model"] for r in rows[1:]] == [
+        f"VGG16, {report.REFERENCE_LABEL}",
+        f"ResNet50, {report.REFERENCE_LABEL}",
+    ]
     assert rows[2]["accuracy"] == "40.75%" and rows[2]["CCC"] == "0.637"
     assert rows[2]["balanced acc"] == "n/a"  # Not in the study's table.
     assert rows[1]["time/epoch"] == "18-42 min"
@@ -172,9 +197,17 @@ def test_history_dedupes_epochs_and_reports_bad_lines(tmp_path):
         run_dir.load_final_metrics(tmp_path)
 
 
-@pytest.mark.parametrize("seconds,text", [(4.23, "4.2 s"), (41.4, "41 s"), (192, "3.2 min"),
-                                          (5400, "1.5 h"), (float("nan"), "n/a"),
-                                          (None, "n/a")])
+@pytest.mark.parametrize(
+    "seconds,text",
+    [
+        (4.23, "4.2 s"),
+        (41.4, "41 s"),
+        (192, "3.2 min"),
+        (5400, "1.5 h"),
+        (float("nan"), "n/a"),
+        (None, "n/a"),
+    ],
+)
 def test_format_duration(seconds, text):
     assert report.format_duration(seconds) == text
 
@@ -186,8 +219,8 @@ def test_make_report_command(tmp_path):
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == [
-        str(workdir / name) for name in ("training_curves.png", "confusion_matrix.png",
-                                         "report.md")]
+        str(workdir / name) for name in ("training_curves.png", "confusion_matrix.png", "report.md")
+    ]
 
 
 def test_compare_runs(tmp_path, capsys, caplog):
@@ -198,8 +231,11 @@ def test_compare_runs(tmp_path, capsys, caplog):
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True).stdout
     rows = parse_table(out, "model")
     assert [r["model"] for r in rows] == [
-        "VGG16 (vgg_run)", "ResNet50 (resnet_run)", f"VGG16, {report.REFERENCE_LABEL}",
-        f"ResNet50, {report.REFERENCE_LABEL}"]
+        "VGG16 (vgg_run)",
+        "ResNet50 (resnet_run)",
+        f"VGG16, {report.REFERENCE_LABEL}",
+        f"ResNet50, {report.REFERENCE_LABEL}",
+    ]
     for row, workdir in zip(rows, (a, b), strict=False):
         m = run_dir.load_final_metrics(workdir)["metrics"]
         assert_cell(row["CCC"], m["mean_ccc"])

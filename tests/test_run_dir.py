@@ -40,8 +40,9 @@ def run(tmp_path, trained):
 
 
 def _assert_same(a, b):
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, a),
-                 jax.tree.map(np.asarray, b))
+    jax.tree.map(
+        np.testing.assert_array_equal, jax.tree.map(np.asarray, a), jax.tree.map(np.asarray, b)
+    )
 
 
 def test_checkpoint_round_trip_is_exact(tmp_path, trained):
@@ -76,8 +77,9 @@ def test_choose_checkpoint_best_latest_or_a_step(run):
     assert run_dir.choose_checkpoint(manager, "latest", step=1) == 1
     with pytest.raises(FileNotFoundError) as error:
         run_dir.choose_checkpoint(manager, step=7)
-    assert str(error.value) == (f"no checkpoint 7 in {run_dir.checkpoints_dir(workdir)}; "
-                                "available: [1, 2, 3]")
+    assert str(error.value) == (
+        f"no checkpoint 7 in {run_dir.checkpoints_dir(workdir)}; available: [1, 2, 3]"
+    )
     with pytest.raises(ValueError, match=r"which='first'; expected one of \('best', 'latest'\)"):
         run_dir.choose_checkpoint(manager, "first")
     manager.close()
@@ -113,8 +115,7 @@ def test_restore_checkpoint_gives_the_saved_state_replicated(run, monkeypatch):
 
     def abstract_only(*args, **kwargs):
         model = create_model(*args, **kwargs)
-        built.append(all(isinstance(x, jax.core.Tracer)
-                         for x in jax.tree.leaves(nnx.state(model))))
+        built.append(all(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(nnx.state(model))))
         return model
 
     monkeypatch.setattr(models, "create_model", abstract_only)
@@ -162,15 +163,20 @@ def test_history_is_appended_and_truncated_to_checkpointed_epochs(tmp_path):
 
 def test_json_safe_and_eval_result_name():
     assert run_dir.json_safe({"a": (np.int32(1), np.float64(0.5)), "b": "x"}) == {
-        "a": [1, 0.5], "b": "x"}
+        "a": [1, 0.5],
+        "b": "x",
+    }
     assert run_dir.eval_result_name("test", "latest", True) == "eval_test_latest_flip.json"
     assert run_dir.eval_result_name("validation", "best", False) == "eval_validation_best.json"
 
 
 def _damage(workdir, step):
     """Truncates the largest file of checkpoint ``step`` (as a full disk or a crash would)."""
-    files = [os.path.join(d, f) for d, _, names in
-             os.walk(os.path.join(run_dir.checkpoints_dir(workdir), str(step))) for f in names]
+    files = [
+        os.path.join(d, f)
+        for d, _, names in os.walk(os.path.join(run_dir.checkpoints_dir(workdir), str(step)))
+        for f in names
+    ]
     os.truncate(max(files, key=os.path.getsize), 100)
 
 
@@ -184,10 +190,13 @@ def test_a_damaged_best_checkpoint_is_set_aside_for_the_next_best(run, caplog):
     _assert_same(state, restored)
     warning = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
     assert len(warning) == 1 and "\n" not in warning[0]
-    assert warning[0].startswith(f"Checkpoint 2 of {run_dir.checkpoints_dir(workdir)} cannot be "
-                                 "restored (ValueError: OUT_OF_RANGE: ")
-    assert f"moved to {run_dir.damaged_checkpoints_dir(workdir)}/2; using checkpoint 3" in (
-        warning[0])
+    assert warning[0].startswith(
+        f"Checkpoint 2 of {run_dir.checkpoints_dir(workdir)} cannot be "
+        "restored (ValueError: OUT_OF_RANGE: "
+    )
+    assert (
+        f"moved to {run_dir.damaged_checkpoints_dir(workdir)}/2; using checkpoint 3" in (warning[0])
+    )
     assert sorted(os.listdir(run_dir.checkpoints_dir(workdir))) == ["1", "3"]
     assert os.listdir(run_dir.damaged_checkpoints_dir(workdir)) == ["2"]
     # Set aside: the next choice does not see it.
@@ -201,14 +210,17 @@ def test_a_damaged_given_step_or_no_intact_checkpoint_is_one_clear_error(run):
     with pytest.raises(checkpointing.CheckpointError) as error:
         run_dir.restore_checkpoint(workdir, config, mesh, step=1)
     assert str(error.value).startswith(
-        f"checkpoint 1 of {run_dir.checkpoints_dir(workdir)} cannot be restored: ValueError: ")
+        f"checkpoint 1 of {run_dir.checkpoints_dir(workdir)} cannot be restored: ValueError: "
+    )
     for step in (2, 3):
         _damage(workdir, step)
     with pytest.raises(checkpointing.CheckpointError) as error:
         run_dir.restore_checkpoint(workdir, config, mesh, "latest")
     message = str(error.value)
-    assert message.startswith(f"no checkpoint in {run_dir.checkpoints_dir(workdir)} can be "
-                              "restored: 3: ValueError: OUT_OF_RANGE")
+    assert message.startswith(
+        f"no checkpoint in {run_dir.checkpoints_dir(workdir)} can be "
+        "restored: 3: ValueError: OUT_OF_RANGE"
+    )
     assert "; 2: " in message and "; 1: " in message and "none was moved" in message
     assert "\n" not in message
     assert sorted(os.listdir(run_dir.checkpoints_dir(workdir))) == ["1", "2", "3"]
@@ -225,8 +237,10 @@ def test_ranked_steps(run):
 def test_mid_epoch_checkpoint_round_trip(tmp_path, trained):
     _, state = trained
     manager = checkpointing.create_mid_epoch_manager(str(tmp_path / "mid"))
-    arrays = {"outputs": {"loss": np.array([0.5, 0.25], np.float32)},
-              "targets": {"expression": np.array([[1, 2], [3, 4]], np.int32)}}
+    arrays = {
+        "outputs": {"loss": np.array([0.5, 0.25], np.float32)},
+        "targets": {"expression": np.array([[1, 2], [3, 4]], np.int32)},
+    }
     position = {"epoch": 1, "step_in_epoch": 2, "steps_per_epoch": 4, "train_seconds": 1.5}
     checkpointing.save_mid_epoch(manager, 6, state, arrays, position)
     assert checkpointing.mid_epoch_position(manager) == (6, position)
@@ -246,9 +260,13 @@ def test_resume_config_check(run, caplog):
     changed.data.dir = "/moved/data"
     with caplog.at_level("INFO"):
         run_dir.check_config(changed, workdir)  # accepted, logged
-    assert any(r.getMessage().startswith(f"Resume {workdir} with changed data.dir (\"\" -> "
-                                         "\"/moved/data\"), log_every_steps (2 -> 1), num_epochs")
-               for r in caplog.records)
+    assert any(
+        r.getMessage().startswith(
+            f'Resume {workdir} with changed data.dir ("" -> '
+            '"/moved/data"), log_every_steps (2 -> 1), num_epochs'
+        )
+        for r in caplog.records
+    )
     changed.model.width = 0.125
     changed.seed = 1
     with pytest.raises(run_dir.IncompatibleConfigError) as error:
@@ -256,12 +274,16 @@ def test_resume_config_check(run, caplog):
     assert str(error.value) == (
         f"cannot resume {workdir} with this config: model.width (0.0625 -> 0.125), seed (0 -> 1) "
         "differ from the run's config and would not fit its checkpoints or data split; start a "
-        f"new run with another --workdir, or resume with the values of {workdir}/config.json")
-    with pytest.raises(run_dir.IncompatibleConfigError, match=r"cannot score .*: seed \(0 -> 1\) "
-                       r"differs .* score it with the values of "):
+        f"new run with another --workdir, or resume with the values of {workdir}/config.json"
+    )
+    with pytest.raises(
+        run_dir.IncompatibleConfigError,
+        match=r"cannot score .*: seed \(0 -> 1\) "
+        r"differs .* score it with the values of ",
+    ):
         changed.model.width = config.model.width
         run_dir.check_config(changed, workdir, "score")
-    assert set(run_dir.CHANGEABLE_FIELDS) <= set(run_dir._flatten(config.to_dict()))
+    assert set(run_dir.CHANGEABLE_FIELDS) <= set(run_dir.flatten_config(config.to_dict()))
 
 
 def test_leftovers_of_an_interrupted_save_are_ignored_then_removed(run):
@@ -269,8 +291,10 @@ def test_leftovers_of_an_interrupted_save_are_ignored_then_removed(run):
     leftover = os.path.join(run_dir.checkpoints_dir(workdir), "4.orbax-checkpoint-tmp-1234")
     os.makedirs(os.path.join(leftover, "default"))
     manager = run_dir.open_checkpoints(workdir, config)  # read-only: ignored, left alone
-    assert sorted(manager.all_steps()) == [1, 2, 3] and run_dir.choose_checkpoint(
-        manager, "latest") == 3
+    assert (
+        sorted(manager.all_steps()) == [1, 2, 3]
+        and run_dir.choose_checkpoint(manager, "latest") == 3
+    )
     manager.close()
     assert os.path.isdir(leftover)
     run_dir.checkpoint_manager(workdir, config).close()  # what training opens: removes them

@@ -16,15 +16,18 @@ from affect_jax import run_dir, run_lock
 from tests.conftest import REPO
 
 # A process that takes the lock, says so, and holds it until it is killed.
-HOLDER = ("import sys, time; from affect_jax import run_lock; "
-          "run_lock.RunLock(sys.argv[1], 'train').acquire(); print('locked', flush=True); "
-          "time.sleep(600)")
+HOLDER = (
+    "import sys, time; from affect_jax import run_lock; "
+    "run_lock.RunLock(sys.argv[1], 'train').acquire(); print('locked', flush=True); "
+    "time.sleep(600)"
+)
 
 
 def start_holder(workdir) -> subprocess.Popen:
     """A live process holding ``workdir``'s lock (killed by the caller)."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(workdir)], cwd=REPO,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(workdir)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -43,8 +46,10 @@ def test_a_live_holder_is_named_and_a_killed_one_taken_over(tmp_path, warnings):
             run_lock.RunLock(str(tmp_path), "eval").acquire()
         message = str(error.value)
         assert "\n" not in message
-        assert message.startswith(f"{tmp_path} is in use by another run (train on host "
-                                  f"{socket.gethostname()}, PID {holder.pid}, started ")
+        assert message.startswith(
+            f"{tmp_path} is in use by another run (train on host "
+            f"{socket.gethostname()}, PID {holder.pid}, started "
+        )
         assert "use another --workdir" in message
     finally:
         holder.send_signal(signal.SIGKILL)
@@ -53,9 +58,11 @@ def test_a_live_holder_is_named_and_a_killed_one_taken_over(tmp_path, warnings):
         assert len(warnings) == 1
         assert warnings[0].startswith(
             f"Took over the lock of {tmp_path} from train on host {socket.gethostname()}, "
-            f"PID {holder.pid}, started ")
-        assert warnings[0].endswith("which ended without releasing it (killed, or its machine "
-                                    "restarted)")
+            f"PID {holder.pid}, started "
+        )
+        assert warnings[0].endswith(
+            "which ended without releasing it (killed, or its machine restarted)"
+        )
         record = json.loads(open(lock.path).read())
         assert record["pid"] == os.getpid() and record["command"] == "train"
     assert open(tmp_path / run_dir.LOCK).read() == ""  # released cleanly: no record left
@@ -78,8 +85,12 @@ def test_holder_is_gone_compares_host_boot_and_process_start(tmp_path):
     assert not run_lock.holder_is_gone(_record(host="elsewhere", pid=2**22 + 1))  # can't tell
     assert run_lock.holder_is_gone(_record(boot_id="an-earlier-boot"))
     assert run_lock.holder_is_gone(_record(process_start="1"))  # the PID was reused
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert run_lock.holder_is_gone(_record(pid=int(dead.stdout)))
 
 

@@ -44,13 +44,16 @@ TIMEOUT = 600
 
 def _pool(n: int) -> ExamplePool:
     rng = np.random.default_rng(0)
-    return ExamplePool({
-        "image": rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),
-        "expression": (np.arange(n) % 5).astype(np.int32),
-        "valence": rng.uniform(-1, 1, n).astype(np.float32),
-        "arousal": np.arange(n, dtype=np.float32),  # the row's index: where each example went
-        "id": np.arange(n),
-    }, decode_raw_image)
+    return ExamplePool(
+        {
+            "image": rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),
+            "expression": (np.arange(n) % 5).astype(np.int32),
+            "valence": rng.uniform(-1, 1, n).astype(np.float32),
+            "arousal": np.arange(n, dtype=np.float32),  # the row's index: where each example went
+            "id": np.arange(n),
+        },
+        decode_raw_image,
+    )
 
 
 def test_processes_read_their_slices_of_the_single_process_batches(tiny):
@@ -59,8 +62,9 @@ def test_processes_read_their_slices_of_the_single_process_batches(tiny):
     pool = _pool(50)
 
     def batches(index, count, start=0):
-        ds = pipeline.train_batches(pool, tiny, 1, 8, start_step=start, process_index=index,
-                                    process_count=count)
+        ds = pipeline.train_batches(
+            pool, tiny, 1, 8, start_step=start, process_index=index, process_count=count
+        )
         return list(ds.as_numpy_iterator())
 
     single = batches(0, 1)
@@ -83,7 +87,8 @@ def test_eval_batches_over_processes_score_every_example_once(tiny):
     for i, whole in enumerate(single):
         for key in whole:
             np.testing.assert_array_equal(
-                whole[key], np.concatenate([b[i][key] for b in per_process]))
+                whole[key], np.concatenate([b[i][key] for b in per_process])
+            )
     rows = np.concatenate([b["valence_arousal"][:, 1] for b in single])
     mask = np.concatenate([b["mask"] for b in single])
     np.testing.assert_array_equal(np.sort(rows[mask > 0]), np.arange(37))
@@ -101,14 +106,22 @@ def test_batch_must_split_over_devices_and_processes(tiny):
 
 def test_batch_size_must_divide_devices(tiny):
     errors = config_checks.config_errors(tiny, device_count=3, process_count=1)
-    assert errors == ["config.batch_size=8: expected a multiple of the 3 devices",
-                      "config.eval_batch_size=16: expected a multiple of the 3 devices"]
+    assert errors == [
+        "config.batch_size=8: expected a multiple of the 3 devices",
+        "config.eval_batch_size=16: expected a multiple of the 3 devices",
+    ]
 
 
 def test_distributed_initialize_is_a_no_op_for_one_process(monkeypatch):
-    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
-                 "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_PROCESS_ADDRESSES",
-                 "TPU_WORKER_HOSTNAMES"):
+    for name in (
+        "JAX_COORDINATOR_ADDRESS",
+        "JAX_NUM_PROCESSES",
+        "JAX_PROCESS_ID",
+        "SLURM_NTASKS",
+        "OMPI_COMM_WORLD_SIZE",
+        "TPU_PROCESS_ADDRESSES",
+        "TPU_WORKER_HOSTNAMES",
+    ):
         monkeypatch.delenv(name, raising=False)
     assert distributed.detected_cluster() is None
     assert not distributed.initialize()
@@ -125,8 +138,12 @@ def test_distributed_initialize_is_a_no_op_for_one_process(monkeypatch):
 def test_distributed_initialize_passes_flags_env_or_nothing(monkeypatch):
     calls = []
     monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda *a: calls.append(a))
-    for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_PROCESS_ADDRESSES",
-                 "TPU_WORKER_HOSTNAMES"):
+    for name in (
+        "SLURM_NTASKS",
+        "OMPI_COMM_WORLD_SIZE",
+        "TPU_PROCESS_ADDRESSES",
+        "TPU_WORKER_HOSTNAMES",
+    ):
         monkeypatch.delenv(name, raising=False)
     assert distributed.initialize("10.0.0.1:1234", 4, 3)
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.2:99")
@@ -148,34 +165,54 @@ def test_distributed_initialize_passes_flags_env_or_nothing(monkeypatch):
 
 def _env(devices: int = 1) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "JAX_PLATFORMS": "cpu",
-        "JAX_NUM_CPU_DEVICES": str(devices),
-        # The tiny model's programs compile in well under JAX's 1 s caching threshold.
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    })
+    env.update(
+        {
+            "JAX_PLATFORMS": "cpu",
+            "JAX_NUM_CPU_DEVICES": str(devices),
+            # The tiny model's programs compile in well under JAX's 1 s caching threshold.
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        }
+    )
     return env
 
 
 def _command(workdir, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "affect_jax.main", "--config=configs/default.py",
-            f"--workdir={workdir}", *TINY_FLAGS, *EPOCHS, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "affect_jax.main",
+        "--config=configs/default.py",
+        f"--workdir={workdir}",
+        *TINY_FLAGS,
+        *EPOCHS,
+        *extra,
+    ]
 
 
 def _run(workdir, *extra: str, devices: int = 1) -> None:
-    result = subprocess.run(_command(workdir, *extra), cwd=REPO, env=_env(devices),
-                            capture_output=True, text=True, timeout=TIMEOUT)
+    result = subprocess.run(
+        _command(workdir, *extra),
+        cwd=REPO,
+        env=_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
 def _numbers(value, prefix="") -> dict[str, float]:
     """Flat {path: number} of the numeric leaves of a JSON value."""
     if isinstance(value, dict):
-        return {k: v for key, item in value.items()
-                for k, v in _numbers(item, f"{prefix}{key}.").items()}
+        return {
+            k: v
+            for key, item in value.items()
+            for k, v in _numbers(item, f"{prefix}{key}.").items()
+        }
     if isinstance(value, list):
-        return {k: v for i, item in enumerate(value)
-                for k, v in _numbers(item, f"{prefix}{i}.").items()}
+        return {
+            k: v for i, item in enumerate(value) for k, v in _numbers(item, f"{prefix}{i}.").items()
+        }
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return {prefix.rstrip("."): float(value)}
     return {}
@@ -187,8 +224,9 @@ def _results(workdir) -> dict[str, float]:
         history = [json.loads(line) for line in f if line.strip()]
     with open(os.path.join(workdir, "final_metrics.json")) as f:
         final = json.load(f)
-    numbers = _numbers({"history": history, "final": final["metrics"],
-                        "best_epoch": final["best_epoch"]})
+    numbers = _numbers(
+        {"history": history, "final": final["metrics"], "best_epoch": final["best_epoch"]}
+    )
     return {k: v for k, v in numbers.items() if not k.endswith("time_s")}
 
 
@@ -249,10 +287,15 @@ def test_two_processes_match_one_process(reference, tmp_path):
     procs, logs = [], []
     for index in range(2):
         logs.append(open(tmp_path / f"process_{index}.log", "w+"))
-        cmd = _command(workdir, f"--coordinator_address={address}",
-                       "--num_processes=2", f"--process_id={index}")
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=logs[-1],
-                                      stderr=subprocess.STDOUT))
+        cmd = _command(
+            workdir,
+            f"--coordinator_address={address}",
+            "--num_processes=2",
+            f"--process_id={index}",
+        )
+        procs.append(
+            subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=logs[-1], stderr=subprocess.STDOUT)
+        )
     try:
         codes = [p.wait(timeout=TIMEOUT) for p in procs]
     finally:

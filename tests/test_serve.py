@@ -25,10 +25,17 @@ from tests import face_images
 from tests.conftest import REPO, tiny_config
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run",
-                 # A built-in test-pattern camera, allowed without asking.
-                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    # A built-in test-pattern camera, allowed without asking.
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+]
 MAX_UPLOAD_MB = 1
 MAX_PIXELS = 2_000_000
 MAX_PENDING = 8
@@ -60,19 +67,26 @@ def run(tmp_path_factory):
 def server(run, tmp_path_factory):
     """The base URL of ``python -m affect_jax.serve`` on a free port (--port=0)."""
     log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, "-m", "affect_jax.serve", f"--workdir={run}", "--port=0",
-           "--max_batch=8", "--max_wait_ms=100", f"--max_pending={MAX_PENDING}",
-           f"--max_upload_mb={MAX_UPLOAD_MB}", f"--max_pixels={MAX_PIXELS}",
-           f"--upload_timeout_s={UPLOAD_TIMEOUT_S}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "affect_jax.serve",
+        f"--workdir={run}",
+        "--port=0",
+        "--max_batch=8",
+        "--max_wait_ms=100",
+        f"--max_pending={MAX_PENDING}",
+        f"--max_upload_mb={MAX_UPLOAD_MB}",
+        f"--max_pixels={MAX_PIXELS}",
+        f"--upload_timeout_s={UPLOAD_TIMEOUT_S}",
+    ]
     with open(log, "w") as stderr:
-        process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr,
-                                   text=True)
+        process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
         deadline, line = time.time() + 300, ""
         while not line.startswith("Serving on ") and time.time() < deadline:
             if process.poll() is not None:
-                pytest.fail(f"the server exited ({process.returncode}):\n"
-                            f"{log.read_text()[-3000:]}")
+                pytest.fail(f"the server exited ({process.returncode}):\n{log.read_text()[-3000:]}")
             if select.select([process.stdout], [], [], 1.0)[0]:
                 line = process.stdout.readline()
         assert line.startswith("Serving on http://127.0.0.1:"), (line, log.read_text()[-3000:])
@@ -97,8 +111,13 @@ def astronaut(tmp_path_factory):
 
 def _post(url, data, name="face.png", content_type="image/png", face=None, **kwargs):
     params = {"face": face} if face else None
-    return requests.post(f"{url}/predict", params=params,
-                         files={"image": (name, data, content_type)}, timeout=60, **kwargs)
+    return requests.post(
+        f"{url}/predict",
+        params=params,
+        files={"image": (name, data, content_type)},
+        timeout=60,
+        **kwargs,
+    )
 
 
 def _stats(url):
@@ -131,8 +150,11 @@ def test_model_health_and_page(server, predictor):
     health = requests.get(f"{server}/health", timeout=10).json()
     assert health["status"] == "ok"
     assert health["batching"]["max_batch"] == 8
-    assert health["limits"] == {"max_upload_bytes": MAX_UPLOAD_MB * 2**20,
-                                "max_pixels": MAX_PIXELS, "upload_timeout_s": UPLOAD_TIMEOUT_S}
+    assert health["limits"] == {
+        "max_upload_bytes": MAX_UPLOAD_MB * 2**20,
+        "max_pixels": MAX_PIXELS,
+        "upload_timeout_s": UPLOAD_TIMEOUT_S,
+    }
     page = requests.get(f"{server}/", timeout=10)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
@@ -180,13 +202,16 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("name", "query", "count"), CASES,
-                         ids=[f"{n}-{q}" for n, q, _ in CASES])
+@pytest.mark.parametrize(("name", "query", "count"), CASES, ids=[f"{n}-{q}" for n, q, _ in CASES])
 def test_predict_answers_as_the_command_line(server, predictor, name, query, count):
     data = _encode(IMAGES[name]())
     image = decode_image(data)
-    response = requests.post(f"{server}/predict", params=query, timeout=60,
-                             files={"image": ("face.png", data, "image/png")})
+    response = requests.post(
+        f"{server}/predict",
+        params=query,
+        timeout=60,
+        files={"image": ("face.png", data, "image/png")},
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert (body["height"], body["width"]) == image.shape[:2]
@@ -203,8 +228,9 @@ def test_predict_answers_as_the_command_line(server, predictor, name, query, cou
         if "confidence" in want:
             assert got["confidence"] == pytest.approx(want["confidence"])
             assert list(got["landmarks"]) == list(predict.LANDMARK_NAMES)
-            np.testing.assert_allclose(list(got["landmarks"].values()), want["landmarks"],
-                                       atol=0.01)
+            np.testing.assert_allclose(
+                list(got["landmarks"].values()), want["landmarks"], atol=0.01
+            )
         else:
             assert "confidence" not in got and "landmarks" not in got
     if name == "astronaut" and options["face"] != "none":
@@ -215,8 +241,13 @@ def test_predict_answers_as_the_command_line(server, predictor, name, query, cou
 
 def test_formats(server):
     image = synthetic.draw_faces(1, 40, 8, seed=1)["image"][0]
-    for fmt, mime in (("JPEG", "image/jpeg"), ("PNG", "image/png"), ("WEBP", "image/webp"),
-                      ("BMP", "image/bmp"), ("GIF", "image/gif")):
+    for fmt, mime in (
+        ("JPEG", "image/jpeg"),
+        ("PNG", "image/png"),
+        ("WEBP", "image/webp"),
+        ("BMP", "image/bmp"),
+        ("GIF", "image/gif"),
+    ):
         response = _post(server, _encode(image, fmt), f"f.{fmt.lower()}", mime, face="none")
         assert response.status_code == 200, (fmt, response.text)
         assert response.json()["faces"][0]["box"] == [0, 0, 40, 40]
@@ -251,10 +282,14 @@ def test_concurrent_requests_all_answered_and_batched(server, predictor):
 
 def _multipart(field="image", filename="x.png", content_type="image/png", data=b""):
     boundary = "testboundary"
-    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
-            f'filename="{filename}"\r\nContent-Type: {content_type}\r\n\r\n').encode()
-    return head + data + f"\r\n--{boundary}--\r\n".encode(), \
-        f"multipart/form-data; boundary={boundary}"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
+        f'filename="{filename}"\r\nContent-Type: {content_type}\r\n\r\n'
+    ).encode()
+    return (
+        head + data + f"\r\n--{boundary}--\r\n".encode(),
+        f"multipart/form-data; boundary={boundary}",
+    )
 
 
 def _bad_requests(png):
@@ -266,46 +301,90 @@ def _bad_requests(png):
     def chunked_big():  # no Content-Length: the limit is enforced while reading
         body, _ = _multipart(data=big_png)
         for i in range(0, len(body), 65536):
-            yield body[i:i + 65536]
+            yield body[i : i + 65536]
 
     return {
-        "not an image": (dict(files={"image": ("a.png", b"\x89PNG not really", "image/png")}),
-                         400, "not a JPEG, PNG, WebP, BMP or GIF image"),
-        "truncated image": (dict(files={"image": ("a.png", png[:len(png) // 2], "image/png")}),
-                            400, "cannot decode the PNG image"),
-        "empty body": (dict(data=b"", headers={"Content-Type": _multipart()[1]}),
-                       400, "empty request body"),
+        "not an image": (
+            dict(files={"image": ("a.png", b"\x89PNG not really", "image/png")}),
+            400,
+            "not a JPEG, PNG, WebP, BMP or GIF image",
+        ),
+        "truncated image": (
+            dict(files={"image": ("a.png", png[: len(png) // 2], "image/png")}),
+            400,
+            "cannot decode the PNG image",
+        ),
+        "empty body": (
+            dict(data=b"", headers={"Content-Type": _multipart()[1]}),
+            400,
+            "empty request body",
+        ),
         "empty file": (dict(files={"image": ("a.png", b"", "image/png")}), 400, "is empty"),
-        "missing field": (dict(files={"photo": ("a.png", png, "image/png")}),
-                          400, "missing the file field 'image'"),
-        "text field": (dict(data={"image": "hello"}, files={"x": ("a", b"1")}),
-                       400, "is text, not a file"),
-        "wrong request type": (dict(data=png, headers={"Content-Type": "image/png"}),
-                               415, "expected multipart/form-data"),
+        "missing field": (
+            dict(files={"photo": ("a.png", png, "image/png")}),
+            400,
+            "missing the file field 'image'",
+        ),
+        "text field": (
+            dict(data={"image": "hello"}, files={"x": ("a", b"1")}),
+            400,
+            "is text, not a file",
+        ),
+        "wrong request type": (
+            dict(data=png, headers={"Content-Type": "image/png"}),
+            415,
+            "expected multipart/form-data",
+        ),
         "no request type": (dict(data=png), 415, "expected multipart/form-data"),
-        "wrong part type": (dict(files={"image": ("a.txt", png, "text/plain")}),
-                            415, "content type 'text/plain'"),
-        "unaccepted format": (dict(files={"image": ("a.tif", _encode(
-            np.zeros((8, 8, 3), np.uint8), "TIFF"), "image/tiff")}), 415, "format TIFF"),
-        "over the size limit": (dict(files={"image": ("a.png", big_png, "image/png")}),
-                                413, "over the limit of 1048576 bytes"),
-        "over the size limit, chunked": (dict(data=chunked_big(),
-                                              headers={"Content-Type": _multipart()[1]}),
-                                         413, "over the limit of 1048576 bytes"),
-        "over the pixel limit": (dict(files={"image": ("a.png", wide, "image/png")}),
-                                 413, "2500x1000 pixels is over the limit of 2000000"),
-        "malformed multipart": (dict(data=b"--nope\r\n\r\n",
-                                     headers={"Content-Type": "multipart/form-data"}),
-                                400, "multipart"),
-        "unknown face mode": (dict(params={"face": "box"},
-                                   files={"image": ("a.png", png, "image/png")}),
-                              400, "face='box': expected one of auto, detect, none"),
-        "unknown face selection": (dict(params={"faces": "first"},
-                                        files={"image": ("a.png", png, "image/png")}),
-                                   400, "faces='first': expected one of all, largest"),
-        "unknown align value": (dict(params={"align": "maybe"},
-                                     files={"image": ("a.png", png, "image/png")}),
-                                400, "align='maybe': expected true or false"),
+        "wrong part type": (
+            dict(files={"image": ("a.txt", png, "text/plain")}),
+            415,
+            "content type 'text/plain'",
+        ),
+        "unaccepted format": (
+            dict(
+                files={
+                    "image": ("a.tif", _encode(np.zeros((8, 8, 3), np.uint8), "TIFF"), "image/tiff")
+                }
+            ),
+            415,
+            "format TIFF",
+        ),
+        "over the size limit": (
+            dict(files={"image": ("a.png", big_png, "image/png")}),
+            413,
+            "over the limit of 1048576 bytes",
+        ),
+        "over the size limit, chunked": (
+            dict(data=chunked_big(), headers={"Content-Type": _multipart()[1]}),
+            413,
+            "over the limit of 1048576 bytes",
+        ),
+        "over the pixel limit": (
+            dict(files={"image": ("a.png", wide, "image/png")}),
+            413,
+            "2500x1000 pixels is over the limit of 2000000",
+        ),
+        "malformed multipart": (
+            dict(data=b"--nope\r\n\r\n", headers={"Content-Type": "multipart/form-data"}),
+            400,
+            "multipart",
+        ),
+        "unknown face mode": (
+            dict(params={"face": "box"}, files={"image": ("a.png", png, "image/png")}),
+            400,
+            "face='box': expected one of auto, detect, none",
+        ),
+        "unknown face selection": (
+            dict(params={"faces": "first"}, files={"image": ("a.png", png, "image/png")}),
+            400,
+            "faces='first': expected one of all, largest",
+        ),
+        "unknown align value": (
+            dict(params={"align": "maybe"}, files={"image": ("a.png", png, "image/png")}),
+            400,
+            "align='maybe': expected true or false",
+        ),
     }
 
 
@@ -316,10 +395,13 @@ def test_bad_inputs_answered_with_json_errors(server):
         assert response.status_code == status, (name, response.status_code, response.text)
         assert response.headers["content-type"] == "application/json", name
         assert text in response.json()["error"], (name, response.json())
-    for method, path, status in (("GET", "/predict", 405), ("GET", "/nothing", 404),
-                                 ("GET", "/../../etc/passwd", 404),
-                                 ("GET", "/static/index.html", 404),
-                                 ("DELETE", "/model", 405)):
+    for method, path, status in (
+        ("GET", "/predict", 405),
+        ("GET", "/nothing", 404),
+        ("GET", "/../../etc/passwd", 404),
+        ("GET", "/static/index.html", 404),
+        ("DELETE", "/model", 405),
+    ):
         response = requests.request(method, f"{server}{path}", timeout=10)
         assert response.status_code == status, (path, response.text)
         assert "error" in response.json()
@@ -333,8 +415,11 @@ def _stalled_upload(url):
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=10)
     body, content_type = _multipart(data=b"\x89PNG" + b"0" * 100)
-    sock.sendall(f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
-                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:60])
+    sock.sendall(
+        f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body[:60]
+    )
     return sock
 
 
@@ -383,15 +468,20 @@ def test_port_in_use_is_one_clear_error(run):
         port = taken.getsockname()[1]
         result = subprocess.run(
             [sys.executable, "-m", "affect_jax.serve", f"--workdir={run}", f"--port={port}"],
-            cwd=REPO, capture_output=True, text=True, timeout=300)
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert result.returncode == 1
     assert f"--port={port}: cannot listen there" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                    reason=f"{CHROMIUM} is missing (Debian's chromium package; .ci/run "
-                           "installs it with apt-get)")
+@pytest.mark.skipif(
+    not os.path.exists(CHROMIUM),
+    reason=f"{CHROMIUM} is missing (Debian's chromium package; .ci/run installs it with apt-get)",
+)
 def test_page_in_headless_chromium(server, astronaut, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -426,8 +516,9 @@ def test_page_in_headless_chromium(server, astronaut, tmp_path):
             assert bars.evaluate_all("rows => rows.map(r => r.dataset.class)") == classes
             shown = bars.evaluate_all("rows => rows.map(r => Number(r.dataset.p))")
             np.testing.assert_allclose(shown, [face["probs"][c] for c in classes], atol=1e-6)
-            widths = bars.evaluate_all("rows => rows.map(r => "
-                                       "r.querySelector('.fill').getBoundingClientRect().width)")
+            widths = bars.evaluate_all(
+                "rows => rows.map(r => r.querySelector('.fill').getBoundingClientRect().width)"
+            )
             assert max(widths) > 0
             point = page.locator("#points .face-point")
             expect(point).to_have_count(1)
@@ -443,20 +534,24 @@ def test_page_in_headless_chromium(server, astronaut, tmp_path):
 
             # Dropping a photo (the blank image: scored whole under face=auto).
             blank = base64.b64encode(_encode(np.full((60, 90, 3), 200, np.uint8))).decode()
-            page.evaluate("""b64 => {
+            page.evaluate(
+                """b64 => {
                 const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
                 const dt = new DataTransfer();
                 dt.items.add(new File([bytes], 'blank.png', {type: 'image/png'}));
                 document.getElementById('drop').dispatchEvent(
                     new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
-            }""", blank)
+            }""",
+                blank,
+            )
             expect(page.locator("#status")).to_contain_text("90×60")
             expect(page.locator("#faces .meta")).to_contain_text("whole image")
 
             # The webcam (Chromium's test-pattern camera): frames scored, a trail drawn.
             page.click("#webcam")
             page.wait_for_function(
-                "document.querySelectorAll('#trail .trail-dot').length >= 3", timeout=30_000)
+                "document.querySelectorAll('#trail .trail-dot').length >= 3", timeout=30_000
+            )
             expect(page.locator("#points .face-point")).to_have_count(1)
             page.screenshot(path=str(tmp_path / "page_webcam.png"))
             page.click("#webcam")

@@ -12,8 +12,10 @@ from tests.conftest import bit_identical, one_batch, stack_batches, tiny_config,
 
 def _relative_distance(a, b):
     """||a - b|| / ||a|| over all elements of two pytrees."""
-    a, b = (np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)])
-            for t in (a, b))
+    a, b = (
+        np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)])
+        for t in (a, b)
+    )
     return np.linalg.norm(a - b) / np.linalg.norm(a)
 
 
@@ -47,7 +49,8 @@ def test_compute_loss_weights_mask_and_missing_valence_arousal():
     weights = tiny_config().loss_weights
     weights.classification, weights.regression = 0.7, 2.0
     loss, terms = steps.compute_loss(
-        {"class_logits": logits, "valence_arousal": va_pred}, batch, weights)
+        {"class_logits": logits, "valence_arousal": va_pred}, batch, weights
+    )
     log_softmax = jax.nn.log_softmax(logits)
     ce = -(log_softmax[0, 0] + log_softmax[1, 1]) / 2
     mse = (0.25 + 0.25) / 2  # only row 0 has valence/arousal and is not padding
@@ -71,10 +74,12 @@ def test_class_weights_scale_the_cross_entropy_only():
     plain_loss, plain = steps.compute_loss(outputs, batch, config.loss_weights)
     class_weights = jnp.array([2.0, 0.5])
     loss, terms = steps.compute_loss(outputs, batch, config.loss_weights, class_weights)
-    row_ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["expression"][:, None],
-                                  -1)[:3, 0]
-    np.testing.assert_allclose(terms["ce"], (2.0 * row_ce[0] + 0.5 * row_ce[1:].sum()) / 3,
-                               rtol=1e-6)
+    row_ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["expression"][:, None], -1)[
+        :3, 0
+    ]
+    np.testing.assert_allclose(
+        terms["ce"], (2.0 * row_ce[0] + 0.5 * row_ce[1:].sum()) / 3, rtol=1e-6
+    )
     # The regression terms are the unweighted ones.
     np.testing.assert_array_equal(terms["mse"], plain["mse"])
     np.testing.assert_array_equal(terms["ccc_loss"], plain["ccc_loss"])
@@ -100,14 +105,14 @@ def test_ccc_loss_term_is_added_when_weighted():
     batch = sharding.shard_batch(one_batch(config), sharding.make_mesh())
     _, out = jax.jit(steps.make_train_step(graphdef, tx, config))(state, batch)
     np.testing.assert_allclose(
-        out["loss"], out["ce"] + out["mse"] + 0.5 * out["ccc_loss"], rtol=1e-5)
+        out["loss"], out["ce"] + out["mse"] + 0.5 * out["ccc_loss"], rtol=1e-5
+    )
 
 
 def test_frozen_backbone_does_not_change(tiny):
     tiny.model.freeze_backbone = True
     graphdef, tx, state = steps.create_train_state(tiny, steps.create_initial_model(tiny))
-    before = jax.tree.map(np.array, {"p": state["params"]["backbone"],
-                                     "s": state["batch_stats"]})
+    before = jax.tree.map(np.array, {"p": state["params"]["backbone"], "s": state["batch_stats"]})
     head_before = np.array(jax.tree.leaves(state["params"]["class_output"])[0])
     batch = sharding.shard_batch(one_batch(tiny), sharding.make_mesh())
     state, _ = jax.jit(steps.make_train_step(graphdef, tx, tiny))(state, batch)
@@ -132,7 +137,8 @@ def test_predict_step_is_the_eval_steps_forward_pass(tiny, flip_tta):
     graphdef, _, state = steps.create_train_state(tiny, steps.create_initial_model(tiny))
     batch = one_batch(tiny)
     predicted = jax.jit(steps.make_predict_step(graphdef, flip_tta))(
-        {"params": state["params"], "batch_stats": state["batch_stats"]}, batch["image"])
+        {"params": state["params"], "batch_stats": state["batch_stats"]}, batch["image"]
+    )
     evaluated = jax.jit(steps.make_eval_step(graphdef, flip_tta))(state, batch)
     assert set(predicted) == {"probs", "valence_arousal"}
     for key, value in predicted.items():
@@ -153,8 +159,7 @@ def test_several_steps_per_call_match_one_step_per_call(name):
     steps with the batches in reverse order are >= 1.4e-3 apart.
     """
     config, mesh, (graphdef, tx, state), splits = tiny_run(name)
-    batches = list(pipeline.train_batches(splits.train, config, 0, 8).take(3)
-                   .as_numpy_iterator())
+    batches = list(pipeline.train_batches(splits.train, config, 0, 8).take(3).as_numpy_iterator())
     step = jax.jit(steps.make_train_step(graphdef, tx, config))
     one_by_one, outs = state, []
     for batch in batches:
@@ -172,10 +177,12 @@ def test_several_steps_per_call_match_one_step_per_call(name):
             assert _relative_distance(one_by_one[group], together[group]) < 1e-4, group
     for i, out in enumerate(outs):  # per-step outputs, in order
         for key, value in out.items():
-            np.testing.assert_allclose(stacked[key][i], value, rtol=1e-3, atol=1e-3,
-                                       err_msg=f"{key} of step {i + 1}")
+            np.testing.assert_allclose(
+                stacked[key][i], value, rtol=1e-3, atol=1e-3, err_msg=f"{key} of step {i + 1}"
+            )
     # A chunk of one step takes the plain step (no loop) and still stacks its outputs.
-    _, single = train_steps(state, sharding.shard_batch(
-        {k: v[:1] for k, v in chunk.items()}, mesh, stacked=True))
+    _, single = train_steps(
+        state, sharding.shard_batch({k: v[:1] for k, v in chunk.items()}, mesh, stacked=True)
+    )
     assert single["loss"].shape == (1,)
     np.testing.assert_allclose(single["loss"][0], outs[0]["loss"], rtol=1e-6)

@@ -102,8 +102,10 @@ def _change(expression: int, field: str) -> tuple[int, np.ndarray]:
     """Same class, same pose, ``field`` (valence or arousal) -0.2 and +0.2: the summed pixel
     change and the rows that visibly change."""
     p = _clean_params(expression)
-    low, high = (synthetic.draw_face(dataclasses.replace(p, **{field: getattr(p, field) + d}),
-                                     SIZE) for d in (-0.2, 0.2))
+    low, high = (
+        synthetic.draw_face(dataclasses.replace(p, **{field: getattr(p, field) + d}), SIZE)
+        for d in (-0.2, 0.2)
+    )
     diff = np.abs(low.astype(np.int32) - high.astype(np.int32)).sum(-1)
     return diff.sum(), np.nonzero(diff.sum(1) > 30)[0]
 

@@ -14,8 +14,9 @@ def test_non_finite_loss_names_the_step():
     config.model.dropout = 0.0
     graphdef, tx, state = steps.create_train_state(config, steps.create_initial_model(config))
     train_steps = jax.jit(steps.make_train_steps(steps.make_train_step(graphdef, tx, config)))
-    chunk = sharding.shard_batch(stack_batches([one_batch(config)] * 20), sharding.make_mesh(),
-                                 stacked=True)
+    chunk = sharding.shard_batch(
+        stack_batches([one_batch(config)] * 20), sharding.make_mesh(), stacked=True
+    )
     _, out = train_steps(state, chunk)
     losses = np.asarray(out["loss"])
     first_bad = int(np.argmin(np.isfinite(losses)))
@@ -35,8 +36,7 @@ class FakeClock:
 
 def _lines(monkeypatch):
     lines = []
-    monkeypatch.setattr(logging, "info",
-                        lambda fmt, *args, **kwargs: lines.append(fmt % args))
+    monkeypatch.setattr(logging, "info", lambda fmt, *args, **kwargs: lines.append(fmt % args))
     return lines
 
 
@@ -45,8 +45,14 @@ def test_progress_rate_is_right_from_the_first_call(monkeypatch):
     the rate and added to the ETA once measured."""
     lines = _lines(monkeypatch)
     clock = FakeClock()
-    reporter = progress.ProgressReporter(num_epochs=2, steps_per_epoch=10, batch_size=4,
-                                         log_every_steps=5, clock=clock, interactive=False)
+    reporter = progress.ProgressReporter(
+        num_epochs=2,
+        steps_per_epoch=10,
+        batch_size=4,
+        log_every_steps=5,
+        clock=clock,
+        interactive=False,
+    )
     reporter.start()  # epoch 1
     reporter.stop()  # before the first call compiles
     clock.now += 30.0  # compiling (25 s) and running (5 s) the 5-step call
@@ -61,18 +67,28 @@ def test_progress_rate_is_right_from_the_first_call(monkeypatch):
     assert lines[2].endswith("step 10/20 (10/10 in epoch): loss 1.2500, 5.7 img/s, ETA 0m07s")
     reporter.stop()
     clock.now += 100.0  # validation, checkpoint: not timed
-    reporter.epoch_done({"epoch": 1, "epoch_time_s": 107.0, "train_time_s": 7.0,
-                         "train_loss": 1.3, "train_accuracy": 0.5},
-                        {"loss": 1.2, "accuracy": 0.5, "f1_macro": float("nan")})
-    assert lines[3].endswith("train loss 1.3000 acc 0.500 | val loss 1.2000 acc 0.500 "
-                             "balanced acc n/a F1 n/a mean CCC n/a")
+    reporter.epoch_done(
+        {
+            "epoch": 1,
+            "epoch_time_s": 107.0,
+            "train_time_s": 7.0,
+            "train_loss": 1.3,
+            "train_accuracy": 0.5,
+        },
+        {"loss": 1.2, "accuracy": 0.5, "f1_macro": float("nan")},
+    )
+    assert lines[3].endswith(
+        "train loss 1.3000 acc 0.500 | val loss 1.2000 acc 0.500 "
+        "balanced acc n/a F1 n/a mean CCC n/a"
+    )
     reporter.start()  # epoch 2
     clock.now += 3.0  # 5 steps in 3 s: 15 steps in 10 s so far
     reporter.count(5)
     reporter.after_call(1, 10, 5, lambda: 1.0)
     # 5 steps at 1.5 steps/s, then epoch 2's validation and checkpoint (100 s, as epoch 1's).
-    assert lines[4].endswith("epoch 2/2 step 15/20 (5/10 in epoch): loss 1.0000, 6.0 img/s, "
-                             "ETA 1m43s")
+    assert lines[4].endswith(
+        "epoch 2/2 step 15/20 (5/10 in epoch): loss 1.0000, 6.0 img/s, ETA 1m43s"
+    )
     assert reporter.steps_per_second == pytest.approx(1.5)
 
 
@@ -94,8 +110,14 @@ def test_progress_bar_on_a_terminal(monkeypatch):
     stream = FakeStream()
     clock = FakeClock()
     reporter = progress.ProgressReporter(
-        num_epochs=1, steps_per_epoch=8, batch_size=2, log_every_steps=4, clock=clock,
-        interactive=True, status=console.StatusLine(stream))
+        num_epochs=1,
+        steps_per_epoch=8,
+        batch_size=2,
+        log_every_steps=4,
+        clock=clock,
+        interactive=True,
+        status=console.StatusLine(stream),
+    )
     reporter.start()
     clock.now += 1.0
     reporter.count(2)
@@ -104,26 +126,43 @@ def test_progress_bar_on_a_terminal(monkeypatch):
     clock.now += 1.0
     reporter.count(2)
     reporter.after_call(0, 2, 2, lambda: 1.5)
-    assert stream.text.endswith("epoch 1/1 [##########----------] 4/8 | loss 1.5000 | 4.0 img/s "
-                                "| ETA 0m02s")
+    assert stream.text.endswith(
+        "epoch 1/1 [##########----------] 4/8 | loss 1.5000 | 4.0 img/s | ETA 0m02s"
+    )
     assert records == [{"extra": console.FILE_ONLY}]  # the line at step 4, for the log file
-    reporter.epoch_done({"epoch": 1, "epoch_time_s": 5.0, "train_time_s": 4.0,
-                         "train_loss": 1.3, "train_accuracy": 0.5},
-                        {"loss": 1.2, "accuracy": 0.5, "f1_macro": 0.25, "mean_ccc": 0.5})
+    reporter.epoch_done(
+        {
+            "epoch": 1,
+            "epoch_time_s": 5.0,
+            "train_time_s": 4.0,
+            "train_loss": 1.3,
+            "train_accuracy": 0.5,
+        },
+        {"loss": 1.2, "accuracy": 0.5, "f1_macro": 0.25, "mean_ccc": 0.5},
+    )
     assert stream.text.endswith("\r\033[K")  # the bar is gone before the summary
 
 
 def test_progress_logs_when_a_call_passes_a_multiple_of_log_every(monkeypatch):
     lines = _lines(monkeypatch)
-    reporter = progress.ProgressReporter(num_epochs=1, steps_per_epoch=12, batch_size=8,
-                                         log_every_steps=2, clock=FakeClock(), interactive=False)
+    reporter = progress.ProgressReporter(
+        num_epochs=1,
+        steps_per_epoch=12,
+        batch_size=8,
+        log_every_steps=2,
+        clock=FakeClock(),
+        interactive=False,
+    )
     fetched = []
     for step, n in ((0, 3), (3, 3), (6, 1), (7, 1), (8, 3), (11, 1)):
         reporter.after_call(0, step, n, lambda step=step: fetched.append(step) or 0.0)
     assert [line.split(":")[0] for line in lines] == [
-        "epoch 1/1 step 3/12 (3/12 in epoch)", "epoch 1/1 step 6/12 (6/12 in epoch)",
-        "epoch 1/1 step 8/12 (8/12 in epoch)", "epoch 1/1 step 11/12 (11/12 in epoch)",
-        "epoch 1/1 step 12/12 (12/12 in epoch)"]
+        "epoch 1/1 step 3/12 (3/12 in epoch)",
+        "epoch 1/1 step 6/12 (6/12 in epoch)",
+        "epoch 1/1 step 8/12 (8/12 in epoch)",
+        "epoch 1/1 step 11/12 (11/12 in epoch)",
+        "epoch 1/1 step 12/12 (12/12 in epoch)",
+    ]
     assert fetched == [0, 3, 7, 8, 11]  # the loss is fetched only for a line
 
 

@@ -111,8 +111,13 @@ def make_splits(config: ml_collections.ConfigDict, workdir: str | None = None) -
         how = f"a stratified {config.data.val_fraction:g} hold-out"
     logging.info(
         "Data %r: %d train / %d validation examples (%s; %d classes)%s; counts %s",
-        source.name, len(train), len(validation), how, source.num_classes,
-        "" if source.has_valence_arousal else ", no valence/arousal", dict(source.counts),
+        source.name,
+        len(train),
+        len(validation),
+        how,
+        source.num_classes,
+        "" if source.has_valence_arousal else ", no valence/arousal",
+        dict(source.counts),
     )
     return DataSplits(source, train, validation, source.pools.get("test"))
 
@@ -208,8 +213,9 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return steps
 
 
-def process_rows(num_rows: int, batch_size: int, process_index: int,
-                 process_count: int) -> np.ndarray:
+def process_rows(
+    num_rows: int, batch_size: int, process_index: int, process_count: int
+) -> np.ndarray:
     """Positions this process reads from ``num_rows`` rows cut into global batches.
 
     Process ``p`` of ``P`` takes rows ``[p * b, (p + 1) * b)`` (``b = batch_size // P``) of every
@@ -224,7 +230,7 @@ def process_rows(num_rows: int, batch_size: int, process_index: int,
         raise ValueError(f"{num_rows} rows are not whole batches of {batch_size}")
     local = batch_size // process_count
     batches = np.arange(num_rows).reshape(-1, batch_size)
-    return batches[:, process_index * local:(process_index + 1) * local].reshape(-1)
+    return batches[:, process_index * local : (process_index + 1) * local].reshape(-1)
 
 
 def train_batches(

@@ -22,7 +22,14 @@ REQUIRED_COLUMNS = ("expression", "valence", "arousal")
 # What a source kept and dropped, written into the run's workdir (run_dir.DATA_REPORT).
 REPORT_FILE = "data_report.json"
 AFFECTNET_CLASS_NAMES = (
-    "Neutral", "Happy", "Sad", "Surprise", "Fear", "Disgust", "Anger", "Contempt",
+    "Neutral",
+    "Happy",
+    "Sad",
+    "Surprise",
+    "Fear",
+    "Disgust",
+    "Anger",
+    "Contempt",
 )
 
 

@@ -318,8 +318,10 @@ def class_subset(labels: np.ndarray, fractions: Sequence[float], num_classes: in
             f"config.data.synthetic_class_fractions={tuple(fractions)}; expected "
             f"{num_classes} fractions in (0, 1], one per class"
         )
-    kept = [np.flatnonzero(labels == c)[: max(2, round(f * np.sum(labels == c)))]
-            for c, f in enumerate(fractions)]
+    kept = [
+        np.flatnonzero(labels == c)[: max(2, round(f * np.sum(labels == c)))]
+        for c, f in enumerate(fractions)
+    ]
     return np.sort(np.concatenate(kept))
 
 

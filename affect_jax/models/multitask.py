@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-POOLINGS = ('avg', 'max', 'flatten')
+POOLINGS = ("avg", "max", "flatten")
 # Keras's Dense default, as in the study's heads.
 _KERNEL_INIT = nnx.initializers.glorot_uniform()
 
@@ -36,7 +36,7 @@ class MultiTaskModel(nnx.Module):
         backbone: nnx.Module,
         *,
         num_classes: int,
-        pooling: str = 'avg',
+        pooling: str = "avg",
         hidden_sizes: Sequence[int] = (256,),
         dropout: float = 0.5,
         image_size: int = 224,
@@ -44,26 +44,26 @@ class MultiTaskModel(nnx.Module):
         rngs: nnx.Rngs,
     ):
         if pooling not in POOLINGS:
-            raise ValueError(f'pooling must be one of {POOLINGS}, got {pooling!r}')
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f'dropout must be in [0, 1), got {dropout}')
-        if getattr(backbone, 'include_top', False):
-            raise ValueError('MultiTaskModel needs a backbone built with include_top=False')
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if getattr(backbone, "include_top", False):
+            raise ValueError("MultiTaskModel needs a backbone built with include_top=False")
         self.backbone = backbone
         self.pooling = pooling
         self.dtype = dtype
         h, w, c = backbone.feature_shape(image_size)
         if h < 1 or w < 1:
-            raise ValueError(f'image_size {image_size} is too small for {backbone.arch}')
+            raise ValueError(f"image_size {image_size} is too small for {backbone.arch}")
         self.feature_shape = (h, w, c)
-        features = h * w * c if pooling == 'flatten' else c
+        features = h * w * c if pooling == "flatten" else c
         neck = []
         for size in hidden_sizes:
             if int(size) < 1:
-                raise ValueError(f'hidden_sizes must be positive, got {tuple(hidden_sizes)}')
-            neck.append(nnx.Linear(
-                features, int(size), dtype=dtype, kernel_init=_KERNEL_INIT, rngs=rngs
-            ))
+                raise ValueError(f"hidden_sizes must be positive, got {tuple(hidden_sizes)}")
+            neck.append(
+                nnx.Linear(features, int(size), dtype=dtype, kernel_init=_KERNEL_INIT, rngs=rngs)
+            )
             features = int(size)
         self.neck = nnx.List(neck)
         # No rngs stored: keys come from the call-time `rngs` (keeps the state Param+BatchStat).
@@ -71,9 +71,7 @@ class MultiTaskModel(nnx.Module):
         self.class_output = nnx.Linear(
             features, num_classes, dtype=dtype, kernel_init=_KERNEL_INIT, rngs=rngs
         )
-        self.reg_output = nnx.Linear(
-            features, 2, dtype=dtype, kernel_init=_KERNEL_INIT, rngs=rngs
-        )
+        self.reg_output = nnx.Linear(features, 2, dtype=dtype, kernel_init=_KERNEL_INIT, rngs=rngs)
 
     def __call__(
         self,
@@ -91,18 +89,18 @@ class MultiTaskModel(nnx.Module):
         use_dropout = train and self.dropout.rate > 0
         if use_dropout and rngs is None:
             raise ValueError(
-                'MultiTaskModel(train=True) with dropout > 0 needs rngs, e.g. '
-                'model(x, train=True, rngs=nnx.Rngs(dropout=key))'
+                "MultiTaskModel(train=True) with dropout > 0 needs rngs, e.g. "
+                "model(x, train=True, rngs=nnx.Rngs(dropout=key))"
             )
         x = self.backbone(images, train=train and train_backbone)
-        if self.pooling == 'flatten':
+        if self.pooling == "flatten":
             if tuple(x.shape[1:]) != self.feature_shape:
                 raise ValueError(
                     f"pooling='flatten' was built for feature maps {self.feature_shape}, got "
-                    f'{tuple(x.shape[1:])} (images of another size than image_size?)'
+                    f"{tuple(x.shape[1:])} (images of another size than image_size?)"
                 )
             x = x.reshape((x.shape[0], -1))
-        elif self.pooling == 'avg':
+        elif self.pooling == "avg":
             x = jnp.mean(x, axis=(1, 2))
         else:
             x = jnp.max(x, axis=(1, 2))
@@ -111,6 +109,6 @@ class MultiTaskModel(nnx.Module):
         if use_dropout:
             x = self.dropout(x, deterministic=False, rngs=rngs)
         return {
-            'class_logits': self.class_output(x).astype(jnp.float32),
-            'valence_arousal': self.reg_output(x).astype(jnp.float32),
+            "class_logits": self.class_output(x).astype(jnp.float32),
+            "valence_arousal": self.reg_output(x).astype(jnp.float32),
         }

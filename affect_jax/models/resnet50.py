@@ -20,11 +20,11 @@ from affect_jax.ops.batch_norm import BatchNorm
 from affect_jax.ops.conv import Conv
 
 # (stage name, filters, blocks, stride of the first block) as in keras resnet.stack1 calls.
-_STAGES = (('conv2', 64, 3, 1), ('conv3', 128, 4, 2), ('conv4', 256, 6, 2), ('conv5', 512, 3, 2))
+_STAGES = (("conv2", 64, 3, 1), ("conv3", 128, 4, 2), ("conv4", 256, 6, 2), ("conv5", 512, 3, 2))
 _EXPANSION = 4
 BN_EPSILON = 1.001e-5
 BN_MOMENTUM = 0.99
-TOP_LAYER_NAMES = ('predictions',)
+TOP_LAYER_NAMES = ("predictions",)
 # Keras's default kernel initializer, so random-init runs start like the study's Keras models.
 KERNEL_INIT = nnx.initializers.glorot_uniform()
 
@@ -50,16 +50,30 @@ def keras_layer_names(include_top: bool) -> tuple[str, ...]:
     0_conv, 3_conv, 0_bn, 3_bn (topological order); this matters only for Keras 3 weight
     files that lack layer-name metadata.
     """
-    names = ['conv1_conv', 'conv1_bn']
+    names = ["conv1_conv", "conv1_bn"]
     for stage, _, blocks, _ in _STAGES:
         for b in range(1, blocks + 1):
-            p = f'{stage}_block{b}'
+            p = f"{stage}_block{b}"
             if b == 1:
-                names += [f'{p}_1_conv', f'{p}_1_bn', f'{p}_2_conv', f'{p}_2_bn',
-                          f'{p}_0_conv', f'{p}_3_conv', f'{p}_0_bn', f'{p}_3_bn']
+                names += [
+                    f"{p}_1_conv",
+                    f"{p}_1_bn",
+                    f"{p}_2_conv",
+                    f"{p}_2_bn",
+                    f"{p}_0_conv",
+                    f"{p}_3_conv",
+                    f"{p}_0_bn",
+                    f"{p}_3_bn",
+                ]
             else:
-                names += [f'{p}_1_conv', f'{p}_1_bn', f'{p}_2_conv', f'{p}_2_bn',
-                          f'{p}_3_conv', f'{p}_3_bn']
+                names += [
+                    f"{p}_1_conv",
+                    f"{p}_1_bn",
+                    f"{p}_2_conv",
+                    f"{p}_2_bn",
+                    f"{p}_3_conv",
+                    f"{p}_3_bn",
+                ]
     if include_top:
         names += list(TOP_LAYER_NAMES)
     return tuple(names)
@@ -86,7 +100,7 @@ class ResNet50(nnx.Module):
       rngs: initialisation randomness.
     """
 
-    arch = 'resnet50'
+    arch = "resnet50"
     top_layer_names = TOP_LAYER_NAMES
 
     def __init__(
@@ -96,13 +110,13 @@ class ResNet50(nnx.Module):
         *,
         dtype: Any = jnp.float32,
         activation_dtype: Any = None,
-        conv_impl: str = 'auto',
-        batch_norm_impl: str = 'auto',
-        pool_impl: str = 'auto',
+        conv_impl: str = "auto",
+        batch_norm_impl: str = "auto",
+        pool_impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         if not width > 0:
-            raise ValueError(f'width must be > 0, got {width}')
+            raise ValueError(f"width must be > 0, got {width}")
         self.include_top = include_top
         self.width = float(width)
         self.dtype = dtype
@@ -112,41 +126,62 @@ class ResNet50(nnx.Module):
         self.pool_impl = pool_impl
 
         def conv(name: str, cin: int, cout: int, k: int, stride: int, padding: str) -> None:
-            setattr(self, name, Conv(
-                cin, cout, (k, k), strides=(stride, stride), padding=padding, use_bias=True,
-                dtype=dtype, param_dtype=jnp.float32, kernel_init=KERNEL_INIT, impl=conv_impl,
-                rngs=rngs,
-            ))
+            setattr(
+                self,
+                name,
+                Conv(
+                    cin,
+                    cout,
+                    (k, k),
+                    strides=(stride, stride),
+                    padding=padding,
+                    use_bias=True,
+                    dtype=dtype,
+                    param_dtype=jnp.float32,
+                    kernel_init=KERNEL_INIT,
+                    impl=conv_impl,
+                    rngs=rngs,
+                ),
+            )
 
         def bn(name: str, c: int) -> None:
             # Two-pass variance, as Keras computes it: E[x^2] - E[x]^2 loses precision on the
             # large activations of caffe-range (ImageNet-preprocessed) inputs.
-            setattr(self, name, BatchNorm(
-                c, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=act_dtype,
-                param_dtype=jnp.float32, use_fast_variance=False, impl=batch_norm_impl,
-                rngs=rngs,
-            ))
+            setattr(
+                self,
+                name,
+                BatchNorm(
+                    c,
+                    momentum=BN_MOMENTUM,
+                    epsilon=BN_EPSILON,
+                    dtype=act_dtype,
+                    param_dtype=jnp.float32,
+                    use_fast_variance=False,
+                    impl=batch_norm_impl,
+                    rngs=rngs,
+                ),
+            )
 
         stem = _scaled(64, width)
-        conv('conv1_conv', 3, stem, 7, 2, 'VALID')
-        bn('conv1_bn', stem)
+        conv("conv1_conv", 3, stem, 7, 2, "VALID")
+        bn("conv1_bn", stem)
         blocks = []  # (prefix, stride, has_shortcut)
         in_ch = stem
         for stage, filters, n_blocks, stride in _STAGES:
             f = _scaled(filters, width)
             out = _EXPANSION * f
             for b in range(1, n_blocks + 1):
-                p = f'{stage}_block{b}'
+                p = f"{stage}_block{b}"
                 s = stride if b == 1 else 1
                 if b == 1:  # Keras stack1: conv_shortcut=True on the first block only.
-                    conv(f'{p}_0_conv', in_ch, out, 1, s, 'VALID')
-                    bn(f'{p}_0_bn', out)
-                conv(f'{p}_1_conv', in_ch, f, 1, s, 'VALID')
-                bn(f'{p}_1_bn', f)
-                conv(f'{p}_2_conv', f, f, 3, 1, 'SAME')
-                bn(f'{p}_2_bn', f)
-                conv(f'{p}_3_conv', f, out, 1, 1, 'VALID')
-                bn(f'{p}_3_bn', out)
+                    conv(f"{p}_0_conv", in_ch, out, 1, s, "VALID")
+                    bn(f"{p}_0_bn", out)
+                conv(f"{p}_1_conv", in_ch, f, 1, s, "VALID")
+                bn(f"{p}_1_bn", f)
+                conv(f"{p}_2_conv", f, f, 3, 1, "SAME")
+                bn(f"{p}_2_bn", f)
+                conv(f"{p}_3_conv", f, out, 1, 1, "VALID")
+                bn(f"{p}_3_bn", out)
                 blocks.append((p, b == 1))
                 in_ch = out
         self._blocks = tuple(blocks)
@@ -161,8 +196,14 @@ class ResNet50(nnx.Module):
         size = feature_side(image_size)
         return size, size, self.num_features
 
-    def _conv_bn(self, name: str, x: jax.Array, train: bool, relu: bool = False,
-                 residual: jax.Array | None = None) -> jax.Array:
+    def _conv_bn(
+        self,
+        name: str,
+        x: jax.Array,
+        train: bool,
+        relu: bool = False,
+        residual: jax.Array | None = None,
+    ) -> jax.Array:
         """`{name}_conv`, `{name}_bn`, plus `residual`, then a ReLU if `relu` (the sum and the
         ReLU are fused into the BatchNorm).
 
@@ -172,16 +213,20 @@ class ResNet50(nnx.Module):
         BatchNorm's running mean. The bias still shifts the batch mean (and so the running
         mean) in the forward pass, as in Keras.
         """
-        conv = getattr(self, f'{name}_conv')
-        bn = getattr(self, f'{name}_bn')
-        return bn(conv(x, stop_bias_gradient=train), use_running_average=not train, relu=relu,
-                  residual=residual)
+        conv = getattr(self, f"{name}_conv")
+        bn = getattr(self, f"{name}_bn")
+        return bn(
+            conv(x, stop_bias_gradient=train),
+            use_running_average=not train,
+            relu=relu,
+            residual=residual,
+        )
 
     def _block(self, x: jax.Array, prefix: str, shortcut: bool, train: bool) -> jax.Array:
-        sc = self._conv_bn(f'{prefix}_0', x, train) if shortcut else x
-        y = self._conv_bn(f'{prefix}_1', x, train, relu=True)
-        y = self._conv_bn(f'{prefix}_2', y, train, relu=True)
-        return self._conv_bn(f'{prefix}_3', y, train, relu=True, residual=sc)
+        sc = self._conv_bn(f"{prefix}_0", x, train) if shortcut else x
+        y = self._conv_bn(f"{prefix}_1", x, train, relu=True)
+        y = self._conv_bn(f"{prefix}_2", y, train, relu=True)
+        return self._conv_bn(f"{prefix}_3", y, train, relu=True, residual=sc)
 
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """Runs the network on preprocessed NHWC images.
@@ -190,7 +235,7 @@ class ResNet50(nnx.Module):
         `train=True` normalises with batch statistics and updates the running averages.
         """
         x = _zero_pad(x.astype(self.act_dtype), 3)
-        x = self._conv_bn('conv1', x, train, relu=True)
+        x = self._conv_bn("conv1", x, train, relu=True)
         # Zero padding before the max-pool matches Keras (inputs are >= 0 after the ReLU).
         x = _zero_pad(x, 1)
         x = pool_ops.max_pool(x, (3, 3), (2, 2), self.pool_impl)

@@ -19,7 +19,7 @@ from affect_jax.ops.conv_pool import conv_relu_max_pool
 # (block, number of convs, channels) as in keras.applications.vgg16.
 _BLOCKS = ((1, 2, 64), (2, 2, 128), (3, 3, 256), (4, 3, 512), (5, 3, 512))
 _FC_UNITS = 4096
-TOP_LAYER_NAMES = ('fc1', 'fc2', 'predictions')
+TOP_LAYER_NAMES = ("fc1", "fc2", "predictions")
 # Keras's default kernel initializer, so random-init runs start like the study's Keras models.
 KERNEL_INIT = nnx.initializers.glorot_uniform()
 
@@ -39,7 +39,7 @@ def feature_side(image_size: int) -> int:
 
 def keras_layer_names(include_top: bool) -> tuple[str, ...]:
     """Names of the Keras layers that hold weights, in `model.layers` order."""
-    names = [f'block{b}_conv{i}' for b, n, _ in _BLOCKS for i in range(1, n + 1)]
+    names = [f"block{b}_conv{i}" for b, n, _ in _BLOCKS for i in range(1, n + 1)]
     if include_top:
         names += list(TOP_LAYER_NAMES)
     return tuple(names)
@@ -50,8 +50,17 @@ def _conv_relu_max_pool_2x2(conv: Conv, x: jax.Array, pool_impl: str) -> jax.Arr
     'valid' padding (odd sizes floor), differentiated without keeping the ReLU's output
     (`ops.conv_pool`)."""
     kernel = conv.kernel[...]
-    return conv_relu_max_pool(x, kernel, conv.bias[...], conv.padding, conv.impl,
-                              conv.dtype or jnp.result_type(x, kernel), (2, 2), (2, 2), pool_impl)
+    return conv_relu_max_pool(
+        x,
+        kernel,
+        conv.bias[...],
+        conv.padding,
+        conv.impl,
+        conv.dtype or jnp.result_type(x, kernel),
+        (2, 2),
+        (2, 2),
+        pool_impl,
+    )
 
 
 class VGG16(nnx.Module):
@@ -71,7 +80,7 @@ class VGG16(nnx.Module):
       rngs: initialisation randomness.
     """
 
-    arch = 'vgg16'
+    arch = "vgg16"
     top_layer_names = TOP_LAYER_NAMES
 
     def __init__(
@@ -82,12 +91,12 @@ class VGG16(nnx.Module):
         input_size: int = 224,
         dtype: Any = jnp.float32,
         activation_dtype: Any = None,
-        conv_impl: str = 'auto',
-        pool_impl: str = 'auto',
+        conv_impl: str = "auto",
+        pool_impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         if not width > 0:
-            raise ValueError(f'width must be > 0, got {width}')
+            raise ValueError(f"width must be > 0, got {width}")
         self.include_top = include_top
         self.width = float(width)
         self.dtype = dtype
@@ -99,10 +108,17 @@ class VGG16(nnx.Module):
         for block, n_convs, channels in _BLOCKS:
             out_ch = _scaled(channels, width)
             for i in range(1, n_convs + 1):
-                name = f'block{block}_conv{i}'
+                name = f"block{block}_conv{i}"
                 conv = Conv(
-                    in_ch, out_ch, (3, 3), padding='SAME', dtype=dtype,
-                    param_dtype=jnp.float32, kernel_init=KERNEL_INIT, impl=conv_impl, rngs=rngs,
+                    in_ch,
+                    out_ch,
+                    (3, 3),
+                    padding="SAME",
+                    dtype=dtype,
+                    param_dtype=jnp.float32,
+                    kernel_init=KERNEL_INIT,
+                    impl=conv_impl,
+                    rngs=rngs,
                 )
                 setattr(self, name, conv)
                 conv_names.append(name)
@@ -112,7 +128,7 @@ class VGG16(nnx.Module):
         if include_top:
             h, w, c = self.feature_shape(input_size)
             if h < 1 or w < 1:
-                raise ValueError(f'input_size {input_size} too small for VGG16 (minimum 32)')
+                raise ValueError(f"input_size {input_size} too small for VGG16 (minimum 32)")
             fc = _scaled(_FC_UNITS, width)
             self.fc1 = nnx.Linear(h * w * c, fc, dtype=dtype, kernel_init=KERNEL_INIT, rngs=rngs)
             self.fc2 = nnx.Linear(fc, fc, dtype=dtype, kernel_init=KERNEL_INIT, rngs=rngs)

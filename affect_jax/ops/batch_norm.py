@@ -35,23 +35,25 @@ from affect_jax.ops import native
 IMPLS = native.IMPLS
 # The FFI targets of batch_norm.cc: direction -> target name.
 TARGETS = {
-    'forward': 'affect_jax_batch_norm_forward',
-    'backward': 'affect_jax_batch_norm_backward',
-    'forward_add': 'affect_jax_batch_norm_add_forward',
-    'backward_add': 'affect_jax_batch_norm_add_backward',
+    "forward": "affect_jax_batch_norm_forward",
+    "backward": "affect_jax_batch_norm_backward",
+    "forward_add": "affect_jax_batch_norm_add_forward",
+    "backward_add": "affect_jax_batch_norm_add_backward",
 }
-native.register_targets({
-    TARGETS['forward']: 'AffectJaxBatchNormForward',
-    TARGETS['backward']: 'AffectJaxBatchNormBackward',
-    TARGETS['forward_add']: 'AffectJaxBatchNormAddForward',
-    TARGETS['backward_add']: 'AffectJaxBatchNormAddBackward',
-})
+native.register_targets(
+    {
+        TARGETS["forward"]: "AffectJaxBatchNormForward",
+        TARGETS["backward"]: "AffectJaxBatchNormBackward",
+        TARGETS["forward_add"]: "AffectJaxBatchNormAddForward",
+        TARGETS["backward_add"]: "AffectJaxBatchNormAddBackward",
+    }
+)
 
 
 def resolve_impl(impl: str, dtype: Any = jnp.float32) -> str:
     """Validates `impl`; maps 'auto' to the path for activations of `dtype` (the native kernels
     take float32 and bfloat16)."""
-    return native.resolve_impl('batch_norm', impl, dtype)
+    return native.resolve_impl("batch_norm", impl, dtype)
 
 
 def _axes(x: jax.Array) -> tuple[int, ...]:
@@ -74,8 +76,9 @@ def _normalise(x32, mean, scale_inv, bias):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
-                     relu: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+def batch_norm_train(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, relu: bool = False
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Normalises `x` [..., C] over all but the last axis: (y, batch mean, biased variance).
 
     With `relu`, y is the ReLU of the normalised `x`, and the backward pass recomputes the
@@ -112,7 +115,7 @@ batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
 def _native_call(direction: str, out: Any, *operands: jax.Array, **attrs: Any) -> Any:
-    return native.call_kernel('BatchNorm', TARGETS[direction], out, *operands, **attrs)
+    return native.call_kernel("BatchNorm", TARGETS[direction], out, *operands, **attrs)
 
 
 def _rows(a: jax.Array) -> jax.Array:
@@ -124,15 +127,26 @@ def _native_forward(x, scale, bias, epsilon, relu, residual):
     out = (jax.ShapeDtypeStruct(_rows(x).shape, x.dtype), channel, channel, channel)
     inputs = (_rows(x),) if residual is None else (_rows(x), _rows(residual))
     y, mean, var, inv = _native_call(
-        'forward' if residual is None else 'forward_add', out, *inputs, scale, bias,
-        epsilon=np.float32(epsilon), relu=np.int64(relu))
+        "forward" if residual is None else "forward_add",
+        out,
+        *inputs,
+        scale,
+        bias,
+        epsilon=np.float32(epsilon),
+        relu=np.int64(relu),
+    )
     return y.reshape(x.shape), mean, var, inv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def native_batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
-                            relu: bool = False, residual: jax.Array | None = None
-                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def native_batch_norm_train(
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    epsilon: float,
+    relu: bool = False,
+    residual: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`batch_norm_train` by the C++ kernels: `x` float32 or bfloat16, `scale`/`bias` float32.
 
     With `residual` (x's shape and dtype) y is the BatchNorm of `x` plus `residual`, then the
@@ -141,11 +155,15 @@ def native_batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, eps
     arithmetic.
     """
     if x.dtype not in native.DTYPES or scale.dtype != jnp.float32 or bias.dtype != jnp.float32:
-        raise TypeError(f'native BatchNorm takes float32/bfloat16 x and float32 scale and bias, '
-                        f'got {x.dtype}, {scale.dtype}, {bias.dtype}')
+        raise TypeError(
+            f"native BatchNorm takes float32/bfloat16 x and float32 scale and bias, "
+            f"got {x.dtype}, {scale.dtype}, {bias.dtype}"
+        )
     if residual is not None and (residual.shape, residual.dtype) != (x.shape, x.dtype):
-        raise TypeError(f'native BatchNorm: residual must have x\'s shape and dtype '
-                        f'{x.shape} {x.dtype}, got {residual.shape} {residual.dtype}')
+        raise TypeError(
+            f"native BatchNorm: residual must have x's shape and dtype "
+            f"{x.shape} {x.dtype}, got {residual.shape} {residual.dtype}"
+        )
     y, mean, var, _ = _native_forward(x, scale, bias, epsilon, relu, residual)
     return y, mean, var
 
@@ -162,12 +180,30 @@ def _native_bwd(epsilon, relu, saved, cotangents):
     channel = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
     rows = jax.ShapeDtypeStruct(dy.shape, x.dtype)
     if residual is None:
-        dx, dscale, dbias = _native_call('backward', (rows, channel, channel), _rows(x), dy,
-                                         mean, inv, scale, bias, relu=np.int64(relu))
+        dx, dscale, dbias = _native_call(
+            "backward",
+            (rows, channel, channel),
+            _rows(x),
+            dy,
+            mean,
+            inv,
+            scale,
+            bias,
+            relu=np.int64(relu),
+        )
         return dx.reshape(x.shape), dscale, dbias, None
     dx, dres, dscale, dbias = _native_call(
-        'backward_add', (rows, rows, channel, channel), _rows(x), _rows(residual), dy, mean,
-        inv, scale, bias, relu=np.int64(relu))
+        "backward_add",
+        (rows, rows, channel, channel),
+        _rows(x),
+        _rows(residual),
+        dy,
+        mean,
+        inv,
+        scale,
+        bias,
+        relu=np.int64(relu),
+    )
     return dx.reshape(x.shape), dscale, dbias, dres.reshape(x.shape)
 
 
@@ -183,24 +219,36 @@ class BatchNorm(nnx.BatchNorm):
     `impl` path (`IMPLS`); every other case is `nnx.BatchNorm`'s own code.
     """
 
-    def __init__(self, num_features: int, *, impl: str = 'auto', **kwargs: Any):
+    def __init__(self, num_features: int, *, impl: str = "auto", **kwargs: Any):
         resolve_impl(impl)  # validate early
         super().__init__(num_features, **kwargs)
         self.impl = impl
 
-    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
-                 mask: Any = None, relu: bool = False,
-                 residual: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: bool | None = None,
+        *,
+        mask: Any = None,
+        relu: bool = False,
+        residual: jax.Array | None = None,
+    ) -> jax.Array:
         """As `nnx.BatchNorm`; then `residual` is added to the result and `relu` applies a
         ReLU (a ResNet block's `relu(shortcut + bn(x))`; fused in training mode, and with the
         native kernels the sum is rounded to `dtype` once instead of twice)."""
         ura = self.use_running_average if use_running_average is None else use_running_average
-        plain = (mask is None and self.axis_name is None and self.axis in (-1, x.ndim - 1)
-                 and self.scale is not None and self.bias is not None
-                 and not self.use_fast_variance)
+        plain = (
+            mask is None
+            and self.axis_name is None
+            and self.axis in (-1, x.ndim - 1)
+            and self.scale is not None
+            and self.bias is not None
+            and not self.use_fast_variance
+        )
         if not plain:
-            return _add_relu(super().__call__(x, use_running_average=ura, mask=mask), residual,
-                             relu)
+            return _add_relu(
+                super().__call__(x, use_running_average=ura, mask=mask), residual, relu
+            )
         dtype = self.dtype or x.dtype
         scale, bias = self.scale[...].astype(jnp.float32), self.bias[...].astype(jnp.float32)
         if ura:
@@ -210,12 +258,11 @@ class BatchNorm(nnx.BatchNorm):
                 return (jax.nn.relu(y) if relu else y).astype(dtype)
             return _add_relu(y.astype(dtype), residual, relu)
         x = x.astype(dtype)
-        if resolve_impl(self.impl, x.dtype) == 'native':
+        if resolve_impl(self.impl, x.dtype) == "native":
             res = None if residual is None else residual.astype(dtype)
             y, mean, var = native_batch_norm_train(x, scale, bias, self.epsilon, relu, res)
         else:
-            y, mean, var = batch_norm_train(x, scale, bias, self.epsilon,
-                                            relu and residual is None)
+            y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, relu and residual is None)
             if residual is not None:
                 y = _add_relu(y, residual, relu)
         mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)

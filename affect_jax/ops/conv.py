@@ -31,35 +31,37 @@ from flax import nnx
 from affect_jax.ops import native, onednn_conv, winograd
 
 IMPLS = native.IMPLS
-PATHS = ('xla', 'dot1x1', 'onednn', 'winograd')
+PATHS = ("xla", "dot1x1", "onednn", "winograd")
 Padding = str | Sequence[tuple[int, int]]
-_DN = ('NHWC', 'HWIO', 'NHWC')
-_EXTENSION_PATHS = ('onednn', 'winograd')
+_DN = ("NHWC", "HWIO", "NHWC")
+_EXTENSION_PATHS = ("onednn", "winograd")
 
 
 def resolve_impl(impl: str) -> str:
     """The path (one of `PATHS`) that runs convolutions of `impl` (one of `IMPLS`, or a path
     pinned by a test or the benchmark) on the default backend."""
     if impl not in PATHS:
-        native.check_impl('conv impl', impl)
-    if impl in ('native', *_EXTENSION_PATHS) and not native.available():
-        raise ValueError(f'conv impl {impl!r} is unavailable: {native.unavailable_reason()}; '
-                         "use 'auto' to fall back to XLA's convolutions")
-    if impl == 'native':
-        return 'winograd'
-    if impl != 'auto':
+        native.check_impl("conv impl", impl)
+    if impl in ("native", *_EXTENSION_PATHS) and not native.available():
+        raise ValueError(
+            f"conv impl {impl!r} is unavailable: {native.unavailable_reason()}; "
+            "use 'auto' to fall back to XLA's convolutions"
+        )
+    if impl == "native":
+        return "winograd"
+    if impl != "auto":
         return impl
     # On GPU/TPU XLA's own convolutions win (docs/performance.md).
-    if jax.default_backend() != 'cpu':
-        return 'xla'
-    return 'winograd' if native.applies() else 'dot1x1'
+    if jax.default_backend() != "cpu":
+        return "xla"
+    return "winograd" if native.applies() else "dot1x1"
 
 
 def pin_path(model: nnx.Module, path: str) -> None:
     """Makes every `Conv` in `model` run `path` (one of `PATHS`) whatever its impl: a lever
     for tests and the benchmark, e.g. oneDNN's direct convolutions without Winograd."""
     if path not in PATHS:
-        raise ValueError(f'conv path must be one of {PATHS}, got {path!r}')
+        raise ValueError(f"conv path must be one of {PATHS}, got {path!r}")
     resolve_impl(path)  # available?
     for _, module in model.iter_modules():
         if isinstance(module, Conv):
@@ -67,7 +69,9 @@ def pin_path(model: nnx.Module, path: str) -> None:
 
 
 def explicit_padding(
-    padding: Padding, in_hw: tuple[int, int], kernel_hw: tuple[int, int],
+    padding: Padding,
+    in_hw: tuple[int, int],
+    kernel_hw: tuple[int, int],
     strides: tuple[int, int],
 ) -> tuple[tuple[int, int], tuple[int, int]]:
     """'SAME'/'VALID'/explicit pairs -> ((top, bottom), (left, right)) as lax computes them."""
@@ -76,28 +80,42 @@ def explicit_padding(
         return tuple((int(lo), int(hi)) for lo, hi in pads)  # type: ignore[return-value]
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     if len(pads) != 2:
-        raise ValueError(f'padding needs 2 (low, high) pairs, got {padding!r}')
+        raise ValueError(f"padding needs 2 (low, high) pairs, got {padding!r}")
     return pads  # type: ignore[return-value]
 
 
-def _xla_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
-              pads: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+def _xla_conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: tuple[int, int],
+    pads: tuple[tuple[int, int], tuple[int, int]],
+) -> jax.Array:
     return jax.lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DN)
 
 
-def _out_hw(in_hw: tuple[int, int], k: tuple[int, int], s: tuple[int, int],
-            pads: tuple[tuple[int, int], tuple[int, int]]) -> tuple[int, int]:
+def _out_hw(
+    in_hw: tuple[int, int],
+    k: tuple[int, int],
+    s: tuple[int, int],
+    pads: tuple[tuple[int, int], tuple[int, int]],
+) -> tuple[int, int]:
     return tuple(  # type: ignore[return-value]
         (n + lo + hi - kk) // ss + 1 for n, kk, ss, (lo, hi) in zip(in_hw, k, s, pads, strict=True)
     )
 
 
-def _conv1x1_as_dot(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
-                    pads: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+def _conv1x1_as_dot(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: tuple[int, int],
+    pads: tuple[tuple[int, int], tuple[int, int]],
+) -> jax.Array:
     """A 1x1 convolution as the padded input's strided slice [B, Ho, Wo, C] @ kernel [C, O]."""
     ho, wo = _out_hw(x.shape[1:3], (1, 1), strides, pads)
     xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-    cols = xp[:, :strides[0] * (ho - 1) + 1:strides[0], :strides[1] * (wo - 1) + 1:strides[1], :]
+    cols = xp[
+        :, : strides[0] * (ho - 1) + 1 : strides[0], : strides[1] * (wo - 1) + 1 : strides[1], :
+    ]
     _, _, cin, cout = kernel.shape
     return jax.lax.dot_general(cols, kernel.reshape(cin, cout), (((3,), (0,)), ((), ())))
 
@@ -106,8 +124,8 @@ def conv2d(
     x: jax.Array,
     kernel: jax.Array,
     strides: Sequence[int] = (1, 1),
-    padding: Padding = 'VALID',
-    impl: str = 'xla',
+    padding: Padding = "VALID",
+    impl: str = "xla",
     compute_dtype: Any = None,
     bias: jax.Array | None = None,
     relu: bool = False,
@@ -121,19 +139,20 @@ def conv2d(
     """
     impl = resolve_impl(impl)
     if x.ndim != 4 or kernel.ndim != 4 or x.shape[-1] != kernel.shape[2]:
-        raise ValueError(f'conv2d needs NHWC x and HWIO kernel, got {x.shape} and {kernel.shape}')
+        raise ValueError(f"conv2d needs NHWC x and HWIO kernel, got {x.shape} and {kernel.shape}")
     s = (int(strides[0]), int(strides[1]))
     k = (int(kernel.shape[0]), int(kernel.shape[1]))
     pads = explicit_padding(padding, tuple(x.shape[1:3]), k, s)
-    if impl == 'winograd' and winograd.preferred(x.shape, kernel.shape, s, pads,
-                                                 compute_dtype or x.dtype):
+    if impl == "winograd" and winograd.preferred(
+        x.shape, kernel.shape, s, pads, compute_dtype or x.dtype
+    ):
         return winograd.conv3x3(x, kernel, bias, pads, relu)
     if impl in _EXTENSION_PATHS:  # adds the bias and applies the ReLU in its kernel
         return onednn_conv.conv2d(x, kernel, s, pads, compute_dtype, bias, relu)
     out_dtype = x.dtype
     if compute_dtype is not None:
         x, kernel = x.astype(compute_dtype), kernel.astype(compute_dtype)
-    if impl == 'dot1x1' and k == (1, 1):
+    if impl == "dot1x1" and k == (1, 1):
         y = _conv1x1_as_dot(x, kernel, s, pads)
     else:
         y = _xla_conv(x, kernel, s, pads)
@@ -162,14 +181,14 @@ class Conv(nnx.Module):
         out_features: int,
         kernel_size: Sequence[int],
         strides: Sequence[int] = (1, 1),
-        padding: Padding = 'SAME',
+        padding: Padding = "SAME",
         use_bias: bool = True,
         *,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         kernel_init: Any = _DEFAULT_KERNEL_INIT,
         bias_init: Any = _DEFAULT_BIAS_INIT,
-        impl: str = 'auto',
+        impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         resolve_impl(impl)  # validate early
@@ -181,12 +200,12 @@ class Conv(nnx.Module):
         shape = (*self.kernel_size, in_features, out_features)
         self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
         self.bias = (
-            nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias
-            else None
+            nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
         )
 
-    def __call__(self, x: jax.Array, *, relu: bool = False,
-                 stop_bias_gradient: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, *, relu: bool = False, stop_bias_gradient: bool = False
+    ) -> jax.Array:
         """`relu`: return `jax.nn.relu` of the result (one kernel on the native path).
         `stop_bias_gradient`: the bias gets an exactly zero gradient (for a caller that knows
         its effect cancels, e.g. before a BatchNorm that normalises with batch statistics)."""
@@ -197,5 +216,13 @@ class Conv(nnx.Module):
         bias = self.bias[...] if self.bias is not None else None
         if bias is not None and stop_bias_gradient:
             bias = jax.lax.stop_gradient(bias)
-        return conv2d(x, kernel, self.strides, self.padding, self.impl, compute_dtype=dtype,
-                      bias=bias, relu=relu)
+        return conv2d(
+            x,
+            kernel,
+            self.strides,
+            self.padding,
+            self.impl,
+            compute_dtype=dtype,
+            bias=bias,
+            relu=relu,
+        )

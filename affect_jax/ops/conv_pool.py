@@ -20,10 +20,17 @@ from affect_jax.ops import conv as conv_ops
 from affect_jax.ops import max_pool as pool_ops
 
 
-def conv_relu_max_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
-                       conv_padding: conv_ops.Padding, conv_impl: str, compute_dtype: Any,
-                       window: tuple[int, int], strides: tuple[int, int],
-                       pool_impl: str = 'auto') -> jax.Array:
+def conv_relu_max_pool(
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    conv_padding: conv_ops.Padding,
+    conv_impl: str,
+    compute_dtype: Any,
+    window: tuple[int, int],
+    strides: tuple[int, int],
+    pool_impl: str = "auto",
+) -> jax.Array:
     """`max_pool(relu(conv2d(x, kernel) + bias), window, strides)` (stride-1 convolution).
 
     With the native pool the backward pass keeps only the pool's output and window positions
@@ -32,10 +39,15 @@ def conv_relu_max_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
     if bias is None:
         bias = jnp.zeros((kernel.shape[-1],), kernel.dtype)
     dtype = jnp.dtype(compute_dtype) if compute_dtype is not None else None
-    conv_args = (conv_ops.explicit_padding(conv_padding, tuple(x.shape[1:3]),
-                                           tuple(kernel.shape[:2]), (1, 1)), conv_impl, dtype)
+    conv_args = (
+        conv_ops.explicit_padding(
+            conv_padding, tuple(x.shape[1:3]), tuple(kernel.shape[:2]), (1, 1)
+        ),
+        conv_impl,
+        dtype,
+    )
     window, strides = tuple(int(k) for k in window), tuple(int(s) for s in strides)
-    if pool_ops.resolve_impl(pool_impl, x.dtype) != 'native':
+    if pool_ops.resolve_impl(pool_impl, x.dtype) != "native":
         y = _conv(x, kernel, bias, conv_args, True)
         return pool_ops.max_pool(y, window, strides, pool_impl)
     y_shape = jax.eval_shape(lambda: _conv(x, kernel, bias, conv_args, True)).shape
@@ -45,8 +57,7 @@ def conv_relu_max_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
 
 def _conv(x, kernel, bias, conv_args, relu):
     pads, impl, dtype = conv_args
-    return conv_ops.conv2d(x, kernel, (1, 1), pads, impl, compute_dtype=dtype, bias=bias,
-                           relu=relu)
+    return conv_ops.conv2d(x, kernel, (1, 1), pads, impl, compute_dtype=dtype, bias=bias, relu=relu)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

@@ -30,26 +30,29 @@ from affect_jax.ops import native
 IMPLS = native.IMPLS
 # The FFI targets of max_pool.cc: direction -> target name.
 TARGETS = {
-    'forward': 'affect_jax_max_pool_forward',
-    'backward': 'affect_jax_max_pool_backward',
+    "forward": "affect_jax_max_pool_forward",
+    "backward": "affect_jax_max_pool_backward",
 }
-native.register_targets({
-    TARGETS['forward']: 'AffectJaxMaxPoolForward',
-    TARGETS['backward']: 'AffectJaxMaxPoolBackward',
-})
+native.register_targets(
+    {
+        TARGETS["forward"]: "AffectJaxMaxPoolForward",
+        TARGETS["backward"]: "AffectJaxMaxPoolBackward",
+    }
+)
 
 
 def resolve_impl(impl: str, dtype: Any = jnp.float32) -> str:
     """Validates `impl`; maps 'auto' to the path for activations of `dtype`."""
-    return native.resolve_impl('max pool', impl, dtype)
+    return native.resolve_impl("max pool", impl, dtype)
 
 
-def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
-             impl: str = 'auto') -> jax.Array:
+def max_pool(
+    x: jax.Array, window: tuple[int, int], strides: tuple[int, int], impl: str = "auto"
+) -> jax.Array:
     """'VALID' max pooling of NHWC `x` (pad first for other paddings) by the `impl` path."""
     window, strides = tuple(int(k) for k in window), tuple(int(s) for s in strides)
     _check(x.shape, window, strides)
-    if resolve_impl(impl, x.dtype) == 'native':
+    if resolve_impl(impl, x.dtype) == "native":
         check_native(x.shape, x.dtype, window, strides)
         return _native_max_pool(x, window, strides, x.shape[1:3])
     return _xla_max_pool(x, window, strides)
@@ -57,21 +60,22 @@ def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
 
 def _check(shape: tuple[int, ...], window: tuple[int, int], strides: tuple[int, int]) -> None:
     if len(shape) != 4:
-        raise ValueError(f'max_pool needs NHWC input, got shape {shape}')
+        raise ValueError(f"max_pool needs NHWC input, got shape {shape}")
     if min(window + strides) < 1:
-        raise ValueError(f'max_pool window {window} and strides {strides} must be >= 1')
+        raise ValueError(f"max_pool window {window} and strides {strides} must be >= 1")
     if shape[1] < window[0] or shape[2] < window[1]:
-        raise ValueError(f'max_pool window {window} is larger than the input {shape[1:3]}')
+        raise ValueError(f"max_pool window {window} is larger than the input {shape[1:3]}")
 
 
-def check_native(shape: tuple[int, ...], dtype: Any, window: tuple[int, int],
-                 strides: tuple[int, int]) -> None:
+def check_native(
+    shape: tuple[int, ...], dtype: Any, window: tuple[int, int], strides: tuple[int, int]
+) -> None:
     """Raises a clear error unless the native kernels can pool an input of `shape`/`dtype`."""
     _check(shape, window, strides)
     if dtype not in native.DTYPES:
-        raise TypeError(f'native max_pool takes float32 or bfloat16, got {dtype}')
+        raise TypeError(f"native max_pool takes float32 or bfloat16, got {dtype}")
     if window[0] * window[1] > 256:
-        raise ValueError(f'native max_pool takes windows of at most 256 positions, got {window}')
+        raise ValueError(f"native max_pool takes windows of at most 256 positions, got {window}")
 
 
 def _window_views(x: jax.Array, window: tuple[int, int], strides: tuple[int, int]):
@@ -80,9 +84,14 @@ def _window_views(x: jax.Array, window: tuple[int, int], strides: tuple[int, int
     ho = (x.shape[1] - kh) // sh + 1
     wo = (x.shape[2] - kw) // sw + 1
     views = [
-        jax.lax.slice(x, (0, i, j, 0), (x.shape[0], i + sh * (ho - 1) + 1,
-                                        j + sw * (wo - 1) + 1, x.shape[3]), (1, sh, sw, 1))
-        for i in range(kh) for j in range(kw)
+        jax.lax.slice(
+            x,
+            (0, i, j, 0),
+            (x.shape[0], i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, x.shape[3]),
+            (1, sh, sw, 1),
+        )
+        for i in range(kh)
+        for j in range(kw)
     ]
     return views, (ho, wo)
 
@@ -115,11 +124,16 @@ def _xla_max_pool_bwd(window, strides, residuals, dy):
         taken = taken | first
         # Scatter this window position's share back to its strided input locations.
         share = jnp.where(first, dy32, zero)
-        dx = dx + jax.lax.pad(share, zero, (
-            (0, 0, 0),
-            (i, x.shape[1] - i - sh * (ho - 1) - 1, sh - 1),
-            (j, x.shape[2] - j - sw * (wo - 1) - 1, sw - 1),
-            (0, 0, 0)))
+        dx = dx + jax.lax.pad(
+            share,
+            zero,
+            (
+                (0, 0, 0),
+                (i, x.shape[1] - i - sh * (ho - 1) - 1, sh - 1),
+                (j, x.shape[2] - j - sw * (wo - 1) - 1, sw - 1),
+                (0, 0, 0),
+            ),
+        )
     return (dx.astype(dy.dtype),)
 
 
@@ -128,20 +142,31 @@ _xla_max_pool.defvjp(_xla_max_pool_fwd, _xla_max_pool_bwd)
 
 def _native_call(direction, out, *operands, window, strides):
     return native.call_kernel(
-        'max pool', TARGETS[direction], out, *operands,
-        window_h=np.int64(window[0]), window_w=np.int64(window[1]),
-        stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]))
+        "max pool",
+        TARGETS[direction],
+        out,
+        *operands,
+        window_h=np.int64(window[0]),
+        window_w=np.int64(window[1]),
+        stride_h=np.int64(strides[0]),
+        stride_w=np.int64(strides[1]),
+    )
 
 
-def native_forward(x: jax.Array, window: tuple[int, int], strides: tuple[int, int]
-                   ) -> tuple[jax.Array, jax.Array]:
+def native_forward(
+    x: jax.Array, window: tuple[int, int], strides: tuple[int, int]
+) -> tuple[jax.Array, jax.Array]:
     """The native kernel's pooled output and uint8 window positions of its maxima (not
     differentiable; `max_pool` is)."""
     (kh, kw), (sh, sw) = window, strides
     shape = (x.shape[0], (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1, x.shape[3])
-    return _native_call('forward', (jax.ShapeDtypeStruct(shape, x.dtype),
-                                    jax.ShapeDtypeStruct(shape, jnp.uint8)),
-                        x, window=window, strides=strides)
+    return _native_call(
+        "forward",
+        (jax.ShapeDtypeStruct(shape, x.dtype), jax.ShapeDtypeStruct(shape, jnp.uint8)),
+        x,
+        window=window,
+        strides=strides,
+    )
 
 
 # `in_hw` (x's height and width) is static so the backward pass needs only the argmax.
@@ -157,12 +182,23 @@ def _native_max_pool_fwd(x, window, strides, in_hw):
     return y, argmax
 
 
-def native_backward(argmax: jax.Array, dy: jax.Array, window: tuple[int, int],
-                    strides: tuple[int, int], in_hw: tuple[int, int]) -> jax.Array:
+def native_backward(
+    argmax: jax.Array,
+    dy: jax.Array,
+    window: tuple[int, int],
+    strides: tuple[int, int],
+    in_hw: tuple[int, int],
+) -> jax.Array:
     """The input gradient [B, *in_hw, C] from `native_forward`'s positions and dy."""
     b, _, _, c = dy.shape
-    return _native_call('backward', jax.ShapeDtypeStruct((b, *in_hw, c), dy.dtype), argmax, dy,
-                        window=window, strides=strides)
+    return _native_call(
+        "backward",
+        jax.ShapeDtypeStruct((b, *in_hw, c), dy.dtype),
+        argmax,
+        dy,
+        window=window,
+        strides=strides,
+    )
 
 
 def _native_max_pool_bwd(window, strides, in_hw, argmax, dy):

@@ -17,30 +17,47 @@ from affect_jax.ops import native
 
 # The FFI targets of onednn_conv.cc: direction -> target name.
 TARGETS = {
-    'forward': 'affect_jax_onednn_conv_forward',
-    'backward_data': 'affect_jax_onednn_conv_backward_data',
-    'backward_weights': 'affect_jax_onednn_conv_backward_weights',
+    "forward": "affect_jax_onednn_conv_forward",
+    "backward_data": "affect_jax_onednn_conv_backward_data",
+    "backward_weights": "affect_jax_onednn_conv_backward_weights",
 }
-native.register_targets({
-    TARGETS['forward']: 'AffectJaxConvForward',
-    TARGETS['backward_data']: 'AffectJaxConvBackwardData',
-    TARGETS['backward_weights']: 'AffectJaxConvBackwardWeights',
-})
+native.register_targets(
+    {
+        TARGETS["forward"]: "AffectJaxConvForward",
+        TARGETS["backward_data"]: "AffectJaxConvBackwardData",
+        TARGETS["backward_weights"]: "AffectJaxConvBackwardWeights",
+    }
+)
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
 
-def _call(direction: str, out: Any, *operands: jax.Array, strides: tuple[int, int],
-          pads: Pads, **attrs: int) -> Any:
+def _call(
+    direction: str,
+    out: Any,
+    *operands: jax.Array,
+    strides: tuple[int, int],
+    pads: Pads,
+    **attrs: int,
+) -> Any:
     (pt, pb), (pl, pr) = pads
     return native.call_kernel(
-        'oneDNN conv', TARGETS[direction], out, *operands, stride_h=np.int64(strides[0]),
+        "oneDNN conv",
+        TARGETS[direction],
+        out,
+        *operands,
+        stride_h=np.int64(strides[0]),
         stride_w=np.int64(strides[1]),
-        pad_top=np.int64(pt), pad_bottom=np.int64(pb), pad_left=np.int64(pl),
-        pad_right=np.int64(pr), **{k: np.int64(v) for k, v in attrs.items()})
+        pad_top=np.int64(pt),
+        pad_bottom=np.int64(pb),
+        pad_left=np.int64(pl),
+        pad_right=np.int64(pr),
+        **{k: np.int64(v) for k, v in attrs.items()},
+    )
 
 
-def _out_shape(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads
-               ) -> tuple[int, int, int, int]:
+def _out_shape(
+    x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads
+) -> tuple[int, int, int, int]:
     (pt, pb), (pl, pr) = pads
     kh, kw, _, cout = kernel.shape
     ho = (x.shape[1] + pt + pb - kh) // strides[0] + 1
@@ -53,9 +70,15 @@ def _written(dtype: Any, compute: Any) -> Any:
     return jnp.float32 if jnp.dtype(dtype) == jnp.float32 else compute
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads,
-           compute_dtype: Any = None, bias: jax.Array | None = None,
-           relu: bool = False) -> jax.Array:
+def conv2d(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: tuple[int, int],
+    pads: Pads,
+    compute_dtype: Any = None,
+    bias: jax.Array | None = None,
+    relu: bool = False,
+) -> jax.Array:
     """NHWC x HWIO convolution (+ `bias` [O], then a ReLU if `relu`) by oneDNN; `strides` and
     `pads` as `lax` takes.
 
@@ -71,7 +94,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads
     """
     compute = jnp.dtype(compute_dtype or x.dtype)
     if compute not in native.DTYPES:
-        raise TypeError(f'oneDNN conv computes in float32 or bfloat16, not {compute}')
+        raise TypeError(f"oneDNN conv computes in float32 or bfloat16, not {compute}")
     if bias is None:
         bias = jnp.zeros((kernel.shape[-1],), jnp.float32)
     return _conv2d(x, kernel, bias, strides, pads, compute, bool(relu))
@@ -81,8 +104,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads
 def _conv2d(x, kernel, bias, strides, pads, compute, relu):
     xc, kc = x.astype(compute), kernel.astype(compute)
     out = jax.ShapeDtypeStruct(_out_shape(xc, kc, strides, pads), _written(x.dtype, compute))
-    y = _call('forward', out, xc, kc, bias.astype(jnp.float32), strides=strides, pads=pads,
-              relu=relu)
+    y = _call(
+        "forward", out, xc, kc, bias.astype(jnp.float32), strides=strides, pads=pads, relu=relu
+    )
     return y.astype(x.dtype)
 
 
@@ -103,11 +127,25 @@ def _conv2d_bwd(strides, pads, compute, relu, residuals, dy):
     if relu:
         dy = jnp.where(residuals[3] > 0, dy, jnp.zeros((), dy.dtype))
     kc, dyc = kernel.astype(compute), dy.astype(compute)
-    dx = _call('backward_data', jax.ShapeDtypeStruct(xc.shape, compute), dyc, kc,
-               strides=strides, pads=pads)
-    dw, db = _call('backward_weights', (
-        jax.ShapeDtypeStruct(kc.shape, _written(kernel.dtype, compute)),
-        jax.ShapeDtypeStruct(bias.shape, jnp.float32)), xc, dyc, strides=strides, pads=pads)
+    dx = _call(
+        "backward_data",
+        jax.ShapeDtypeStruct(xc.shape, compute),
+        dyc,
+        kc,
+        strides=strides,
+        pads=pads,
+    )
+    dw, db = _call(
+        "backward_weights",
+        (
+            jax.ShapeDtypeStruct(kc.shape, _written(kernel.dtype, compute)),
+            jax.ShapeDtypeStruct(bias.shape, jnp.float32),
+        ),
+        xc,
+        dyc,
+        strides=strides,
+        pads=pads,
+    )
     return dx.astype(dy.dtype), dw.astype(kernel.dtype), db.astype(bias.dtype)
 
 

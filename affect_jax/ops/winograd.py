@@ -25,13 +25,15 @@ from affect_jax.ops import native
 
 # The FFI targets of winograd.cc: direction -> target name.
 TARGETS = {
-    'forward': 'affect_jax_winograd_forward',
-    'backward_weights': 'affect_jax_winograd_backward_weights',
+    "forward": "affect_jax_winograd_forward",
+    "backward_weights": "affect_jax_winograd_backward_weights",
 }
-native.register_targets({
-    TARGETS['forward']: 'AffectJaxWinogradForward',
-    TARGETS['backward_weights']: 'AffectJaxWinogradBackwardWeights',
-})
+native.register_targets(
+    {
+        TARGETS["forward"]: "AffectJaxWinogradForward",
+        TARGETS["backward_weights"]: "AffectJaxWinogradBackwardWeights",
+    }
+)
 Pads = tuple[tuple[int, int], tuple[int, int]]
 # Transformed tiles per batched matrix product: ~8 MB of transformed input or output in flight
 # (36 positions x tiles x channels x 4 bytes), enough rows for oneDNN's matmul blocking.
@@ -46,18 +48,33 @@ MIN_OUTPUT_SIZE = 14
 MIN_IN_CHANNELS = 16
 
 
-def applicable(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
-               strides: tuple[int, int], pads: Pads, compute_dtype: Any) -> bool:
+def applicable(
+    x_shape: tuple[int, ...],
+    kernel_shape: tuple[int, ...],
+    strides: tuple[int, int],
+    pads: Pads,
+    compute_dtype: Any,
+) -> bool:
     """Whether `conv3x3` computes this convolution: a 3x3 kernel, stride 1, padding 0-2 on
     every side, float32 compute."""
-    return (len(x_shape) == 4 and len(kernel_shape) == 4 and tuple(kernel_shape[:2]) == (3, 3)
-            and x_shape[-1] == kernel_shape[2] and tuple(strides) == (1, 1)
-            and all(0 <= p <= 2 for side in pads for p in side)
-            and jnp.dtype(compute_dtype) == jnp.float32)
+    return (
+        len(x_shape) == 4
+        and len(kernel_shape) == 4
+        and tuple(kernel_shape[:2]) == (3, 3)
+        and x_shape[-1] == kernel_shape[2]
+        and tuple(strides) == (1, 1)
+        and all(0 <= p <= 2 for side in pads for p in side)
+        and jnp.dtype(compute_dtype) == jnp.float32
+    )
 
 
-def preferred(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
-              strides: tuple[int, int], pads: Pads, compute_dtype: Any) -> bool:
+def preferred(
+    x_shape: tuple[int, ...],
+    kernel_shape: tuple[int, ...],
+    strides: tuple[int, int],
+    pads: Pads,
+    compute_dtype: Any,
+) -> bool:
     """Whether `conv3x3` is applicable and faster than the direct convolution here."""
     if not applicable(x_shape, kernel_shape, strides, pads, compute_dtype):
         return False
@@ -72,19 +89,43 @@ def chunk_tiles(in_channels: int, out_channels: int) -> int:
     return int(max(64, min(2048, tiles // 16 * 16)))
 
 
-def _forward(x: jax.Array, kernel: jax.Array, bias: jax.Array, out_hw: tuple[int, int],
-             pad_top: int, pad_left: int, relu: bool, flip: bool, chunk: int) -> jax.Array:
+def _forward(
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array,
+    out_hw: tuple[int, int],
+    pad_top: int,
+    pad_left: int,
+    relu: bool,
+    flip: bool,
+    chunk: int,
+) -> jax.Array:
     """The kernel's forward; `flip`: by the kernel rotated 180 degrees, channels swapped."""
     k = kernel.shape[2] if flip else kernel.shape[3]
     out = jax.ShapeDtypeStruct((x.shape[0], *out_hw, k), jnp.float32)
     return native.call_kernel(
-        'winograd conv', TARGETS['forward'], out, x, kernel, bias,
-        pad_top=np.int64(pad_top), pad_left=np.int64(pad_left), relu=np.int64(relu),
-        flip=np.int64(flip), chunk_tiles=np.int64(chunk))
+        "winograd conv",
+        TARGETS["forward"],
+        out,
+        x,
+        kernel,
+        bias,
+        pad_top=np.int64(pad_top),
+        pad_left=np.int64(pad_left),
+        relu=np.int64(relu),
+        flip=np.int64(flip),
+        chunk_tiles=np.int64(chunk),
+    )
 
 
-def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, pads: Pads,
-            relu: bool = False, chunk: int | None = None) -> jax.Array:
+def conv3x3(
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    pads: Pads,
+    relu: bool = False,
+    chunk: int | None = None,
+) -> jax.Array:
     """NHWC x HWIO 3x3 stride-1 convolution (+ `bias` [K], then a ReLU if `relu`) in float32.
 
     `pads` as `lax` takes ((top, bottom), (left, right)), each 0-2; `chunk`: tiles per batched
@@ -92,8 +133,10 @@ def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, pads: Pads,
     to float32; the result and the gradients come back in the inputs' dtypes.
     """
     if not applicable(x.shape, kernel.shape, (1, 1), pads, jnp.float32):
-        raise ValueError(f'winograd conv3x3 needs NHWC x and a [3, 3, C, K] kernel with padding '
-                         f'0-2, got {x.shape}, {kernel.shape}, pads {pads}')
+        raise ValueError(
+            f"winograd conv3x3 needs NHWC x and a [3, 3, C, K] kernel with padding "
+            f"0-2, got {x.shape}, {kernel.shape}, pads {pads}"
+        )
     if bias is None:
         bias = jnp.zeros((kernel.shape[-1],), jnp.float32)
     chunk = chunk or chunk_tiles(kernel.shape[2], kernel.shape[3])
@@ -108,8 +151,17 @@ def _out_hw(x: jax.Array, pads: Pads) -> tuple[int, int]:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _conv3x3(x, kernel, bias, pads, relu, chunk):
-    y = _forward(x.astype(jnp.float32), kernel.astype(jnp.float32), bias.astype(jnp.float32),
-                 _out_hw(x, pads), pads[0][0], pads[1][0], relu, False, chunk)
+    y = _forward(
+        x.astype(jnp.float32),
+        kernel.astype(jnp.float32),
+        bias.astype(jnp.float32),
+        _out_hw(x, pads),
+        pads[0][0],
+        pads[1][0],
+        relu,
+        False,
+        chunk,
+    )
     return y.astype(x.dtype)
 
 
@@ -128,14 +180,30 @@ def _conv3x3_bwd(pads, relu, chunk, residuals, dy):
     k32 = kernel.astype(jnp.float32)
     # dx: the convolution of dy by the kernel rotated 180 degrees with its channels swapped
     # (flip); padding 2 - p before maps dy's size back to x's.
-    dx = _forward(dy, k32, jnp.zeros((x.shape[-1],), jnp.float32), x.shape[1:3], 2 - pt,
-                  2 - pl, False, True, chunk)
+    dx = _forward(
+        dy,
+        k32,
+        jnp.zeros((x.shape[-1],), jnp.float32),
+        x.shape[1:3],
+        2 - pt,
+        2 - pl,
+        False,
+        True,
+        chunk,
+    )
     dk, db = native.call_kernel(
-        'winograd conv', TARGETS['backward_weights'],
-        (jax.ShapeDtypeStruct(kernel.shape, jnp.float32),
-         jax.ShapeDtypeStruct(bias.shape, jnp.float32)),
-        x.astype(jnp.float32), dy, pad_top=np.int64(pt), pad_left=np.int64(pl),
-        chunk_tiles=np.int64(chunk))
+        "winograd conv",
+        TARGETS["backward_weights"],
+        (
+            jax.ShapeDtypeStruct(kernel.shape, jnp.float32),
+            jax.ShapeDtypeStruct(bias.shape, jnp.float32),
+        ),
+        x.astype(jnp.float32),
+        dy,
+        pad_top=np.int64(pt),
+        pad_left=np.int64(pl),
+        chunk_tiles=np.int64(chunk),
+    )
     return dx.astype(x.dtype), dk.astype(kernel.dtype), db.astype(bias.dtype)
 
 

@@ -69,52 +69,63 @@ def create_app(scorer: FaceScorer, limits: Limits = Limits()) -> Starlette:
     files = _page_files()
     started = time.time()
     # Decoding and face finding run on a few threads of their own, each with its own detector.
-    workers = ThreadPoolExecutor(limits.workers, thread_name_prefix="faces",
-                                 initializer=scorer.load_detector)
+    workers = ThreadPoolExecutor(
+        limits.workers, thread_name_prefix="faces", initializer=scorer.load_detector
+    )
 
     async def page(request: Request) -> Response:
         name, media_type = PAGE_FILES[request.url.path]
-        return Response(files[name], media_type=media_type,
-                        headers={"Cache-Control": "no-cache"})
+        return Response(files[name], media_type=media_type, headers={"Cache-Control": "no-cache"})
 
     async def model(request: Request) -> JSONResponse:
         return JSONResponse(scorer.info)
 
     async def health(request: Request) -> JSONResponse:
-        return JSONResponse({
-            "status": "ok",
-            "uptime_s": round(time.time() - started, 1),
-            "batching": {"max_batch": scorer.max_batch, "step_sizes": scorer.step_sizes,
-                         "max_wait_ms": limits.max_wait_s * 1000,
-                         "max_pending": limits.max_pending},
-            "limits": {"max_upload_bytes": limits.max_upload_bytes,
-                       "max_pixels": limits.max_pixels,
-                       "upload_timeout_s": limits.upload_timeout_s},
-            "workers": limits.workers,
-            "stats": batcher.stats.as_dict(),
-        })
+        return JSONResponse(
+            {
+                "status": "ok",
+                "uptime_s": round(time.time() - started, 1),
+                "batching": {
+                    "max_batch": scorer.max_batch,
+                    "step_sizes": scorer.step_sizes,
+                    "max_wait_ms": limits.max_wait_s * 1000,
+                    "max_pending": limits.max_pending,
+                },
+                "limits": {
+                    "max_upload_bytes": limits.max_upload_bytes,
+                    "max_pixels": limits.max_pixels,
+                    "upload_timeout_s": limits.upload_timeout_s,
+                },
+                "workers": limits.workers,
+                "stats": batcher.stats.as_dict(),
+            }
+        )
 
     async def predict(request: Request) -> JSONResponse:
         try:
             options = face_options(request.query_params)
             with batcher.admit():
-                data = await upload.image_bytes(request, limits.max_upload_bytes,
-                                                limits.upload_timeout_s)
+                data = await upload.image_bytes(
+                    request, limits.max_upload_bytes, limits.upload_timeout_s
+                )
                 image, faces = await asyncio.get_running_loop().run_in_executor(
-                    workers, _find_faces, scorer, data, options, limits.max_pixels)
+                    workers, _find_faces, scorer, data, options, limits.max_pixels
+                )
                 scores = await batcher.score([f.crop for f in faces])
         except Busy as e:
             return error(503, str(e))
         except upload.UploadError as e:
             return error(e.status, e.message)
         height, width = image.shape[:2]
-        return JSONResponse({
-            "faces": [{**f.description(), **s} for f, s in zip(faces, scores, strict=True)],
-            "width": width,
-            "height": height,
-            "options": options,
-            "model": scorer.info,
-        })
+        return JSONResponse(
+            {
+                "faces": [{**f.description(), **s} for f, s in zip(faces, scores, strict=True)],
+                "width": width,
+                "height": height,
+                "options": options,
+                "model": scorer.info,
+            }
+        )
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -131,8 +142,9 @@ def create_app(scorer: FaceScorer, limits: Limits = Limits()) -> Starlette:
         # Every worker thread starts (and builds its detector) now, not on a first request.
         started = threading.Barrier(limits.workers)
         loop = asyncio.get_running_loop()
-        await asyncio.gather(*(loop.run_in_executor(workers, started.wait)
-                               for _ in range(limits.workers)))
+        await asyncio.gather(
+            *(loop.run_in_executor(workers, started.wait) for _ in range(limits.workers))
+        )
         await batcher.start()
         try:
             yield
@@ -146,10 +158,15 @@ def create_app(scorer: FaceScorer, limits: Limits = Limits()) -> Starlette:
         Route("/model", model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: http_error,
-                                        ClientDisconnect: disconnected,
-                                        Exception: internal_error})
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            HTTPException: http_error,
+            ClientDisconnect: disconnected,
+            Exception: internal_error,
+        },
+    )
     app.state.batcher = batcher
     return app
 
@@ -159,18 +176,20 @@ def face_options(query: Mapping[str, str]) -> dict[str, Any]:
     options = {"face": query.get("face", "auto"), "faces": query.get("faces", "all")}
     for name, allowed in (("face", FACE_MODES), ("faces", FACE_SELECTIONS)):
         if options[name] not in allowed:
-            raise upload.UploadError(400, f"query parameter {name}={options[name]!r}: "
-                                          f"expected one of {', '.join(allowed)}")
+            raise upload.UploadError(
+                400,
+                f"query parameter {name}={options[name]!r}: expected one of {', '.join(allowed)}",
+            )
     align = query.get("align", "false").lower()
     if align not in BOOLEANS:
-        raise upload.UploadError(400, f"query parameter align={align!r}: expected true or "
-                                      "false")
+        raise upload.UploadError(400, f"query parameter align={align!r}: expected true or false")
     options["align"] = BOOLEANS[align]
     return options
 
 
-def _find_faces(scorer: FaceScorer, data: bytes, options: dict[str, Any],
-                max_pixels: int) -> tuple[np.ndarray, list[Face]]:
+def _find_faces(
+    scorer: FaceScorer, data: bytes, options: dict[str, Any], max_pixels: int
+) -> tuple[np.ndarray, list[Face]]:
     """Decoding and face finding: the request's work on a worker thread."""
     image = upload.decode(data, max_pixels)
     return image, scorer.find_faces(image, **options)

@@ -43,8 +43,9 @@ class Stats:
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["model_seconds"] = round(self.model_seconds, 3)
-        d["mean_faces_per_call"] = round(self.faces / self.model_calls, 3) \
-            if self.model_calls else 0.0
+        d["mean_faces_per_call"] = (
+            round(self.faces / self.model_calls, 3) if self.model_calls else 0.0
+        )
         return d
 
 
@@ -62,8 +63,10 @@ class FaceBatcher:
 
     def __init__(self, score: ScoreFn, max_batch: int, max_wait_s: float, max_pending: int):
         if max_batch < 1 or max_pending < 1 or max_wait_s < 0:
-            raise ValueError(f"max_batch={max_batch} and max_pending={max_pending} must be "
-                             f">= 1, max_wait_s={max_wait_s} >= 0")
+            raise ValueError(
+                f"max_batch={max_batch} and max_pending={max_pending} must be "
+                f">= 1, max_wait_s={max_wait_s} >= 0"
+            )
         self._score = score
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -89,8 +92,9 @@ class FaceBatcher:
         """Holds one of the ``max_pending`` places for a request; ``Busy`` if none is free."""
         if self.stats.pending >= self.max_pending:
             self.stats.rejected_busy += 1
-            raise Busy(f"the server is busy ({self.max_pending} requests in progress); "
-                       "try again shortly")
+            raise Busy(
+                f"the server is busy ({self.max_pending} requests in progress); try again shortly"
+            )
         self.stats.pending += 1
         self.stats.requests += 1
         try:
@@ -122,8 +126,7 @@ class FaceBatcher:
                     if not waiting_for_others or loop.time() >= deadline:
                         break
                     try:
-                        job = await asyncio.wait_for(self._queue.get(),
-                                                     deadline - loop.time())
+                        job = await asyncio.wait_for(self._queue.get(), deadline - loop.time())
                     except TimeoutError:
                         break
                 else:

@@ -47,9 +47,10 @@ class Face:
         if self.confidence is not None:
             out["confidence"] = _f32(self.confidence)
         if self.landmarks is not None:
-            out["landmarks"] = {name: [round(float(x), 2), round(float(y), 2)]
-                                for name, (x, y) in zip(predict.LANDMARK_NAMES, self.landmarks,
-                                                        strict=True)}
+            out["landmarks"] = {
+                name: [round(float(x), 2), round(float(y), 2)]
+                for name, (x, y) in zip(predict.LANDMARK_NAMES, self.landmarks, strict=True)
+            }
         return out
 
 
@@ -82,15 +83,30 @@ class FaceScorer:
         line's flags of the same names.
     """
 
-    def __init__(self, workdir: str, which: str = "best", *, step: int | None = None,
-                 max_batch: int = 8, flip_tta: bool = False, detector: str = "mtcnn",
-                 min_face_confidence: float = DEFAULT_MIN_CONFIDENCE,
-                 detect_size: int = DETECT_MAX_SIDE):
+    def __init__(
+        self,
+        workdir: str,
+        which: str = "best",
+        *,
+        step: int | None = None,
+        max_batch: int = 8,
+        flip_tta: bool = False,
+        detector: str = "mtcnn",
+        min_face_confidence: float = DEFAULT_MIN_CONFIDENCE,
+        detect_size: int = DETECT_MAX_SIDE,
+    ):
         self.max_batch = int(max_batch)
         self.step_sizes = step_sizes(self.max_batch)
         self._predictor = predict.Predictor(
-            workdir, which, self.max_batch, step=step, flip_tta=flip_tta, detector=detector,
-            min_face_confidence=min_face_confidence, detect_size=detect_size)
+            workdir,
+            which,
+            self.max_batch,
+            step=step,
+            flip_tta=flip_tta,
+            detector=detector,
+            min_face_confidence=min_face_confidence,
+            detect_size=detect_size,
+        )
         p = self._predictor
         self.class_names = [str(c) for c in p.class_names]
         self.info = {
@@ -110,8 +126,9 @@ class FaceScorer:
         """Builds this thread's detector now (RuntimeError if its package is missing)."""
         self._predictor.load_detector()
 
-    def find_faces(self, image: np.ndarray, face: str = "auto", faces: str = "all",
-                   align: bool = False) -> list[Face]:
+    def find_faces(
+        self, image: np.ndarray, face: str = "auto", faces: str = "all", align: bool = False
+    ) -> list[Face]:
         """The faces to score in a uint8 RGB image, left to right.
 
         ``face``: 'auto' every detected face, else the whole image; 'detect' only detected
@@ -133,8 +150,9 @@ class FaceScorer:
                 pixels = face_align.aligned_crop(image, f.landmarks, crop)
             else:
                 pixels = image[y0:y1, x0:x1]
-            result.append(Face(pixels, (x0, y0, x1 - x0, y1 - y0), f.source, f.confidence,
-                               f.landmarks))
+            result.append(
+                Face(pixels, (x0, y0, x1 - x0, y1 - y0), f.source, f.confidence, f.landmarks)
+            )
         return result
 
     def score(self, crops: Sequence[np.ndarray]) -> list[dict[str, Any]]:
@@ -153,8 +171,9 @@ class FaceScorer:
                 "valence": _f32(va[0]),
                 "arousal": _f32(va[1]),
             }
-            for expression, probs, va in zip(out["expression"], out["probs"],
-                                             out["valence_arousal"], strict=True)
+            for expression, probs, va in zip(
+                out["expression"], out["probs"], out["valence_arousal"], strict=True
+            )
         ]
 
     def warm_up(self) -> None:

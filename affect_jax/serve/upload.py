@@ -42,8 +42,9 @@ def _formats_text() -> str:
 async def read_body(request: Request, max_bytes: int, idle_timeout_s: float) -> bytes:
     """The request body, refused (413) as soon as it is known to exceed ``max_bytes``, and
     given up (408) when the client sends nothing for ``idle_timeout_s``."""
-    too_large = UploadError(413, f"request body over the limit of {max_bytes} bytes "
-                                 "(the server's --max_upload_mb)")
+    too_large = UploadError(
+        413, f"request body over the limit of {max_bytes} bytes (the server's --max_upload_mb)"
+    )
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes:
         raise too_large
@@ -56,8 +57,9 @@ async def read_body(request: Request, max_bytes: int, idle_timeout_s: float) -> 
         except StopAsyncIteration:
             break
         except TimeoutError:
-            raise UploadError(408, f"the upload stalled: nothing received for "
-                                   f"{idle_timeout_s:g} s") from None
+            raise UploadError(
+                408, f"the upload stalled: nothing received for {idle_timeout_s:g} s"
+            ) from None
         size += len(chunk)
         if size > max_bytes:
             raise too_large
@@ -69,8 +71,11 @@ async def image_bytes(request: Request, max_bytes: int, idle_timeout_s: float) -
     """The bytes of the multipart file field ``image`` of a POST."""
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
-        raise UploadError(415, f"Content-Type {content_type or 'missing'!r}: expected "
-                               f"multipart/form-data with a file field {FIELD!r}")
+        raise UploadError(
+            415,
+            f"Content-Type {content_type or 'missing'!r}: expected "
+            f"multipart/form-data with a file field {FIELD!r}",
+        )
     body = await read_body(request, max_bytes, idle_timeout_s)
     if not body:
         raise UploadError(400, f"empty request body: expected a file field {FIELD!r}")
@@ -87,15 +92,22 @@ async def image_bytes(request: Request, max_bytes: int, idle_timeout_s: float) -
         field = form.get(FIELD)
         if field is None:
             names = sorted(set(form.keys()))
-            raise UploadError(400, f"missing the file field {FIELD!r} (the form has "
-                                   f"{names or 'no fields'})")
+            raise UploadError(
+                400, f"missing the file field {FIELD!r} (the form has {names or 'no fields'})"
+            )
         if not isinstance(field, UploadFile):
-            raise UploadError(400, f"field {FIELD!r} is text, not a file: send it as a file "
-                                   f"(curl -F {FIELD}=@photo.jpg)")
+            raise UploadError(
+                400,
+                f"field {FIELD!r} is text, not a file: send it as a file "
+                f"(curl -F {FIELD}=@photo.jpg)",
+            )
         part_type = (field.content_type or "").split(";")[0].strip().lower()
         if part_type not in UNTYPED and not part_type.startswith("image/"):
-            raise UploadError(415, f"field {FIELD!r} has content type {part_type!r}: expected "
-                                   f"an image ({_formats_text()})")
+            raise UploadError(
+                415,
+                f"field {FIELD!r} has content type {part_type!r}: expected "
+                f"an image ({_formats_text()})",
+            )
         data = await field.read()
     finally:
         await form.close()
@@ -120,13 +132,14 @@ def decode(data: bytes, max_pixels: int) -> np.ndarray:
     except Exception:  # Pillow raises various errors for bytes that are no image
         raise UploadError(400, f"the file is not a {_formats_text()} image") from None
     if fmt not in FORMATS:
-        raise UploadError(415, f"image format {fmt} is not accepted: expected "
-                               f"{_formats_text()}")
+        raise UploadError(415, f"image format {fmt} is not accepted: expected {_formats_text()}")
     if width * height > max_pixels:
-        raise UploadError(413, f"image of {width}x{height} pixels is over the limit of "
-                               f"{max_pixels} pixels")
+        raise UploadError(
+            413, f"image of {width}x{height} pixels is over the limit of {max_pixels} pixels"
+        )
     try:
         return decode_image(data)
     except (tf.errors.OpError, ValueError) as e:
-        raise UploadError(400, f"cannot decode the {FORMATS[fmt]} image: "
-                               f"{decode_error_text(e)}") from None
+        raise UploadError(
+            400, f"cannot decode the {FORMATS[fmt]} image: {decode_error_text(e)}"
+        ) from None

@@ -6,4 +6,3 @@ console script (``pyproject.toml`` ``[project.scripts]``) and runnable as
 (``cli.console_script``): absl flags are process-wide, and the library modules a tool calls
 (``report``, ``weights``) are imported by other commands with flags of the same names.
 """
-

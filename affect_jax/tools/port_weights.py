@@ -31,8 +31,13 @@ def main(argv: Sequence[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
     try:
-        out = weights.port_keras_h5(FLAGS.arch, FLAGS.keras_h5, FLAGS.output,
-                                    include_top=FLAGS.include_top, overwrite=FLAGS.overwrite)
+        out = weights.port_keras_h5(
+            FLAGS.arch,
+            FLAGS.keras_h5,
+            FLAGS.output,
+            include_top=FLAGS.include_top,
+            overwrite=FLAGS.overwrite,
+        )
     except (weights.WeightFileError, FileExistsError) as e:
         logging.error("%s", e)
         return 1

@@ -67,7 +67,10 @@ class AffectNetConfig(tfds.core.BuilderConfig):
 
 
 def make_builder_config(
-    data_dir: str, layout: str = "auto", num_classes: int = 8, face_margin: float = 0.0,
+    data_dir: str,
+    layout: str = "auto",
+    num_classes: int = 8,
+    face_margin: float = 0.0,
     image_root: str = "",
 ) -> tuple[AffectNetConfig, LayoutPlan]:
     """A config keyed by everything the prepared data depends on, and the detected layout.
@@ -90,8 +93,11 @@ def make_builder_config(
         )
     key = json.dumps(
         {
-            "format": PREPARE_FORMAT, "dir": plan.root, "layout": plan.layout,
-            "num_classes": num_classes, "face_margin": repr(float(face_margin)),
+            "format": PREPARE_FORMAT,
+            "dir": plan.root,
+            "layout": plan.layout,
+            "num_classes": num_classes,
+            "face_margin": repr(float(face_margin)),
             "fingerprint": plan.fingerprint,
         },
         sort_keys=True,
@@ -100,12 +106,13 @@ def make_builder_config(
     config = AffectNetConfig(
         name=f"{plan.layout}_{num_classes}cls_{digest}",
         description=(
-            f"{plan.layout} layout at {plan.root}, {num_classes} classes, face margin "
-            f"{face_margin}"
+            f"{plan.layout} layout at {plan.root}, {num_classes} classes, face margin {face_margin}"
         ),
-        data_dir=plan.root, layout=plan.layout, num_classes=num_classes,
-        face_margin=float(face_margin), image_root=plan.images_dir if plan.layout == "manifest"
-        else "",
+        data_dir=plan.root,
+        layout=plan.layout,
+        num_classes=num_classes,
+        face_margin=float(face_margin),
+        image_root=plan.images_dir if plan.layout == "manifest" else "",
     )
     return config, plan
 
@@ -139,18 +146,20 @@ class Affectnet(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 "none), 68 landmarks in crop pixels (NaN when absent), the crop box in the "
                 "source image and the source path."
             ),
-            features=tfds.features.FeaturesDict({
-                # Official layout: the crop re-encoded as JPEG; other layouts: the file's bytes.
-                "image": tfds.features.Image(shape=(None, None, 3)),
-                "expression": tfds.features.ClassLabel(
-                    names=list(AFFECTNET_CLASS_NAMES[:num_classes])
-                ),
-                "valence": tfds.features.Scalar(dtype=np.float32),
-                "arousal": tfds.features.Scalar(dtype=np.float32),
-                "landmarks": tfds.features.Tensor(shape=(NUM_LANDMARKS, 2), dtype=np.float32),
-                "box": tfds.features.Tensor(shape=(4,), dtype=np.int32),  # x0, y0, x1, y1.
-                "path": tfds.features.Text(),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    # Official layout: the crop re-encoded as JPEG; other layouts: the file's bytes.
+                    "image": tfds.features.Image(shape=(None, None, 3)),
+                    "expression": tfds.features.ClassLabel(
+                        names=list(AFFECTNET_CLASS_NAMES[:num_classes])
+                    ),
+                    "valence": tfds.features.Scalar(dtype=np.float32),
+                    "arousal": tfds.features.Scalar(dtype=np.float32),
+                    "landmarks": tfds.features.Tensor(shape=(NUM_LANDMARKS, 2), dtype=np.float32),
+                    "box": tfds.features.Tensor(shape=(4,), dtype=np.int32),  # x0, y0, x1, y1.
+                    "path": tfds.features.Text(),
+                }
+            ),
             homepage="http://mohammadmahoor.com/affectnet/",
             metadata=tfds.core.MetadataDict(),
         )
@@ -160,9 +169,13 @@ class Affectnet(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         root = config.data_dir or os.fspath(dl_manager.manual_dir)
         plan = detect_layout(root, config.layout, config.image_root)
         report = {
-            "layout": plan.layout, "data_dir": plan.root, "num_classes": config.num_classes,
-            "face_margin": config.face_margin, "has_valence_arousal": plan.has_valence_arousal,
-            "notes": list(plan.notes), "splits": {},
+            "layout": plan.layout,
+            "data_dir": plan.root,
+            "num_classes": config.num_classes,
+            "face_margin": config.face_margin,
+            "has_valence_arousal": plan.has_valence_arousal,
+            "notes": list(plan.notes),
+            "splits": {},
         }
         self.info.metadata["report"] = report
         unreferenced = official_unreferenced(plan) if plan.layout == "official" else []
@@ -179,9 +192,7 @@ class Affectnet(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         config = self.builder_config
         tally = Tally()
         for rel in unreferenced:
-            tally.drop(
-                "dropped_missing_annotation", f"{OFFICIAL_IMAGES_DIR}/{rel}", "in no list"
-            )
+            tally.drop("dropped_missing_annotation", f"{OFFICIAL_IMAGES_DIR}/{rel}", "in no list")
         candidates = _label_checked(
             read_split(spec, plan), config.num_classes, plan.has_valence_arousal, tally
         )
@@ -194,7 +205,7 @@ class Affectnet(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
         with concurrent.futures.ThreadPoolExecutor(_WORKERS) as pool:
             for start in range(0, len(candidates), _CHUNK):
-                chunk = candidates[start:start + _CHUNK]
+                chunk = candidates[start : start + _CHUNK]
                 for candidate, result in zip(chunk, pool.map(load, chunk), strict=True):
                     if isinstance(result, faces.DropError):
                         tally.drop(result.reason, candidate.name, result.detail)
@@ -203,7 +214,9 @@ class Affectnet(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     yield candidate.key, result
 
         report["splits"][spec.pool] = {
-            "source": spec.name, "counts": tally.counts, "examples": tally.examples,
+            "source": spec.name,
+            "counts": tally.counts,
+            "examples": tally.examples,
         }
         if tally.counts["kept"] == 0:
             # Stops preparation: nothing is cached, and the user sees why everything went.
@@ -232,7 +245,8 @@ def _label_checked(
             valence_arousal_ok(item.valence) and valence_arousal_ok(item.arousal)
         ):
             tally.drop(
-                "dropped_bad_valence_arousal", item.name,
+                "dropped_bad_valence_arousal",
+                item.name,
                 f"valence {item.valence}, arousal {item.arousal}",
             )
             continue

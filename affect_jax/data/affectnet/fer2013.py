@@ -57,7 +57,8 @@ def pixel_csvs(root: str) -> dict[str, tuple[str, list[str]]]:
     else:
         base = root
         paths = [
-            os.path.join(d, e) for d in root_and_children(root)
+            os.path.join(d, e)
+            for d in root_and_children(root)
             for e in sorted(os.listdir(d))
             if e.lower().endswith(".csv") and os.path.isfile(os.path.join(d, e))
         ]
@@ -134,7 +135,12 @@ def detect(root: str) -> LayoutPlan | None:
             "pixels)"
         )
     return LayoutPlan(
-        "fer2013", root, splits, False, num_classes=7, notes=notes,
+        "fer2013",
+        root,
+        splits,
+        False,
+        num_classes=7,
+        notes=notes,
         fingerprint=stamp_fingerprint(sorted({s.path for s in splits})),
     )
 
@@ -156,8 +162,14 @@ def parse_pixels(text: str) -> np.ndarray:
 def face_candidate(name: str, code: int, pixels_text: str) -> Candidate:
     """The candidate of one parsed row (ValueError for bad pixels)."""
     return Candidate(
-        key=name, name=name, image_path=name, expression=code, valence=math.nan,
-        arousal=math.nan, landmarks=no_landmarks(), pixels=parse_pixels(pixels_text),
+        key=name,
+        name=name,
+        image_path=name,
+        expression=code,
+        valence=math.nan,
+        arousal=math.nan,
+        landmarks=no_landmarks(),
+        pixels=parse_pixels(pixels_text),
     )
 
 
@@ -183,7 +195,8 @@ def read(spec: SplitSpec, plan: LayoutPlan) -> Iterator[Candidate | Drop]:
             if split is None:
                 if spec.pool == "train":
                     yield Drop(
-                        "dropped_malformed_row", name,
+                        "dropped_malformed_row",
+                        name,
                         f"Usage {row[usage].strip()!r} is none of {', '.join(USAGE_POOLS)}",
                     )
                 continue

@@ -28,8 +28,16 @@ from affect_jax.data.affectnet.plans import (
 from affect_jax.data.affectnet.rows import CSV_ERROR, Candidate, Drop, csv_rows, parse_int
 
 VOTE_COLUMNS = (
-    "neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt",
-    "unknown", "nf",
+    "neutral",
+    "happiness",
+    "surprise",
+    "sadness",
+    "anger",
+    "disgust",
+    "fear",
+    "contempt",
+    "unknown",
+    "nf",
 )
 NON_EMOTION_COLUMNS = ("unknown", "nf")
 IMAGE_NAME_COLUMN = "image name"
@@ -47,8 +55,8 @@ def majority(votes: Sequence[int]) -> int | None:
 
 
 def _is_votes_header(header: list[str]) -> bool:
-    return "usage" in header and IMAGE_NAME_COLUMN in header and all(
-        c in header for c in VOTE_COLUMNS
+    return (
+        "usage" in header and IMAGE_NAME_COLUMN in header and all(c in header for c in VOTE_COLUMNS)
     )
 
 
@@ -56,18 +64,16 @@ def detect(root: str) -> LayoutPlan | None:
     if os.path.isfile(root):
         return None
     votes = [
-        os.path.join(d, e) for d in root_and_children(root) for e in sorted(os.listdir(d))
+        os.path.join(d, e)
+        for d in root_and_children(root)
+        for e in sorted(os.listdir(d))
         if e.lower().endswith(".csv") and _is_votes_header(read_header(os.path.join(d, e)))
     ]
     if not votes:
         return None
     if len(votes) > 1:
-        raise DataError(
-            f"{root} holds {len(votes)} FER+ vote files ({', '.join(votes)}); keep one"
-        )
-    pixel_files = {
-        k: v for k, v in fer2013.pixel_csvs(root).items() if "usage" in v[1]
-    }
+        raise DataError(f"{root} holds {len(votes)} FER+ vote files ({', '.join(votes)}); keep one")
+    pixel_files = {k: v for k, v in fer2013.pixel_csvs(root).items() if "usage" in v[1]}
     if not pixel_files:
         raise DataError(
             f"{root} has FER+ votes ({votes[0]}) but not FER2013's fer2013.csv (emotion, pixels, "
@@ -75,8 +81,13 @@ def detect(root: str) -> LayoutPlan | None:
         )
     pixels = fer2013.pick_usage_file(pixel_files, "FER2013 files with a Usage column", root)
     return LayoutPlan(
-        "ferplus", root, fer2013.usage_splits(votes[0], "ferplus"), False,
-        fingerprint=stamp_fingerprint([votes[0], pixels]), num_classes=8, pixels_path=pixels,
+        "ferplus",
+        root,
+        fer2013.usage_splits(votes[0], "ferplus"),
+        False,
+        fingerprint=stamp_fingerprint([votes[0], pixels]),
+        num_classes=8,
+        pixels_path=pixels,
     )
 
 
@@ -99,15 +110,21 @@ def read(spec: SplitSpec, plan: LayoutPlan) -> Iterator[Candidate | Drop]:
     for votes_item, pixels_item in itertools.zip_longest(vote_rows, pixel_rows):
         if votes_item is None:
             if train:
-                yield Drop("dropped_missing_annotation", f"{pixels_file}:{pixels_item[0]}",
-                           f"no row of {votes_file} for it")
+                yield Drop(
+                    "dropped_missing_annotation",
+                    f"{pixels_file}:{pixels_item[0]}",
+                    f"no row of {votes_file} for it",
+                )
             continue
         line, row = votes_item
         name = f"{votes_file}:{line}"
         if row[0] == CSV_ERROR or len(row) != len(vote_header):
             if train:
-                problem = (f"unreadable CSV row ({row[1]})" if row[0] == CSV_ERROR
-                           else f"{len(row)} fields, expected {len(vote_header)}")
+                problem = (
+                    f"unreadable CSV row ({row[1]})"
+                    if row[0] == CSV_ERROR
+                    else f"{len(row)} fields, expected {len(vote_header)}"
+                )
                 yield Drop("dropped_malformed_row", name, problem)
             continue
         name = f"{name} ({row[name_column].strip() or 'no image name'})"
@@ -115,15 +132,18 @@ def read(spec: SplitSpec, plan: LayoutPlan) -> Iterator[Candidate | Drop]:
         if split is None:
             if train:
                 yield Drop(
-                    "dropped_malformed_row", name,
+                    "dropped_malformed_row",
+                    name,
                     f"Usage {row[usage].strip()!r} is none of {', '.join(fer2013.USAGE_POOLS)}",
                 )
             continue
         if split != spec.name:
             continue
         try:
-            counts = [parse_int(row[i].strip(), f"{VOTE_COLUMNS[k]} votes")
-                      for k, i in enumerate(vote_index)]
+            counts = [
+                parse_int(row[i].strip(), f"{VOTE_COLUMNS[k]} votes")
+                for k, i in enumerate(vote_index)
+            ]
             if min(counts) < 0:
                 raise ValueError(f"negative vote count in {counts}")
             if pixels_item is None:

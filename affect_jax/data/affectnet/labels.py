@@ -9,10 +9,25 @@ import math
 CONTEMPT = 7
 NON_EMOTION = (8, 9, 10)  # None, Uncertain, No-Face.
 CLASS_ALIASES = {
-    "neutral": 0, "happy": 1, "happiness": 1, "sad": 2, "sadness": 2, "surprise": 3,
-    "surprised": 3, "fear": 4, "fearful": 4, "disgust": 5, "disgusted": 5, "anger": 6,
-    "angry": 6, "contempt": 7,
-    "none": 8, "uncertain": 9, "no-face": 10, "no_face": 10, "noface": 10,
+    "neutral": 0,
+    "happy": 1,
+    "happiness": 1,
+    "sad": 2,
+    "sadness": 2,
+    "surprise": 3,
+    "surprised": 3,
+    "fear": 4,
+    "fearful": 4,
+    "disgust": 5,
+    "disgusted": 5,
+    "anger": 6,
+    "angry": 6,
+    "contempt": 7,
+    "none": 8,
+    "uncertain": 9,
+    "no-face": 10,
+    "no_face": 10,
+    "noface": 10,
 }
 
 

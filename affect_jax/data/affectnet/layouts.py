@@ -95,7 +95,11 @@ def _detect_official(root: str) -> LayoutPlan | None:
             SplitSpec(OFFICIAL_CSVS[name], name, path) for name, path in sorted(csvs.items())
         )
     return LayoutPlan(
-        "official", root, splits, True, images_dir,
+        "official",
+        root,
+        splits,
+        True,
+        images_dir,
         stamp_fingerprint(s.path for s in splits),
     )
 
@@ -108,9 +112,7 @@ def _detect_split_dirs(
     if is_split(root):
         found = {os.path.basename(os.path.normpath(root)): root}
     else:
-        found = {
-            d: os.path.join(root, d) for d in subdirs(root) if is_split(os.path.join(root, d))
-        }
+        found = {d: os.path.join(root, d) for d in subdirs(root) if is_split(os.path.join(root, d))}
     if not found:
         return None
     pools = assign_pools(sorted(found), what, root)
@@ -154,7 +156,8 @@ def csv_files(root: str) -> list[str]:
     if os.path.isfile(root):
         return [root] if root.lower().endswith(".csv") else []
     return [
-        os.path.join(root, e) for e in list_dir(root)
+        os.path.join(root, e)
+        for e in list_dir(root)
         if e.lower().endswith(".csv") and os.path.isfile(os.path.join(root, e))
     ]
 
@@ -182,9 +185,7 @@ def _detect_manifest(root: str) -> LayoutPlan | None:
         raise DataError(
             f"the manifests in {root} disagree: some have valence/arousal columns, some do not"
         )
-    splits = tuple(
-        SplitSpec(pool, name, found[name][0]) for pool, name in sorted(pools.items())
-    )
+    splits = tuple(SplitSpec(pool, name, found[name][0]) for pool, name in sorted(pools.items()))
     return LayoutPlan(
         "manifest", root, splits, has_va[0], "", stamp_fingerprint(s.path for s in splits)
     )
@@ -199,7 +200,8 @@ def _with_image_root(plan: LayoutPlan, image_root: str) -> LayoutPlan:
             "expected the directory the manifest's relative image paths start from"
         )
     return dataclasses.replace(
-        plan, images_dir=path,
+        plan,
+        images_dir=path,
         fingerprint=stamp_fingerprint((s.path for s in plan.splits), f"image_root={path}"),
     )
 
@@ -213,6 +215,7 @@ _DETECTORS: dict[str, Callable[[str], LayoutPlan | None]] = {
     "manifest": _detect_manifest,
     "folders": _detect_folders,
 }
+
 
 def check_data_dir(data_dir: str) -> str:
     """The absolute path of ``data_dir`` (a directory, or a CSV file for the manifest and
@@ -261,7 +264,9 @@ def detect_layout(data_dir: str, layout: str = "auto", image_root: str = "") -> 
                 f"found in {root}. Searched: {LAYOUT_HELP}. Found: {summary(_listed(root))}."
             )
         logging.info(
-            "Data layout %r detected in %s (splits: %s)", plan.layout, root,
+            "Data layout %r detected in %s (splits: %s)",
+            plan.layout,
+            root,
             ", ".join(f"{s.name} -> {s.pool}" for s in plan.splits),
         )
     if image_root and plan.layout == "manifest":

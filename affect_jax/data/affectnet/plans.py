@@ -63,8 +63,7 @@ def tree_listing(path: str) -> Iterator[str]:
 def subdirs(path: str) -> list[str]:
     """The sorted non-hidden sub-directories of ``path``."""
     return [
-        d for d in list_dir(path)
-        if not d.startswith(".") and os.path.isdir(os.path.join(path, d))
+        d for d in list_dir(path) if not d.startswith(".") and os.path.isdir(os.path.join(path, d))
     ]
 
 

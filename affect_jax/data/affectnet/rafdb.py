@@ -57,8 +57,10 @@ def detect(root: str) -> LayoutPlan | None:
         images = aligned
     elif any(is_image_name(f) for f in list_dir(original)):
         images = original
-        notes = ("Image/aligned/ holds no image: reading the original photos of Image/original/ "
-                 "(whole photos, not aligned face crops)",)
+        notes = (
+            "Image/aligned/ holds no image: reading the original photos of Image/original/ "
+            "(whole photos, not aligned face crops)",
+        )
     else:
         raise DataError(
             f"{base} has RAF-DB's {os.path.relpath(labels, base)} but no images in Image/aligned/ "
@@ -66,8 +68,14 @@ def detect(root: str) -> LayoutPlan | None:
         )
     splits = tuple(SplitSpec(pool, pool, labels) for pool in POOLS)
     return LayoutPlan(
-        "rafdb", root, splits, False, images, stamp_fingerprint([labels], f"images={images}"),
-        num_classes=7, notes=notes,
+        "rafdb",
+        root,
+        splits,
+        False,
+        images,
+        stamp_fingerprint([labels], f"images={images}"),
+        num_classes=7,
+        notes=notes,
     )
 
 
@@ -108,9 +116,11 @@ def read(spec: SplitSpec, plan: LayoutPlan) -> Iterator[Candidate | Drop]:
         pool = fields[0].split("_")[0].lower()
         if len(fields) != 2 or pool not in POOLS:
             if train:
-                problem = (f"{len(fields)} fields, expected 2 (file name, label)"
-                           if len(fields) != 2 else
-                           f"file name {fields[0]!r} starts with neither train_ nor test_")
+                problem = (
+                    f"{len(fields)} fields, expected 2 (file name, label)"
+                    if len(fields) != 2
+                    else f"file name {fields[0]!r} starts with neither train_ nor test_"
+                )
                 yield Drop("dropped_malformed_row", name, problem)
             continue
         if pool != spec.pool:
@@ -125,8 +135,13 @@ def read(spec: SplitSpec, plan: LayoutPlan) -> Iterator[Candidate | Drop]:
             continue
         path = os.path.join(plan.images_dir, image_name(fields[0], plan.images_dir))
         yield Candidate(
-            key=name, name=name, image_path=path, expression=CODES[label], valence=math.nan,
-            arousal=math.nan, landmarks=no_landmarks(),
+            key=name,
+            name=name,
+            image_path=path,
+            expression=CODES[label],
+            valence=math.nan,
+            arousal=math.nan,
+            landmarks=no_landmarks(),
         )
     if train:
         shown = f"Image/{os.path.basename(plan.images_dir)}"

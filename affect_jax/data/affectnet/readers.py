@@ -33,8 +33,15 @@ from affect_jax.data.affectnet.rows import (
 from affect_jax.data.images import is_image_name
 
 OFFICIAL_COLUMNS = (
-    "subdirectory_filepath", "face_x", "face_y", "face_width", "face_height",
-    "facial_landmarks", "expression", "valence", "arousal",
+    "subdirectory_filepath",
+    "face_x",
+    "face_y",
+    "face_width",
+    "face_height",
+    "facial_landmarks",
+    "expression",
+    "valence",
+    "arousal",
 )
 NPY_KINDS = ("exp", "val", "aro", "lnd")
 _NPY_ANNOTATION = re.compile(r"^(.+)_(exp|val|aro|lnd)\.npy$")
@@ -73,7 +80,8 @@ def _read_official(spec: SplitSpec, plan: LayoutPlan) -> Iterator[Candidate | Dr
             text = row[index["facial_landmarks"]].strip()
             landmarks = (
                 parse_landmarks([parse_float(v, "landmark") for v in text.split(";")], "landmarks")
-                if text else no_landmarks()
+                if text
+                else no_landmarks()
             )
             expression = parse_int(row[index["expression"]])
             valence = parse_float(row[index["valence"]], "valence")
@@ -82,9 +90,14 @@ def _read_official(spec: SplitSpec, plan: LayoutPlan) -> Iterator[Candidate | Dr
             yield Drop("dropped_malformed_row", name, str(e))
             continue
         yield Candidate(
-            key=f"{spec.name}:{line}", name=name,
-            image_path=os.path.join(plan.images_dir, rel), expression=expression,
-            valence=valence, arousal=arousal, landmarks=landmarks, box=box,
+            key=f"{spec.name}:{line}",
+            name=name,
+            image_path=os.path.join(plan.images_dir, rel),
+            expression=expression,
+            valence=valence,
+            arousal=arousal,
+            landmarks=landmarks,
+            box=box,
         )
 
 
@@ -121,7 +134,8 @@ def _read_npy(spec: SplitSpec, plan: LayoutPlan) -> Iterator[Candidate | Drop]:
         if example_id not in images:
             shown = os.path.basename(files.get("exp") or next(iter(files.values())))
             yield Drop(
-                "dropped_missing_image", f"{spec.name}/annotations/{shown}",
+                "dropped_missing_image",
+                f"{spec.name}/annotations/{shown}",
                 f"no image {example_id}.* in {spec.name}/images",
             )
             continue
@@ -129,7 +143,8 @@ def _read_npy(spec: SplitSpec, plan: LayoutPlan) -> Iterator[Candidate | Drop]:
         lacking = [k for k in NPY_KINDS[:3] if k not in files]
         if lacking:
             yield Drop(
-                "dropped_missing_annotation", name,
+                "dropped_missing_annotation",
+                name,
                 "no " + ", ".join(f"{example_id}_{k}.npy" for k in lacking),
             )
             continue
@@ -144,14 +159,19 @@ def _read_npy(spec: SplitSpec, plan: LayoutPlan) -> Iterator[Candidate | Drop]:
             landmarks = _npy_landmarks(current) if current else no_landmarks()
         except (ValueError, OSError, EOFError) as e:
             yield Drop(
-                "dropped_malformed_row", f"{spec.name}/annotations/{os.path.basename(current)}",
+                "dropped_malformed_row",
+                f"{spec.name}/annotations/{os.path.basename(current)}",
                 f"unparseable: {e}",
             )
             continue
         yield Candidate(
-            key=f"{spec.name}/{example_id}", name=name,
-            image_path=os.path.join(images_dir, images[example_id]), expression=expression,
-            valence=valence, arousal=arousal, landmarks=landmarks,
+            key=f"{spec.name}/{example_id}",
+            name=name,
+            image_path=os.path.join(images_dir, images[example_id]),
+            expression=expression,
+            valence=valence,
+            arousal=arousal,
+            landmarks=landmarks,
         )
 
 
@@ -169,8 +189,13 @@ def _read_folders(spec: SplitSpec, plan: LayoutPlan) -> Iterator[Candidate | Dro
             yield Drop("dropped_unknown_label", name, f"folder {parts[0]!r} is not a class")
             continue
         yield Candidate(
-            key=name, name=name, image_path=os.path.join(spec.path, rel), expression=code,
-            valence=math.nan, arousal=math.nan, landmarks=no_landmarks(),
+            key=name,
+            name=name,
+            image_path=os.path.join(spec.path, rel),
+            expression=code,
+            valence=math.nan,
+            arousal=math.nan,
+            landmarks=no_landmarks(),
         )
 
 
@@ -181,8 +206,9 @@ def _read_manifest(spec: SplitSpec, plan: LayoutPlan) -> Iterator[Candidate | Dr
         return
     header = [column_key(c) for c in first[1]]
     image_column, label_column = manifest_columns(header)
-    va_columns = (header.index("valence"), header.index("arousal")) if (
-        plan.has_valence_arousal) else None
+    va_columns = (
+        (header.index("valence"), header.index("arousal")) if (plan.has_valence_arousal) else None
+    )
     # Relative image paths start at data.image_root when given, else at the CSV's directory.
     base = plan.images_dir or os.path.dirname(spec.path)
     for item in checked_rows(spec.name, rows, len(header), image_column):
@@ -211,8 +237,13 @@ def _read_manifest(spec: SplitSpec, plan: LayoutPlan) -> Iterator[Candidate | Dr
             yield Drop("dropped_malformed_row", name, str(e))
             continue
         yield Candidate(
-            key=name, name=name, image_path=os.path.join(base, rel), expression=code,
-            valence=valence, arousal=arousal, landmarks=no_landmarks(),
+            key=name,
+            name=name,
+            image_path=os.path.join(base, rel),
+            expression=code,
+            valence=valence,
+            arousal=arousal,
+            landmarks=no_landmarks(),
         )
 
 
@@ -240,6 +271,7 @@ def official_unreferenced(plan: LayoutPlan) -> list[str]:
             if row:
                 referenced.add(os.path.normpath(row[0].strip()))
     return [
-        rel for rel in tree_listing(plan.images_dir)
+        rel
+        for rel in tree_listing(plan.images_dir)
         if is_image_name(os.path.basename(rel)) and os.path.normpath(rel) not in referenced
     ]

@@ -55,7 +55,9 @@ def log_report(report: Mapping) -> None:
     """Logs a prepared dataset's report: totals, then each pool with its drops and offenders."""
     logging.info(
         "Data: %s layout at %s, %d classes%s: %s",
-        report["layout"], report["data_dir"], report["num_classes"],
+        report["layout"],
+        report["data_dir"],
+        report["num_classes"],
         "" if report["has_valence_arousal"] else " (no valence/arousal)",
         format_counts(report["counts"]),
     )
@@ -67,6 +69,9 @@ def log_report(report: Mapping) -> None:
             n = split["counts"].get(reason, 0)
             if n:
                 logging.warning(
-                    "  %s: %d %s, e.g. %s", split["source"], n, reason,
+                    "  %s: %d %s, e.g. %s",
+                    split["source"],
+                    n,
+                    reason,
                     "; ".join(split["examples"][reason][:LOGGED_EXAMPLES]),
                 )

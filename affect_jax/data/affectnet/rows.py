@@ -84,7 +84,9 @@ def csv_rows(path: str) -> Iterator[tuple[int, list[str]]]:
 
 
 def checked_rows(
-    split_name: str, rows: Iterable[tuple[int, list[str]]], num_columns: int,
+    split_name: str,
+    rows: Iterable[tuple[int, list[str]]],
+    num_columns: int,
     path_index: int | None = None,
 ) -> Iterator[Drop | tuple[int, str, str, list[str]]]:
     """(line number, name in reports, image path as written or '', fields) of every row that

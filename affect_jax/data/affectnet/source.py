@@ -45,22 +45,26 @@ def prepare(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """Prepares (or reuses) the TFDS copy of ``config.data.dir``; returns the builder."""
     data = config.data
     builder_config, plan = make_builder_config(
-        data.dir, data.layout, int(data.num_classes), float(data.face_margin),
+        data.dir,
+        data.layout,
+        int(data.num_classes),
+        float(data.face_margin),
         data.get("image_root", ""),
     )
-    builder = Affectnet(
-        config=builder_config, data_dir=data.get("tfds_data_dir") or None
-    )
+    builder = Affectnet(config=builder_config, data_dir=data.get("tfds_data_dir") or None)
     if builder.is_prepared():
         logging.info("Data: reusing the prepared copy in %s", builder.data_dir)
         return builder
     logging.info(
         "Data: preparing the %s layout of %s into %s (once; later runs reuse it)",
-        plan.layout, plan.root, builder.data_dir,
+        plan.layout,
+        plan.root,
+        builder.data_dir,
     )
     try:
         tfds_cache.prepare_once(
-            builder, download_config=tfds.download.DownloadConfig(manual_dir=plan.root),
+            builder,
+            download_config=tfds.download.DownloadConfig(manual_dir=plan.root),
             file_format="array_record",
         )
     except DataError as e:
@@ -84,8 +88,15 @@ def load_source(
         builder = prepare(config)
     except DataError as e:
         if workdir:
-            _write_report(workdir, {"error": str(e), "data_dir": config.data.dir,
-                                    "layout": config.data.layout, **getattr(e, "report", {})})
+            _write_report(
+                workdir,
+                {
+                    "error": str(e),
+                    "data_dir": config.data.dir,
+                    "layout": config.data.layout,
+                    **getattr(e, "report", {}),
+                },
+            )
         raise
     report = json.loads(json.dumps(builder.info.metadata["report"]))  # A copy to extend.
     report["cache_dir"] = os.fspath(builder.data_dir)
@@ -152,7 +163,9 @@ def _read_pool(builder: tfds.core.DatasetBuilder, split: str, limit: int) -> Exa
         return ExamplePool(table, decode_image_bytes)
     logging.info(
         "AffectNet split %r (%d MB) is read from %s by random access",
-        split, builder.info.splits[split].num_bytes >> 20, builder.data_dir,
+        split,
+        builder.info.splits[split].num_bytes >> 20,
+        builder.data_dir,
     )
     table["record"] = order.astype(np.int64)
     return ExamplePool(table, _RecordDecoder(builder, split))
@@ -171,9 +184,7 @@ class _RecordDecoder:
     """``decode`` of large pools: fetches the image bytes of row ``record`` from ArrayRecord."""
 
     def __init__(self, builder: tfds.core.DatasetBuilder, split: str):
-        self._source = builder.as_data_source(
-            split, decoders={"image": tfds.decode.SkipDecoding()}
-        )
+        self._source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
 
     def _fetch(self, index: np.ndarray) -> bytes:
         return self._source[int(index)]["image"]
