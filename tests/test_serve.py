@@ -21,6 +21,7 @@ from affect_jax.data import synthetic
 from affect_jax.data.images import decode_image
 from affect_jax.serve import scorer as scorer_lib
 from scripts import export_check
+from tests import face_images
 from tests.conftest import REPO, tiny_config
 
 CHROMIUM = "/usr/bin/chromium"
@@ -40,8 +41,6 @@ MAX_PIXELS = 2_000_000
 MAX_PENDING = 8
 UPLOAD_TIMEOUT_S = 8
 TOLERANCE = 1e-5  # a face scored alone and in a batch: the same up to float32 round-off
-# skimage.data.astronaut(): the face lies roughly in x 150-260, y 40-160 (x, y, w, h).
-ASTRONAUT_FACE = (150, 40, 110, 120)
 
 
 def _encode(image, fmt="PNG", **options):
@@ -105,10 +104,8 @@ def predictor(run):
 
 @pytest.fixture(scope="module")
 def astronaut(tmp_path_factory):
-    from skimage import data
-
     path = tmp_path_factory.mktemp("images") / "astronaut.jpg"
-    Image.fromarray(data.astronaut()).save(path, quality=92)
+    Image.fromarray(face_images.astronaut()).save(path, quality=92)
     return path
 
 
@@ -166,30 +163,80 @@ def test_model_health_and_page(server, predictor):
         assert response.status_code == 200 and response.headers["content-type"].startswith(kind)
 
 
-def test_predict_scores_as_the_predictor(server, predictor, astronaut):
-    data = astronaut.read_bytes()
+def _cli_faces(predictor, image, face="auto", faces="all", align=False):
+    """``Predictor.predict_image``'s rows (the prediction command line's) as the API's faces."""
+    out = []
+    for row in predictor.predict_image(image, face=face, faces=faces, align=align):
+        if row["status"] != predict.STATUS_OK:
+            continue
+        item = {
+            "box": [row[c] for c in predict.FACE_COLUMNS],
+            "source": row["face_source"],
+            "expression": row["expression"],
+            "probs": [row[c] for c in predictor.prob_columns],
+            "va": [row["valence"], row["arousal"]],
+        }
+        if row["face_confidence"] is not None:
+            item["confidence"] = row["face_confidence"]
+            item["landmarks"] = [[row[f"{n}_x"], row[f"{n}_y"]] for n in predict.LANDMARK_NAMES]
+        out.append(item)
+    return out
+
+
+IMAGES = {
+    "astronaut": face_images.astronaut,
+    "two astronauts": face_images.two_astronauts,
+    "tilted": lambda: face_images.rotated_astronaut(25),
+    "blank": lambda: np.full((64, 80, 3), 128, np.uint8),
+}
+# (image, query) -> number of faces in the answer.
+CASES = [
+    ("astronaut", {"face": "none"}, 1),
+    ("astronaut", {"face": "detect"}, 1),
+    ("astronaut", {}, 1),  # auto
+    ("two astronauts", {}, 2),
+    ("two astronauts", {"faces": "largest"}, 1),
+    ("tilted", {"align": "true"}, 1),
+    ("blank", {}, 1),  # auto: no face found, the whole image
+    ("blank", {"face": "detect"}, 0),
+]
+
+
+@pytest.mark.parametrize(("name", "query", "count"), CASES, ids=[f"{n}-{q}" for n, q, _ in CASES])
+def test_predict_answers_as_the_command_line(server, predictor, name, query, count):
+    data = _encode(IMAGES[name]())
     image = decode_image(data)
-    classes = list(predictor.class_names)
-
-    whole = _post(server, data, "a.jpg", "image/jpeg", face="none")
-    assert whole.status_code == 200, whole.text
-    body = whole.json()
-    assert (body["width"], body["height"], body["face"]) == (512, 512, "none")
-    assert body["model"]["classes"] == classes
-    [face] = body["faces"]
-    assert face["box"] == [0, 0, 512, 512] and face["source"] == "whole_image"
-    _assert_face_matches(face, *_expected(predictor, image), classes)
-
-    for mode in ("detect", "auto"):  # the astronaut's face is found either way
-        [face] = _post(server, data, "a.jpg", "image/jpeg", face=mode).json()["faces"]
-        assert face["source"] == "detected" and _iou(face["box"], ASTRONAUT_FACE) > 0.5
-        x, y, w, h = face["box"]
-        _assert_face_matches(face, *_expected(predictor, image[y : y + h, x : x + w]), classes)
-
-    blank = _encode(np.full((64, 80, 3), 128, np.uint8))
-    assert _post(server, blank, face="detect").json()["faces"] == []
-    [face] = _post(server, blank).json()["faces"]  # auto (the default): the whole image
-    assert face["box"] == [0, 0, 80, 64] and face["source"] == "whole_image"
+    response = requests.post(
+        f"{server}/predict",
+        params=query,
+        timeout=60,
+        files={"image": ("face.png", data, "image/png")},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["height"], body["width"]) == image.shape[:2]
+    options = {"face": "auto", "faces": "all", "align": False}
+    options.update(query)
+    options["align"] = options["align"] in (True, "true")
+    assert body["options"] == options
+    assert body["model"]["classes"] == list(predictor.class_names)
+    expected = _cli_faces(predictor, image, **options)
+    assert len(body["faces"]) == len(expected) == count
+    for got, want in zip(body["faces"], expected, strict=True):
+        assert got["box"] == want["box"] and got["source"] == want["source"]
+        _assert_face_matches(got, want["probs"], want["va"], list(predictor.class_names))
+        if "confidence" in want:
+            assert got["confidence"] == pytest.approx(want["confidence"])
+            assert list(got["landmarks"]) == list(predict.LANDMARK_NAMES)
+            np.testing.assert_allclose(
+                list(got["landmarks"].values()), want["landmarks"], atol=0.01
+            )
+        else:
+            assert "confidence" not in got and "landmarks" not in got
+    if name == "astronaut" and options["face"] != "none":
+        [face] = body["faces"]
+        assert face["source"] == "detected" and face["confidence"] > 0.9
+        assert _iou(face["box"], face_images.ASTRONAUT_FACE) > 0.7
 
 
 def test_formats(server):
@@ -328,6 +375,16 @@ def _bad_requests(png):
             400,
             "face='box': expected one of auto, detect, none",
         ),
+        "unknown face selection": (
+            dict(params={"faces": "first"}, files={"image": ("a.png", png, "image/png")}),
+            400,
+            "faces='first': expected one of all, largest",
+        ),
+        "unknown align value": (
+            dict(params={"align": "maybe"}, files={"image": ("a.png", png, "image/png")}),
+            400,
+            "align='maybe': expected true or false",
+        ),
     }
 
 
@@ -453,6 +510,7 @@ def test_page_in_headless_chromium(server, astronaut, tmp_path):
                         b.width / i.width, b.height / i.height];
             }""")
             np.testing.assert_allclose(placed, np.array(face["box"]) / 512, atol=0.01)
+            expect(page.locator("#overlay .landmark")).to_have_count(len(face["landmarks"]))
             bars = page.locator("#faces .class-bar")
             expect(bars).to_have_count(len(classes))
             assert bars.evaluate_all("rows => rows.map(r => r.dataset.class)") == classes
@@ -487,7 +545,7 @@ def test_page_in_headless_chromium(server, astronaut, tmp_path):
                 blank,
             )
             expect(page.locator("#status")).to_contain_text("90×60")
-            expect(page.locator("#faces h2")).to_contain_text("whole image")
+            expect(page.locator("#faces .meta")).to_contain_text("whole image")
 
             # The webcam (Chromium's test-pattern camera): frames scored, a trail drawn.
             page.click("#webcam")

@@ -1,7 +1,8 @@
 """The HTTP API and the page: a Starlette application around a ``FaceScorer``.
 
   GET  /          the page (static/index.html, app.js, style.css)
-  POST /predict   multipart file field 'image'; query face=auto|detect|none
+  POST /predict   multipart file field 'image'; query face=auto|detect|none,
+                  faces=all|largest, align=false|true
   GET  /model     the run: backbone, classes, image size, checkpoint step
   GET  /health    status, batching settings and counters
 
@@ -15,8 +16,11 @@ import asyncio
 import contextlib
 import dataclasses
 import importlib.resources
+import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 from starlette.applications import Starlette
@@ -27,8 +31,9 @@ from starlette.routing import Route
 
 from affect_jax.serve import upload
 from affect_jax.serve.batcher import Busy, FaceBatcher
-from affect_jax.serve.scorer import FACE_MODES, Face, FaceScorer
+from affect_jax.serve.scorer import FACE_MODES, FACE_SELECTIONS, Face, FaceScorer
 
+BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 # The page's files: URL path -> (file in static/, media type).
 PAGE_FILES = {
     "/": ("index.html", "text/html; charset=utf-8"),
@@ -64,7 +69,9 @@ def create_app(scorer: FaceScorer, limits: Limits = Limits()) -> Starlette:
     files = _page_files()
     started = time.time()
     # Decoding and face finding run on a few threads of their own, each with its own detector.
-    workers = ThreadPoolExecutor(limits.workers, thread_name_prefix="faces")
+    workers = ThreadPoolExecutor(
+        limits.workers, thread_name_prefix="faces", initializer=scorer.load_detector
+    )
 
     async def page(request: Request) -> Response:
         name, media_type = PAGE_FILES[request.url.path]
@@ -95,18 +102,14 @@ def create_app(scorer: FaceScorer, limits: Limits = Limits()) -> Starlette:
         )
 
     async def predict(request: Request) -> JSONResponse:
-        face = request.query_params.get("face", "auto")
-        if face not in FACE_MODES:
-            return error(
-                400, f"query parameter face={face!r}: expected one of {', '.join(FACE_MODES)}"
-            )
         try:
+            options = face_options(request.query_params)
             with batcher.admit():
                 data = await upload.image_bytes(
                     request, limits.max_upload_bytes, limits.upload_timeout_s
                 )
                 image, faces = await asyncio.get_running_loop().run_in_executor(
-                    workers, _find_faces, scorer, data, face, limits.max_pixels
+                    workers, _find_faces, scorer, data, options, limits.max_pixels
                 )
                 scores = await batcher.score([f.crop for f in faces])
         except Busy as e:
@@ -119,7 +122,7 @@ def create_app(scorer: FaceScorer, limits: Limits = Limits()) -> Starlette:
                 "faces": [{**f.description(), **s} for f, s in zip(faces, scores, strict=True)],
                 "width": width,
                 "height": height,
-                "face": face,
+                "options": options,
                 "model": scorer.info,
             }
         )
@@ -136,6 +139,12 @@ def create_app(scorer: FaceScorer, limits: Limits = Limits()) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
+        # Every worker thread starts (and builds its detector) now, not on a first request.
+        started = threading.Barrier(limits.workers)
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(
+            *(loop.run_in_executor(workers, started.wait) for _ in range(limits.workers))
+        )
         await batcher.start()
         try:
             yield
@@ -162,9 +171,25 @@ def create_app(scorer: FaceScorer, limits: Limits = Limits()) -> Starlette:
     return app
 
 
+def face_options(query: Mapping[str, str]) -> dict[str, Any]:
+    """``face``, ``faces`` and ``align`` of a /predict query (UploadError 400 if unknown)."""
+    options = {"face": query.get("face", "auto"), "faces": query.get("faces", "all")}
+    for name, allowed in (("face", FACE_MODES), ("faces", FACE_SELECTIONS)):
+        if options[name] not in allowed:
+            raise upload.UploadError(
+                400,
+                f"query parameter {name}={options[name]!r}: expected one of {', '.join(allowed)}",
+            )
+    align = query.get("align", "false").lower()
+    if align not in BOOLEANS:
+        raise upload.UploadError(400, f"query parameter align={align!r}: expected true or false")
+    options["align"] = BOOLEANS[align]
+    return options
+
+
 def _find_faces(
-    scorer: FaceScorer, data: bytes, face: str, max_pixels: int
+    scorer: FaceScorer, data: bytes, options: dict[str, Any], max_pixels: int
 ) -> tuple[np.ndarray, list[Face]]:
     """Decoding and face finding: the request's work on a worker thread."""
     image = upload.decode(data, max_pixels)
-    return image, scorer.find_faces(image, face)
+    return image, scorer.find_faces(image, **options)

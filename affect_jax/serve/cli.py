@@ -22,7 +22,12 @@ from affect_jax import cli as command_line
 from affect_jax import run_dir
 from affect_jax.errors import UserError
 from affect_jax.serve.app import Limits, create_app
-from affect_jax.serve.scorer import FaceScorer
+from affect_jax.serve.scorer import (
+    DEFAULT_MIN_CONFIDENCE,
+    DETECT_MAX_SIDE,
+    DETECTORS,
+    FaceScorer,
+)
 
 FLAGS = flags.FLAGS
 
@@ -77,6 +82,25 @@ def define_flags() -> None:
         "Threads that decode uploads and find faces.",
         lower_bound=1,
     )
+    flags.DEFINE_enum(
+        "detector",
+        "mtcnn",
+        list(DETECTORS),
+        "Face detector: MTCNN (boxes, confidences, five landmarks) or the LBP cascade.",
+    )
+    flags.DEFINE_float(
+        "min_face_confidence",
+        DEFAULT_MIN_CONFIDENCE,
+        "MTCNN faces below this confidence are dropped.",
+        lower_bound=0.0,
+        upper_bound=1.0,
+    )
+    flags.DEFINE_integer(
+        "detect_size",
+        DETECT_MAX_SIDE,
+        "Images are searched for faces downscaled to at most this many pixels a side.",
+        lower_bound=24,
+    )
     flags.DEFINE_bool("flip_tta", False, "Average over a horizontally flipped copy.")
 
 
@@ -107,8 +131,18 @@ def main(argv: Sequence[str]) -> int:
         )
     sock = bind(FLAGS.host, FLAGS.port)
     scorer = FaceScorer(
-        FLAGS.workdir, FLAGS.which, max_batch=FLAGS.max_batch, flip_tta=FLAGS.flip_tta
+        FLAGS.workdir,
+        FLAGS.which,
+        max_batch=FLAGS.max_batch,
+        flip_tta=FLAGS.flip_tta,
+        detector=FLAGS.detector,
+        min_face_confidence=FLAGS.min_face_confidence,
+        detect_size=FLAGS.detect_size,
     )
+    try:
+        scorer.load_detector()  # a missing detector package: one line now, not per request
+    except RuntimeError as e:
+        raise UserError(str(e)) from None
     scorer.warm_up()
     limits = Limits(
         max_upload_bytes=int(FLAGS.max_upload_mb * 2**20),

@@ -14,30 +14,44 @@ from typing import Any
 import numpy as np
 
 from affect_jax import predict
-from affect_jax.predict.faces import crop_window, find_faces
+from affect_jax.predict import align as face_align
+from affect_jax.predict import detectors
+from affect_jax.predict.faces import crop_window
 from affect_jax.predict.rows import f32
 
-FACE_MODES = ("auto", "detect", "none")
+FACE_MODES = tuple(m for m in predict.FACE_MODES if m != "box")  # boxes come from a file
+FACE_SELECTIONS = predict.FACE_SELECTIONS
+DETECTORS = predict.DETECTORS
+DEFAULT_MIN_CONFIDENCE = detectors.DEFAULT_MIN_CONFIDENCE
+DETECT_MAX_SIDE = detectors.DETECT_MAX_SIDE
 
 
 @dataclasses.dataclass(frozen=True)
 class Face:
-    """One face of an image: the region the network sees (x, y, width, height, pixels of the
-    image), how it was found, and its uint8 RGB crop."""
+    """One face of an image to score: its uint8 RGB crop and what the answer tells about it.
 
+    ``box`` is the region the network sees (x, y, width, height in the image's pixels: the
+    found face grown by the run's ``data.face_margin`` and clipped, as the prediction command
+    line reports it); ``source`` 'detected' or 'whole_image'; ``confidence`` and ``landmarks``
+    (x, y of ``predict.LANDMARK_NAMES``) where the detector gives them.
+    """
+
+    crop: np.ndarray
     box: tuple[int, int, int, int]
     source: str
-    crop: np.ndarray
-    confidence: float | None = None  # the detector's, for detected faces
-    landmarks: tuple[tuple[float, float], ...] | None = None  # eyes, nose, mouth corners
+    confidence: float | None = None
+    landmarks: tuple[tuple[float, float], ...] | None = None
 
     def description(self) -> dict[str, Any]:
-        """The face's JSON fields besides its scores."""
+        """The face's fields of the JSON answer (all but the crop)."""
         out: dict[str, Any] = {"box": list(self.box), "source": self.source}
         if self.confidence is not None:
-            out["confidence"] = self.confidence
+            out["confidence"] = f32(self.confidence)
         if self.landmarks is not None:
-            out["landmarks"] = [list(point) for point in self.landmarks]
+            out["landmarks"] = {
+                name: [round(float(x), 2), round(float(y), 2)]
+                for name, (x, y) in zip(predict.LANDMARK_NAMES, self.landmarks, strict=True)
+            }
         return out
 
 
@@ -61,6 +75,8 @@ class FaceScorer:
       which: 'best' or 'latest' checkpoint; ``step`` picks one by number instead.
       max_batch: most faces in one model call.
       flip_tta: average over a horizontally flipped copy.
+      detector, min_face_confidence, detect_size: face detection, as the prediction command
+        line's flags of the same names.
     """
 
     def __init__(
@@ -71,11 +87,21 @@ class FaceScorer:
         step: int | None = None,
         max_batch: int = 8,
         flip_tta: bool = False,
+        detector: str = "mtcnn",
+        min_face_confidence: float = DEFAULT_MIN_CONFIDENCE,
+        detect_size: int = DETECT_MAX_SIDE,
     ):
         self.max_batch = int(max_batch)
         self.step_sizes = step_sizes(self.max_batch)
         self._predictor = predict.Predictor(
-            workdir, which, self.max_batch, step=step, flip_tta=flip_tta
+            workdir,
+            which,
+            self.max_batch,
+            step=step,
+            flip_tta=flip_tta,
+            detector=detector,
+            min_face_confidence=min_face_confidence,
+            detect_size=detect_size,
         )
         p = self._predictor
         self.class_names = [str(c) for c in p.class_names]
@@ -88,24 +114,42 @@ class FaceScorer:
             "preprocessing": p.preprocessing,
             "checkpoint_step": int(p.step),
             "flip_tta": bool(flip_tta),
+            "detector": detector,
             "face_modes": list(FACE_MODES),
         }
 
-    def find_faces(self, image: np.ndarray, face: str) -> list[Face]:
-        """Every face to score in a uint8 RGB image, left to right, as the prediction command
-        line finds them: 'none' the whole image; 'detect' every detected face (none if none is
-        found); 'auto' those, else the whole image. Boxes are grown by the run's
-        ``data.face_margin`` and clipped."""
+    def load_detector(self) -> None:
+        """Builds this thread's detector now (RuntimeError if its package is missing)."""
+        self._predictor.load_detector()
+
+    def find_faces(
+        self, image: np.ndarray, face: str = "auto", faces: str = "all", align: bool = False
+    ) -> list[Face]:
+        """The faces to score in a uint8 RGB image, left to right.
+
+        ``face``: 'auto' every detected face, else the whole image; 'detect' only detected
+        faces (possibly none); 'none' the whole image. ``faces``: 'all' or the 'largest'.
+        ``align``: rotate faces with landmarks so their eyes are level. Call from any thread
+        (each thread has its own detector).
+        """
         if face not in FACE_MODES:
             raise ValueError(f"face={face!r}; expected one of {', '.join(FACE_MODES)}")
+        found, _ = predict.find_faces(image, face, faces, self._predictor.detect_faces)
         height, width = image.shape[:2]
-        found, _ = find_faces(image, face, "all", self._predictor.detect_faces)
-        faces = []
+        result = []
         for f in found:
             crop = crop_window(f, self._predictor.face_margin, width, height)
-            if crop is not None:
-                faces.append(_face(image, crop, f))
-        return faces
+            if crop is None:  # a detection wholly outside the image: nothing to score
+                continue
+            x0, y0, x1, y1 = crop
+            if align and f.landmarks is not None:
+                pixels = face_align.aligned_crop(image, f.landmarks, crop)
+            else:
+                pixels = image[y0:y1, x0:x1]
+            result.append(
+                Face(pixels, (x0, y0, x1 - x0, y1 - y0), f.source, f.confidence, f.landmarks)
+            )
+        return result
 
     def score(self, crops: Sequence[np.ndarray]) -> list[dict[str, Any]]:
         """``expression``, ``probs`` (class -> p), ``valence``, ``arousal`` of each crop, in one
@@ -133,14 +177,3 @@ class FaceScorer:
         size = self._predictor.image_size
         for n in self.step_sizes:
             self.score([np.zeros((size, size, 3), np.uint8)] * n)
-
-
-def _face(image: np.ndarray, crop: tuple[int, int, int, int], found: predict.Face) -> Face:
-    x0, y0, x1, y1 = crop
-    landmarks = (
-        None if found.landmarks is None else tuple((float(x), float(y)) for x, y in found.landmarks)
-    )
-    confidence = None if found.confidence is None else float(found.confidence)
-    return Face(
-        (x0, y0, x1 - x0, y1 - y0), found.source, image[y0:y1, x0:x1], confidence, landmarks
-    )

@@ -74,7 +74,7 @@ function drawBoxes(result) {
     label.textContent = `${i + 1}: ${face.expression} ${percent(face.probs[face.expression])}`;
     box.append(label);
     overlay.append(box);
-    for (const [lx, ly] of face.landmarks || []) {
+    for (const [lx, ly] of Object.values(face.landmarks || {})) {
       const dot = document.createElement("span");
       dot.className = "landmark";
       Object.assign(dot.style, {
@@ -94,13 +94,14 @@ function drawBars(result) {
     const swatch = document.createElement("span");
     swatch.className = "swatch";
     swatch.style.background = color(i);
-    const va = document.createElement("span");
-    va.className = "va";
-    va.textContent = `valence ${signed(face.valence)} · arousal ${signed(face.arousal)}`;
-    const where = face.source === "whole_image" ? " (whole image)"
-      : face.confidence != null ? ` (detected, ${percent(face.confidence)} sure)` : "";
-    title.append(swatch, `Face ${i + 1}: ${face.expression}${where}`, va);
-    card.append(title);
+    title.append(swatch, `Face ${i + 1}: ${face.expression}`);
+    const meta = document.createElement("p");
+    meta.className = "meta";
+    const where = face.source === "whole_image" ? "whole image"
+      : face.confidence != null ? `detected (${percent(face.confidence)})` : "detected";
+    meta.textContent = `${where} · valence ${signed(face.valence)} · ` +
+      `arousal ${signed(face.arousal)}`;
+    card.append(title, meta);
     const classes = state.classes.length ? state.classes : Object.keys(face.probs);
     for (const name of classes) {
       const p = face.probs[name];
@@ -168,7 +169,7 @@ function summary(result, started) {
   const n = result.faces.length;
   const ms = Math.round(performance.now() - started);
   if (!n) return `No face found in the ${result.width}×${result.height} image (faces: ` +
-    `${result.face}) · ${ms} ms`;
+    `${result.options.face}) · ${ms} ms`;
   return `${n} face${n > 1 ? "s" : ""} in the ${result.width}×${result.height} image · ${ms} ms`;
 }
 
