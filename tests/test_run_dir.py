@@ -258,7 +258,7 @@ def test_resume_config_check(run, caplog):
     changed.num_epochs += 3
     changed.log_every_steps = 1
     changed.data.dir = "/moved/data"
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="absl"):
         run_dir.check_config(changed, workdir)  # accepted, logged
     assert any(
         r.getMessage().startswith(
