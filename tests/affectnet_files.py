@@ -5,7 +5,10 @@ import csv
 import os
 
 import numpy as np
+import tensorflow as tf
 from PIL import Image
+
+from tests.conftest import load_config
 
 RED, BLUE = (220, 30, 30), (30, 30, 220)
 
@@ -124,3 +127,18 @@ OFFICIAL_HEADER = [
     "valence",
     "arousal",
 ]
+
+
+def data_config(data_dir, tfds_dir, **data):
+    """The default config reading ``data_dir``, preparing into ``tfds_dir``, with ``data`` set."""
+    config = load_config("default")
+    config.data.dir = str(data_dir)
+    config.data.tfds_data_dir = str(tfds_dir)
+    for k, v in data.items():
+        config.data[k] = v
+    return config
+
+
+def decoded_example(pool, i):
+    """Example ``i`` of a source pool, decoded to its image array."""
+    return pool.decode({k: tf.constant(v[i]) for k, v in pool.columns.items()}).numpy()

@@ -21,6 +21,8 @@ from tests.affectnet_files import (
     BLUE,
     OFFICIAL_HEADER,
     RED,
+    data_config,
+    decoded_example,
     landmark_text,
     npy_example,
     npy_release,
@@ -31,20 +33,6 @@ from tests.affectnet_files import (
     write_jpeg,
     write_truncated_jpeg,
 )
-from tests.conftest import load_config
-
-
-def _config(data_dir, tfds_dir, **data):
-    config = load_config("default")
-    config.data.dir = str(data_dir)
-    config.data.tfds_data_dir = str(tfds_dir)
-    for k, v in data.items():
-        config.data[k] = v
-    return config
-
-
-def _decoded(pool, i):
-    return pool.decode({k: tf.constant(v[i]) for k, v in pool.columns.items()}).numpy()
 
 
 def _by_name(pool):
@@ -81,7 +69,7 @@ def test_npy_release_keeps_and_drops_exactly(tmp_path):
     (split / "images" / "notes.txt").write_text("ignored: not an image")
 
     workdir = tmp_path / "work"
-    source = affectnet.load_source(_config(tmp_path / "data", tmp_path / "tfds"), str(workdir))
+    source = affectnet.load_source(data_config(tmp_path / "data", tmp_path / "tfds"), str(workdir))
 
     assert source.name == "affectnet" and source.num_classes == 8 and source.has_valence_arousal
     assert set(source.pools) == {"train"}
@@ -113,7 +101,7 @@ def test_npy_release_keeps_and_drops_exactly(tmp_path):
     np.testing.assert_array_equal(
         pool.columns["landmarks"][rows["strlnd"]].reshape(-1), np.arange(136)
     )
-    image = _decoded(pool, i)
+    image = decoded_example(pool, i)
     assert image.shape == (32, 32, 3) and image.dtype == np.uint8
     np.testing.assert_allclose(image.mean(axis=(0, 1)), (50, 40, 50), atol=3)
     np.testing.assert_array_equal(np.bincount(pool.labels), [5, 3, 3, 3, 3, 3, 3, 3])
@@ -137,7 +125,7 @@ def test_npy_release_keeps_and_drops_exactly(tmp_path):
 def test_npy_seven_versus_eight_classes(tmp_path, num_classes, kept):
     npy_release(str(tmp_path / "data" / "val_set"))
     source = affectnet.load_source(
-        _config(tmp_path / "data", tmp_path / "tfds", num_classes=num_classes), None
+        data_config(tmp_path / "data", tmp_path / "tfds", num_classes=num_classes), None
     )
     assert source.counts["kept"] == kept
     assert source.counts["dropped_contempt"] == 24 - kept
@@ -148,7 +136,7 @@ def test_npy_seven_versus_eight_classes(tmp_path, num_classes, kept):
 def test_npy_train_and_val_splits_map_to_train_and_test_pools(tmp_path):
     npy_release(str(tmp_path / "data" / "train_set"), per_class=2)
     npy_release(str(tmp_path / "data" / "val_set"), per_class=1)
-    source = affectnet.load_source(_config(tmp_path / "data", tmp_path / "tfds"), None)
+    source = affectnet.load_source(data_config(tmp_path / "data", tmp_path / "tfds"), None)
     assert len(source.pools["train"]) == 16 and len(source.pools["test"]) == 8
     assert all("/train_set/" in p for p in source.pools["train"].columns["path"])
     assert all("/val_set/" in p for p in source.pools["test"].columns["path"])
@@ -157,17 +145,19 @@ def test_npy_train_and_val_splits_map_to_train_and_test_pools(tmp_path):
 
 def test_npy_split_dir_itself_and_ambiguous_splits(tmp_path):
     npy_release(str(tmp_path / "data" / "val_set"), per_class=1)
-    source = affectnet.load_source(_config(tmp_path / "data" / "val_set", tmp_path / "tfds"), None)
+    source = affectnet.load_source(
+        data_config(tmp_path / "data" / "val_set", tmp_path / "tfds"), None
+    )
     assert len(source.pools["train"]) == 8
     for name in ("test_set", "extra_set"):
         npy_release(str(tmp_path / "data" / name), per_class=1)
     with pytest.raises(DataError, match="3 npy split directories"):
-        affectnet.load_source(_config(tmp_path / "data", tmp_path / "tfds"), None)
+        affectnet.load_source(data_config(tmp_path / "data", tmp_path / "tfds"), None)
 
 
 def test_large_split_is_read_by_random_access(tmp_path):
     npy_release(str(tmp_path / "data" / "val_set"), per_class=1)
-    config = _config(tmp_path / "data", tmp_path / "tfds")
+    config = data_config(tmp_path / "data", tmp_path / "tfds")
     memory = affectnet.load_source(config, None).pools["train"]
     lazy = affectnet.load_source(config, None, in_memory_max_bytes=0).pools["train"]
     assert "image_bytes" in memory.columns and "image_bytes" not in lazy.columns
@@ -176,7 +166,7 @@ def test_large_split_is_read_by_random_access(tmp_path):
         lazy.decode, num_parallel_calls=4, deterministic=True
     )
     for i, image in enumerate(ds.as_numpy_iterator()):
-        np.testing.assert_array_equal(image, _decoded(memory, i))
+        np.testing.assert_array_equal(image, decoded_example(memory, i))
 
 
 # --- official release --------------------------------------------------------------------------
@@ -216,7 +206,7 @@ def _official_release(root):
 
 def test_official_release_crops_and_filters(tmp_path):
     _official_release(str(tmp_path / "data"))
-    source = affectnet.load_source(_config(tmp_path / "data", tmp_path / "tfds"), None)
+    source = affectnet.load_source(data_config(tmp_path / "data", tmp_path / "tfds"), None)
     train, test = source.pools["train"], source.pools["test"]
     assert dict(source.counts) == {
         "kept": 9,
@@ -239,7 +229,7 @@ def test_official_release_crops_and_filters(tmp_path):
     assert train.columns["valence"][i] == pytest.approx(-0.1)
     assert train.columns["arousal"][i] == pytest.approx(0.15)
     np.testing.assert_array_equal(train.columns["box"][i], [10, 6, 34, 26])
-    crop = _decoded(train, i)
+    crop = decoded_example(train, i)
     assert crop.shape == (20, 24, 3)  # The box, at its own size.
     np.testing.assert_allclose(crop.reshape(-1, 3).mean(0), RED, atol=4)
     # Landmarks follow the crop: the first point was at the box corner.
@@ -248,19 +238,19 @@ def test_official_release_crops_and_filters(tmp_path):
 
     j = rows["edge"]  # The box runs past the image: clipped to it.
     np.testing.assert_array_equal(train.columns["box"][j], [50, 30, 64, 48])
-    assert _decoded(train, j).shape == (18, 14, 3)
+    assert decoded_example(train, j).shape == (18, 14, 3)
 
 
 def test_official_face_margin_grows_the_crop(tmp_path):
     _official_release(str(tmp_path / "data"))
     source = affectnet.load_source(
-        _config(tmp_path / "data", tmp_path / "tfds", face_margin=0.25), None
+        data_config(tmp_path / "data", tmp_path / "tfds", face_margin=0.25), None
     )
     pool = source.pools["train"]
     i = _by_name(pool)["face3"]
     # Box x 10..34, y 6..26 grown by 6 px and 5 px a side.
     np.testing.assert_array_equal(pool.columns["box"][i], [4, 1, 40, 31])
-    crop = _decoded(pool, i)
+    crop = decoded_example(pool, i)
     assert crop.shape == (30, 36, 3)
     np.testing.assert_allclose(crop[8:22, 10:26].reshape(-1, 3).mean(0), RED, atol=4)
     np.testing.assert_allclose(crop[:, :3].reshape(-1, 3).mean(0), BLUE, atol=6)
@@ -270,7 +260,7 @@ def test_official_face_margin_grows_the_crop(tmp_path):
 def test_official_lists_without_images_dir_is_a_clear_error(tmp_path):
     write_csv(str(tmp_path / "data" / "training.csv"), [], OFFICIAL_HEADER)
     with pytest.raises(DataError, match="no Manually_Annotated_Images"):
-        affectnet.load_source(_config(tmp_path / "data", tmp_path / "tfds"), None)
+        affectnet.load_source(data_config(tmp_path / "data", tmp_path / "tfds"), None)
 
 
 # --- class folders -----------------------------------------------------------------------------
@@ -288,7 +278,7 @@ def test_class_folders(tmp_path):
     write_bytes(str(root / "happy" / "broken.jpg"))
     (root / "happy" / "Thumbs.db").write_bytes(b"\0")
 
-    source = affectnet.load_source(_config(root, tmp_path / "tfds", num_classes=7), None)
+    source = affectnet.load_source(data_config(root, tmp_path / "tfds", num_classes=7), None)
     pool = source.pools["train"]
     assert not source.has_valence_arousal
     assert np.isnan(pool.columns["valence"]).all() and np.isnan(pool.columns["arousal"]).all()
@@ -333,7 +323,7 @@ def test_manifest_with_valence_arousal(tmp_path):
         ["img/bad.jpg", "2", "0.1", "0.1"],
     ]
     write_csv(str(root / "labels.csv"), rows, ["path", "expression", "valence", "arousal"])
-    source = affectnet.load_source(_config(root, tmp_path / "tfds", num_classes=7), None)
+    source = affectnet.load_source(data_config(root, tmp_path / "tfds", num_classes=7), None)
     pool = source.pools["train"]
     assert source.has_valence_arousal
     assert dict(source.counts) == {
@@ -352,14 +342,16 @@ def test_manifest_with_valence_arousal(tmp_path):
     assert pool.columns["expression"][rows_by_name["b"]] == 2
     assert pool.columns["valence"][rows_by_name["b"]] == pytest.approx(-0.5)
     assert pool.columns["arousal"][rows_by_name["c"]] == pytest.approx(1.0)
-    np.testing.assert_allclose(_decoded(pool, rows_by_name["c"]).mean((0, 1)), (0, 200, 0), atol=3)
+    np.testing.assert_allclose(
+        decoded_example(pool, rows_by_name["c"]).mean((0, 1)), (0, 200, 0), atol=3
+    )
 
 
 def test_manifest_without_valence_arousal(tmp_path):
     root = tmp_path / "data"
     write_jpeg(str(root / "a.jpg"), RED)
     write_csv(str(root / "m.csv"), [["a.jpg", "0"], ["a.jpg", "6"]], ["path", "expression"])
-    source = affectnet.load_source(_config(root, tmp_path / "tfds", layout="manifest"), None)
+    source = affectnet.load_source(data_config(root, tmp_path / "tfds", layout="manifest"), None)
     assert not source.has_valence_arousal and source.counts["kept"] == 2
     assert np.isnan(source.pools["train"].columns["valence"]).all()
 
@@ -372,7 +364,7 @@ def test_prepared_copy_is_reused_and_keyed_by_settings(tmp_path, monkeypatch):
     calls = []
     load_face = faces.load_face
     monkeypatch.setattr(faces, "load_face", lambda *a: calls.append(1) or load_face(*a))
-    config = _config(tmp_path / "data", tmp_path / "tfds")
+    config = data_config(tmp_path / "data", tmp_path / "tfds")
     first = affectnet.load_source(config, None)
     prepared = len(calls)
     assert prepared > 0
@@ -388,7 +380,7 @@ def test_prepared_copy_is_reused_and_keyed_by_settings(tmp_path, monkeypatch):
         {"layout": "official"},
     ]
     for change in variants:
-        changed = _config(tmp_path / "data", tmp_path / "tfds", **change)
+        changed = data_config(tmp_path / "data", tmp_path / "tfds", **change)
         names.add(
             affectnet.make_builder_config(
                 changed.data.dir,
@@ -409,7 +401,7 @@ def test_prepared_copy_is_reused_and_keyed_by_settings(tmp_path, monkeypatch):
     assert affectnet.make_builder_config(str(tmp_path / "copy"))[0].name != moved
 
     seven = affectnet.load_source(
-        _config(tmp_path / "data", tmp_path / "tfds", num_classes=7), None
+        data_config(tmp_path / "data", tmp_path / "tfds", num_classes=7), None
     )
     assert seven.counts["dropped_contempt"] == 1 and seven.num_classes == 7
     assert len(calls) > prepared
@@ -418,7 +410,7 @@ def test_prepared_copy_is_reused_and_keyed_by_settings(tmp_path, monkeypatch):
 def test_npy_listing_change_makes_a_new_copy(tmp_path):
     split = tmp_path / "data" / "val_set"
     npy_release(str(split), per_class=1)
-    config = _config(tmp_path / "data", tmp_path / "tfds")
+    config = data_config(tmp_path / "data", tmp_path / "tfds")
     assert affectnet.load_source(config, None).counts["kept"] == 8
     npy_example(str(split), "extra", exp="3")
     source = affectnet.load_source(config, None)
@@ -431,14 +423,14 @@ def test_npy_listing_change_makes_a_new_copy(tmp_path):
 def test_missing_or_empty_or_unrecognised_dir_is_a_clear_error(tmp_path):
     tfds_dir = tmp_path / "tfds"
     with pytest.raises(DataError, match="does not exist.*official.*npy.*manifest.*folders"):
-        affectnet.load_source(_config(tmp_path / "nowhere", tfds_dir), None)
+        affectnet.load_source(data_config(tmp_path / "nowhere", tfds_dir), None)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="is empty"):
-        affectnet.load_source(_config(tmp_path / "empty", tfds_dir), None)
+        affectnet.load_source(data_config(tmp_path / "empty", tfds_dir), None)
     (tmp_path / "other" / "misc").mkdir(parents=True)
     (tmp_path / "other" / "readme.txt").write_text("hi")
     with pytest.raises(DataError, match=r"no AffectNet layout.*Found: misc/, readme.txt"):
-        affectnet.load_source(_config(tmp_path / "other", tfds_dir), None)
+        affectnet.load_source(data_config(tmp_path / "other", tfds_dir), None)
     assert issubclass(DataError, ValueError)
 
 
@@ -446,17 +438,17 @@ def test_requested_layout_that_does_not_match_is_a_clear_error(tmp_path):
     npy_release(str(tmp_path / "data" / "val_set"), per_class=1)
     with pytest.raises(DataError, match="layout='official' but .* found: val_set/"):
         affectnet.load_source(
-            _config(tmp_path / "data", tmp_path / "tfds", layout="official"), None
+            data_config(tmp_path / "data", tmp_path / "tfds", layout="official"), None
         )
     with pytest.raises(DataError, match="expected 'auto' or one of"):
-        affectnet.load_source(_config(tmp_path / "data", tmp_path / "tfds", layout="csv"), None)
+        affectnet.load_source(data_config(tmp_path / "data", tmp_path / "tfds", layout="csv"), None)
 
 
 def test_nothing_usable_is_a_clear_error_and_caches_nothing(tmp_path):
     split = tmp_path / "data" / "val_set"
     npy_example(str(split), "a", exp="9")
     npy_example(str(split), "b", exp="10")
-    config = _config(tmp_path / "data", tmp_path / "tfds")
+    config = data_config(tmp_path / "data", tmp_path / "tfds")
     with pytest.raises(DataError, match="no usable example.*dropped_non_emotion 2"):
         affectnet.load_source(config, None)
     builder = affectnet.Affectnet(
@@ -475,7 +467,7 @@ def test_data_report_is_written_when_the_data_error_stops_the_run(tmp_path):
     npy_example(str(split), "a", exp="9")
     work = tmp_path / "work"
     with pytest.raises(DataError, match="no usable example") as raised:
-        affectnet.load_source(_config(tmp_path / "data", tmp_path / "tfds"), str(work))
+        affectnet.load_source(data_config(tmp_path / "data", tmp_path / "tfds"), str(work))
     report = _strict(work / "data_report.json")
     assert report["error"] == str(raised.value)
     assert report["splits"]["train"]["counts"]["dropped_non_emotion"] == 1
@@ -484,7 +476,7 @@ def test_data_report_is_written_when_the_data_error_stops_the_run(tmp_path):
     ]
     # No layout found at all: the report says so.
     with pytest.raises(DataError, match="does not exist"):
-        affectnet.load_source(_config(tmp_path / "nowhere", tmp_path / "tfds"), str(work))
+        affectnet.load_source(data_config(tmp_path / "nowhere", tmp_path / "tfds"), str(work))
     report = _strict(work / "data_report.json")
     assert "does not exist" in report["error"] and report["data_dir"].endswith("nowhere")
 
@@ -495,7 +487,7 @@ def test_an_interrupted_preparation_is_cleaned_up_by_the_next(tmp_path):
     leftover = tmp_path / "tfds" / "affectnet" / name / "incomplete.K1LLED_1.0.0"
     (leftover / "affectnet-train.array_record-00000-of-00001").parent.mkdir(parents=True)
     (leftover / "affectnet-train.array_record-00000-of-00001").write_bytes(b"half")
-    source = affectnet.load_source(_config(tmp_path / "data", tmp_path / "tfds"), None)
+    source = affectnet.load_source(data_config(tmp_path / "data", tmp_path / "tfds"), None)
     assert source.counts["kept"] == 8
     assert not leftover.exists()
     assert sorted(os.listdir(leftover.parent)) == [".prepare.lock", "1.0.0"]
@@ -503,7 +495,7 @@ def test_an_interrupted_preparation_is_cleaned_up_by_the_next(tmp_path):
 
 def test_source_feeds_the_input_pipeline(tmp_path):
     npy_release(str(tmp_path / "data" / "val_set"), per_class=5)
-    config = _config(tmp_path / "data", tmp_path / "tfds", image_size=32)
+    config = data_config(tmp_path / "data", tmp_path / "tfds", image_size=32)
     config.augment.enabled = True
     splits = pipeline.make_splits(config, None)
     batch = next(iter(pipeline.train_batches(splits.train, config, epoch=0, batch_size=4)))

@@ -14,12 +14,11 @@ import sys
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from affect_jax.data import affectnet, pipeline
 from affect_jax.data.affectnet import DataError, ferplus
-from tests.affectnet_files import BLUE, RED, write_csv, write_jpeg
-from tests.conftest import REPO, TINY_FLAGS, load_config
+from tests.affectnet_files import BLUE, RED, data_config, decoded_example, write_csv, write_jpeg
+from tests.conftest import REPO, TINY_FLAGS
 from tests.face_dataset_files import (
     FER_BAD_ROWS,
     FER_HEADER,
@@ -32,19 +31,6 @@ from tests.face_dataset_files import (
     rafdb_release,
     write_rows,
 )
-
-
-def _config(data_dir, tfds_dir, **data):
-    config = load_config("default")
-    config.data.dir = str(data_dir)
-    config.data.tfds_data_dir = str(tfds_dir)
-    for k, v in data.items():
-        config.data[k] = v
-    return config
-
-
-def _decoded(pool, i):
-    return pool.decode({k: tf.constant(v[i]) for k, v in pool.columns.items()}).numpy()
 
 
 def _counts(**drops):
@@ -62,7 +48,7 @@ def test_fer2013_usage_gives_the_standard_pools(tmp_path):
     (tmp_path / "data" / "fer2013" / "README").write_text("as extracted from fer2013.tar.gz")
     workdir = tmp_path / "work"
     source = affectnet.load_source(
-        _config(tmp_path / "data", tmp_path / "tfds", num_classes=7), str(workdir)
+        data_config(tmp_path / "data", tmp_path / "tfds", num_classes=7), str(workdir)
     )
     assert source.name == "fer2013" and source.num_classes == 7
     assert not source.has_valence_arousal
@@ -78,7 +64,7 @@ def test_fer2013_usage_gives_the_standard_pools(tmp_path):
         line = int(path.split(":")[1].split()[0])
         fer_class = int(good[line - 2][0])
         assert train.columns["expression"][i] == FER_TO_PROJECT[fer_class]
-        image = _decoded(train, i)
+        image = decoded_example(train, i)
         assert image.shape == (48, 48, 3)
         expected = np.array(good[line - 2][1].split(), np.uint8).reshape(48, 48)
         np.testing.assert_array_equal(image[..., 0], expected)
@@ -94,7 +80,7 @@ def test_fer2013_usage_gives_the_standard_pools(tmp_path):
     assert any("emotion 7" in e for e in examples["dropped_unknown_label"])
 
     splits = pipeline.make_splits(
-        _config(
+        data_config(
             tmp_path / "data" / "fer2013" / "fer2013.csv",
             tmp_path / "tfds",
             num_classes=7,
@@ -108,7 +94,7 @@ def test_fer2013_usage_gives_the_standard_pools(tmp_path):
 def test_fer2013_needs_seven_classes(tmp_path):
     write_rows(str(tmp_path / "data" / "fer2013.csv"), FER_HEADER, fer2013_rows(1))
     with pytest.raises(DataError, match="num_classes=8 but the fer2013 layout .* carries 7"):
-        affectnet.load_source(_config(tmp_path / "data", tmp_path / "tfds"), None)
+        affectnet.load_source(data_config(tmp_path / "data", tmp_path / "tfds"), None)
 
 
 def test_fer2013_two_file_variant(tmp_path):
@@ -117,7 +103,7 @@ def test_fer2013_two_file_variant(tmp_path):
     write_rows(str(tmp_path / "data" / "test.csv"), ["pixels"], [[face_pixels(1)]])
     workdir = tmp_path / "work"
     source = affectnet.load_source(
-        _config(tmp_path / "data", tmp_path / "tfds", num_classes=7), str(workdir)
+        data_config(tmp_path / "data", tmp_path / "tfds", num_classes=7), str(workdir)
     )
     assert set(source.pools) == {"train"} and len(source.pools["train"]) == 14
     notes = json.loads((workdir / "data_report.json").read_text())["notes"]
@@ -126,7 +112,7 @@ def test_fer2013_two_file_variant(tmp_path):
     # A test.csv with labels is the held-out test pool.
     write_rows(str(tmp_path / "data" / "test.csv"), ["emotion", "pixels"], rows[:7])
     source = affectnet.load_source(
-        _config(tmp_path / "data", tmp_path / "tfds", num_classes=7), None
+        data_config(tmp_path / "data", tmp_path / "tfds", num_classes=7), None
     )
     assert {k: len(p) for k, p in source.pools.items()} == {"train": 14, "test": 7}
 
@@ -168,7 +154,7 @@ def test_ferplus_votes_beside_fer2013_pixels(tmp_path):
     )
     write_rows(str(root / "FERPlus" / "fer2013new.csv"), FERPLUS_HEADER, vote_rows)
 
-    source = affectnet.load_source(_config(root, tmp_path / "tfds"), None)
+    source = affectnet.load_source(data_config(root, tmp_path / "tfds"), None)
     assert source.name == "ferplus" and source.num_classes == 8
     assert {k: len(p) for k, p in source.pools.items()} == {
         "train": 16,
@@ -188,12 +174,12 @@ def test_ferplus_votes_beside_fer2013_pixels(tmp_path):
             np.sort(pool.labels), np.sort(np.repeat(column_codes, 2 if name == "train" else 1))
         )
 
-    seven = affectnet.load_source(_config(root, tmp_path / "tfds", num_classes=7), None)
+    seven = affectnet.load_source(data_config(root, tmp_path / "tfds", num_classes=7), None)
     assert seven.counts["dropped_contempt"] == 4 and seven.counts["kept"] == 28
 
     (root / "fer2013.csv").unlink()
     with pytest.raises(DataError, match="FER\\+ votes .* but not FER2013's fer2013.csv"):
-        affectnet.load_source(_config(root, tmp_path / "tfds"), None)
+        affectnet.load_source(data_config(root, tmp_path / "tfds"), None)
 
 
 # --- RAF-DB ------------------------------------------------------------------------------------
@@ -202,7 +188,7 @@ def test_ferplus_votes_beside_fer2013_pixels(tmp_path):
 def test_rafdb_pools_from_file_names(tmp_path):
     rafdb_release(str(tmp_path / "data"))
     source = affectnet.load_source(
-        _config(tmp_path / "data", tmp_path / "tfds", num_classes=7), None
+        data_config(tmp_path / "data", tmp_path / "tfds", num_classes=7), None
     )
     assert source.name == "rafdb" and not source.has_valence_arousal
     train, test = source.pools["train"], source.pools["test"]
@@ -221,14 +207,14 @@ def test_rafdb_pools_from_file_names(tmp_path):
             assert name.startswith(split) and name.endswith("_aligned.jpg")
             assert pool.columns["expression"][i] == RAF_TO_PROJECT[int(name[len(split) + 1 :][:3])]
     with pytest.raises(DataError, match="carries 7 classes"):
-        affectnet.load_source(_config(tmp_path / "data", tmp_path / "tfds"), None)
+        affectnet.load_source(data_config(tmp_path / "data", tmp_path / "tfds"), None)
 
 
 def test_rafdb_original_images_when_no_aligned_ones(tmp_path):
     rafdb_release(str(tmp_path / "data"), aligned=False)
     workdir = tmp_path / "work"
     source = affectnet.load_source(
-        _config(tmp_path / "data" / "basic", tmp_path / "tfds", num_classes=7), str(workdir)
+        data_config(tmp_path / "data" / "basic", tmp_path / "tfds", num_classes=7), str(workdir)
     )
     assert source.counts["kept"] == 21
     assert all("/Image/original/" in p for p in source.pools["train"].columns["path"])
@@ -265,8 +251,8 @@ def test_manifest_column_names_label_case_and_image_root(tmp_path):
     write_csv(str(root / "data" / "500_picts.csv"), rows[:3], ["user.id", "image", "emotion"])
 
     with pytest.raises(DataError, match="2 manifest CSV files"):
-        affectnet.load_source(_config(root / "data", tmp_path / "tfds"), None)
-    config = _config(
+        affectnet.load_source(data_config(root / "data", tmp_path / "tfds"), None)
+    config = data_config(
         root / "data" / "legend.csv", tmp_path / "tfds", image_root=str(root / "images")
     )
     source = affectnet.load_source(config, None)
@@ -279,10 +265,11 @@ def test_manifest_column_names_label_case_and_image_root(tmp_path):
     assert [codes[f"face{k}.jpg"] for k in range(len(labels))] == [1, 1, 0, 0, 3, 7, 2, 6, 4, 5, 3]
     # Without image_root, paths start at the CSV's directory: every image is missing.
     with pytest.raises(DataError, match="no usable example.*dropped_missing_image 12"):
-        affectnet.load_source(_config(root / "data" / "legend.csv", tmp_path / "tfds"), None)
+        affectnet.load_source(data_config(root / "data" / "legend.csv", tmp_path / "tfds"), None)
     with pytest.raises(DataError, match="image_root='/nowhere' does not exist"):
         affectnet.load_source(
-            _config(root / "data" / "legend.csv", tmp_path / "tfds", image_root="/nowhere"), None
+            data_config(root / "data" / "legend.csv", tmp_path / "tfds", image_root="/nowhere"),
+            None,
         )
 
 
@@ -297,7 +284,7 @@ def test_manifest_accepts_the_usual_column_names(tmp_path, header):
     write_csv(str(root / "labels.csv"), [["a.jpg", "sad"], ["b.jpg", "Happy"]], header)
     plan = affectnet.detect_layout(str(root))
     assert plan.layout == "manifest"
-    source = affectnet.load_source(_config(root, tmp_path / "tfds"), None)
+    source = affectnet.load_source(data_config(root, tmp_path / "tfds"), None)
     assert sorted(source.pools["train"].labels) == [1, 2]
 
 

@@ -16,6 +16,7 @@ from affect_jax import evaluation, metrics, predict, run_dir, sharding, steps
 from affect_jax.data import pipeline, synthetic
 from affect_jax.data.source import ExamplePool, decode_raw_image
 from affect_jax.predict import align, faces
+from affect_jax.predict.tracks import box_iou
 from tests import face_images
 from tests.conftest import REPO, TINY_FLAGS
 
@@ -40,14 +41,6 @@ def _read_csv(path):
 
 def _probs(rows, predictor):
     return np.array([[float(r[c]) for c in predictor.prob_columns] for r in rows])
-
-
-def _iou(a, b):
-    ax, ay, aw, ah = a
-    bx, by, bw, bh = b
-    w = max(0, min(ax + aw, bx + bw) - max(ax, bx))
-    h = max(0, min(ay + ah, by + bh) - max(ay, by))
-    return w * h / (aw * ah + bw * bh - w * h)
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +242,7 @@ def test_detect_finds_the_astronaut_and_reports_no_face(trained_run, inputs):
     astronaut, blank = [json.loads(line) for line in result.stdout.splitlines()]
     assert astronaut["status"] == "ok" and astronaut["frame"] is None
     box = [astronaut[c] for c in predict.FACE_COLUMNS]
-    assert _iou(box, ASTRONAUT_FACE) > 0.3, box
+    assert box_iou(box, ASTRONAUT_FACE) > 0.3, box
     # MTCNN, the default detector: its confidence and five landmarks, inside the face.
     assert astronaut["face_source"] == "detected" and astronaut["face_confidence"] > 0.9
     assert astronaut["face_index"] == 0 and astronaut["track_id"] is None
@@ -404,7 +397,7 @@ def test_every_face_gets_a_row_with_landmarks(predictor, face_files):
     x, y, w, h = face_images.ASTRONAUT_FACE
     for row, offset in zip(rows, (0, 512), strict=True):
         box = [row[c] for c in predict.FACE_COLUMNS]
-        assert _iou(box, (x + offset, y, w, h)) > 0.5, box
+        assert box_iou(box, (x + offset, y, w, h)) > 0.5, box
         assert row["face_confidence"] > 0.99 and row["track_id"] is None
         for name in predict.LANDMARK_NAMES:  # original-image pixels, inside the face's box
             assert box[0] < row[f"{name}_x"] < box[0] + box[2], name

@@ -19,6 +19,7 @@ from PIL import Image
 from affect_jax import predict
 from affect_jax.data import synthetic
 from affect_jax.data.images import decode_image
+from affect_jax.predict.tracks import box_iou
 from affect_jax.serve import scorer as scorer_lib
 from scripts import export_check
 from tests import face_images
@@ -47,14 +48,6 @@ def _encode(image, fmt="PNG", **options):
     out = io.BytesIO()
     Image.fromarray(image).save(out, fmt, **options)
     return out.getvalue()
-
-
-def _iou(a, b):
-    ax, ay, aw, ah = a
-    bx, by, bw, bh = b
-    w = max(0, min(ax + aw, bx + bw) - max(ax, bx))
-    h = max(0, min(ay + ah, by + bh) - max(ay, by))
-    return w * h / (aw * ah + bw * bh - w * h)
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +229,7 @@ def test_predict_answers_as_the_command_line(server, predictor, name, query, cou
     if name == "astronaut" and options["face"] != "none":
         [face] = body["faces"]
         assert face["source"] == "detected" and face["confidence"] > 0.9
-        assert _iou(face["box"], face_images.ASTRONAUT_FACE) > 0.7
+        assert box_iou(face["box"], face_images.ASTRONAUT_FACE) > 0.7
 
 
 def test_formats(server):
