@@ -89,24 +89,53 @@ def test_class_weights_scale_the_cross_entropy_only():
     np.testing.assert_allclose(ones["ce"], plain["ce"], rtol=1e-6)
 
 
+def _numpy_ccc(y, p, w):
+    """Weighted concordance correlation with population moments, in float64: the rows of
+    weight 0 do not count, the others count in proportion to their weight."""
+    y, p, w = (np.asarray(a, np.float64) for a in (y, p, w))
+    my, mp = np.average(y, weights=w), np.average(p, weights=w)
+    cov = np.cov(y, p, aweights=w, bias=True)
+    return 2 * cov[0, 1] / (cov[0, 0] + cov[1, 1] + (my - mp) ** 2)
+
+
 def test_weighted_ccc_matches_numpy():
     rng = np.random.default_rng(0)
     y, p = rng.normal(size=50), rng.normal(size=50) + 0.3
-    cov = np.cov(y, p, bias=True)
-    expected = 2 * cov[0, 1] / (cov[0, 0] + cov[1, 1] + (y.mean() - p.mean()) ** 2)
-    got = steps.weighted_ccc(jnp.asarray(y), jnp.asarray(p), jnp.ones(50))
-    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    w = rng.uniform(0.2, 3.0, 50)
+    w[::7] = 0.0  # masked rows
+    y_masked = y.copy()
+    y_masked[::7] = 40.0  # would dominate every moment if a masked row counted
+    got = steps.weighted_ccc(jnp.asarray(y_masked), jnp.asarray(p), jnp.asarray(w))
+    np.testing.assert_allclose(got, _numpy_ccc(y, p, w), rtol=1e-5)
+    # Unit weights on the kept rows: the textbook CCC of those rows alone.
+    kept = w > 0
+    cov = np.cov(y[kept], p[kept], bias=True)
+    textbook = 2 * cov[0, 1] / (cov[0, 0] + cov[1, 1] + (y[kept].mean() - p[kept].mean()) ** 2)
+    got = steps.weighted_ccc(jnp.asarray(y_masked), jnp.asarray(p), jnp.asarray(kept * 1.0))
+    np.testing.assert_allclose(got, textbook, rtol=1e-5)
 
 
 def test_ccc_loss_term_is_added_when_weighted():
+    """The train step's loss is CE + MSE + 0.5 * mean over valence/arousal of (1 - CCC), the
+    CCC taken in NumPy over the rows that are neither padding nor without valence/arousal."""
     config = tiny_config()
     config.loss_weights.ccc = 0.5
+    config.model.dropout = 0.0
     graphdef, tx, state = steps.create_train_state(config, steps.create_initial_model(config))
-    batch = sharding.shard_batch(one_batch(config), sharding.make_mesh())
-    _, out = jax.jit(steps.make_train_step(graphdef, tx, config))(state, batch)
-    np.testing.assert_allclose(
-        out["loss"], out["ce"] + out["mse"] + 0.5 * out["ccc_loss"], rtol=1e-5
+    batch = dict(one_batch(config))
+    batch["mask"] = np.array([1, 1, 0, 1, 1, 1, 0, 1], np.float32)  # rows 2, 6: padding
+    batch["has_va"] = np.array([1, 0, 1, 1, 1, 0, 1, 1], np.float32)  # rows 1, 5: no labels
+    va = batch["valence_arousal"].copy()
+    va[[1, 2, 5, 6]] = [[0.9, -0.9], [-0.9, 0.9], [0.8, 0.8], [-0.8, -0.8]]
+    batch["valence_arousal"] = va
+    _, out = jax.jit(steps.make_train_step(graphdef, tx, config))(
+        state, sharding.shard_batch(batch, sharding.make_mesh())
     )
+    pred = np.asarray(out["valence_arousal"], np.float64)
+    kept = (batch["mask"] * batch["has_va"]) > 0  # rows 0, 3, 4, 7
+    expected = np.mean([1 - _numpy_ccc(va[kept, d], pred[kept, d], np.ones(4)) for d in (0, 1)])
+    np.testing.assert_allclose(out["ccc_loss"], expected, rtol=1e-5)
+    np.testing.assert_allclose(out["loss"], out["ce"] + out["mse"] + 0.5 * expected, rtol=1e-5)
 
 
 def test_frozen_backbone_does_not_change(tiny):
