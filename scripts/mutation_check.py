@@ -71,7 +71,10 @@ MUTATIONS = {
         "affect_jax/report.py",
         '"kappa": "0.323",',
         '"kappa": "0.332",',
-        ("tests/test_report.py::test_write_reports",),
+        (
+            "tests/test_report.py::test_write_reports",
+            "tests/test_report.py::test_reference_rows_are_the_studys_published_numbers",
+        ),
         "a digit of the study's published ResNet50 kappa is swapped",
     ),
 }
@@ -113,13 +116,31 @@ def _apply(root: str, m: Mutation) -> None:
         f.write(text.replace(m.old, m.new))
 
 
+def _existing(root: str, tests: tuple[str, ...]) -> list[str]:
+    """The node ids of `tests` whose file and test function exist under `root` (an older
+    tests/ may not have a test added since)."""
+    found = []
+    for node in tests:
+        path, _, func = node.partition("::")
+        if not os.path.exists(os.path.join(root, path)):
+            continue
+        with open(os.path.join(root, path)) as f:
+            if not func or f"def {func.split('[')[0]}(" in f.read():
+                found.append(node)
+    return found
+
+
 def run_mutation(name: str, tests_from: str | None, verbose: bool) -> str:
-    """'caught', 'missed' or 'error' (pytest could not run the tests, e.g. a missing id)."""
+    """'caught', 'missed', 'no test' (none of its tests exists in this tests/) or 'error'
+    (pytest could not run the tests)."""
     m = MUTATIONS[name]
     with tempfile.TemporaryDirectory(prefix=f"mutation_{name}_") as root:
         _copy_checkout(root, tests_from)
         _apply(root, m)
-        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests]
+        tests = _existing(root, m.tests)
+        if not tests:
+            return "no test"
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
         result = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
     if verbose:
         print(result.stdout[-3000:], result.stderr[-2000:], sep="\n")

@@ -23,6 +23,48 @@ REPO = Path(__file__).resolve().parent.parent
 NAMES8 = ["Neutral", "Happy", "Sad", "Surprise", "Fear", "Disgust", "Anger", "Contempt"]
 
 
+# The study's published results (its table, reproduced in docs/study.md), written out here so
+# that neither report.py's constants nor the docs can drift from them unnoticed.
+STUDY_COLUMNS = (
+    "accuracy",
+    "macro F1",
+    "AUC",
+    "PR-AUC",
+    "kappa",
+    "RMSE",
+    "CORR",
+    "SAGR",
+    "CCC",
+    "time/epoch",
+)
+STUDY_RESULTS = {
+    "VGG16": [
+        "28.25%",
+        "0.225",
+        "0.74",
+        "0.305",
+        "0.18",
+        "0.401",
+        "0.619",
+        "0.72",
+        "0.503",
+        "18-42 min",
+    ],
+    "ResNet50": [
+        "40.75%",
+        "0.397",
+        "0.773",
+        "0.412",
+        "0.323",
+        "0.369",
+        "0.687",
+        "0.756",
+        "0.637",
+        "7-14 min",
+    ],
+}
+
+
 def fake_metrics(seed, num_classes=8, with_va=True, n=240):
     rng = np.random.default_rng(seed)
     labels = np.concatenate([np.arange(num_classes), rng.integers(0, num_classes, n - num_classes)])
@@ -141,9 +183,9 @@ def test_write_reports(tmp_path):
         f"VGG16, {report.REFERENCE_LABEL}",
         f"ResNet50, {report.REFERENCE_LABEL}",
     ]
-    assert rows[2]["accuracy"] == "40.75%" and rows[2]["CCC"] == "0.637"
-    assert rows[2]["balanced acc"] == "n/a"  # Not in the study's table.
-    assert rows[1]["time/epoch"] == "18-42 min"
+    for row, (model, values) in zip(rows[1:], STUDY_RESULTS.items(), strict=True):
+        assert row["classes"] == "7*" and row["balanced acc"] == "n/a"  # not in the study
+        assert [row[c] for c in STUDY_COLUMNS] == values, model
 
     dims = {r["dimension"]: r for r in parse_table(text, "dimension")}
     assert set(dims) == {"valence", "arousal", "mean"}
@@ -182,6 +224,20 @@ def test_without_valence_arousal_and_history(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="training curves skipped"):
         written = report.write_reports(workdir)
     assert "training_curves" not in written
+
+
+def test_reference_rows_are_the_studys_published_numbers():
+    assert [r["model"] for r in report.REFERENCE_ROWS] == [
+        f"{model}, {report.REFERENCE_LABEL}" for model in STUDY_RESULTS
+    ]
+    for row, values in zip(report.REFERENCE_ROWS, STUDY_RESULTS.values(), strict=True):
+        assert [row[c] for c in STUDY_COLUMNS] == values, row["model"]
+    # docs/study.md's results table shows the same numbers.
+    study = (REPO / "docs" / "study.md").read_text()
+    docs_rows = {r["model"]: r for r in parse_table(study, "model")}
+    assert [docs_rows[m][c] for m in STUDY_RESULTS for c in STUDY_COLUMNS] == [
+        v for values in STUDY_RESULTS.values() for v in values
+    ]
 
 
 def test_history_dedupes_epochs_and_reports_bad_lines(tmp_path):
@@ -252,8 +308,26 @@ def test_compare_runs(tmp_path, capsys, caplog):
     assert "nothing" in caplog.text
 
 
-def test_confusion_matrix_with_absent_class(tmp_path):
-    confusion = [[3, 1, 0], [0, 0, 0], [1, 0, 2]]  # Class "b" absent: its row cannot normalise.
+def test_confusion_matrix_with_absent_class(tmp_path, monkeypatch):
+    """Class "b" has no sample: its counts row is drawn as zeros, its row-normalised row is
+    blank (NaN, no numbers written), not normalised into fake recalls; the others are their
+    rows divided by their supports."""
+    figures = []
+    new_figure = report._new_figure
+    monkeypatch.setattr(
+        report, "_new_figure", lambda *a: figures.append(new_figure(*a)) or figures[-1]
+    )
+    confusion = [[3, 1, 0], [0, 0, 0], [1, 0, 2]]
     path = report.plot_confusion_matrix(confusion, ["a", "b", "c"], tmp_path / "cm.png")
     width, height = png_size(path)
     assert width > 500 and height > 200
+    (fig,) = figures
+    counts_ax, normalised_ax = (ax for ax in fig.axes if ax.images)
+    np.testing.assert_array_equal(counts_ax.images[0].get_array(), confusion)
+    shown = np.ma.filled(normalised_ax.images[0].get_array().astype(float), np.nan)
+    expected = np.array([[0.75, 0.25, 0.0], [np.nan] * 3, [1 / 3, 0.0, 2 / 3]])
+    np.testing.assert_allclose(shown, expected, rtol=1e-12)
+    texts = {(t.get_position(), t.get_text()) for t in normalised_ax.texts}
+    assert {pos[1] for pos, _ in texts} == {0, 2}  # no number in the absent class's row
+    assert ((0, 0), "0.75") in texts and ((2, 2), "0.67") in texts
+    assert {t.get_position()[1] for t in counts_ax.texts} == {0, 1, 2}
