@@ -39,6 +39,20 @@ class Mutation:
 
 
 MUTATIONS = {
+    "winograd_relu_dropped": Mutation(
+        "affect_jax/ops/conv.py",
+        "return winograd.conv3x3(x, kernel, bias, pads, relu)",
+        "return winograd.conv3x3(x, kernel, bias, pads, False)",
+        ("tests/test_ops.py::test_model_gradients_agree_across_impls",),
+        "the Winograd path drops the fused ReLU",
+    ),
+    "dot1x1_off_by_3e-6": Mutation(
+        "affect_jax/ops/conv.py",
+        "jax.lax.dot_general(cols, kernel.reshape(cin, cout),",
+        "jax.lax.dot_general(cols, kernel.reshape(cin, cout) * (1 + 3e-6),",
+        ("tests/test_ops.py::test_model_gradients_agree_across_impls",),
+        "1x1 convolutions as dots are off by 3e-6 relative (25x float32 epsilon)",
+    ),
     "ccc_weights_ignored": Mutation(
         "affect_jax/steps.py",
         "n = jnp.maximum(w.sum(), 1.0)",
