@@ -38,7 +38,22 @@ class Mutation:
     what: str
 
 
+_LAYOUT_RUN = "tests/test_affectnet_main.py::test_main_trains_and_evaluates_on_each_layout"
 MUTATIONS = {
+    "drop_counted_twice": Mutation(
+        "affect_jax/data/affectnet/report.py",
+        "self.counts[reason] += 1",
+        "self.counts[reason] += 2",
+        (f"{_LAYOUT_RUN}[manifest]",),
+        "every dropped row is counted twice in data_report.json",
+    ),
+    "single_drop_not_logged": Mutation(
+        "affect_jax/data/affectnet/report.py",
+        "            if n:\n                logging.warning(",
+        "            if n > 1:\n                logging.warning(",
+        (f"{_LAYOUT_RUN}[manifest]",),
+        "a reason with a single dropped row is left out of the run's log",
+    ),
     "winograd_relu_dropped": Mutation(
         "affect_jax/ops/conv.py",
         "return winograd.conv3x3(x, kernel, bias, pads, relu)",

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 
 from tests.affectnet_files import (
     OFFICIAL_HEADER,
+    npy_example,
     npy_release,
     official_image,
     official_row,
@@ -60,8 +62,20 @@ def _manifest(root):
     write_csv(os.path.join(root, "labels.csv"), rows, ["path", "expression", "valence", "arousal"])
 
 
+def _npy(root):
+    npy_release(os.path.join(root, "val_set"), per_class=PER_CLASS)
+    npy_example(os.path.join(root, "val_set"), "999", exp="1", val="3.5")  # outside [-1, 1]
+
+
+# The one bad row each layout writes: (its drop reason, the file/row the report names).
+BAD_ROW = {
+    "npy": ("dropped_bad_valence_arousal", "999"),
+    "official": ("dropped_non_emotion", "training.csv:42 (0/0.jpg)"),
+    "folders": ("dropped_undecodable_image", "happy/broken.jpg"),
+    "manifest": ("dropped_missing_image", "faces/missing.jpg"),
+}
 LAYOUTS = {
-    "npy": lambda root: npy_release(os.path.join(root, "val_set"), per_class=PER_CLASS),
+    "npy": _npy,
     "official": _official,
     "folders": _folders,
     "manifest": _manifest,
@@ -94,8 +108,16 @@ def test_main_trains_and_evaluates_on_each_layout(tmp_path, layout):
     assert final["data_source"] == "affectnet" and final["num_classes"] == 8
     assert final["num_examples"] == 8  # 20% of the 40 kept (training.csv for official)
     assert sum(map(sum, final["metrics"]["confusion_matrix"])) == 8
-    counts = report["counts"] if "counts" in report else report
-    assert json.dumps(counts).count("dropped") > 0
+    # Each layout wrote exactly one bad row: its reason counts 1, every other reason 0, and
+    # the run's log names the count, the reason and the offending file.
+    reason, offender = BAD_ROW[layout]
+    for key, n in report["counts"].items():
+        if key.startswith("dropped_"):
+            assert n == (key == reason), (key, n)
+    examples = [e for split in report["splits"].values() for e in split["examples"][reason]]
+    assert len(examples) == 1 and offender in examples[0], examples
+    log = (workdir / "run.log").read_text()
+    assert re.search(rf": 1 {reason}, e\.g\. [^\n]*{re.escape(offender)}", log), log[-3000:]
     if layout == "folders":
         assert "mean_ccc" not in final["metrics"]
         assert "no valence/arousal" in result.stderr
