@@ -1,11 +1,12 @@
 """Applies named mutations (deliberate bugs) to a copy of the repository and runs their tests.
 
-Each mutation is one text substitution in a file under affect_jax/ and the tests that must
-catch it. For each mutation named (or all), the tracked files of this checkout (plus the built
-extension, if any) are copied to a temporary directory, the substitution is applied there, and
-the tests run in that copy with pytest. A mutation is "caught" when a test fails, "missed" when
-all pass. ``--tests-from=REF`` takes tests/ from a git ref instead (e.g. ``main``), to show that
-an older test let the bug through. The checkout itself is never modified.
+Each mutation is one text substitution in a file (under affect_jax/, or a test helper) and the
+tests that must catch it. For each mutation named (or all), the tracked files of this checkout
+(plus the built extension, if any) are copied to a temporary directory, the substitution is
+applied there, and the tests run in that copy with pytest. A mutation is "caught" when a test
+fails, "missed" when all pass. ``--tests-from=REF`` takes tests/ from a git ref instead (e.g.
+``main``), to show that an older test let the bug through ("no test": the ref has none of its
+tests). The checkout itself is never modified.
 
     python scripts/mutation_check.py --list
     python scripts/mutation_check.py ccc_loss_summed report_absent_class_zero
@@ -40,6 +41,13 @@ class Mutation:
 
 _LAYOUT_RUN = "tests/test_affectnet_main.py::test_main_trains_and_evaluates_on_each_layout"
 MUTATIONS = {
+    "skips_counted_per_location": Mutation(
+        "tests/conftest.py",
+        'counts[report.longrepr[2].removeprefix("Skipped: ")] += 1',
+        "counts[report.longrepr[:2]] += 1",
+        ("tests/test_ops.py::test_skips_are_counted_per_reason",),
+        "the skip summary counts per location (as -rs does), not per reason",
+    ),
     "drop_counted_twice": Mutation(
         "affect_jax/data/affectnet/report.py",
         "self.counts[reason] += 1",
@@ -165,10 +173,10 @@ def run_mutation(name: str, tests_from: str | None, verbose: bool) -> str:
     m = MUTATIONS[name]
     with tempfile.TemporaryDirectory(prefix=f"mutation_{name}_") as root:
         _copy_checkout(root, tests_from)
-        _apply(root, m)
         tests = _existing(root, m.tests)
         if not tests:
             return "no test"
+        _apply(root, m)
         cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
         result = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
     if verbose:

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny configurations (used for testing only) and paths."""
 
+import collections
 import logging
 import os
 import runpy
@@ -14,6 +15,7 @@ import pytest
 from affect_jax import sharding, steps
 from affect_jax.data import pipeline
 from affect_jax.ops import conv as conv_ops
+from affect_jax.ops import native
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -22,6 +24,29 @@ CONFIGS = os.path.join(REPO, "configs")
 XLA_CACHE = os.path.join(tempfile.gettempdir(), f"affect_jax_tests_xla_{os.getuid()}")
 jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+# Tests that need the C++ extension skip with this one reason, so the summary counts them
+# together (`pytest_terminal_summary`).
+NATIVE_SKIP_REASON = f"needs the C++ extension: {native.unavailable_reason()}"
+needs_native = pytest.mark.skipif(not native.available(), reason=NATIVE_SKIP_REASON)
+
+
+def skip_counts(skipped_reports) -> collections.Counter:
+    """Skipped test reports counted per reason (pytest's -rs groups them per location)."""
+    counts = collections.Counter()
+    for report in skipped_reports:
+        if isinstance(report.longrepr, tuple):
+            counts[report.longrepr[2].removeprefix("Skipped: ")] += 1
+    return counts
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The number of skipped tests per reason, after pytest's short summary."""
+    counts = skip_counts(terminalreporter.stats.get("skipped", []))
+    if counts:
+        terminalreporter.write_sep("=", "skips per reason")
+        for reason, n in counts.most_common():
+            terminalreporter.write_line(f"{n} skipped: {reason}")
 
 
 def load_config(name: str) -> ml_collections.ConfigDict:

@@ -15,8 +15,7 @@ from affect_jax.models import (
     resnet50,
     vgg16,
 )
-from affect_jax.ops import native
-from tests.conftest import tiny_config
+from tests.conftest import needs_native, tiny_config
 
 TINY = 1 / 16
 
@@ -238,7 +237,7 @@ def test_activation_dtype_setting(name, compute, setting, expected):
     assert features.dtype == (jnp.float32 if name == "vgg16" else expected)
 
 
-@pytest.mark.skipif(not native.available(), reason=f"native: {native.unavailable_reason()}")
+@needs_native
 def test_vgg16_bfloat16_activations_against_float32_ones_on_onednn():
     """bf16 vs float32 activations around bf16 convolutions (VGG16's 'auto' is bf16).
 

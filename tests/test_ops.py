@@ -18,6 +18,7 @@ from affect_jax.ops import conv as conv_ops
 from affect_jax.ops import max_pool as pool_ops
 from affect_jax.ops import native, onednn_conv, winograd
 from affect_jax.ops.max_pool import max_pool
+from tests.conftest import NATIVE_SKIP_REASON, needs_native, skip_counts
 
 # (kernel, stride, padding, input side, cin, cout): every conv shape ResNet50/VGG16 use, small.
 CASES = [
@@ -30,9 +31,6 @@ CASES = [
 ]
 NATIVE = ("onednn", "winograd") if native.available() else ()
 FAST = ("dot1x1", *NATIVE)
-needs_native = pytest.mark.skipif(
-    not native.available(), reason=f"native kernels unavailable: {native.unavailable_reason()}"
-)
 
 
 def test_native_kernels_are_built_where_ci_expects_them():
@@ -56,6 +54,21 @@ def test_native_kernels_are_built_where_ci_expects_them():
         assert bn_ops.resolve_impl("auto", jnp.bfloat16) == "native"
         assert bn_ops.resolve_impl("auto", jnp.float32) == "native"
         assert bn_ops.resolve_impl("auto", jnp.float16) == "xla"
+
+
+def test_skips_are_counted_per_reason():
+    """The summary line CI prints: skipped tests per reason, whatever their location."""
+
+    class Report:
+        def __init__(self, path, line, reason):
+            self.longrepr = (path, line, f"Skipped: {reason}")
+
+    reports = [
+        Report("tests/test_ops.py", 10, NATIVE_SKIP_REASON),
+        Report("tests/test_models.py", 20, NATIVE_SKIP_REASON),
+        Report("tests/test_ops.py", 30, "glibc only"),
+    ]
+    assert skip_counts(reports) == {NATIVE_SKIP_REASON: 2, "glibc only": 1}
 
 
 def _loss(impl, x, w, b, k_s_pad, relu=False):
@@ -308,6 +321,7 @@ def test_unavailable_extension_falls_back_with_a_clear_error():
         from affect_jax.ops import batch_norm as bn_ops, conv as conv_ops
         from affect_jax.ops import max_pool as pool_ops, native, onednn_conv
         from affect_jax.ops.max_pool import max_pool
+from tests.conftest import NATIVE_SKIP_REASON, needs_native, skip_counts
 
         why = 'switched off by AFFECT_JAX_NATIVE_KERNELS'
         assert native.unavailable_reason() == why, native.unavailable_reason()
