@@ -41,6 +41,14 @@ class Mutation:
 
 _LAYOUT_RUN = "tests/test_affectnet_main.py::test_main_trains_and_evaluates_on_each_layout"
 MUTATIONS = {
+    "scan_loss_off_by_1e-4": Mutation(
+        "affect_jax/steps.py",
+        "return jax.lax.scan(train_step, state, batches)",
+        "state, out = jax.lax.scan(train_step, state, batches)\n"
+        '        return state, {**out, "loss": out["loss"] * (1 + 1e-4)}',
+        ("tests/test_steps.py::test_several_steps_per_call_match_one_step_per_call",),
+        "several steps per call report each step's loss off by 1e-4 relative",
+    ),
     "skips_counted_per_location": Mutation(
         "tests/conftest.py",
         'counts[report.longrepr[2].removeprefix("Skipped: ")] += 1',

@@ -19,6 +19,12 @@ def _relative_distance(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(a)
 
 
+# XLA's loop over steps against the same steps one by one (when not bit-identical): twice the
+# worst relative distance measured on the XLA path (ResNet50: optimizer state 1.2e-5, step
+# outputs 4.0e-5, valence/arousal of step 3).
+STEPS_PER_CALL_TOLERANCE = {"state": 2.5e-5, "outputs": 8e-5}
+
+
 def test_loss_goes_down_when_overfitting_one_batch():
     config = tiny_config(learning_rate=1e-3)
     config.model.dropout = 0.0
@@ -182,10 +188,10 @@ def test_predict_step_is_the_eval_steps_forward_pass(tiny, flip_tta):
 def test_several_steps_per_call_match_one_step_per_call(name):
     """The lax.scan of make_train_steps computes what the same steps called one by one do.
 
-    Up to float32 round-off: with oneDNN's convolutions the states are bit-identical; with
-    XLA's, XLA orders the loop body's reductions differently, and Adam turns round-off in
-    near-zero gradients into +-lr moves (measured: state 1.2e-5, loss 4e-5 relative). The same
-    steps with the batches in reverse order are >= 1.4e-3 apart.
+    Up to float32 round-off: with the extension's convolutions the states and outputs are
+    bit-identical; with XLA's, XLA orders the loop body's reductions differently, and Adam turns
+    round-off in near-zero gradients into +-lr moves (STEPS_PER_CALL_TOLERANCE). The same steps
+    with the batches in reverse order are >= 1.4e-3 apart.
     """
     config, mesh, (graphdef, tx, state), splits = tiny_run(name)
     batches = list(pipeline.train_batches(splits.train, config, 0, 8).take(3).as_numpy_iterator())
@@ -198,17 +204,22 @@ def test_several_steps_per_call_match_one_step_per_call(name):
     train_steps = jax.jit(steps.make_train_steps(steps.make_train_step(graphdef, tx, config)))
     together, stacked = train_steps(state, sharding.shard_batch(chunk, mesh, stacked=True))
     assert int(together["step"]) == 3
-    if bit_identical(config):
+    if bit_identical(config):  # states and every per-step output
         for a, b in zip(jax.tree.leaves(one_by_one), jax.tree.leaves(together), strict=True):
             np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+        for i, out in enumerate(outs):
+            for key, value in out.items():
+                np.testing.assert_array_equal(stacked[key][i], value, f"{key} of step {i + 1}")
     for group in ("params", "batch_stats", "opt_state"):
         if jax.tree.leaves(one_by_one[group]):
-            assert _relative_distance(one_by_one[group], together[group]) < 1e-4, group
+            distance = _relative_distance(one_by_one[group], together[group])
+            assert distance <= STEPS_PER_CALL_TOLERANCE["state"], (group, distance)
     for i, out in enumerate(outs):  # per-step outputs, in order
+        assert np.array_equal(stacked["predicted_class"][i], out["predicted_class"])
         for key, value in out.items():
-            np.testing.assert_allclose(
-                stacked[key][i], value, rtol=1e-3, atol=1e-3, err_msg=f"{key} of step {i + 1}"
-            )
+            if key != "predicted_class":
+                error = _relative_distance(value, stacked[key][i])
+                assert error <= STEPS_PER_CALL_TOLERANCE["outputs"], (key, i + 1, error)
     # A chunk of one step takes the plain step (no loop) and still stacks its outputs.
     _, single = train_steps(
         state, sharding.shard_batch({k: v[:1] for k, v in chunk.items()}, mesh, stacked=True)
