@@ -29,7 +29,9 @@ from affect_jax.models import create_backbone, create_model
 from tests.conftest import REPO, randomize_keras_weights, report_measurements, tiny_config
 
 SIZES = (32, 64)
-RTOL = 1e-5
+# Twice the worst measured (max|jax - keras| / max|keras|, default conv path): VGG16 features
+# at 64 px 2.8e-6; ResNet50 features 1.5e-6; logits 7.5e-7 (ResNet50), 2.6e-6 (VGG16).
+RTOL = 6e-6
 RESULTS: dict[str, float] = {}
 
 
