@@ -6,12 +6,12 @@ categorical cross-entropy + MSE, the loss weights and the Adam of the affect-jax
 affect-jax model holding the same weights (backbone through a Keras `.weights.h5` file and
 `load_keras_h5`, heads copied) take one training step on the same batch (dropout off). Random
 biases and BatchNorm parameters/statistics make every tensor's update visible. Errors are
-relative per tensor, max|jax - keras| / max|keras|: the loss must agree to 1e-5 and every
+relative per tensor, max|jax - keras| / max|keras|: the loss must agree to LOSS_RTOL and every
 updated weight and BatchNorm statistic to 1e-4, with oneDNN's direct convolutions where the
 extension is built. The Winograd convolutions (`auto`'s choice there) round differently from
 both frameworks' direct ones; their step is held to Keras's float64 step instead: no further
 from it than WINOGRAD_ROUNDOFF_FACTOR times Keras's own float32 step (loss and BatchNorm
-statistics still to Keras float32 at 1e-5 / 1e-4). The errors are printed in the terminal
+statistics still to Keras float32 at LOSS_RTOL / 1e-4). The errors are printed in the terminal
 summary and stored in the pytest cache (`affect_jax/keras_train_parity`).
 
 Float32 limits, measured against float64 runs of the same step (see the report of issue 3):
@@ -55,7 +55,8 @@ NUM_CLASSES = 8
 SEEDS = {"resnet50": 3, "vgg16": 4}
 HEADS = ("neck_0", "class_output", "reg_output")
 RESIDUAL_GAMMA = (0.02, 0.1)  # gamma of each residual branch's last BatchNorm (`*_3_bn`)
-LOSS_RTOL = 1e-5
+# Twice the worst loss error measured (ResNet50 2.0e-7, VGG16 0, either conv path).
+LOSS_RTOL = 4e-7
 WEIGHT_RTOL = 1e-4
 # F(4x4, 3x3)'s round-off (~1e-6 relative in each gradient, tests/test_ops) passes through
 # Adam's first-step gain. Measured on this VGG16 step, worst weight against Keras's float64
@@ -82,9 +83,13 @@ def _summary(results: dict[str, dict[str, object]]) -> list[str]:
         )
         if "winograd" in r:
             lines.append(
-                "    winograd step vs Keras float64: worst weight {:.2e} ({}); Keras float32 vs "
-                "float64 {:.2e} ({})".format(
-                    r["winograd"][1], r["winograd"][0], r["keras_f32"][1], r["keras_f32"][0]
+                "    winograd step: loss {:.2e}; vs Keras float64: worst weight {:.2e} ({}); "
+                "Keras float32 vs float64 {:.2e} ({})".format(
+                    r["winograd_loss"],
+                    r["winograd"][1],
+                    r["winograd"][0],
+                    r["keras_f32"][1],
+                    r["keras_f32"][0],
                 )
             )
         if "zero_grad" in r:
@@ -391,7 +396,8 @@ def test_one_train_step_matches_keras(arch, tmp_path):
         name, err = RESULTS[arch]["zero_grad"]
         assert err <= WEIGHT_RTOL, f"{name} vs Keras float64: {err:.2e}"
     if with_winograd:
-        assert abs(loss_w - keras_loss) / abs(keras_loss) <= LOSS_RTOL, loss_w
+        RESULTS[arch]["winograd_loss"] = abs(loss_w - keras_loss) / abs(keras_loss)
+        assert RESULTS[arch]["winograd_loss"] <= LOSS_RTOL, loss_w
         for k in stat_names | zero_grad:  # Statistics as above; stopped biases unchanged.
             reference = start[k] if k in zero_grad else expected[k]
             assert _rel(got_w[k], reference) <= WEIGHT_RTOL, k
