@@ -410,6 +410,9 @@ def test_onednn_rejects_unsupported_dtypes():
 # (batch, height, width, cin, cout, pads, relu, chunk): partial tiles on both edges, channel
 # blocks of 64 plus a remainder, several chunks with a partial last one, VALID and asymmetric
 # padding, a bias and a ReLU.
+# Twice the worst measured relative error of F(4x4, 3x3) against lax.conv: 2.5e-5 (dw, 70 input
+# channels); 1e-6 to 5e-6 with few channels.
+WINOGRAD_RTOL = 5e-5
 WINOGRAD_CASES = [
     (2, 14, 13, 8, 5, ((1, 1), (1, 1)), False, None),
     (3, 9, 11, 70, 67, ((1, 1), (1, 1)), True, 16),
@@ -448,7 +451,7 @@ def test_winograd_matches_lax_conv(n, h, w, cin, cout, pads, relu, chunk):
     got, ref = _winograd_and_xla(x, k, b, pads, relu, chunk)
     for name, a, r in zip(("y", "dx", "dw", "db"), got, ref, strict=True):
         assert a.shape == r.shape and a.dtype == r.dtype == jnp.float32, name
-        assert _rel(a, r) <= 1e-4, (name, _rel(a, r))
+        assert _rel(a, r) <= WINOGRAD_RTOL, (name, _rel(a, r))
 
 
 @needs_native
