@@ -321,7 +321,6 @@ def test_unavailable_extension_falls_back_with_a_clear_error():
         from affect_jax.ops import batch_norm as bn_ops, conv as conv_ops
         from affect_jax.ops import max_pool as pool_ops, native, onednn_conv
         from affect_jax.ops.max_pool import max_pool
-from tests.conftest import NATIVE_SKIP_REASON, needs_native, skip_counts
 
         why = 'switched off by AFFECT_JAX_NATIVE_KERNELS'
         assert native.unavailable_reason() == why, native.unavailable_reason()
