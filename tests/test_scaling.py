@@ -18,6 +18,7 @@ a pair; one swapped pair moves the macro ROC-AUC by 1 / (8 classes * positives *
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -189,6 +190,12 @@ def _command(workdir, *extra: str) -> list[str]:
     ]
 
 
+def device_counts(log: str) -> list[int]:
+    """The device count of each ``JAX process P/N, devices: [...]`` line main logs at start."""
+    lines = re.findall(r"JAX process \d+/\d+, devices: \[(.*)\]", log)
+    return [len(re.findall(r"\bid=\d+", devices)) for devices in lines]
+
+
 def _run(workdir, *extra: str, devices: int = 1) -> None:
     result = subprocess.run(
         _command(workdir, *extra),
@@ -199,6 +206,8 @@ def _run(workdir, *extra: str, devices: int = 1) -> None:
         timeout=TIMEOUT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # The run really had that many devices (not a device count the environment failed to set).
+    assert device_counts(result.stderr) == [devices], result.stderr[-3000:]
 
 
 def _numbers(value, prefix="") -> dict[str, float]:
@@ -309,6 +318,7 @@ def test_two_processes_match_one_process(reference, tmp_path):
         log.close()
         assert code == 0, text[-3000:]
         assert f"JAX process {index}/2, devices:" in text
+        assert device_counts(text) == [2], text[-3000:]  # one device per process, two in all
     assert_same_results(workdir, reference)
     # Only process 0 writes the logs: one history line per epoch, one TensorBoard file.
     with open(workdir / "metrics.jsonl") as f:
