@@ -139,11 +139,16 @@ def abstract_train_state(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDe
     would be overwritten. No ImageNet file is read (the weights come from the checkpoint).
     """
 
-    def build_model() -> nnx.Module:
-        return models.create_model(config, nnx.Rngs(params=config.seed))
+    graphdef = None
 
-    graphdef = nnx.graphdef(nnx.eval_shape(build_model))
-    return graphdef, jax.eval_shape(lambda: create_train_state(config, build_model())[2])
+    def train_state() -> State:
+        nonlocal graphdef  # static: taken from the one trace of the model's construction
+        model = models.create_model(config, nnx.Rngs(params=config.seed))
+        graphdef, _, state = create_train_state(config, model)
+        return state
+
+    shapes = jax.eval_shape(train_state)
+    return graphdef, shapes
 
 
 # ---------------------------------------------------------------------------------------------
