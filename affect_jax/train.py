@@ -457,7 +457,23 @@ def _train_call(
     run.state, out = run.executables[n](run.state, chunk)
     jax.block_until_ready(out)
     progress.compiled(n, compile_seconds, time.time() - compile_start)
+    launched = seconds_since_launch()
+    if len(run.executables) == 1 and launched is not None:
+        logging.info("The first train call finished %.1f s after launch", launched)
     return out
+
+
+def seconds_since_launch() -> float | None:
+    """Seconds since this process started (Linux's /proc), or None where that is unknown."""
+    try:
+        with open("/proc/self/stat") as f:
+            # Field 22 (starttime, clock ticks after boot) is the 20th after the ')' of comm.
+            start_ticks = float(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def fetch_checked_outputs(

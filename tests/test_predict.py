@@ -213,7 +213,7 @@ def test_reproduces_the_runs_validation_metrics(predictor, trained_run):
     assert predictor.step == final["best_epoch"]
     assert list(predictor.class_names) == final["class_names"]
     validation = pipeline.make_splits(predictor.config).validation
-    out = predictor.predict(validation.columns["image"])
+    out = predictor.predict(synthetic.pool_images(validation))
     va_true = np.stack([validation.columns["valence"], validation.columns["arousal"]], 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", metrics.MetricWarning)

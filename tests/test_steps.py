@@ -226,3 +226,18 @@ def test_several_steps_per_call_match_one_step_per_call(name):
     )
     assert single["loss"].shape == (1,)
     np.testing.assert_allclose(single["loss"][0], outs[0]["loss"], rtol=1e-6)
+
+
+def test_compiled_initialisation_gives_the_eager_parameters():
+    """``init_model``'s one program gives bit for bit the parameters of eager construction."""
+    from flax import nnx
+
+    from affect_jax import models
+
+    config = tiny_config(**{"model.name": "resnet50", "seed": 3})  # BatchNorm statistics too
+    eager = nnx.state(models.create_model(config, nnx.Rngs(params=config.seed)))
+    compiled = nnx.state(steps.init_model(config))
+    assert jax.tree.structure(compiled) == jax.tree.structure(eager)
+    for a, b in zip(jax.tree.leaves(compiled), jax.tree.leaves(eager), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

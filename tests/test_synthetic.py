@@ -6,9 +6,11 @@ import cv2
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from affect_jax.data import synthetic
-from affect_jax.data.source import AFFECTNET_CLASS_NAMES, Source
+from affect_jax.data import pipeline, synthetic
+from affect_jax.data.source import AFFECTNET_CLASS_NAMES, ExamplePool, Source, decode_raw_image
+from tests.conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -139,22 +141,61 @@ def test_load_source():
     assert source.class_names == AFFECTNET_CLASS_NAMES[:7]
     assert len(source.pools["train"]) == 50 and len(source.pools["test"]) == 10
     assert source.counts == {"kept": 50}
-    train, test = source.pools["train"].columns, source.pools["test"].columns
-    assert train["image"].shape == (50, 32, 32, 3)
+    train = synthetic.pool_images(source.pools["train"])
+    test = synthetic.pool_images(source.pools["test"])
+    assert train.shape == (50, 32, 32, 3)
     assert source.pools["train"].labels.max() == 6
-    assert not np.array_equal(train["image"][:10], test["image"])
+    assert not np.array_equal(train[:10], test)
     # The data depends on data.split_seed, not on the model seed.
     config.seed = 1
     np.testing.assert_array_equal(
-        synthetic.load_source(config).pools["train"].columns["image"], train["image"]
+        synthetic.pool_images(synthetic.load_source(config).pools["train"]), train
     )
     config.data.split_seed = 2
     assert not np.array_equal(
-        synthetic.load_source(config).pools["train"].columns["image"], train["image"]
+        synthetic.pool_images(synthetic.load_source(config).pools["train"]), train
     )
-    # decode returns the stored image.
-    row = {k: v[0] for k, v in train.items()}
-    np.testing.assert_array_equal(np.asarray(source.pools["train"].decode(row)), train["image"][0])
+
+
+def test_source_draws_only_the_faces_read_and_the_same_faces(monkeypatch):
+    """Faces are drawn once, when the pipeline first reads them, identical to ``draw_faces``'s."""
+    reference = synthetic.draw_faces(40, 32, 8, seed=4)
+    drawn = []
+    draw_face = synthetic.draw_face
+    monkeypatch.setattr(synthetic, "draw_face", lambda p, s: drawn.append(p) or draw_face(p, s))
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.data = ml_collections.ConfigDict(
+        dict(synthetic_size=40, image_size=32, num_classes=8, split_seed=4)
+    )
+    source = synthetic.load_source(config)
+    pool = source.pools["train"]
+    assert pool.decode.num_drawn == 0  # nothing drawn before the data are read
+    for key in ("expression", "valence", "arousal"):
+        np.testing.assert_array_equal(pool.columns[key], reference[key])
+    # Through the tf.data decode, out of order: only the faces read are drawn.
+    for face in (7, 3, 7):
+        row = {k: tf.constant(v[face]) for k, v in pool.columns.items()}
+        np.testing.assert_array_equal(pool.decode(row).numpy(), reference["image"][face])
+    assert pool.decode.num_drawn == len(drawn) == 2
+    np.testing.assert_array_equal(synthetic.pool_images(pool), reference["image"])
+    test_faces = synthetic.draw_faces(8, 32, 8, synthetic._derived_seed(4, synthetic._TEST_POOL))
+    np.testing.assert_array_equal(synthetic.pool_images(source.pools["test"]), test_faces["image"])
+
+
+def test_lazy_faces_give_the_eager_pipeline_batches():
+    """The training pipeline's batches over a lazy pool are those over the drawn images."""
+    config = tiny_config(**{"data.synthetic_size": 24})
+    pool = synthetic.lazy_pool(24, config.data.image_size, 8, seed=9)
+    eager = ExamplePool(
+        synthetic.draw_faces(24, config.data.image_size, 8, seed=9), decode_raw_image
+    )
+    lazy_batches = list(pipeline.train_batches(pool, config, 1, 8).as_numpy_iterator())
+    eager_batches = list(pipeline.train_batches(eager, config, 1, 8).as_numpy_iterator())
+    assert len(lazy_batches) == len(eager_batches) == 3
+    for a, b in zip(lazy_batches, eager_batches, strict=True):
+        for key in b:
+            np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_linear_baseline_beats_chance():

@@ -169,3 +169,17 @@ def test_progress_logs_when_a_call_passes_a_multiple_of_log_every(monkeypatch):
 def test_format_duration():
     assert progress.format_duration(65) == "1m05s"
     assert progress.format_duration(3725.4) == "1h02m05s"
+
+
+def test_seconds_since_launch_is_the_process_age():
+    """The first-call log line's 'after launch' is the process's age (psutil's reference)."""
+    import time
+
+    import psutil
+
+    expected = time.time() - psutil.Process().create_time()
+    got = train.seconds_since_launch()
+    if got is None:
+        pytest.skip("no /proc on this platform")
+    # psutil's start time counts from a boot time in whole seconds.
+    assert abs(got - expected) < 1.1

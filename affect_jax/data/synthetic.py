@@ -18,8 +18,9 @@ from typing import Any
 
 import cv2
 import numpy as np
+import tensorflow as tf
 
-from affect_jax.data.source import AFFECTNET_CLASS_NAMES, ExamplePool, Source, decode_raw_image
+from affect_jax.data.source import AFFECTNET_CLASS_NAMES, ExamplePool, Source
 
 # Circumplex centres (valence, arousal) per AffectNet class, indexed like AFFECTNET_CLASS_NAMES.
 CLASS_VA_CENTRES = np.array(
@@ -325,26 +326,83 @@ def class_subset(labels: np.ndarray, fractions: Sequence[float], num_classes: in
     return np.sort(np.concatenate(kept))
 
 
+class LazyFaces:
+    """A pool's faces, each drawn the first time the input pipeline reads it, then kept.
+
+    The pool's ``decode`` (``__call__``): its ``face`` column indexes ``params``. Drawing only
+    what the batches read keeps a run's start from waiting for every face; a face is the same
+    whenever (and in whichever thread) it is drawn, so the data are those of ``draw_faces``.
+    """
+
+    def __init__(self, params: Sequence[FaceParams], image_size: int):
+        self.params = list(params)
+        self.image_size = int(image_size)
+        # Pages are only touched by the faces drawn.
+        self._images = np.empty((len(self.params), self.image_size, self.image_size, 3), np.uint8)
+        self._drawn = np.zeros(len(self.params), bool)
+
+    def image(self, face: int) -> np.ndarray:
+        """Face ``face``'s uint8 [S, S, 3] image (drawn now if it was not yet)."""
+        face = int(face)
+        if not self._drawn[face]:
+            # Two threads may draw the same face: they write the same bytes.
+            self._images[face] = draw_face(self.params[face], self.image_size)
+            self._drawn[face] = True
+        return self._images[face]
+
+    def images(self, faces: Sequence[int]) -> np.ndarray:
+        """The images [N, S, S, 3] of faces ``faces``."""
+        out = np.empty((len(faces), self.image_size, self.image_size, 3), np.uint8)
+        for i, face in enumerate(faces):
+            out[i] = self.image(face)
+        return out
+
+    @property
+    def num_drawn(self) -> int:
+        return int(self._drawn.sum())
+
+    def __call__(self, row: Any) -> tf.Tensor:
+        image = tf.numpy_function(self.image, [row["face"]], tf.uint8, stateful=False)
+        return tf.ensure_shape(image, (self.image_size, self.image_size, 3))
+
+
+def pool_images(pool: ExamplePool) -> np.ndarray:
+    """Every image [N, S, S, 3] of a synthetic pool, in the pool's order."""
+    return pool.decode.images(pool.columns["face"])
+
+
+def lazy_pool(num_examples: int, image_size: int, num_classes: int, seed: int) -> ExamplePool:
+    """``draw_faces``'s examples as a pool whose faces are drawn when first read."""
+    _validate(num_examples, image_size, num_classes)
+    params = sample_params(num_examples, num_classes, seed)
+    columns = {
+        "face": np.arange(len(params), dtype=np.int32),
+        "expression": np.array([p.expression for p in params], np.int32),
+        "valence": np.array([p.valence for p in params], np.float32),
+        "arousal": np.array([p.arousal for p in params], np.float32),
+    }
+    return ExamplePool(columns=columns, decode=LazyFaces(params, image_size))
+
+
 def load_source(config: Any, workdir: str | None = None) -> Source:
     """The ``synthetic`` source: a 'train' pool of ``data.synthetic_size`` faces and a held-out
-    'test' pool of a fifth as many, drawn from ``data.split_seed`` (independent of ``seed``)."""
-    del workdir  # Nothing to cache: drawing is fast and deterministic.
+    'test' pool of a fifth as many, drawn from ``data.split_seed`` (independent of ``seed``).
+
+    The faces are drawn as the input pipeline first reads them (``LazyFaces``);
+    ``pool_images`` gives a pool's images."""
+    del workdir  # Nothing to cache: drawing is deterministic.
     data = config.data
     num, size, num_classes = int(data.synthetic_size), int(data.image_size), int(data.num_classes)
     seed = int(data.split_seed)
-
-    def pool(columns: dict[str, np.ndarray]) -> ExamplePool:
-        return ExamplePool(columns=columns, decode=decode_raw_image)
-
-    train = draw_faces(num, size, num_classes, seed)
+    train = lazy_pool(num, size, num_classes, seed)
     fractions = tuple(data.get("synthetic_class_fractions", ()))
     if fractions:  # An imbalanced training pool (docs/imbalance.md); the test pool stays whole.
-        kept = class_subset(train["expression"], fractions, num_classes)
-        train = {k: v[kept] for k, v in train.items()}
-    pools = {"train": pool(train)}
+        kept = class_subset(train.labels, fractions, num_classes)
+        train = ExamplePool({k: v[kept] for k, v in train.columns.items()}, train.decode)
+    pools = {"train": train}
     if num // 5 >= 1:
         test_seed = _derived_seed(seed, _TEST_POOL)
-        pools["test"] = pool(draw_faces(num // 5, size, num_classes, test_seed))
+        pools["test"] = lazy_pool(num // 5, size, num_classes, test_seed)
     return Source(
         name="synthetic",
         class_names=tuple(AFFECTNET_CLASS_NAMES[:num_classes]),
