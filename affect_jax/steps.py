@@ -6,6 +6,7 @@ RNG key); the steps are pure functions over it, jitted by their callers.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -274,58 +275,114 @@ def make_train_steps(
     return train_steps
 
 
-def make_predict_step(
-    graphdef: nnx.GraphDef, flip_tta: bool = False
-) -> Callable[[State, jax.Array], dict[str, jax.Array]]:
+def make_prepare_inference(graphdef: nnx.GraphDef) -> Callable[[State], State]:
+    """A pure ``variables -> prepared variables`` function (not yet jitted).
+
+    ``variables`` hold ``params`` and ``batch_stats`` (a train state does); the result has the
+    same structure with the parameters rewritten for inference (``MultiTaskModel
+    .prepare_inference``: ResNet50's BatchNorms folded into its convolutions), which
+    ``InferenceStep.on_prepared`` takes. They are derived from the weights, so they must be
+    prepared again whenever the weights change.
+    """
+
+    def prepare_inference(variables: State) -> State:
+        # jax arrays: the folding assigns to the variables, which host (NumPy) leaves refuse.
+        variables = jax.tree.map(jnp.asarray, variables)
+        model = nnx.merge(graphdef, variables["params"], variables["batch_stats"], copy=True)
+        model.prepare_inference()
+        _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+        return {"params": params, "batch_stats": batch_stats}
+
+    return prepare_inference
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceStep:
+    """An inference step in two parts: ``prepare`` (``make_prepare_inference``) and
+    ``on_prepared(prepared, inputs)``. Called as ``step(variables, inputs)`` it prepares inside
+    the call, so its result can never come from stale weights; a caller whose weights are
+    fixed (the ``Predictor``) prepares once and calls ``on_prepared``."""
+
+    prepare: Callable[[State], State]
+    on_prepared: Callable[[State, Any], dict[str, jax.Array]]
+
+    def __call__(self, variables: State, inputs: Any) -> dict[str, jax.Array]:
+        return self.on_prepared(self.prepare(variables), inputs)
+
+
+def make_predict_step(graphdef: nnx.GraphDef, flip_tta: bool = False) -> InferenceStep:
     """A pure ``(variables, images) -> {'probs', 'valence_arousal'}`` inference step.
 
     ``variables`` hold ``params`` and ``batch_stats`` (a train state does); ``flip_tta``
     averages over a horizontally flipped copy. No labels: what prediction on new images runs.
+    It computes the model's ``train=False`` function on prepared parameters (``InferenceStep``).
     """
 
-    def predict_step(variables: State, images: jax.Array) -> dict[str, jax.Array]:
-        model = nnx.merge(graphdef, variables["params"], variables["batch_stats"])
-        outputs = model(images, train=False)
+    def on_prepared(prepared: State, images: jax.Array) -> dict[str, jax.Array]:
+        model = nnx.merge(graphdef, prepared["params"], prepared["batch_stats"])
+        outputs = model(images, train=False, prepared=True)
         probs = jax.nn.softmax(outputs["class_logits"])
         va = outputs["valence_arousal"]
         if flip_tta:
-            flipped = model(images[:, :, ::-1, :], train=False)
+            flipped = model(images[:, :, ::-1, :], train=False, prepared=True)
             probs = (probs + jax.nn.softmax(flipped["class_logits"])) / 2
             va = (va + flipped["valence_arousal"]) / 2
         return {"probs": probs, "valence_arousal": va}
 
+    return InferenceStep(make_prepare_inference(graphdef), on_prepared)
+
+
+def make_reference_predict_step(
+    graphdef: nnx.GraphDef,
+) -> Callable[[State, jax.Array], dict[str, jax.Array]]:
+    """``make_predict_step``'s function computed layer by layer as trained (BatchNorm separate,
+    no preparation): the reference the prepared path is tested against, and what exports
+    trace."""
+
+    def predict_step(variables: State, images: jax.Array) -> dict[str, jax.Array]:
+        model = nnx.merge(graphdef, variables["params"], variables["batch_stats"])
+        outputs = model(images, train=False)
+        return {
+            "probs": jax.nn.softmax(outputs["class_logits"]),
+            "valence_arousal": outputs["valence_arousal"],
+        }
+
     return predict_step
 
 
-def make_eval_step(
-    graphdef: nnx.GraphDef, flip_tta: bool = False
-) -> Callable[[State, Batch], dict[str, jax.Array]]:
+def make_eval_step(graphdef: nnx.GraphDef, flip_tta: bool = False) -> InferenceStep:
     """A pure ``(state, batch) -> outputs`` evaluation step: the predict step's outputs plus
-    each example's cross-entropy (``ce``)."""
+    each example's cross-entropy (``ce``); an ``InferenceStep`` like the predict step."""
     predict_step = make_predict_step(graphdef, flip_tta)
 
-    def eval_step(state: State, batch: Batch) -> dict[str, jax.Array]:
-        out = predict_step(state, batch["image"])
+    def on_prepared(prepared: State, batch: Batch) -> dict[str, jax.Array]:
+        out = predict_step.on_prepared(prepared, batch["image"])
         ce = -jnp.log(jnp.take_along_axis(out["probs"], batch["expression"][:, None], -1)[:, 0])
         return {**out, "ce": ce}
 
-    return eval_step
+    return InferenceStep(predict_step.prepare, on_prepared)
 
 
 def make_eval_steps(
-    eval_step: Callable[[State, Batch], dict[str, jax.Array]],
+    eval_step: InferenceStep | Callable[[State, Batch], dict[str, jax.Array]],
 ) -> Callable[[State, Batch], dict[str, jax.Array]]:
     """Several inference batches in one XLA execution: ``(state, batches) -> outputs``.
 
     ``batches`` and the outputs are stacked on a leading axis, as in ``make_train_steps`` and
     for the same reason: each execution maps its temporaries afresh (docs/performance.md). A
-    ``lax.map`` reuses them for every batch of the call.
+    ``lax.map`` reuses them for every batch of the call. An ``InferenceStep`` prepares the
+    state once per call, for all its batches (so a call after a training step sees the new
+    weights); to run on variables prepared once, pass its ``on_prepared``.
     """
 
     def eval_steps(state: State, batches: Batch) -> dict[str, jax.Array]:
+        step = eval_step
+        if isinstance(eval_step, InferenceStep):
+            prepared = eval_step.prepare(state)
+            state, step = prepared, eval_step.on_prepared
         if jax.tree.leaves(batches)[0].shape[0] == 1:  # no loop around a single batch
-            out = eval_step(state, jax.tree.map(lambda x: x[0], batches))
+            out = step(state, jax.tree.map(lambda x: x[0], batches))
             return jax.tree.map(lambda x: x[None], out)
-        return jax.lax.map(lambda batch: eval_step(state, batch), batches)
+        return jax.lax.map(lambda batch: step(state, batch), batches)
 
     return eval_steps

@@ -218,10 +218,13 @@ def _jax_worker(spec: dict[str, Any]):
         .compile()
     )
     compile_s = time.perf_counter() - t0
-    # Evaluation as the driver runs it too: per_call batches per call (make_eval_steps).
-    eval_c = (
-        jax.jit(steps.make_eval_steps(steps.make_eval_step(graphdef))).lower(state, chunk).compile()
+    # Evaluation as a loaded model runs it: weights prepared once (steps.InferenceStep, as the
+    # Predictor does), per_call batches per call (make_eval_steps).
+    eval_step = steps.make_eval_step(graphdef)
+    prepared = jax.jit(eval_step.prepare)(
+        {"params": state["params"], "batch_stats": state["batch_stats"]}
     )
+    eval_c = jax.jit(steps.make_eval_steps(eval_step.on_prepared)).lower(prepared, chunk).compile()
     flops = _nominal_flops(config, batch)
     hlo = train_c.as_text()
     host_memory.release_host_memory()
@@ -232,7 +235,7 @@ def _jax_worker(spec: dict[str, Any]):
         jax.block_until_ready((holder["state"], out))
 
     def eval_once() -> None:
-        jax.block_until_ready(eval_c(holder["state"], chunk))
+        jax.block_until_ready(eval_c(prepared, chunk))
 
     info = {
         "compile_s": compile_s,

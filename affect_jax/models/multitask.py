@@ -73,6 +73,12 @@ class MultiTaskModel(nnx.Module):
         )
         self.reg_output = nnx.Linear(features, 2, dtype=dtype, kernel_init=_KERNEL_INIT, rngs=rngs)
 
+    def prepare_inference(self) -> None:
+        """Rewrites the parameters, in place, for ``prepared=True`` inference: the backbone's
+        BatchNorms folded into its convolutions (``ResNet50.prepare_inference``). Pure in its
+        inputs, so it runs inside a jitted step on a merged copy of the state."""
+        self.backbone.prepare_inference()
+
     def __call__(
         self,
         images: jax.Array,
@@ -80,19 +86,26 @@ class MultiTaskModel(nnx.Module):
         train: bool,
         rngs: nnx.Rngs | None = None,
         train_backbone: bool = True,
+        prepared: bool = False,
     ) -> dict[str, jax.Array]:
         """Returns {'class_logits': [B, N] float32, 'valence_arousal': [B, 2] float32}.
 
         ``train_backbone=False`` runs the backbone in inference mode even when ``train`` is set
         (a frozen backbone: its BatchNorm uses and keeps its running statistics, as in Keras).
+        ``prepared=True``: inference on parameters ``prepare_inference`` rewrote.
         """
+        if prepared and train:
+            raise ValueError("prepared=True is inference only (train must be False)")
         use_dropout = train and self.dropout.rate > 0
         if use_dropout and rngs is None:
             raise ValueError(
                 "MultiTaskModel(train=True) with dropout > 0 needs rngs, e.g. "
                 "model(x, train=True, rngs=nnx.Rngs(dropout=key))"
             )
-        x = self.backbone(images, train=train and train_backbone)
+        if prepared:
+            x = self.backbone(images, train=False, folded=True)
+        else:
+            x = self.backbone(images, train=train and train_backbone)
         if self.pooling == "flatten":
             if tuple(x.shape[1:]) != self.feature_shape:
                 raise ValueError(

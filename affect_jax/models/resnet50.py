@@ -222,25 +222,71 @@ class ResNet50(nnx.Module):
             residual=residual,
         )
 
-    def _block(self, x: jax.Array, prefix: str, shortcut: bool, train: bool) -> jax.Array:
+    def _conv_bn_folded(
+        self, name: str, x: jax.Array, relu: bool = False, residual: jax.Array | None = None
+    ) -> jax.Array:
+        """`_conv_bn` at inference once `prepare_inference` folded `{name}_bn` into
+        `{name}_conv`: one convolution (+ residual, ReLU), one kernel on the native path."""
+        return getattr(self, f"{name}_conv")(x, relu=relu, residual=residual)
+
+    def prepare_inference(self) -> None:
+        """Folds every BatchNorm's inference transform into the convolution before it, in place.
+
+        BatchNorm at inference is ``(y - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)``,
+        per channel: on ``y = conv(x, k) + b`` it is the convolution with kernel ``k * s`` and
+        bias ``(b - mean) * s + beta`` (computed in float32). Afterwards the model must be
+        called with ``folded=True`` (and only for inference); the BatchNorms keep their
+        variables but are no longer read.
+        """
+        names = ["conv1"] + [
+            f"{prefix}_{i}"
+            for prefix, shortcut in self._blocks
+            for i in ((0, 1, 2, 3) if shortcut else (1, 2, 3))
+        ]
+        for name in names:
+            conv, bn = getattr(self, f"{name}_conv"), getattr(self, f"{name}_bn")
+            scale = bn.scale[...].astype(jnp.float32) * jax.lax.rsqrt(
+                bn.var[...].astype(jnp.float32) + bn.epsilon
+            )
+            kernel = conv.kernel[...]
+            conv.kernel[...] = (kernel.astype(jnp.float32) * scale).astype(kernel.dtype)
+            bias = conv.bias[...]
+            conv.bias[...] = (
+                (bias.astype(jnp.float32) - bn.mean[...]) * scale + bn.bias[...]
+            ).astype(bias.dtype)
+
+    def _block(
+        self, x: jax.Array, prefix: str, shortcut: bool, train: bool, folded: bool
+    ) -> jax.Array:
+        if folded:
+            sc = self._conv_bn_folded(f"{prefix}_0", x) if shortcut else x
+            y = self._conv_bn_folded(f"{prefix}_1", x, relu=True)
+            y = self._conv_bn_folded(f"{prefix}_2", y, relu=True)
+            return self._conv_bn_folded(f"{prefix}_3", y, relu=True, residual=sc)
         sc = self._conv_bn(f"{prefix}_0", x, train) if shortcut else x
         y = self._conv_bn(f"{prefix}_1", x, train, relu=True)
         y = self._conv_bn(f"{prefix}_2", y, train, relu=True)
         return self._conv_bn(f"{prefix}_3", y, train, relu=True, residual=sc)
 
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool = False, folded: bool = False) -> jax.Array:
         """Runs the network on preprocessed NHWC images.
 
         Returns the conv5_block3_out feature map [B, h, w, C], or 1000 logits with the top.
         `train=True` normalises with batch statistics and updates the running averages.
+        `folded=True`: inference with the BatchNorms folded by `prepare_inference`.
         """
+        if folded and train:
+            raise ValueError("folded=True is inference only (train must be False)")
         x = _zero_pad(x.astype(self.act_dtype), 3)
-        x = self._conv_bn("conv1", x, train, relu=True)
+        if folded:
+            x = self._conv_bn_folded("conv1", x, relu=True)
+        else:
+            x = self._conv_bn("conv1", x, train, relu=True)
         # Zero padding before the max-pool matches Keras (inputs are >= 0 after the ReLU).
         x = _zero_pad(x, 1)
         x = pool_ops.max_pool(x, (3, 3), (2, 2), self.pool_impl)
         for prefix, shortcut in self._blocks:
-            x = self._block(x, prefix, shortcut, train)
+            x = self._block(x, prefix, shortcut, train, folded)
         if not self.include_top:
             return x
         x = jnp.mean(x, axis=(1, 2))

@@ -139,13 +139,19 @@ class VGG16(nnx.Module):
         size = feature_side(image_size)
         return size, size, self.num_features
 
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def prepare_inference(self) -> None:
+        """Prepares the parameters for `folded=True` inference (ResNet50's interface; VGG16 has
+        no BatchNorm to fold, so nothing changes)."""
+
+    def __call__(self, x: jax.Array, *, train: bool = False, folded: bool = False) -> jax.Array:
         """Runs the network on preprocessed NHWC images.
 
         Returns the float32 block5_pool feature map [B, h, w, C], or 1000 logits with the top.
-        `train` is accepted for interface parity with ResNet50 (VGG16 has no BatchNorm).
+        `train` and `folded` are accepted for interface parity with ResNet50 (VGG16 has no
+        BatchNorm).
         """
-        del train
+        if folded and train:
+            raise ValueError("folded=True is inference only (train must be False)")
         x = x.astype(self.act_dtype)
         idx = 0
         for _, n_convs, _ in _BLOCKS:

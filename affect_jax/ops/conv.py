@@ -129,13 +129,15 @@ def conv2d(
     compute_dtype: Any = None,
     bias: jax.Array | None = None,
     relu: bool = False,
+    residual: jax.Array | None = None,
 ) -> jax.Array:
     """NHWC x HWIO convolution (no dilation, no groups) by `impl` (`IMPLS`, or a `PATHS`).
 
     Every path computes the same function and gradients as `lax.conv_general_dilated`
     (tests/test_ops.py); they differ only in which kernels run it. The result has `x`'s dtype;
     `compute_dtype` (default: `x`'s) is the dtype the convolution runs in; `bias` [O] is added,
-    then `jax.nn.relu` applied if `relu` (fused into the extension's convolution kernels).
+    then `residual` (the result's shape; inference only on the extension's path), then
+    `jax.nn.relu` applied if `relu` (all fused into the extension's convolution kernels).
     """
     impl = resolve_impl(impl)
     if x.ndim != 4 or kernel.ndim != 4 or x.shape[-1] != kernel.shape[2]:
@@ -146,8 +148,15 @@ def conv2d(
     if impl == "winograd" and winograd.preferred(
         x.shape, kernel.shape, s, pads, compute_dtype or x.dtype
     ):
-        return winograd.conv3x3(x, kernel, bias, pads, relu)
+        if residual is None:
+            return winograd.conv3x3(x, kernel, bias, pads, relu)
+        y = winograd.conv3x3(x, kernel, bias, pads, False) + residual.astype(x.dtype)
+        return jax.nn.relu(y) if relu else y
     if impl in _EXTENSION_PATHS:  # adds the bias and applies the ReLU in its kernel
+        if residual is not None:
+            if bias is None:
+                bias = jnp.zeros((kernel.shape[-1],), jnp.float32)
+            return onednn_conv.conv2d_add(x, kernel, bias, residual, s, pads, compute_dtype, relu)
         return onednn_conv.conv2d(x, kernel, s, pads, compute_dtype, bias, relu)
     out_dtype = x.dtype
     if compute_dtype is not None:
@@ -158,6 +167,8 @@ def conv2d(
         y = _xla_conv(x, kernel, s, pads)
     if bias is not None:
         y = y + bias.astype(y.dtype)
+    if residual is not None:
+        y = y + residual.astype(y.dtype)
     if relu:
         y = jax.nn.relu(y)
     return y.astype(out_dtype)
@@ -204,11 +215,17 @@ class Conv(nnx.Module):
         )
 
     def __call__(
-        self, x: jax.Array, *, relu: bool = False, stop_bias_gradient: bool = False
+        self,
+        x: jax.Array,
+        *,
+        relu: bool = False,
+        stop_bias_gradient: bool = False,
+        residual: jax.Array | None = None,
     ) -> jax.Array:
         """`relu`: return `jax.nn.relu` of the result (one kernel on the native path).
         `stop_bias_gradient`: the bias gets an exactly zero gradient (for a caller that knows
-        its effect cancels, e.g. before a BatchNorm that normalises with batch statistics)."""
+        its effect cancels, e.g. before a BatchNorm that normalises with batch statistics).
+        `residual`: added before the ReLU (`conv2d`; inference only on the native path)."""
         kernel = self.kernel[...]
         dtype = self.dtype or jnp.result_type(x, kernel)
         # conv2d casts to `dtype` inside (oneDNN inside its custom VJP), so float32
@@ -225,4 +242,5 @@ class Conv(nnx.Module):
             compute_dtype=dtype,
             bias=bias,
             relu=relu,
+            residual=residual,
         )

@@ -33,7 +33,7 @@ ONEDNN_DIST = "onednn-cpu-gomp"
 ONEDNN_VERSION = 30200  # 3.2.0, the version setup.py compiles against
 # affect_jax_extension_revision() of the current C++ sources (native.cc; bumped with handler
 # signatures and with the build).
-EXTENSION_REVISION = 5
+EXTENSION_REVISION = 6
 EXTENSION = "affect_jax.ops._native"
 _OLD_EXTENSION = "affect_jax.ops._onednn"  # its name before revision 5
 SWITCH = "AFFECT_JAX_NATIVE_KERNELS"
@@ -148,8 +148,16 @@ def unavailable_reason() -> str:
     return _load()[1]
 
 
-def call_kernel(what: str, target: str, out: Any, *operands: jax.Array, **attrs: Any) -> Any:
-    """Runs the extension's FFI target `target` (of op `what`, for the error) on `operands`."""
+def call_kernel(
+    what: str,
+    target: str,
+    out: Any,
+    *operands: jax.Array,
+    aliases: Mapping[int, int] | None = None,
+    **attrs: Any,
+) -> Any:
+    """Runs the extension's FFI target `target` (of op `what`, for the error) on `operands`;
+    `aliases` maps operand indices to the results that are written into their buffers."""
     lib = _load()[0]
     if lib is None:
         raise RuntimeError(f"native {what} is unavailable: {unavailable_reason()}")
@@ -160,7 +168,9 @@ def call_kernel(what: str, target: str, out: Any, *operands: jax.Array, **attrs:
                 "reinstall affect-jax to rebuild it"
             )
         _register(lib, target)
-    return jax.ffi.ffi_call(target, out)(*operands, **attrs)
+    return jax.ffi.ffi_call(target, out, input_output_aliases=dict(aliases or {}))(
+        *operands, **attrs
+    )
 
 
 def allowed_impls(impl: str) -> str | None:

@@ -11,12 +11,15 @@
 // bias is added by the forward kernel and its gradient comes with the weight gradient; with
 // bfloat16 compute, results may be written as float32 (no separate conversion pass). The
 // forward kernel can also apply a ReLU to its float32 sums (a oneDNN post-op), so a
-// conv + bias + ReLU layer is one pass over its output.
-// Primitive descriptors are built once per (direction, ReLU, dtype, shape, stride, padding) and
-// cached; scratch memory is per call so concurrent calls from XLA threads are safe.
+// conv + bias + ReLU layer is one pass over its output; at inference it can first add a residual
+// that XLA passed in the output buffer (oneDNN's sum post-op), so a ResNet block's last
+// convolution, BatchNorm folded in, shortcut sum and ReLU are one pass too.
+// Primitive descriptors are built once per (direction, post-ops, dtype, shape, stride, padding)
+// and cached; scratch memory is per call so concurrent calls from XLA threads are safe.
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -79,9 +82,9 @@ struct Geometry {
   int64_t ow() const { return (w + pl + pr - kw) / sw + 1; }
 };
 
-// Direction, ReLU, the dtypes of the activation / output-side / kernel buffers, then the
+// Direction, post-ops (bit 0: ReLU, bit 1: residual sum), the dtypes of the activation / output-side / kernel buffers, then the
 // geometry.
-using Key = std::tuple<int64_t, bool, int, int, int, int64_t, int64_t, int64_t, int64_t,
+using Key = std::tuple<int64_t, int, int, int, int, int64_t, int64_t, int64_t, int64_t,
                        int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                        int64_t>;
 
@@ -89,8 +92,8 @@ struct Dtypes {
   memory::data_type act, out, weights, compute;
 };
 
-Key MakeKey(Direction d, bool relu, const Dtypes& t, const Geometry& g) {
-  return Key(d, relu, static_cast<int>(t.act), static_cast<int>(t.out),
+Key MakeKey(Direction d, int post, const Dtypes& t, const Geometry& g) {
+  return Key(d, post, static_cast<int>(t.act), static_cast<int>(t.out),
              static_cast<int>(t.weights), g.n, g.h, g.w, g.c, g.kh, g.kw, g.o, g.sh, g.sw, g.pt,
              g.pb, g.pl, g.pr);
 }
@@ -102,8 +105,11 @@ struct Plan {
   dnnl::reorder weights_reorder;  // user->primitive (forward, data) or back (weights)
 };
 
-// `relu` (forward only): the kernel applies max(0, .) to its results before writing them.
-std::shared_ptr<Plan> BuildPlan(Direction d, bool relu, const Dtypes& t, const Geometry& g) {
+// Post-ops of the forward kernel (bits of `post`).
+constexpr int kRelu = 1;  // max(0, .) of its results before writing them
+constexpr int kSum = 2;   // adds the output buffer's previous contents (before the ReLU)
+
+std::shared_ptr<Plan> BuildPlan(Direction d, int post, const Dtypes& t, const Geometry& g) {
   auto plan = std::make_shared<Plan>();
   const memory::dims src_dims = {g.n, g.c, g.h, g.w}, dst_dims = {g.n, g.o, g.oh(), g.ow()};
   const memory::dims weights_dims = {g.o, g.c, g.kh, g.kw};
@@ -120,12 +126,12 @@ std::shared_ptr<Plan> BuildPlan(Direction d, bool relu, const Dtypes& t, const G
   auto& engine = AffectJaxCpuEngine();
   const auto training = dnnl::prop_kind::forward_training;
   if (d == kForward) {
-    if (relu) {
-      dnnl::post_ops post_ops;
-      post_ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
-      attr.set_post_ops(post_ops);
-    }
-    dnnl::convolution_forward::primitive_desc fwd(engine, training, algo, plan->src, weights_any,
+    dnnl::post_ops post_ops;
+    if (post & kSum) post_ops.append_sum(1.f);
+    if (post & kRelu) post_ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    attr.set_post_ops(post_ops);
+    const auto prop = post & kSum ? dnnl::prop_kind::forward_inference : training;
+    dnnl::convolution_forward::primitive_desc fwd(engine, prop, algo, plan->src, weights_any,
                                                   plan->bias, plan->dst, strides, pad_l, pad_r,
                                                   attr);
     plan->weights_primitive = fwd.weights_desc();
@@ -165,16 +171,16 @@ std::shared_ptr<Plan> BuildPlan(Direction d, bool relu, const Dtypes& t, const G
   return plan;
 }
 
-std::shared_ptr<Plan> GetPlan(Direction d, bool relu, const Dtypes& t, const Geometry& g) {
+std::shared_ptr<Plan> GetPlan(Direction d, int post, const Dtypes& t, const Geometry& g) {
   static std::mutex mutex;
   static std::map<Key, std::shared_ptr<Plan>> cache;
-  const Key key = MakeKey(d, relu, t, g);
+  const Key key = MakeKey(d, post, t, g);
   {
     std::lock_guard<std::mutex> lock(mutex);
     auto it = cache.find(key);
     if (it != cache.end()) return it->second;
   }
-  auto plan = BuildPlan(d, relu, t, g);  // outside the lock: building JIT-compiles kernels
+  auto plan = BuildPlan(d, post, t, g);  // outside the lock: building JIT-compiles kernels
   std::lock_guard<std::mutex> lock(mutex);
   return cache.emplace(key, plan).first->second;
 }
@@ -183,10 +189,11 @@ std::shared_ptr<Plan> GetPlan(Direction d, bool relu, const Dtypes& t, const Geo
 // `out` the NHWC output (forward) or output gradient (data, weights); `weights` the HWIO kernel
 // (forward, data) or its gradient (weights); `bias` [O] float32, the bias (forward) or its
 // gradient (weights). The compute dtype is that of the kernel (forward, data) or of the input
-// (weights); the buffers written may be float32 instead. `relu`: forward with a ReLU.
+// (weights); the buffers written may be float32 instead. `post`: the forward's post-ops (kRelu,
+// kSum: `out` holds the residual to add).
 ffi::Error Run(Direction d, ffi::AnyBuffer act, ffi::AnyBuffer out, ffi::AnyBuffer weights,
                ffi::AnyBuffer* bias, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
-               int64_t pl, int64_t pr, bool relu = false) {
+               int64_t pl, int64_t pr, int post = 0) {
   for (auto [b, what] : {std::pair{&act, "input"}, {&out, "output"}, {&weights, "kernel"}}) {
     if (b->dimensions().size() != 4) return Invalid(std::string(what) + " must be rank 4");
   }
@@ -214,7 +221,7 @@ ffi::Error Run(Direction d, ffi::AnyBuffer act, ffi::AnyBuffer out, ffi::AnyBuff
     return Invalid("bias must be float32 [O]");
   }
   return affect_jax::CatchOneDnnErrors("affect_jax oneDNN conv", [&]() -> ffi::Error {
-    auto plan = GetPlan(d, relu, t, g);
+    auto plan = GetPlan(d, post, t, g);
     std::lock_guard<std::mutex> serial(AffectJaxExecutionMutex());
     auto& engine = AffectJaxCpuEngine();
     dnnl::stream stream(engine);
@@ -261,7 +268,29 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
                    ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw, int64_t pt,
                    int64_t pb, int64_t pl, int64_t pr, int64_t relu) {
   if (relu != 0 && relu != 1) return Invalid("relu must be 0 or 1");
-  return Run(kForward, x, *y, w, &bias, sh, sw, pt, pb, pl, pr, relu == 1);
+  return Run(kForward, x, *y, w, &bias, sh, sw, pt, pb, pl, pr, relu == 1 ? kRelu : 0);
+}
+
+// y = conv(x, w) + bias + residual, then max(0, y) if `relu` is 1. XLA passes `residual` in
+// y's buffer (the call aliases them); if it did not, it is copied there first.
+ffi::Error ForwardAdd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
+                      ffi::AnyBuffer residual, ffi::Result<ffi::AnyBuffer> y, int64_t sh,
+                      int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t relu) {
+  if (relu != 0 && relu != 1) return Invalid("relu must be 0 or 1");
+  if (residual.element_type() != y->element_type() ||
+      residual.dimensions().size() != y->dimensions().size() ||
+      residual.size_bytes() != y->size_bytes()) {
+    return Invalid("the residual must have the output's shape and dtype");
+  }
+  for (size_t i = 0; i < residual.dimensions().size(); ++i) {
+    if (residual.dimensions()[i] != y->dimensions()[i]) {
+      return Invalid("the residual must have the output's shape and dtype");
+    }
+  }
+  if (residual.untyped_data() != y->untyped_data()) {
+    std::memcpy(y->untyped_data(), residual.untyped_data(), residual.size_bytes());
+  }
+  return Run(kForward, x, *y, w, &bias, sh, sw, pt, pb, pl, pr, kSum | (relu == 1 ? kRelu : 0));
 }
 
 ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
@@ -285,6 +314,15 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi:
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AffectJaxConvForward, Forward,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() AFFECT_JAX_CONV_ATTRS
+                                  .Attr<int64_t>("relu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AffectJaxConvForwardAdd, ForwardAdd,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()

@@ -2,6 +2,7 @@
 
 `conv2d` is differentiable (custom VJP: oneDNN's input- and weight-gradient kernels) and
 computes `lax.conv_general_dilated`'s function for NHWC x HWIO in float32 or bfloat16.
+`conv2d_add` (inference only) adds a residual before the ReLU in the same kernel.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from affect_jax.ops import native
 # The FFI targets of onednn_conv.cc: direction -> target name.
 TARGETS = {
     "forward": "affect_jax_onednn_conv_forward",
+    "forward_add": "affect_jax_onednn_conv_forward_add",
     "backward_data": "affect_jax_onednn_conv_backward_data",
     "backward_weights": "affect_jax_onednn_conv_backward_weights",
 }
 native.register_targets(
     {
         TARGETS["forward"]: "AffectJaxConvForward",
+        TARGETS["forward_add"]: "AffectJaxConvForwardAdd",
         TARGETS["backward_data"]: "AffectJaxConvBackwardData",
         TARGETS["backward_weights"]: "AffectJaxConvBackwardWeights",
     }
@@ -37,6 +40,7 @@ def _call(
     *operands: jax.Array,
     strides: tuple[int, int],
     pads: Pads,
+    aliases: dict[int, int] | None = None,
     **attrs: int,
 ) -> Any:
     (pt, pb), (pl, pr) = pads
@@ -45,6 +49,7 @@ def _call(
         TARGETS[direction],
         out,
         *operands,
+        aliases=aliases,
         stride_h=np.int64(strides[0]),
         stride_w=np.int64(strides[1]),
         pad_top=np.int64(pt),
@@ -98,6 +103,43 @@ def conv2d(
     if bias is None:
         bias = jnp.zeros((kernel.shape[-1],), jnp.float32)
     return _conv2d(x, kernel, bias, strides, pads, compute, bool(relu))
+
+
+def conv2d_add(
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array,
+    residual: jax.Array,
+    strides: tuple[int, int],
+    pads: Pads,
+    compute_dtype: Any = None,
+    relu: bool = False,
+) -> jax.Array:
+    """`conv2d(x, kernel, strides, pads, compute_dtype, bias) + residual`, then a ReLU if `relu`,
+    as one oneDNN kernel (a sum post-op on the float32 sums, one rounding): a ResNet block's
+    last convolution at inference, its BatchNorm folded in. `residual` has the result's shape;
+    XLA hands its buffer to the kernel as the output. Not differentiable (inference only).
+    """
+    compute = jnp.dtype(compute_dtype or x.dtype)
+    if compute not in native.DTYPES:
+        raise TypeError(f"oneDNN conv computes in float32 or bfloat16, not {compute}")
+    xc, kc = x.astype(compute), kernel.astype(compute)
+    out = jax.ShapeDtypeStruct(_out_shape(xc, kc, strides, pads), _written(x.dtype, compute))
+    if residual.shape != out.shape:
+        raise ValueError(f"residual {residual.shape} is not the output's shape {out.shape}")
+    y = _call(
+        "forward_add",
+        out,
+        xc,
+        kc,
+        bias.astype(jnp.float32),
+        residual.astype(out.dtype),
+        strides=strides,
+        pads=pads,
+        aliases={3: 0},
+        relu=relu,
+    )
+    return y.astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))

@@ -99,8 +99,13 @@ class Predictor:
         self.step, graphdef, state = run_dir.restore_checkpoint(
             workdir, self.config, self._mesh, which, step
         )
-        self._variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-        self._predict_step = jax.jit(steps.make_predict_step(graphdef, flip_tta=flip_tta))
+        predict_step = steps.make_predict_step(graphdef, flip_tta=flip_tta)
+        # The weights are fixed from here on: prepared for inference once (BatchNorm folded).
+        self._variables = jax.jit(predict_step.prepare)(
+            {"params": state["params"], "batch_stats": state["batch_stats"]}
+        )
+        del state
+        self._predict_step = jax.jit(predict_step.on_prepared)
         self._prepare = make_prepare(self.image_size, self.preprocessing)
         self.timings = StageTimes()
         self.layout = RowLayout(self.class_names)
