@@ -372,7 +372,10 @@ def _torch_worker(spec: dict[str, Any]):
     """
     import torch
     import torch.nn.functional as F
-    from torch_models import MultiTask  # scripts/ is sys.path[0]: workers run this file
+
+    if str(ROOT / "scripts") not in sys.path:  # workers run this file; tests import it
+        sys.path.insert(0, str(ROOT / "scripts"))
+    from torch_models import MultiTask
 
     torch.manual_seed(0)
     b, s, n = spec["batch_size"], spec["image_size"], spec["num_classes"]
