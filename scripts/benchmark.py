@@ -1,17 +1,34 @@
 r"""Training/eval step and input-pipeline speed of affect-jax, optionally against Keras and PyTorch.
 
     python scripts/benchmark.py --model=resnet50 --dtype=float32,bfloat16 --batch_size=32 \
-      --image_size=224 --steps=5 --warmup=2 [--lever=conv=xla --lever=conv=native] [--compare] \
-      [--output=benchmark.json]
+      --batch_sizes=1,32 --image_size=224 --steps=5 [--warmup=N] \
+      [--lever=conv=xla --lever=conv=native] [--compare --peers=keras,torch,torch_compile] \
+      [--startup --startup_runs=3] [--output=benchmark.json]
 
 Model: the project's multi-task model (backbone, global average pool, Dense(8) softmax CE and
 Dense(2) MSE, Adam 1e-4; no hidden layer, no dropout) on random 224x224 images, whole jitted
 train steps (forward, backward, Adam, BatchNorm statistics), called as the training driver calls
-them (``steps_per_execution`` steps, or evaluation batches, per call; every time is per
-batch). ``--compare`` builds the
-same model in Keras 3 / TensorFlow (`keras.applications`, ``mixed_bfloat16`` policy for bf16) and
-PyTorch (scripts/torch_models.py, channels_last, ``torch.autocast`` bf16) when they are
-installed, each called once per step (as ``model.fit`` and a PyTorch loop do).
+them (``steps_per_execution`` steps per call; every time is per batch). The inference step is
+timed at each of ``--batch_sizes``: at the training batch size as the driver evaluates
+(``steps_per_execution`` batches per call), at other sizes one batch per call, as ``predict``
+and ``serve`` call it. ``--compare`` builds the same model as ``--peers``: ``keras`` (Keras 3 /
+TensorFlow, `keras.applications`, ``mixed_bfloat16`` policy for bf16), ``torch`` (PyTorch eager,
+scripts/torch_models.py, channels_last, ``torch.autocast`` bf16) and ``torch_compile`` (the
+same under ``torch.compile``, default mode; inference in eval mode under
+``torch.inference_mode`` with Inductor's ``freezing``), each called once per batch (as
+``model.fit`` and a PyTorch loop do). A peer that is not installed, or fails to build or compile,
+is left out with one line saying why.
+
+Warm-up: ``--warmup`` untimed steps per contender before the timed rounds (each one a train
+step and one inference call per batch size); the default (-1) gives each contender
+``WARMUP_STEPS``. The warm-up's seconds are reported, and each warm-up call's time is in the
+JSON (``warmup_times_s``).
+
+``--startup`` times cold starts (no compilation cache), ``--startup_runs`` each: from launch to
+the end of the first train call of ``python -m affect_jax.main --config=configs/resnet50.py``
+(random init, synthetic faces), split by its log lines into imports, data, model and state,
+compile and first call; and the wall-clock of ``python -m affect_jax.predict`` on one image with
+a ResNet50 run dir made once (one training step).
 
 Every contender (each ``--lever`` of affect-jax, Keras, PyTorch) runs in its own worker process,
 so peak RSS and XLA flags are per contender; the workers stay alive and the parent runs them
