@@ -1,17 +1,34 @@
 r"""Training/eval step and input-pipeline speed of affect-jax, optionally against Keras and PyTorch.
 
     python scripts/benchmark.py --model=resnet50 --dtype=float32,bfloat16 --batch_size=32 \
-      --image_size=224 --steps=5 --warmup=2 [--lever=conv=xla --lever=conv=native] [--compare] \
-      [--output=benchmark.json]
+      --batch_sizes=1,32 --image_size=224 --steps=5 [--warmup=N] \
+      [--lever=conv=xla --lever=conv=native] [--compare --peers=keras,torch,torch_compile] \
+      [--startup --startup_runs=3] [--output=benchmark.json]
 
 Model: the project's multi-task model (backbone, global average pool, Dense(8) softmax CE and
 Dense(2) MSE, Adam 1e-4; no hidden layer, no dropout) on random 224x224 images, whole jitted
 train steps (forward, backward, Adam, BatchNorm statistics), called as the training driver calls
-them (``steps_per_execution`` steps, or evaluation batches, per call; every time is per
-batch). ``--compare`` builds the
-same model in Keras 3 / TensorFlow (`keras.applications`, ``mixed_bfloat16`` policy for bf16) and
-PyTorch (scripts/torch_models.py, channels_last, ``torch.autocast`` bf16) when they are
-installed, each called once per step (as ``model.fit`` and a PyTorch loop do).
+them (``steps_per_execution`` steps per call; every time is per batch). The inference step is
+timed at each of ``--batch_sizes``: at the training batch size as the driver evaluates
+(``steps_per_execution`` batches per call), at other sizes one batch per call, as ``predict``
+and ``serve`` call it. ``--compare`` builds the same model as ``--peers``: ``keras`` (Keras 3 /
+TensorFlow, `keras.applications`, ``mixed_bfloat16`` policy for bf16), ``torch`` (PyTorch eager,
+scripts/torch_models.py, channels_last, ``torch.autocast`` bf16) and ``torch_compile`` (the
+same under ``torch.compile``, default mode; inference in eval mode under
+``torch.inference_mode`` with Inductor's ``freezing``), each called once per batch (as
+``model.fit`` and a PyTorch loop do). A peer that is not installed, or fails to build or compile,
+is left out with one line saying why.
+
+Warm-up: ``--warmup`` untimed steps per contender before the timed rounds (each one a train
+step and one inference call per batch size); the default (-1) gives each contender
+``WARMUP_STEPS``. The warm-up's seconds are reported, and each warm-up call's time is in the
+JSON (``warmup_times_s``).
+
+``--startup`` times cold starts (no compilation cache), ``--startup_runs`` each: from launch to
+the end of the first train call of ``python -m affect_jax.main --config=configs/resnet50.py``
+(random init, synthetic faces), split by its log lines into imports, data, model and state,
+compile and first call; and the wall-clock of ``python -m affect_jax.predict`` on one image with
+a ResNet50 run dir made once (one training step).
 
 Every contender (each ``--lever`` of affect-jax, Keras, PyTorch) runs in its own worker process,
 so peak RSS and XLA flags are per contender; the workers stay alive and the parent runs them
@@ -41,11 +58,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import runpy
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -59,15 +78,29 @@ flags.DEFINE_list("model", ["resnet50"], "Backbones: resnet50, vgg16.")
 flags.DEFINE_list("dtype", ["float32"], "Compute dtypes: float32, bfloat16.")
 flags.DEFINE_integer("batch_size", 32, "Global batch size.")
 flags.DEFINE_integer("image_size", 224, "Square input side.")
-flags.DEFINE_integer("steps", 5, "Timed rounds (>= 5 for a median with spread).")
+flags.DEFINE_integer("steps", 5, "Timed rounds (>= 5 for a median with spread; 0: none).")
 flags.DEFINE_integer(
-    "warmup", 2, "Untimed steps per contender after compilation (at least one call)."
+    "warmup",
+    -1,
+    "Untimed steps per contender before the timed rounds (at least one call); -1: each "
+    "contender's default (WARMUP_STEPS).",
 )
 flags.DEFINE_integer("num_classes", 8, "Classes of the expression head.")
 flags.DEFINE_multi_string("lever", ["default"], "affect-jax variants (see module doc).")
-flags.DEFINE_bool("compare", False, "Also run Keras/TF and PyTorch (when installed).")
+flags.DEFINE_bool("compare", False, "Also run the --peers (those installed).")
+flags.DEFINE_list("peers", ["keras", "torch", "torch_compile"], "Peers of --compare.")
 flags.DEFINE_bool("eval", True, "Also time the eval (inference) step.")
+flags.DEFINE_list(
+    "batch_sizes", [], "Batch sizes of the timed eval step (default: --batch_size), e.g. 1,32."
+)
 flags.DEFINE_bool("input", False, "Also time the tf.data input pipeline (synthetic faces).")
+flags.DEFINE_bool(
+    "startup",
+    False,
+    "Also time cold starts (no compile cache): launch to the first train step of the ResNet50 "
+    "config, and predict on one image with a ResNet50 run.",
+)
+flags.DEFINE_integer("startup_runs", 3, "Cold starts of each command for --startup.")
 flags.DEFINE_string("cache_dir", "", "JAX persistent compilation cache for the workers.")
 flags.DEFINE_string("output", "benchmark.json", "JSON results file ('' = none).")
 flags.DEFINE_string("worker", "", "Internal: run as a worker with this JSON spec.")
@@ -130,6 +163,40 @@ def parse_lever(lever: str) -> dict[str, str]:
             raise app.UsageError(f"bad malloc lever {value!r} (one of {sorted(MALLOC_ENV)})")
         out[key] = value
     return out
+
+
+# Python modules each peer needs.
+PEER_MODULES = {"keras": "keras", "torch": "torch", "torch_compile": "torch"}
+# Untimed steps before the timed rounds (--warmup=-1): as many as the peers need for their last
+# rounds to be as fast as their best (docs/performance.md); affect-jax compiles ahead of time.
+WARMUP_STEPS = {"jax": 1, "keras": 3, "torch": 3, "torch_compile": 3, "input": 1}
+
+
+def parse_peers(peers: list[str]) -> list[str]:
+    """``--peers`` (deduplicated, in order); app.UsageError for an unknown one."""
+    out = []
+    for peer in peers:
+        if peer not in PEER_MODULES:
+            raise app.UsageError(f"bad --peers item {peer!r} (one of {', '.join(PEER_MODULES)})")
+        if peer not in out:
+            out.append(peer)
+    return out
+
+
+def parse_batch_sizes(values: list[str], batch_size: int) -> list[int]:
+    """``--batch_sizes`` as integers (default: the training batch size)."""
+    out = []
+    for value in values or [str(batch_size)]:
+        if not (value.strip().isdigit() and int(value) >= 1):
+            raise app.UsageError(f"bad --batch_sizes item {value!r} (an integer >= 1)")
+        if int(value) not in out:
+            out.append(int(value))
+    return out
+
+
+def warmup_steps(kind: str, warmup: int) -> int:
+    """``--warmup`` if given (>= 0), else the contender's default."""
+    return WARMUP_STEPS[kind] if warmup < 0 else warmup
 
 
 def _default_config():
@@ -197,13 +264,15 @@ def _jax_worker(spec: dict[str, Any]):
     del model
     host_memory.release_host_memory(clear_jit_caches=True)  # as the training driver does
     rng = np.random.default_rng(0)
-    batch = {
-        "image": jnp.asarray(rng.normal(size=(b, s, s, 3)).astype(np.float32)),
-        "expression": jnp.asarray(rng.integers(0, spec["num_classes"], b).astype(np.int32)),
-        "valence_arousal": jnp.asarray(rng.uniform(-1, 1, (b, 2)).astype(np.float32)),
-        "mask": jnp.ones((b,), jnp.float32),
-        "has_va": jnp.ones((b,), jnp.float32),
+    rows = max([b, *spec["eval_batch_sizes"]])
+    data = {
+        "image": rng.normal(size=(rows, s, s, 3)).astype(np.float32),
+        "expression": rng.integers(0, spec["num_classes"], rows).astype(np.int32),
+        "valence_arousal": rng.uniform(-1, 1, (rows, 2)).astype(np.float32),
+        "mask": np.ones((rows,), np.float32),
+        "has_va": np.ones((rows,), np.float32),
     }
+    batch = {name: jnp.asarray(value[:b]) for name, value in data.items()}
     donate = (0,) if lever.get("donate", "1") == "1" else ()
     # As the training driver calls it: steps_per_execution batches per call.
     per_call = int(lever.get("steps", config.steps_per_execution))
@@ -219,34 +288,47 @@ def _jax_worker(spec: dict[str, Any]):
     )
     compile_s = time.perf_counter() - t0
     # Evaluation as a loaded model runs it: weights prepared once (steps.InferenceStep, as the
-    # Predictor does), per_call batches per call (make_eval_steps).
+    # Predictor does).
     eval_step = steps.make_eval_step(graphdef)
     prepared = jax.jit(eval_step.prepare)(
         {"params": state["params"], "batch_stats": state["batch_stats"]}
     )
-    eval_c = jax.jit(steps.make_eval_steps(eval_step.on_prepared)).lower(prepared, chunk).compile()
     flops = _nominal_flops(config, batch)
     hlo = train_c.as_text()
-    host_memory.release_host_memory()
     holder = {"state": state}
+    evals = {}
+    for eval_b in spec["eval_batch_sizes"]:
+        # At the training batch size as the driver evaluates (per_call batches per call); at
+        # other sizes one batch per call, as predict and serve call the step.
+        n = per_call if eval_b == b else 1
+        eval_chunk = {k: jnp.stack([jnp.asarray(v[:eval_b])] * n) for k, v in data.items()}
+        eval_c = (
+            jax.jit(steps.make_eval_steps(eval_step.on_prepared))
+            .lower(prepared, eval_chunk)
+            .compile()
+        )
+
+        def eval_once(eval_c=eval_c, eval_chunk=eval_chunk) -> None:
+            jax.block_until_ready(eval_c(prepared, eval_chunk))
+
+        evals[eval_b] = (eval_once, n)
+    host_memory.release_host_memory()
 
     def train_once() -> None:
         holder["state"], out = train_c(holder["state"], chunk)
         jax.block_until_ready((holder["state"], out))
 
-    def eval_once() -> None:
-        jax.block_until_ready(eval_c(prepared, chunk))
-
     info = {
         "compile_s": compile_s,
         "flops": flops,
         "steps_per_call": per_call,
+        "eval_batches_per_call": {str(k): n for k, (_, n) in evals.items()},
         "hlo_convolutions": hlo.count(" convolution("),
         "hlo_dots": hlo.count(" dot("),
         "onednn_calls": hlo.count("affect_jax_onednn_conv"),
         "native_batch_norm_calls": hlo.count("affect_jax_batch_norm"),
     }
-    return train_once, eval_once, info
+    return train_once, {k: fn for k, (fn, _) in evals.items()}, info
 
 
 def _keras_worker(spec: dict[str, Any]):
@@ -285,25 +367,38 @@ def _keras_worker(spec: dict[str, Any]):
         return loss
 
     @tf.function
-    def eval_step():
-        logits, pred = model(x, training=False)
+    def eval_step(images):
+        logits, pred = model(images, training=False)
         return tf.nn.softmax(logits), pred
 
     t0 = time.perf_counter()
     train_step().numpy()
     compile_s = time.perf_counter() - t0
-    eval_step()
+    evals = {}
+    for eval_b in spec["eval_batch_sizes"]:
+        images = tf.constant(rng.normal(size=(eval_b, s, s, 3)).astype(np.float32))
 
-    def eval_once() -> None:
-        [t.numpy() for t in eval_step()]
+        def eval_once(images=images) -> None:
+            [t.numpy() for t in eval_step(images)]
 
-    return (lambda: train_step().numpy()), eval_once, {"compile_s": compile_s}
+        evals[eval_b] = eval_once
+    return (lambda: train_step().numpy()), evals, {"compile_s": compile_s}
 
 
 def _torch_worker(spec: dict[str, Any]):
+    """PyTorch eager (kind 'torch') or torch.compile (kind 'torch_compile', default mode).
+
+    torch.compile: the model compiled for training (forward and, through AOTAutograd, backward;
+    Adam stays eager) and for inference (eval mode, ``torch.inference_mode``, Inductor's
+    ``freezing``: the weights folded in as constants and prepacked for oneDNN, as a deployed
+    model is). Shapes are static (``dynamic=False``): one program per batch size.
+    """
     import torch
     import torch.nn.functional as F
-    from torch_models import MultiTask  # scripts/ is sys.path[0]: workers run this file
+
+    if str(ROOT / "scripts") not in sys.path:  # workers run this file; tests import it
+        sys.path.insert(0, str(ROOT / "scripts"))
+    from torch_models import MultiTask
 
     torch.manual_seed(0)
     b, s, n = spec["batch_size"], spec["image_size"], spec["num_classes"]
@@ -313,28 +408,41 @@ def _torch_worker(spec: dict[str, Any]):
     x = torch.randn(b, 3, s, s).to(memory_format=torch.channels_last)
     y = torch.randint(0, n, (b,))
     va = torch.rand(b, 2) * 2 - 1
+    train_model = infer_model = model
+    if spec["kind"] == "torch_compile":
+        import torch._inductor.config
+
+        torch._inductor.config.freezing = True  # applies to inference graphs only
+        train_model = torch.compile(model, dynamic=False)
+        infer_model = torch.compile(model, dynamic=False)
 
     def train_once() -> None:
         model.train()
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits, pred = model(x)
+            logits, pred = train_model(x)
         loss = F.cross_entropy(logits.float(), y) + F.mse_loss(pred.float(), va)
         loss.backward()
         opt.step()
         loss.item()
 
-    def eval_once() -> None:
-        model.eval()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits, pred = model(x)
-            torch.softmax(logits.float(), -1).sum().item()
+    evals = {}
+    for eval_b in spec["eval_batch_sizes"]:
+        images = torch.randn(eval_b, 3, s, s).to(memory_format=torch.channels_last)
+
+        def eval_once(images=images) -> None:
+            model.eval()
+            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                logits, pred = infer_model(images)
+                torch.softmax(logits.float(), -1).sum().item()
+
+        evals[eval_b] = eval_once
 
     t0 = time.perf_counter()
     train_once()
     return (
         train_once,
-        eval_once,
+        evals,
         {"compile_s": time.perf_counter() - t0, "torch_threads": torch.get_num_threads()},
     )
 
@@ -361,7 +469,13 @@ def _input_worker(spec: dict[str, Any]):
         for _ in ds.as_numpy_iterator():
             pass
 
-    return train_once, None, {"compile_s": 0.0, "data_setup_s": setup_s, "batches_per_call": 4}
+    return train_once, {}, {"compile_s": 0.0, "data_setup_s": setup_s, "batches_per_call": 4}
+
+
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def run_worker(spec: dict[str, Any]) -> None:
@@ -369,25 +483,35 @@ def run_worker(spec: dict[str, Any]) -> None:
         "jax": _jax_worker,
         "keras": _keras_worker,
         "torch": _torch_worker,
+        "torch_compile": _torch_worker,
         "input": _input_worker,
     }[spec["kind"]]
-    train_once, eval_once, info = builder(spec)
-    # --warmup counts steps; a call may run several.
-    per_call = info.get("steps_per_call", 1)
-    for _ in range(max(1, -(-spec["warmup"] // per_call))):
-        train_once()
-        if eval_once is not None:
-            eval_once()
+    try:
+        train_once, evals, info = builder(spec)
+        # Times are per batch: a call may run several (train steps, evaluation batches).
+        per_call = {"train": info.get("steps_per_call", 1)}
+        for eval_b in evals:
+            per_call[f"eval@{eval_b}"] = info.get("eval_batches_per_call", {}).get(str(eval_b), 1)
+        fns = {"train": train_once, **{f"eval@{k}": fn for k, fn in evals.items()}}
+        # The warm-up counts steps (at least one call): every call of each kind, times kept.
+        warmup = {key: [] for key in fns}
+        t0 = time.perf_counter()
+        for _ in range(max(1, -(-spec["warmup"] // per_call["train"]))):
+            for key, fn in fns.items():
+                warmup[key].append(_seconds(fn) / per_call[key])
+        info["warmup_s"] = time.perf_counter() - t0
+        info["warmup_times_s"] = warmup
+    except Exception as e:  # a peer that does not run here (e.g. torch.compile without a compiler)
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        _send({"error": f"{type(e).__name__}: {first}"})
+        return
     _send({"ready": True, **info, "rss_mb": _peak_rss_mb()})
     for line in sys.stdin:
-        cmd = line.strip()
-        if cmd == "quit":
+        key = line.strip()
+        if key == "quit":
             break
-        fn = train_once if cmd == "train" else eval_once
-        t0 = time.perf_counter()
-        fn()
-        seconds = time.perf_counter() - t0
-        _send({"t": seconds / per_call, "rss_mb": _peak_rss_mb()})
+        seconds = _seconds(fns[key])
+        _send({"t": seconds / per_call[key], "rss_mb": _peak_rss_mb()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,44 +576,80 @@ def _fmt(st: dict[str, float], digits: int = 2) -> str:
     return f"{st['median']:.{digits}f} [{st['min']:.{digits}f}-{st['max']:.{digits}f}]"
 
 
-def _run_group(specs: list[dict[str, Any]], steps: int, do_eval: bool) -> list[dict[str, Any]]:
+def step_keys(eval_batch_sizes: list[int]) -> list[str]:
+    """The timed steps: 'train', then 'eval@B' per inference batch size."""
+    return ["train"] + [f"eval@{b}" for b in eval_batch_sizes]
+
+
+def images_per_batch(spec: dict[str, Any], key: str) -> int:
+    if key.startswith("eval@"):
+        return int(key[len("eval@") :])
+    return spec["batch_size"] * (4 if spec["kind"] == "input" else 1)
+
+
+def _start_workers(specs: list[dict[str, Any]]) -> list[Worker]:
+    """Started one after another, so compile times are not contended. A peer that fails to
+    start (e.g. torch.compile without a working compiler) is reported in one line and left
+    out; affect-jax failing is an error."""
     workers = []
+    for spec in specs:
+        env = dict(os.environ)
+        lever = parse_lever(spec.get("lever", ""))
+        env.update(MALLOC_ENV.get(lever.get("malloc", ""), {}))
+        xla_flags = lever.get("xla_flags", "")
+        if xla_flags:
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
+        print(f"  starting {spec['label']} ...", flush=True)
+        try:
+            worker = Worker(spec, env)
+            error = worker.info.get("error")
+        except RuntimeError as e:
+            worker, error = None, str(e)
+        if error:
+            if spec["kind"] == "jax":
+                raise RuntimeError(f"{spec['label']} failed: {error}")
+            print(f"  {spec['label']} does not run here, left out: {error}", flush=True)
+            if worker is not None:
+                worker.close()
+            continue
+        workers.append(worker)
+        info = worker.info
+        print(
+            f"    ready: compile {info.get('compile_s', 0):.1f}s, warm-up "
+            f"{info.get('warmup_s', 0):.1f}s",
+            flush=True,
+        )
+    return workers
+
+
+def _run_group(
+    specs: list[dict[str, Any]], steps: int, eval_batch_sizes: list[int]
+) -> list[dict[str, Any]]:
+    workers = _start_workers(specs)
     try:
-        for spec in specs:  # Started one after another: compile times are not contended.
-            env = dict(os.environ)
-            lever = parse_lever(spec.get("lever", ""))
-            env.update(MALLOC_ENV.get(lever.get("malloc", ""), {}))
-            xla_flags = lever.get("xla_flags", "")
-            if xla_flags:
-                env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
-            print(f"  starting {spec['label']} ...", flush=True)
-            workers.append(Worker(spec, env))
-            print(f"    ready: compile {workers[-1].info.get('compile_s', 0):.1f}s", flush=True)
-        times: dict[str, list[list[float]]] = {w.spec["label"]: [[], []] for w in workers}
+        keys = {
+            w.spec["label"]: step_keys([] if w.spec["kind"] == "input" else eval_batch_sizes)
+            for w in workers
+        }
+        times: dict[str, dict[str, list[float]]] = {
+            label: {key: [] for key in ks} for label, ks in keys.items()
+        }
         for r in range(steps):
             order = workers[r % len(workers) :] + workers[: r % len(workers)]
             for w in order:
-                times[w.spec["label"]][0].append(w.call("train")["t"])
-                if do_eval and w.spec["kind"] != "input":
-                    times[w.spec["label"]][1].append(w.call("eval")["t"])
+                for key in keys[w.spec["label"]]:
+                    times[w.spec["label"]][key].append(w.call(key)["t"])
             print(
                 f"  round {r + 1}/{steps}: "
-                + ", ".join(f"{k} {v[0][-1]:.2f}s" for k, v in times.items()),
+                + ", ".join(f"{k} {v['train'][-1]:.2f}s" for k, v in times.items()),
                 flush=True,
             )
         results = []
         for w in workers:
-            train_t, eval_t = times[w.spec["label"]]
-            b = w.spec["batch_size"] * (4 if w.spec["kind"] == "input" else 1)
-            res = {
-                **w.spec,
-                **{k: v for k, v in w.info.items() if k != "ready"},
-                "train_times_s": train_t,
-                "train_img_s": _stats([b / t for t in train_t]),
-            }
-            if eval_t:
-                res["eval_times_s"] = eval_t
-                res["eval_img_s"] = _stats([b / t for t in eval_t])
+            res = {**w.spec, **{k: v for k, v in w.info.items() if k != "ready"}, "steps": {}}
+            for key, ts in times[w.spec["label"]].items():
+                n = images_per_batch(w.spec, key)
+                res["steps"][key] = {"times_s": ts, "img_s": _stats([n / t for t in ts])}
             res["peak_rss_mb"] = w.call("train")["rss_mb"]
             results.append(res)
         return results
@@ -500,8 +660,218 @@ def _run_group(specs: list[dict[str, Any]], steps: int, do_eval: bool) -> list[d
 
 def _ratios(a: dict[str, Any], b: dict[str, Any], key: str) -> dict[str, float]:
     """Per-round (alternating) ratios of a's images/s over b's: b_time / a_time."""
-    ta, tb = a[f"{key}_times_s"], b[f"{key}_times_s"]
+    ta, tb = a["steps"][key]["times_s"], b["steps"][key]["times_s"]
     return _stats([y / x for x, y in zip(ta, tb, strict=False)])
+
+
+def best_peer(results: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
+    """The peer (not affect-jax, not the input pipeline) with the highest median images/s."""
+    peers = [r for r in results if r["kind"] not in ("jax", "input") and key in r["steps"]]
+    return max(peers, key=lambda r: r["steps"][key]["img_s"]["median"], default=None)
+
+
+def summary_table(results: list[dict[str, Any]]) -> str:
+    """Markdown: per timed step, the first affect-jax contender against the best peer (median
+    [min-max] of the per-round ratios), then every contender's peak RSS."""
+    ours = results[0]
+    lines = [
+        f"| {ours['model']} {ours['dtype']} | ours img/s | best peer | peer img/s "
+        "| ours / best peer |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for key, step in ours["steps"].items():
+        peer = best_peer(results, key)
+        name = step_name(key, ours["batch_size"])
+        if peer is None:
+            lines.append(f"| {name} | {_fmt(step['img_s'])} | - | - | - |")
+            continue
+        lines.append(
+            f"| {name} | {_fmt(step['img_s'])} | {peer['label']} "
+            f"| {_fmt(peer['steps'][key]['img_s'])} | {_fmt(_ratios(ours, peer, key))} |"
+        )
+    rss = ", ".join(f"{r['label']} {r['peak_rss_mb']:.0f}" for r in results)
+    return "\n".join(lines) + f"\n\nPeak RSS MB: {rss}\n"
+
+
+def step_name(key: str, batch_size: int) -> str:
+    if key == "train":
+        return f"train, batch {batch_size}"
+    return f"eval, batch {key[len('eval@') :]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up: launch to the first train step, and predict on one image, without a compile cache
+# ---------------------------------------------------------------------------------------------
+
+NO_CACHE = "--config.compilation_cache_dir="
+STARTUP_TRAIN = [
+    "-m",
+    "affect_jax.main",
+    "--config=configs/resnet50.py",
+    "--config.model.init=random",
+    "--config.data.source=synthetic",
+    NO_CACHE,
+]
+# Logged by the training driver after the first call (compile, then its first run).
+FIRST_CALL = re.compile(
+    r"Compiled the (\d+)-step train call in ([\d.]+) s .*first call took ([\d.]+) s"
+)
+# Logged once JAX and TensorFlow are imported and the devices are known.
+DEVICES = re.compile(r"JAX process \d+/\d+, devices")
+
+
+def timed_lines(cmd: list[str], stop: re.Pattern | None, timeout: float) -> dict[str, Any]:
+    """Runs ``cmd`` (from the repository root, without a JAX cache), and returns its output
+    lines with their seconds since launch; stops it (SIGTERM) at the first line matching
+    ``stop``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env["PYTHONUNBUFFERED"] = "1"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, *cmd],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=str(ROOT),
+        env=env,
+    )
+    lines, stopped = [], False
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            lines.append((time.perf_counter() - t0, line.rstrip("\n")))
+            if stop is not None and stop.search(line):
+                stopped = True
+                break
+            if time.perf_counter() - t0 > timeout:
+                break
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return {
+        "lines": lines,
+        "stopped": stopped,
+        "exit": proc.returncode,
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+# Logged once the data splits are ready.
+DATA = re.compile(r"Data '[^']*': \d+ train")
+
+
+def train_startup(lines: list[tuple[float, str]]) -> dict[str, float] | None:
+    """Seconds from launch to the end of the first train call and where they went: imports
+    (to the devices line), data (to the data line), build (model and state, until
+    compilation), compile and the first call. None if the first call's line is missing."""
+    marks = {}
+    for t, line in lines:
+        for name, pattern in (("imports_s", DEVICES), ("data", DATA)):
+            if name not in marks and pattern.search(line):
+                marks[name] = t
+        m = FIRST_CALL.search(line)
+        if m:
+            compile_s, call_s = float(m.group(2)), float(m.group(3))
+            out = {
+                "first_step_s": t,
+                "steps_in_first_call": int(m.group(1)),
+                "compile_s": compile_s,
+                "first_call_s": call_s,
+            }
+            before = t - compile_s - call_s  # when compilation began
+            if "imports_s" in marks:
+                out["imports_s"] = marks["imports_s"]
+                if "data" in marks:
+                    out["data_s"] = marks["data"] - marks["imports_s"]
+                out["build_s"] = before - marks.get("data", marks["imports_s"])
+            return out
+    return None
+
+
+def _startup_run_dir(tmp: Path) -> Path:
+    """A ResNet50 run dir (one step of training on synthetic faces, no compile cache) and one
+    photo-sized image, made once for the predict timing."""
+    from PIL import Image
+
+    run = tmp / "resnet50"
+    result = timed_lines(
+        [
+            *STARTUP_TRAIN,
+            f"--workdir={run}",
+            "--config.num_epochs=1",
+            "--config.steps_per_epoch=1",
+            "--config.steps_per_execution=1",
+            "--config.data.synthetic_size=64",
+        ],
+        None,
+        1800,
+    )
+    if result["exit"] != 0:
+        tail = "\n".join(line for _, line in result["lines"][-20:])
+        raise RuntimeError(f"creating the ResNet50 run dir failed:\n{tail}")
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp / "one.jpg")
+    return run
+
+
+def startup(runs: int) -> dict[str, Any]:
+    """``runs`` cold starts of each command, alternating; medians [min-max]."""
+    out: dict[str, Any] = {"train": [], "predict": []}
+    with tempfile.TemporaryDirectory(prefix="affect_jax_startup_") as tmp_name:
+        tmp = Path(tmp_name)
+        print("== start-up: creating a ResNet50 run dir for predict ...", flush=True)
+        run = _startup_run_dir(tmp)
+        for i in range(runs):
+            result = timed_lines(
+                [*STARTUP_TRAIN, f"--workdir={tmp / f'train{i}'}"], FIRST_CALL, 900
+            )
+            parsed = train_startup(result["lines"])
+            if parsed is None:
+                tail = "\n".join(line for _, line in result["lines"][-20:])
+                raise RuntimeError(f"no first train call in the training output:\n{tail}")
+            out["train"].append(parsed)
+            result = timed_lines(
+                ["-m", "affect_jax.predict", f"--workdir={run}", str(tmp / "one.jpg")], None, 900
+            )
+            if result["exit"] != 0:
+                tail = "\n".join(line for _, line in result["lines"][-20:])
+                raise RuntimeError(f"predict failed (exit {result['exit']}):\n{tail}")
+            out["predict"].append({"wall_s": result["wall_s"]})
+            print(
+                f"  run {i + 1}/{runs}: first train step {parsed['first_step_s']:.1f}s, "
+                f"predict {result['wall_s']:.1f}s",
+                flush=True,
+            )
+    return out
+
+
+def startup_summary(runs: dict[str, Any]) -> str:
+    """Markdown: median [min-max] seconds of each part of the cold starts."""
+    lines = ["| start-up, no compile cache | seconds |", "| --- | --- |"]
+    names = {
+        "first_step_s": "train: launch to the end of the first train call",
+        "imports_s": "  imports (to the devices line)",
+        "data_s": "  data splits",
+        "build_s": "  model and state",
+        "compile_s": "  compile",
+        "first_call_s": "  first call",
+    }
+    for key, name in names.items():
+        values = [r[key] for r in runs["train"] if key in r]
+        if values:
+            lines.append(f"| {name} | {_fmt(_stats(values), 1)} |")
+    wall = [r["wall_s"] for r in runs["predict"]]
+    if wall:
+        lines.append(f"| predict one image, wall-clock | {_fmt(_stats(wall), 1)} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str]) -> None:
@@ -512,23 +882,23 @@ def main(argv: list[str]) -> None:
         return
     for lever in FLAGS.lever:
         parse_lever(lever)
+    peers = parse_peers(FLAGS.peers) if FLAGS.compare else []
+    eval_batch_sizes = parse_batch_sizes(FLAGS.batch_sizes, FLAGS.batch_size)
     base = {
         "batch_size": FLAGS.batch_size,
         "image_size": FLAGS.image_size,
-        "warmup": FLAGS.warmup,
         "num_classes": FLAGS.num_classes,
+        "eval_batch_sizes": eval_batch_sizes if FLAGS.eval else [],
         "cache_dir": os.path.expanduser(FLAGS.cache_dir),
     }
-    peers = []
-    if FLAGS.compare:
-        for kind, module in (("keras", "keras"), ("torch", "torch")):
-            if _available(module):
-                peers.append(kind)
-            else:
-                print(f"--compare: {module} not installed, skipped")
+    for kind in list(peers):
+        if not _available(PEER_MODULES[kind]):
+            print(f"--peers: {PEER_MODULES[kind]} not installed, {kind} skipped")
+            peers.remove(kind)
     all_results: list[dict[str, Any]] = []
     ratio_rows: list[dict[str, Any]] = []
-    for model in FLAGS.model:
+    tables: list[str] = []
+    for model in FLAGS.model if FLAGS.steps > 0 else []:
         for dtype in FLAGS.dtype:
             specs = [
                 dict(
@@ -538,73 +908,55 @@ def main(argv: list[str]) -> None:
                     dtype=dtype,
                     lever=lever,
                     label=f"affect-jax[{lever}]",
+                    warmup=warmup_steps("jax", FLAGS.warmup),
                 )
                 for lever in FLAGS.lever
             ]
             specs += [
-                dict(base, kind=k, model=model, dtype=dtype, lever="", label=k) for k in peers
+                dict(
+                    base,
+                    kind=k,
+                    model=model,
+                    dtype=dtype,
+                    lever="",
+                    label=k,
+                    warmup=warmup_steps(k, FLAGS.warmup),
+                )
+                for k in peers
             ]
             print(
                 f"== {model} {dtype} batch {FLAGS.batch_size} at {FLAGS.image_size} px: "
                 f"{len(specs)} contenders, {FLAGS.steps} alternating rounds",
                 flush=True,
             )
-            results = _run_group(specs, FLAGS.steps, FLAGS.eval)
+            results = _run_group(specs, FLAGS.steps, base["eval_batch_sizes"])
             jax_flops = results[0].get("flops", 0.0)
             for res in results:
-                t = statistics.median(res["train_times_s"])
+                t = statistics.median(res["steps"]["train"]["times_s"])
                 res["gflops_per_s"] = jax_flops / t / 1e9 if jax_flops else None
             all_results += results
-            first = results[0]
-            for res in results[1:]:
-                for key in ("train", "eval"):
-                    if f"{key}_times_s" in res and f"{key}_times_s" in first:
-                        ratio_rows.append(
-                            {
-                                "model": model,
-                                "dtype": dtype,
-                                "step": key,
-                                "a": first["label"],
-                                "b": res["label"],
-                                **_ratios(first, res, key),
-                            }
-                        )
-            for res in results[1 : len(FLAGS.lever)]:  # other levers vs every peer, too
-                for peer in results[len(FLAGS.lever) :]:
-                    ratio_rows.append(
-                        {
-                            "model": model,
-                            "dtype": dtype,
-                            "step": "train",
-                            "a": res["label"],
-                            "b": peer["label"],
-                            **_ratios(res, peer, "train"),
-                        }
-                    )
+            tables.append(summary_table(results))
+            n_ours = sum(r["kind"] == "jax" for r in results)
+            for i, res in enumerate(results[1:], 1):
+                for key in res["steps"]:
+                    # the baseline lever against everything; other levers against the peers
+                    if key in results[0]["steps"] and (key == "train" or i >= n_ours):
+                        ratio_rows.append(ratio_row(results[0], res, key))
+            for res in results[1:n_ours]:
+                for peer in results[n_ours:]:
+                    ratio_rows.append(ratio_row(res, peer, "train"))
     if FLAGS.input:
         print("== input pipeline (synthetic faces, train_batches)", flush=True)
-        spec = dict(base, kind="input", model="-", dtype="-", lever="", label="input")
-        all_results += _run_group([spec], FLAGS.steps, False)
+        spec = dict(base, kind="input", model="-", dtype="-", lever="", label="input", warmup=1)
+        all_results += _run_group([spec], FLAGS.steps, [])
+    startup_runs = startup(FLAGS.startup_runs) if FLAGS.startup else None
 
-    print("\nimages/s: median [min-max] over rounds; GFLOP/s from XLA's cost analysis")
-    print(
-        f"{'model':9} {'dtype':9} {'contender':34} {'train img/s':>20} {'eval img/s':>20} "
-        f"{'GFLOP/s':>8} {'compile s':>9} {'peak RSS MB':>11}"
-    )
-    for r in all_results:
-        ev = _fmt(r["eval_img_s"]) if "eval_img_s" in r else "-"
-        gf = f"{r['gflops_per_s']:.0f}" if r.get("gflops_per_s") else "-"
-        print(
-            f"{r['model']:9} {r['dtype']:9} {r['label']:34} {_fmt(r['train_img_s']):>20} "
-            f"{ev:>20} {gf:>8} {r.get('compile_s', 0):9.1f} {r['peak_rss_mb']:11.0f}"
-        )
-    if ratio_rows:
-        print("\nratios (a / b images/s, per alternating round): median [min-max]")
-        for q in ratio_rows:
-            print(
-                f"{q['model']:9} {q['dtype']:9} {q['step']:5} {q['a']:>30} / {q['b']:<30} "
-                f"{_fmt(q, 2)}"
-            )
+    if all_results:
+        print_results(all_results, ratio_rows, eval_batch_sizes)
+    for table in tables:
+        print("\n" + table)
+    if startup_runs is not None:
+        print("\n" + startup_summary(startup_runs))
     if FLAGS.output:
         out = {
             "flags": {
@@ -613,19 +965,63 @@ def main(argv: list[str]) -> None:
                     "model",
                     "dtype",
                     "batch_size",
+                    "batch_sizes",
                     "image_size",
                     "steps",
                     "warmup",
                     "lever",
                     "compare",
+                    "peers",
+                    "startup",
+                    "startup_runs",
                 )
             },
             "host": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()},
             "results": all_results,
             "ratios": ratio_rows,
+            "startup": startup_runs,
         }
         Path(FLAGS.output).write_text(json.dumps(out, indent=1))
         print(f"\nwrote {FLAGS.output}")
+
+
+def ratio_row(a: dict[str, Any], b: dict[str, Any], key: str) -> dict[str, Any]:
+    return {
+        "model": a["model"],
+        "dtype": a["dtype"],
+        "step": key,
+        "a": a["label"],
+        "b": b["label"],
+        **_ratios(a, b, key),
+    }
+
+
+def print_results(
+    results: list[dict[str, Any]], ratio_rows: list[dict[str, Any]], eval_batch_sizes: list[int]
+) -> None:
+    keys = step_keys(eval_batch_sizes)
+    print("\nimages/s: median [min-max] over rounds; GFLOP/s from XLA's cost analysis")
+    print(
+        f"{'model':9} {'dtype':9} {'contender':26} "
+        + " ".join(f"{key + ' img/s':>20}" for key in keys)
+        + f" {'GFLOP/s':>8} {'compile s':>9} {'warm-up s':>9} {'steps':>5} {'peak RSS MB':>11}"
+    )
+    for r in results:
+        cells = [_fmt(r["steps"][k]["img_s"]) if k in r["steps"] else "-" for k in keys]
+        gf = f"{r['gflops_per_s']:.0f}" if r.get("gflops_per_s") else "-"
+        print(
+            f"{r['model']:9} {r['dtype']:9} {r['label']:26} "
+            + " ".join(f"{c:>20}" for c in cells)
+            + f" {gf:>8} {r.get('compile_s', 0):9.1f} {r.get('warmup_s', 0):9.1f} "
+            f"{r['warmup']:5d} {r['peak_rss_mb']:11.0f}"
+        )
+    if ratio_rows:
+        print("\nratios (a / b images/s, per alternating round): median [min-max]")
+        for q in ratio_rows:
+            print(
+                f"{q['model']:9} {q['dtype']:9} {q['step']:8} {q['a']:>26} / {q['b']:<14} "
+                f"{_fmt(q, 2)}"
+            )
 
 
 if __name__ == "__main__":
