@@ -96,15 +96,13 @@ class Predictor:
             raise ValueError(
                 f"batch_size={batch_size} must be a positive multiple of the {devices} devices"
             )
-        self.step, graphdef, state = run_dir.restore_checkpoint(
-            workdir, self.config, self._mesh, which, step
+        self.step, graphdef, variables = run_dir.restore_checkpoint(
+            workdir, self.config, self._mesh, which, step, variables_only=True
         )
         predict_step = steps.make_predict_step(graphdef, flip_tta=flip_tta)
         # The weights are fixed from here on: prepared for inference once (BatchNorm folded).
-        self._variables = jax.jit(predict_step.prepare)(
-            {"params": state["params"], "batch_stats": state["batch_stats"]}
-        )
-        del state
+        self._variables = jax.jit(predict_step.prepare)(variables)
+        del variables
         self._predict_step = jax.jit(predict_step.on_prepared)
         self._prepare = make_prepare(self.image_size, self.preprocessing)
         self.timings = StageTimes()
