@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
-import tensorflow as tf
 from absl import logging
 
 from affect_jax import distributed, run_dir, sharding, steps
-from affect_jax.data import pipeline
 from affect_jax.predict import detectors, stream
 from affect_jax.predict.faces import BoxTable, Face, FaceOptions, read_boxes
 from affect_jax.predict.rows import RowLayout
 from affect_jax.predict.samples import image_samples
 from affect_jax.predict.timing import StageTimes
+
+if TYPE_CHECKING:  # TensorFlow is loaded by the first crop prepared (or in the background)
+    import tensorflow as tf
 
 # Detection and the model share the CPU: on 2 cores one worker already keeps it busy.
 DEFAULT_WORKERS = min(4, max(1, (os.cpu_count() or 2) // 2))
@@ -32,6 +33,9 @@ DEFAULT_WORKERS = min(4, max(1, (os.cpu_count() or 2) // 2))
 
 def make_prepare(size: int, mode: str) -> tf.types.experimental.GenericFunction:
     """The evaluation pipeline's own resize and preprocessing (what ``eval_batches`` maps)."""
+    import tensorflow as tf
+
+    from affect_jax.data import pipeline
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
     def prepare(image: tf.Tensor) -> tf.Tensor:
@@ -86,7 +90,6 @@ class Predictor:
         self.config = run_dir.load_config(workdir)
         self.class_names = run_dir.class_names(workdir, self.config)
         self.image_size = int(self.config.data.image_size)
-        self.preprocessing = pipeline.preprocessing_mode(self.config)
         self.face_margin = float(self.config.data.get("face_margin", 0.0))
         self.batch_size = int(batch_size)
         self.workers = int(workers)
@@ -104,6 +107,10 @@ class Predictor:
         self._variables = jax.jit(predict_step.prepare)(variables)
         del variables
         self._predict_step = jax.jit(predict_step.on_prepared)
+        # TensorFlow (the crops' resize) last: the CLI imports it meanwhile in another thread.
+        from affect_jax.data import pipeline
+
+        self.preprocessing = pipeline.preprocessing_mode(self.config)
         self._prepare = make_prepare(self.image_size, self.preprocessing)
         self.timings = StageTimes()
         self.layout = RowLayout(self.class_names)
@@ -120,6 +127,8 @@ class Predictor:
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """Network input [S, S, 3] float32 of one uint8 RGB face crop (any size)."""
+        import tensorflow as tf
+
         image = checked_crop(image)
         with tf.device("/CPU:0"):  # where tf.data ran it during training
             return self._prepare(tf.constant(image)).numpy()
