@@ -10,7 +10,7 @@ videos are streamed through it by ``stream.py``, into the rows of ``rows.py``.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -27,6 +27,10 @@ from affect_jax.predict.timing import StageTimes
 if TYPE_CHECKING:  # TensorFlow is loaded by the first crop prepared (or in the background)
     import tensorflow as tf
 
+# XLA options of programs that run once (steps.init_model's): the least optimised code
+# compiles fastest; their elementwise results are the optimised program's (tested).
+_ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+
 # Detection and the model share the CPU: on 2 cores one worker already keeps it busy.
 DEFAULT_WORKERS = min(4, max(1, (os.cpu_count() or 2) // 2))
 
@@ -42,6 +46,15 @@ def make_prepare(size: int, mode: str) -> tf.types.experimental.GenericFunction:
         return pipeline.preprocess(pipeline.resize_image(image, size), mode)
 
     return prepare
+
+
+def prepare_once(
+    prepare: Callable[[steps.State], steps.State], variables: steps.State
+) -> steps.State:
+    """``jax.jit(prepare)(variables)``, bit for bit, by a program that compiles faster (it
+    runs once per loaded model)."""
+    lowered = jax.jit(prepare).lower(variables)
+    return lowered.compile(compiler_options=_ONCE_COMPILER_OPTIONS)(variables)
 
 
 def checked_crop(image: np.ndarray) -> np.ndarray:
@@ -104,9 +117,14 @@ class Predictor:
         )
         predict_step = steps.make_predict_step(graphdef, flip_tta=flip_tta)
         # The weights are fixed from here on: prepared for inference once (BatchNorm folded).
-        self._variables = jax.jit(predict_step.prepare)(variables)
+        self._variables = prepare_once(predict_step.prepare, variables)
         del variables
-        self._predict_step = jax.jit(predict_step.on_prepared)
+        # Compiled now for the one batch shape run_batch feeds: while the CLI imports
+        # TensorFlow in the background, not after detection.
+        images = np.zeros((self.batch_size, self.image_size, self.image_size, 3), np.float32)
+        images = sharding.shard_batch({"image": images}, self._mesh)["image"]
+        self._predict_step = jax.jit(predict_step.on_prepared).lower(self._variables, images)
+        self._predict_step = self._predict_step.compile()
         # TensorFlow (the crops' resize) last: the CLI imports it meanwhile in another thread.
         from affect_jax.data import pipeline
 
