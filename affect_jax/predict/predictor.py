@@ -119,12 +119,15 @@ class Predictor:
         # The weights are fixed from here on: prepared for inference once (BatchNorm folded).
         self._variables = prepare_once(predict_step.prepare, variables)
         del variables
-        # Compiled now for the one batch shape run_batch feeds: while the CLI imports
-        # TensorFlow in the background, not after detection.
+        self._predict_step = jax.jit(predict_step.on_prepared)
+        # Compiled now for the batch shape run_batch feeds (while the CLI imports TensorFlow
+        # in the background, not after detection); another batch_size compiles on first use.
         images = np.zeros((self.batch_size, self.image_size, self.image_size, 3), np.float32)
         images = sharding.shard_batch({"image": images}, self._mesh)["image"]
-        self._predict_step = jax.jit(predict_step.on_prepared).lower(self._variables, images)
-        self._predict_step = self._predict_step.compile()
+        self._compiled = (
+            self.batch_size,
+            self._predict_step.lower(self._variables, images).compile(),
+        )
         # TensorFlow (the crops' resize) last: the CLI imports it meanwhile in another thread.
         from affect_jax.data import pipeline
 
@@ -157,7 +160,9 @@ class Predictor:
         images = np.zeros((self.batch_size, *inputs[0].shape), np.float32)  # padded
         images[:n] = np.stack(inputs)
         images = sharding.shard_batch({"image": images}, self._mesh)["image"]
-        out = distributed.to_host(self._predict_step(self._variables, images))
+        size, compiled = self._compiled
+        step = compiled if self.batch_size == size else self._predict_step
+        out = distributed.to_host(step(self._variables, images))
         return out["probs"][:n], np.clip(out["valence_arousal"][:n], -1.0, 1.0)
 
     def predict(self, images: Sequence[np.ndarray] | np.ndarray) -> dict[str, Any]:
