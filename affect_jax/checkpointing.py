@@ -96,9 +96,24 @@ def save(
     manager.save(epoch, args=ocp.args.StandardSave(state), metrics=_scalar_metrics(val_metrics))
 
 
-def restore(manager: ocp.CheckpointManager, step: int, like: dict[str, Any]) -> dict[str, Any]:
-    """Restores step ``step`` into the structure, shapes and shardings of ``like``."""
+def restore(
+    manager: ocp.CheckpointManager, step: int, like: dict[str, Any], partial: bool = False
+) -> dict[str, Any]:
+    """Restores step ``step`` into the structure, shapes and shardings of ``like``.
+
+    ``partial``: ``like`` holds only some of the saved entries (e.g. ``params`` and
+    ``batch_stats`` of a train state) and only those are read; the others (the optimizer
+    state) stay on disk. A manager restores either way, not both.
+    """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    if partial:
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+        return manager.restore(
+            step,
+            args=ocp.args.PyTreeRestore(
+                item=abstract, restore_args=restore_args, partial_restore=True
+            ),
+        )
     return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
@@ -136,10 +151,15 @@ def _all_processes(flag: bool) -> bool:
 
 
 def restore_first_intact(
-    manager: ocp.CheckpointManager, steps: Sequence[int], like: dict[str, Any], aside_dir: str
+    manager: ocp.CheckpointManager,
+    steps: Sequence[int],
+    like: dict[str, Any],
+    aside_dir: str,
+    partial: bool = False,
 ) -> tuple[int, dict[str, Any]]:
-    """(step, state) of the first of ``steps`` that restores; those before it that did not
-    are reported in one line each and set aside into ``aside_dir``.
+    """(step, state) of the first of ``steps`` that restores (``restore``'s ``partial``);
+    those before it that did not are reported in one line each and set aside into
+    ``aside_dir``.
 
     Raises CheckpointError (one line, every step and why) when none restores.
     """
@@ -147,7 +167,7 @@ def restore_first_intact(
     for step in steps:
         reason = "another process could not restore it"
         try:
-            state = restore(manager, step, like)
+            state = restore(manager, step, like, partial)
             restored = True
         except Exception as e:  # noqa: BLE001 - whatever a damaged file raises
             restored, reason = False, error_reason(e)

@@ -16,9 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import scipy.stats
-from sklearn import metrics as skm
-from sklearn.exceptions import UndefinedMetricWarning
 
 VA_DIMENSIONS = ("valence", "arousal")
 REGRESSION_METRICS = ("rmse", "corr", "sagr", "ccc")
@@ -76,6 +73,8 @@ def _pearson(y_true: np.ndarray, y_pred: np.ndarray, what: str) -> float:
             f"(or fewer than 2 examples)"
         )
         return float("nan")
+    import scipy.stats  # here: prediction imports this module's names, not SciPy's statistics
+
     return float(scipy.stats.pearsonr(y_true, y_pred).statistic)
 
 
@@ -132,6 +131,9 @@ def _check_va(va: Any, name: str, n: int) -> np.ndarray:
 def _classification_metrics(
     labels: np.ndarray, probs: np.ndarray, class_keys: Sequence[str], class_names: Sequence[str]
 ) -> dict[str, Any]:
+    from sklearn import metrics as skm
+    from sklearn.exceptions import UndefinedMetricWarning
+
     num_classes = probs.shape[1]
     class_range = list(range(num_classes))
     preds = np.argmax(probs, axis=1)  # Ties go to the lowest class index.

@@ -180,3 +180,19 @@ def test_ordered_map_stops_early_without_running_everything():
     assert [next(mapped) for _ in range(3)] == [0, 1, 2]
     mapped.close()
     assert len(started) < 20
+
+
+def test_a_detector_handed_over_goes_to_one_thread_only():
+    """``ThreadDetectors.add`` (the CLI builds one while the model loads): the first thread
+    that needs a detector takes it and keeps it; the next thread builds its own."""
+    pool = detectors.ThreadDetectors("lbp")
+    handed = object()
+    pool.add(handed)
+    got = []
+    for _ in range(2):
+        thread = threading.Thread(target=lambda: got.append((pool.get(), pool.get())))
+        thread.start()
+        thread.join()
+    (first, again), (second, _) = got
+    assert first is handed and again is handed
+    assert isinstance(second, detectors.LbpDetector)

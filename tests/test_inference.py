@@ -9,6 +9,7 @@ import pytest
 from affect_jax import sharding, steps
 from affect_jax.ops import conv as conv_ops
 from affect_jax.ops import native
+from affect_jax.predict import predictor
 from tests.conftest import one_batch, stack_batches, tiny_config
 
 needs_native = pytest.mark.skipif(
@@ -107,6 +108,17 @@ def test_resnet50_prepare_folds_batch_norm_into_the_convolutions(impl):
         )
         bias = (np.asarray(backbone[f"{name}_conv"]["bias"]) - bn_stats["mean"]) * s + bn["bias"]
         np.testing.assert_allclose(folded[f"{name}_conv"]["bias"], bias, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "vgg16"])
+def test_prediction_prepares_the_same_weights_with_its_faster_compiled_program(name):
+    _, graphdef, _, state = _setup(name, "float32", "xla")
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    step = steps.make_predict_step(graphdef)
+    expected = jax.jit(step.prepare)(variables)
+    got = predictor.prepare_once(step.prepare, variables)
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
 
 
 def test_evaluation_after_a_training_step_sees_the_new_weights():

@@ -132,6 +132,25 @@ def test_restore_checkpoint_gives_the_saved_state_replicated(run, monkeypatch):
     assert step == 1
 
 
+def test_restoring_variables_only_gives_the_saved_params_and_batch_stats(run):
+    """Inference restores ``params`` and ``batch_stats`` alone, equal to the full restore's,
+    with the same graphdef; the fallback past a damaged checkpoint restores them too."""
+    workdir, config, state = run
+    mesh = sharding.make_mesh()
+    step, graphdef, variables = run_dir.restore_checkpoint(
+        workdir, config, mesh, variables_only=True
+    )
+    assert step == 2 and sorted(variables) == ["batch_stats", "params"]
+    _assert_same({"params": state["params"], "batch_stats": state["batch_stats"]}, variables)
+    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(variables))
+    assert graphdef == run_dir.restore_checkpoint(workdir, config, mesh)[1]
+    assert run_dir.restore_checkpoint(workdir, config, mesh, step=1, variables_only=True)[0] == 1
+    _damage(workdir, 2)
+    step, _, variables = run_dir.restore_checkpoint(workdir, config, mesh, variables_only=True)
+    assert step == 3 and sorted(variables) == ["batch_stats", "params"]
+    _assert_same(state["params"], variables["params"])
+
+
 def test_load_config_and_class_names(run, tmp_path_factory):
     workdir, config, _ = run
     loaded = run_dir.load_config(workdir)

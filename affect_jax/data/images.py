@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tensorflow as tf
+
+if TYPE_CHECKING:  # loaded when an image is decoded: prediction imports it in the background
+    import tensorflow as tf
 
 # What ``tf.io.decode_image`` decodes (it also reads JPEG XL, which nothing here can write to test).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -24,6 +27,8 @@ def is_image_name(name: str) -> bool:
 def decode_image_tensor(data: tf.Tensor) -> tf.Tensor:
     """uint8 RGB [H, W, 3] of encoded image bytes (an animation's first frame): the input
     pipeline's decode."""
+    import tensorflow as tf
+
     return tf.io.decode_image(data, channels=3, expand_animations=False)
 
 

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tensorflow as tf
+
+if TYPE_CHECKING:  # annotations only: importing this module does not load TensorFlow
+    import tensorflow as tf
 
 # Columns every pool carries. Valence/arousal are NaN where the source has none (class folders).
 REQUIRED_COLUMNS = ("expression", "valence", "arousal")

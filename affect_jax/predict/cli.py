@@ -9,11 +9,12 @@ from __future__ import annotations
 import csv
 import os
 import sys
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent import futures
 from typing import Any
 
 import jax
-import tensorflow as tf
 from absl import app, flags, logging
 
 from affect_jax import cli as command_line
@@ -23,6 +24,7 @@ from affect_jax.predict.detectors import (
     DETECT_MAX_SIDE,
     DETECTORS,
     LBP_MIN_FACE,
+    make_detector,
 )
 from affect_jax.predict.faces import FACE_MODES, FACE_SELECTIONS, STATUS_OK, read_boxes
 from affect_jax.predict.predictor import DEFAULT_WORKERS, Predictor
@@ -113,6 +115,33 @@ def _workdir_and_step(checkpoint: str) -> tuple[str, int]:
     return os.path.dirname(os.path.dirname(path)), int(name)
 
 
+def _in_background(fn: Callable[[], Any]) -> futures.Future:
+    """``fn()`` run in a daemon thread; its result (or exception) in the future."""
+    future: futures.Future = futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as e:  # noqa: BLE001 - raised by future.result()
+            future.set_exception(e)
+
+    threading.Thread(target=run, name="predict-setup", daemon=True).start()
+    return future
+
+
+def _load_tensorflow_and_detector():
+    """Imports TensorFlow (decoding, the crops' resize, MTCNN) and builds the face detector
+    when faces are detected (None otherwise): run while the model loads."""
+    import tensorflow as tf
+
+    # TensorFlow only decodes, resizes and detects here: keep it off any accelerator, as
+    # main does.
+    tf.config.experimental.set_visible_devices([], "GPU")
+    if FLAGS.face not in ("auto", "detect"):
+        return None
+    return make_detector(FLAGS.detector, FLAGS.min_face_confidence, FLAGS.detect_size)
+
+
 def _write_rows(rows: Iterable[dict[str, Any]], columns: Sequence[str], fmt: str, out) -> int:
     """Writes rows as they come; returns how many have status 'ok'."""
     ok = 0
@@ -145,8 +174,8 @@ def main(argv: Sequence[str]) -> int:
         )
     if FLAGS.smooth is not None and not 0.0 < FLAGS.smooth <= 1.0:
         raise app.UsageError(f"--smooth={FLAGS.smooth}: expected a weight 0 < ALPHA <= 1")
-    # TensorFlow only resizes images here: keep it off any accelerator, as main does.
-    tf.config.experimental.set_visible_devices([], "GPU")
+    # TensorFlow's import and the detector's construction overlap the model's loading.
+    loading = _in_background(_load_tensorflow_and_detector)
     try:
         if FLAGS.checkpoint:
             workdir, step = _workdir_and_step(FLAGS.checkpoint)
@@ -168,8 +197,9 @@ def main(argv: Sequence[str]) -> int:
             detect_size=FLAGS.detect_size,
             workers=FLAGS.workers,
         )
-        if FLAGS.face in ("auto", "detect"):
-            predictor.load_detector()  # a missing package is one line here, not a traceback
+        detector = loading.result()  # a missing package is one line here, not a traceback
+        if detector is not None:
+            predictor.detectors.add(detector)  # for the worker that detects first
         boxes = read_boxes(FLAGS.boxes) if FLAGS.face == "box" else None
         out = open(FLAGS.output, "w", newline="") if FLAGS.output else sys.stdout
     except (OSError, ValueError, RuntimeError) as e:  # FileNotFoundError: a missing run or file

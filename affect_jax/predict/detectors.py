@@ -133,7 +133,7 @@ def make_detector(
 
 class ThreadDetectors:
     """One detector per thread, built on first use (the detectors are not known to be
-    thread-safe); the settings are checked at once.
+    thread-safe) or handed over by ``add``; the settings are checked at once.
 
     Args:
       name: one of DETECTORS.
@@ -157,11 +157,22 @@ class ThreadDetectors:
         self.min_confidence = float(min_confidence)
         self.max_side = int(max_side)
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._spare: list = []  # built elsewhere, for the next threads that need one
+
+    def add(self, detector) -> None:
+        """Hands ``detector`` (built with these settings, e.g. in the background while the
+        model loads) to the first thread that needs one; no two threads share it."""
+        with self._lock:
+            self._spare.append(detector)
 
     def get(self):
         """This thread's detector. Raises RuntimeError if its package is missing."""
         detector = getattr(self._local, "detector", None)
         if detector is None:
-            detector = make_detector(self.name, self.min_confidence, self.max_side)
+            with self._lock:
+                detector = self._spare.pop() if self._spare else None
+            if detector is None:
+                detector = make_detector(self.name, self.min_confidence, self.max_side)
             self._local.detector = detector
         return detector

@@ -10,21 +10,26 @@ videos are streamed through it by ``stream.py``, into the rows of ``rows.py``.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
-import tensorflow as tf
 from absl import logging
 
 from affect_jax import distributed, run_dir, sharding, steps
-from affect_jax.data import pipeline
 from affect_jax.predict import detectors, stream
 from affect_jax.predict.faces import BoxTable, Face, FaceOptions, read_boxes
 from affect_jax.predict.rows import RowLayout
 from affect_jax.predict.samples import image_samples
 from affect_jax.predict.timing import StageTimes
+
+if TYPE_CHECKING:  # TensorFlow is loaded by the first crop prepared (or in the background)
+    import tensorflow as tf
+
+# XLA options of programs that run once (steps.init_model's): the least optimised code
+# compiles fastest; their elementwise results are the optimised program's (tested).
+_ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 # Detection and the model share the CPU: on 2 cores one worker already keeps it busy.
 DEFAULT_WORKERS = min(4, max(1, (os.cpu_count() or 2) // 2))
@@ -32,12 +37,24 @@ DEFAULT_WORKERS = min(4, max(1, (os.cpu_count() or 2) // 2))
 
 def make_prepare(size: int, mode: str) -> tf.types.experimental.GenericFunction:
     """The evaluation pipeline's own resize and preprocessing (what ``eval_batches`` maps)."""
+    import tensorflow as tf
+
+    from affect_jax.data import pipeline
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
     def prepare(image: tf.Tensor) -> tf.Tensor:
         return pipeline.preprocess(pipeline.resize_image(image, size), mode)
 
     return prepare
+
+
+def prepare_once(
+    prepare: Callable[[steps.State], steps.State], variables: steps.State
+) -> steps.State:
+    """``jax.jit(prepare)(variables)``, bit for bit, by a program that compiles faster (it
+    runs once per loaded model)."""
+    lowered = jax.jit(prepare).lower(variables)
+    return lowered.compile(compiler_options=_ONCE_COMPILER_OPTIONS)(variables)
 
 
 def checked_crop(image: np.ndarray) -> np.ndarray:
@@ -86,7 +103,6 @@ class Predictor:
         self.config = run_dir.load_config(workdir)
         self.class_names = run_dir.class_names(workdir, self.config)
         self.image_size = int(self.config.data.image_size)
-        self.preprocessing = pipeline.preprocessing_mode(self.config)
         self.face_margin = float(self.config.data.get("face_margin", 0.0))
         self.batch_size = int(batch_size)
         self.workers = int(workers)
@@ -96,16 +112,26 @@ class Predictor:
             raise ValueError(
                 f"batch_size={batch_size} must be a positive multiple of the {devices} devices"
             )
-        self.step, graphdef, state = run_dir.restore_checkpoint(
-            workdir, self.config, self._mesh, which, step
+        self.step, graphdef, variables = run_dir.restore_checkpoint(
+            workdir, self.config, self._mesh, which, step, variables_only=True
         )
         predict_step = steps.make_predict_step(graphdef, flip_tta=flip_tta)
         # The weights are fixed from here on: prepared for inference once (BatchNorm folded).
-        self._variables = jax.jit(predict_step.prepare)(
-            {"params": state["params"], "batch_stats": state["batch_stats"]}
-        )
-        del state
+        self._variables = prepare_once(predict_step.prepare, variables)
+        del variables
         self._predict_step = jax.jit(predict_step.on_prepared)
+        # Compiled now for the batch shape run_batch feeds (while the CLI imports TensorFlow
+        # in the background, not after detection); another batch_size compiles on first use.
+        images = np.zeros((self.batch_size, self.image_size, self.image_size, 3), np.float32)
+        images = sharding.shard_batch({"image": images}, self._mesh)["image"]
+        self._compiled = (
+            self.batch_size,
+            self._predict_step.lower(self._variables, images).compile(),
+        )
+        # TensorFlow (the crops' resize) last: the CLI imports it meanwhile in another thread.
+        from affect_jax.data import pipeline
+
+        self.preprocessing = pipeline.preprocessing_mode(self.config)
         self._prepare = make_prepare(self.image_size, self.preprocessing)
         self.timings = StageTimes()
         self.layout = RowLayout(self.class_names)
@@ -122,6 +148,8 @@ class Predictor:
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """Network input [S, S, 3] float32 of one uint8 RGB face crop (any size)."""
+        import tensorflow as tf
+
         image = checked_crop(image)
         with tf.device("/CPU:0"):  # where tf.data ran it during training
             return self._prepare(tf.constant(image)).numpy()
@@ -132,7 +160,9 @@ class Predictor:
         images = np.zeros((self.batch_size, *inputs[0].shape), np.float32)  # padded
         images[:n] = np.stack(inputs)
         images = sharding.shard_batch({"image": images}, self._mesh)["image"]
-        out = distributed.to_host(self._predict_step(self._variables, images))
+        size, compiled = self._compiled
+        step = compiled if self.batch_size == size else self._predict_step
+        out = distributed.to_host(step(self._variables, images))
         return out["probs"][:n], np.clip(out["valence_arousal"][:n], -1.0, 1.0)
 
     def predict(self, images: Sequence[np.ndarray] | np.ndarray) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
-import tensorflow as tf
 from absl import logging
 
 from affect_jax.data.images import decode_error_text, read_image
@@ -120,6 +119,8 @@ def jobs(
 
 def process(predictor: Predictor, job: Job, options: FaceOptions) -> list[Sample]:
     """The samples of one job (run by the worker threads)."""
+    import tensorflow as tf  # loaded by then: decoding and crops use it
+
     row = predictor.layout.row
     if job.error:
         return [Sample(row(job.path, job.frame, job.error))]

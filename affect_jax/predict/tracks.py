@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 
 import numpy as np
-from scipy import optimize
 
 from affect_jax.predict.faces import Box
 
@@ -39,6 +38,8 @@ class FaceTracker:
         ids_of_boxes: list[int | None] = [None] * len(boxes)
         if ids and boxes:
             iou = np.array([[box_iou(b, self._tracks[t][0]) for t in ids] for b in boxes])
+            from scipy import optimize  # videos only: images do not pay for its import
+
             rows, cols = optimize.linear_sum_assignment(iou, maximize=True)
             for r, c in zip(rows, cols, strict=True):
                 if iou[r, c] >= self.min_iou:
