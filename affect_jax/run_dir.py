@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from affect_jax import checkpointing, imbalance, models, run_lock, sharding, steps, strict_json
+from affect_jax import checkpointing, imbalance, run_lock, sharding, steps, strict_json
 from affect_jax.data import source as data_source
 from affect_jax.data.source import AFFECTNET_CLASS_NAMES
 from affect_jax.errors import UserError
@@ -327,22 +327,6 @@ def choose_checkpoint(
     return manager.latest_step()
 
 
-def abstract_variables(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, steps.State]:
-    """(graphdef, ``{'params', 'batch_stats'}`` of ``jax.ShapeDtypeStruct`` leaves) of
-    ``config``'s model: what inference restores (``steps.abstract_train_state`` without the
-    optimizer state; the same graphdef)."""
-    graphdef = None
-
-    def variables() -> steps.State:
-        nonlocal graphdef  # static: taken from the one trace of the model's construction
-        model = models.create_model(config, nnx.Rngs(params=config.seed))
-        graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-        return {"params": params, "batch_stats": batch_stats}
-
-    shapes = jax.eval_shape(variables)
-    return graphdef, shapes
-
-
 def restore_checkpoint(
     workdir: str,
     config: ml_collections.ConfigDict,
@@ -360,13 +344,13 @@ def restore_checkpoint(
     older one is used; a given ``step`` that cannot be restored is an error.
 
     ``variables_only``: the state holds only ``params`` and ``batch_stats`` (what inference
-    needs; ``abstract_variables``) and only those are read, not the optimizer state.
+    needs; ``steps.abstract_variables``) and only those are read, not the optimizer state.
     """
     manager = open_checkpoints(workdir, config)
     try:
         chosen = choose_checkpoint(manager, which, step)
         if variables_only:
-            graphdef, shapes = abstract_variables(config)
+            graphdef, shapes = steps.abstract_variables(config)
         else:
             graphdef, shapes = steps.abstract_train_state(config)
         like = sharding.replicated_shapes(shapes, mesh)

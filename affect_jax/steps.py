@@ -133,6 +133,23 @@ def create_train_state(config: ml_collections.ConfigDict, model: nnx.Module):
     return graphdef, tx, state
 
 
+def _abstract(
+    config: ml_collections.ConfigDict,
+    split: Callable[[nnx.Module], tuple[nnx.GraphDef, State]],
+) -> tuple[nnx.GraphDef, State]:
+    """(graphdef, state of ``jax.ShapeDtypeStruct`` leaves): ``split`` of ``config``'s model,
+    traced once, never computed."""
+    graphdef = None
+
+    def state() -> State:
+        nonlocal graphdef  # static: taken from the one trace of the model's construction
+        graphdef, out = split(models.create_model(config, nnx.Rngs(params=config.seed)))
+        return out
+
+    shapes = jax.eval_shape(state)
+    return graphdef, shapes
+
+
 def abstract_train_state(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, State]:
     """(graphdef, train state of ``jax.ShapeDtypeStruct`` leaves) of ``config``'s model.
 
@@ -140,16 +157,23 @@ def abstract_train_state(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDe
     would be overwritten. No ImageNet file is read (the weights come from the checkpoint).
     """
 
-    graphdef = None
-
-    def train_state() -> State:
-        nonlocal graphdef  # static: taken from the one trace of the model's construction
-        model = models.create_model(config, nnx.Rngs(params=config.seed))
+    def train_state(model: nnx.Module) -> tuple[nnx.GraphDef, State]:
         graphdef, _, state = create_train_state(config, model)
-        return state
+        return graphdef, state
 
-    shapes = jax.eval_shape(train_state)
-    return graphdef, shapes
+    return _abstract(config, train_state)
+
+
+def abstract_variables(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, State]:
+    """(graphdef, ``{'params', 'batch_stats'}`` of ``jax.ShapeDtypeStruct`` leaves): what
+    inference restores (``abstract_train_state`` without the optimizer state; the same
+    graphdef)."""
+
+    def variables(model: nnx.Module) -> tuple[nnx.GraphDef, State]:
+        graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+        return graphdef, {"params": params, "batch_stats": batch_stats}
+
+    return _abstract(config, variables)
 
 
 # ---------------------------------------------------------------------------------------------

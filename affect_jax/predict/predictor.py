@@ -27,8 +27,9 @@ from affect_jax.predict.timing import StageTimes
 if TYPE_CHECKING:  # TensorFlow is loaded by the first crop prepared (or in the background)
     import tensorflow as tf
 
-# XLA options of programs that run once (steps.init_model's): the least optimised code
-# compiles fastest; their elementwise results are the optimised program's (tested).
+# XLA options of the weights' preparation, which runs once per loaded model: a lower backend
+# optimisation level than the default compiles faster and gives the same folded weights bit
+# for bit (tests/test_inference.py); level 0 does not.
 _ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 # Detection and the model share the CPU: on 2 cores one worker already keeps it busy.
