@@ -334,6 +334,22 @@ class InferenceStep:
         return self.on_prepared(self.prepare(variables), inputs)
 
 
+def _predictions(
+    apply: Callable[[jax.Array], dict[str, jax.Array]], images: jax.Array, flip_tta: bool = False
+) -> dict[str, jax.Array]:
+    """``{'probs', 'valence_arousal'}`` of the model function ``apply`` (images -> its
+    outputs) on ``images``; ``flip_tta`` averages them with those of the horizontally flipped
+    images. What every predict step returns."""
+    outputs = apply(images)
+    probs = jax.nn.softmax(outputs["class_logits"])
+    va = outputs["valence_arousal"]
+    if flip_tta:
+        flipped = apply(images[:, :, ::-1, :])
+        probs = (probs + jax.nn.softmax(flipped["class_logits"])) / 2
+        va = (va + flipped["valence_arousal"]) / 2
+    return {"probs": probs, "valence_arousal": va}
+
+
 def make_predict_step(graphdef: nnx.GraphDef, flip_tta: bool = False) -> InferenceStep:
     """A pure ``(variables, images) -> {'probs', 'valence_arousal'}`` inference step.
 
@@ -344,14 +360,7 @@ def make_predict_step(graphdef: nnx.GraphDef, flip_tta: bool = False) -> Inferen
 
     def on_prepared(prepared: State, images: jax.Array) -> dict[str, jax.Array]:
         model = nnx.merge(graphdef, prepared["params"], prepared["batch_stats"])
-        outputs = model(images, train=False, prepared=True)
-        probs = jax.nn.softmax(outputs["class_logits"])
-        va = outputs["valence_arousal"]
-        if flip_tta:
-            flipped = model(images[:, :, ::-1, :], train=False, prepared=True)
-            probs = (probs + jax.nn.softmax(flipped["class_logits"])) / 2
-            va = (va + flipped["valence_arousal"]) / 2
-        return {"probs": probs, "valence_arousal": va}
+        return _predictions(lambda x: model(x, train=False, prepared=True), images, flip_tta)
 
     return InferenceStep(make_prepare_inference(graphdef), on_prepared)
 
@@ -359,17 +368,12 @@ def make_predict_step(graphdef: nnx.GraphDef, flip_tta: bool = False) -> Inferen
 def make_reference_predict_step(
     graphdef: nnx.GraphDef,
 ) -> Callable[[State, jax.Array], dict[str, jax.Array]]:
-    """``make_predict_step``'s function computed layer by layer as trained (BatchNorm separate,
-    no preparation): the reference the prepared path is tested against, and what exports
-    trace."""
+    """``make_predict_step``'s function (without flip TTA) computed layer by layer as trained
+    (BatchNorm separate, no preparation): the reference the prepared path is tested against."""
 
     def predict_step(variables: State, images: jax.Array) -> dict[str, jax.Array]:
         model = nnx.merge(graphdef, variables["params"], variables["batch_stats"])
-        outputs = model(images, train=False)
-        return {
-            "probs": jax.nn.softmax(outputs["class_logits"]),
-            "valence_arousal": outputs["valence_arousal"],
-        }
+        return _predictions(lambda x: model(x, train=False), images)
 
     return predict_step
 
