@@ -37,7 +37,10 @@ def _evaluate(
     config: ml_collections.ConfigDict, workdir: str, checkpoint: str, split: str, flip_tta: bool
 ) -> dict[str, Any]:
     mesh = sharding.make_mesh()
-    step, graphdef, state = run_dir.restore_checkpoint(workdir, config, mesh, which=checkpoint)
+    # Scoring needs the weights only: the optimizer state stays on disk.
+    step, graphdef, variables = run_dir.restore_checkpoint(
+        workdir, config, mesh, which=checkpoint, variables_only=True
+    )
     with distributed.chief_first("make_splits"):  # process 0 may prepare a shared cache
         splits = pipeline.make_splits(config)
     pools = {"train": splits.train, "validation": splits.validation, "test": splits.test}
@@ -46,7 +49,7 @@ def _evaluate(
         raise ValueError(f"data source {splits.source.name!r} has no held-out 'test' pool")
 
     eval_steps = jax.jit(steps.make_eval_steps(steps.make_eval_step(graphdef, flip_tta=flip_tta)))
-    scores = evaluation.score_split(eval_steps, state, pool, splits.source, config, mesh)
+    scores = evaluation.score_split(eval_steps, variables, pool, splits.source, config, mesh)
     result = evaluation.result_record(
         config,
         splits.source,

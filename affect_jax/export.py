@@ -95,8 +95,10 @@ def load_run(workdir: str, which: str = "best") -> Run:
         raise ExportError(f"which={which!r}; expected 'best' or 'latest'")
     config = portable_config(run_dir.load_config(workdir))
     class_names = run_dir.class_names(workdir, config)
-    step, graphdef, state = run_dir.restore_checkpoint(workdir, config, sharding.make_mesh(), which)
-    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    # The weights only: the optimizer state stays on disk.
+    step, graphdef, variables = run_dir.restore_checkpoint(
+        workdir, config, sharding.make_mesh(), which, variables_only=True
+    )
     variables = jax.tree.map(np.asarray, variables)  # host copies: constants of the export
     return Run(os.path.abspath(workdir), config, class_names, which, step, graphdef, variables)
 

@@ -1,10 +1,11 @@
 """The choices a run offers, each checked against a reference computed here.
 
 ``best_mode``, ``backbone_learning_rate``, evaluation's ``--checkpoint=latest``, ``--split=train``
-and ``--flip_tta``, and prediction's ``--which=latest``, ``--flip_tta``, image and video formats
-and face boxes grown by ``data.face_margin``. One tiny run trained in this process serves every
-test: three epochs ranked by validation loss, lowest best, so the best, the worst and the latest
-epoch are three different checkpoints.
+and ``--flip_tta``, evaluation and export without the optimizer state, and prediction's
+``--which=latest``, ``--flip_tta``, image and video formats and face boxes grown by
+``data.face_margin``. One tiny run trained in this process serves every test: three epochs
+ranked by validation loss, lowest best, so the best, the worst and the latest epoch are three
+different checkpoints.
 """
 
 import csv
@@ -20,7 +21,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from affect_jax import checkpointing, evaluate, predict, run_dir, sharding, steps, train
+from affect_jax import checkpointing, evaluate, export, predict, run_dir, sharding, steps, train
 from affect_jax.data import pipeline, synthetic
 from affect_jax.predict.predictor import make_prepare
 from tests.conftest import REPO, tiny_config
@@ -140,6 +141,28 @@ def test_eval_flip_tta_averages_the_image_and_its_mirror_image(run):
     np.testing.assert_allclose(result["metrics"]["loss"], expected, rtol=1e-5)
     # The mirror images count: the loss moves (measured 4e-4) far beyond the tolerance (2e-5).
     assert abs(expected - losses[0]) > 1e-4
+
+
+def test_eval_and_export_restore_the_weights_without_the_optimizer_state(run, tmp_path):
+    """Scoring and exporting read ``params`` and ``batch_stats`` alone: a copy of the run's
+    best checkpoint without its optimizer state scores what training logged for that epoch
+    and exports the checkpoint's weights."""
+    config, workdir, losses = run
+    _, _, state = run_dir.restore_checkpoint(workdir, config, sharding.make_mesh(), step=1)
+    copy = str(tmp_path)
+    run_dir.save_config(config, copy)
+    manager = run_dir.checkpoint_manager(copy, config)
+    weights_only = {k: v for k, v in state.items() if k != "opt_state"}
+    checkpointing.save(manager, 1, weights_only, {"loss": losses[0]})
+    manager.wait_until_finished()
+    manager.close()
+    result = evaluate.evaluate(config, copy)
+    assert result["epoch"] == 1
+    np.testing.assert_allclose(result["metrics"]["loss"], losses[0], rtol=1e-6)
+    exported = export.load_run(copy)
+    assert exported.step == 1
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    jax.tree.map(np.testing.assert_array_equal, exported.variables, variables)
 
 
 # ---------------------------------------------------------------------------------------------
