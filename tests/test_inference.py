@@ -87,13 +87,12 @@ def test_prepared_step_matches_the_reference_path(name, dtype, impl):
     step = steps.make_predict_step(graphdef)
     prepared = jax.jit(step.prepare)(variables)
     outputs = jax.jit(step.on_prepared)(prepared, images)
-    print("ERR", name, dtype, impl, _relative_error(outputs, reference))
     assert _relative_error(outputs, reference) <= TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_resnet50_prepare_folds_batch_norm_into_the_convolutions(impl):
-    _, graphdef, _, state = _setup("resnet50", "float32", impl)
+def test_resnet50_prepare_folds_batch_norm_into_the_convolutions():
+    # On the XLA path, where the folded kernels stay HWIO (the native path also packs them).
+    _, graphdef, _, state = _setup("resnet50", "float32", "xla")
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     prepared = jax.jit(steps.make_prepare_inference(graphdef))(variables)
     backbone, folded = variables["params"]["backbone"], prepared["params"]["backbone"]
@@ -108,6 +107,22 @@ def test_resnet50_prepare_folds_batch_norm_into_the_convolutions(impl):
         )
         bias = (np.asarray(backbone[f"{name}_conv"]["bias"]) - bn_stats["mean"]) * s + bn["bias"]
         np.testing.assert_allclose(folded[f"{name}_conv"]["bias"], bias, rtol=1e-5, atol=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["resnet50", "vgg16"])
+def test_prepare_packs_every_kernel_that_runs_on_onednn(name):
+    # bfloat16: every convolution runs on oneDNN's direct kernel (Winograd is float32 only).
+    _, graphdef, _, state = _setup(name, "bfloat16", "native")
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    prepared = jax.jit(steps.make_prepare_inference(graphdef))(variables)
+    kernels = {
+        name: layer["kernel"]
+        for name, layer in prepared["params"]["backbone"].items()
+        if name.endswith("_conv") or name.startswith("block")
+    }
+    assert len(kernels) == (53 if name == "resnet50" else 13)
+    assert all(k.dtype == jnp.uint8 and k.ndim == 1 for k in kernels.values())
 
 
 @pytest.mark.parametrize("name", ["resnet50", "vgg16"])

@@ -312,6 +312,53 @@ def test_onednn_bfloat16_compute_between_float32_activations(k, s, pad):
     assert is_bf16(got[1]) and not is_bf16(ref32[1])
 
 
+@needs_native
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "k, s, pad, side, cin, cout, call_batch, call_side",
+    [
+        (1, 2, "VALID", 9, 6, 10, 1, 9),  # the geometry it was packed for
+        (7, 2, "VALID", 17, 3, 4, 2, 17),  # stem, another batch
+        (3, 1, "SAME", 8, 5, 7, 3, 11),  # another batch and image size
+        # bfloat16: oneDNN lays this kernel out differently at batch 32 than at batch 1, so the
+        # call reorders the packed kernel into the other layout.
+        (3, 1, "SAME", 6, 256, 256, 32, 6),
+    ],
+)
+@pytest.mark.parametrize("residual", [False, True])
+def test_packed_kernel_gives_the_convolution_of_the_hwio_kernel(
+    k, s, pad, side, cin, cout, call_batch, call_side, residual, dtype
+):
+    """`pack_kernel` once, then `conv2d_packed` at any batch and size: lax.conv + bias
+    (+ residual) then ReLU, within float32 round-off (float32) or one bfloat16 rounding of the
+    result (bfloat16, against lax on the same bfloat16 inputs)."""
+    compute = jnp.dtype(dtype)
+    keys = jax.random.split(jax.random.key(3), 4)
+    x = jax.random.normal(keys[0], (call_batch, call_side, call_side, cin)).astype(compute)
+    w = (jax.random.normal(keys[1], (k, k, cin, cout)) / np.sqrt(k * k * cin)).astype(compute)
+    bias = jax.random.normal(keys[2], (cout,))
+    pads = conv_ops.explicit_padding(pad, (side, side), (k, k), (s, s))
+    call_pads = conv_ops.explicit_padding(pad, (call_side, call_side), (k, k), (s, s))
+    if call_pads != pads:
+        pytest.skip("padding depends on the size here")
+    packed = jax.jit(lambda w: onednn_conv.pack_kernel(w, (side, side), (s, s), pads, compute))(w)
+    assert packed.dtype == jnp.uint8 and packed.ndim == 1
+    y_shape = jax.eval_shape(lambda: conv_ops.conv2d(x, w, (s, s), pads, "xla")).shape
+    r = jax.random.normal(keys[3], y_shape).astype(compute) if residual else None
+
+    @jax.jit
+    def got(x, packed, r):
+        return onednn_conv.conv2d_packed(x, packed, w.shape, bias, (s, s), pads, compute, True, r)
+
+    x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
+    want = conv_ops.conv2d(x32, w32, (s, s), pads, "xla") + bias
+    if residual:
+        want = want + r.astype(jnp.float32)
+    y = got(x, packed, r)
+    assert y.dtype == compute and y.shape == y_shape
+    assert _rel(y, jax.nn.relu(want)) <= (1e-5 if dtype == "float32" else 8e-3)
+
+
 def test_unavailable_extension_falls_back_with_a_clear_error():
     """In a process without the extension (switched off here; not built or not loadable gives
     the same path with another reason): 'auto' is XLA and asking for a kernel says why not."""

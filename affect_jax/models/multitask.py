@@ -56,6 +56,7 @@ class MultiTaskModel(nnx.Module):
         if h < 1 or w < 1:
             raise ValueError(f"image_size {image_size} is too small for {backbone.arch}")
         self.feature_shape = (h, w, c)
+        self.image_size = image_size
         features = h * w * c if pooling == "flatten" else c
         neck = []
         for size in hidden_sizes:
@@ -75,9 +76,10 @@ class MultiTaskModel(nnx.Module):
 
     def prepare_inference(self) -> None:
         """Rewrites the parameters, in place, for ``prepared=True`` inference: the backbone's
-        BatchNorms folded into its convolutions (``ResNet50.prepare_inference``). Pure in its
-        inputs, so it runs inside a jitted step on a merged copy of the state."""
-        self.backbone.prepare_inference()
+        BatchNorms folded into its convolutions and its kernels packed for oneDNN, for images
+        of side ``image_size`` (the backbones' ``prepare_inference``). Pure in its inputs, so it
+        runs inside a jitted step on a merged copy of the state."""
+        self.backbone.prepare_inference(self.image_size)
 
     def __call__(
         self,

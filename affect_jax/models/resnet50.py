@@ -229,8 +229,11 @@ class ResNet50(nnx.Module):
         `{name}_conv`: one convolution (+ residual, ReLU), one kernel on the native path."""
         return getattr(self, f"{name}_conv")(x, relu=relu, residual=residual)
 
-    def prepare_inference(self) -> None:
-        """Folds every BatchNorm's inference transform into the convolution before it, in place.
+    def prepare_inference(self, image_size: int) -> None:
+        """Prepares the parameters, in place, for ``folded=True`` inference on square images of
+        side `image_size`: every BatchNorm folded into the convolution before it, then each
+        convolution's kernel packed for oneDNN's inference kernel where it runs on oneDNN
+        (`Conv.pack_for_inference`; other sizes still work, with one reorder per call).
 
         BatchNorm at inference is ``(y - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)``,
         per channel: on ``y = conv(x, k) + b`` it is the convolution with kernel ``k * s`` and
@@ -238,12 +241,7 @@ class ResNet50(nnx.Module):
         called with ``folded=True`` (and only for inference); the BatchNorms keep their
         variables but are no longer read.
         """
-        names = ["conv1"] + [
-            f"{prefix}_{i}"
-            for prefix, shortcut in self._blocks
-            for i in ((0, 1, 2, 3) if shortcut else (1, 2, 3))
-        ]
-        for name in names:
+        for name, side in self._conv_input_sides(image_size):
             conv, bn = getattr(self, f"{name}_conv"), getattr(self, f"{name}_bn")
             scale = bn.scale[...].astype(jnp.float32) * jax.lax.rsqrt(
                 bn.var[...].astype(jnp.float32) + bn.epsilon
@@ -254,6 +252,22 @@ class ResNet50(nnx.Module):
             conv.bias[...] = (
                 (bias.astype(jnp.float32) - bn.mean[...]) * scale + bn.bias[...]
             ).astype(bias.dtype)
+            conv.pack_for_inference((side, side))
+
+    def _conv_input_sides(self, image_size: int) -> list[tuple[str, int]]:
+        """(layer name without `_conv`, side of its square input) for every convolution."""
+        side = image_size + 6  # conv1_pad
+        sides = [("conv1", side)]
+        side = (side - 7) // 2 + 1 + 2  # conv1 (7x7/2 'valid'), pool1_pad
+        side = (side - 3) // 2 + 1  # pool1 (3x3/2)
+        strides = {f"{stage}_block1": stride for stage, _, _, stride in _STAGES}
+        for prefix, shortcut in self._blocks:
+            inner = (side - 1) // strides.get(prefix, 1) + 1  # after the strided 1x1 conv
+            if shortcut:
+                sides.append((f"{prefix}_0", side))
+            sides += [(f"{prefix}_1", side), (f"{prefix}_2", inner), (f"{prefix}_3", inner)]
+            side = inner
+        return sides
 
     def _block(
         self, x: jax.Array, prefix: str, shortcut: bool, train: bool, folded: bool

@@ -139,16 +139,23 @@ class VGG16(nnx.Module):
         size = feature_side(image_size)
         return size, size, self.num_features
 
-    def prepare_inference(self) -> None:
-        """Prepares the parameters for `folded=True` inference (ResNet50's interface; VGG16 has
-        no BatchNorm to fold, so nothing changes)."""
+    def prepare_inference(self, image_size: int) -> None:
+        """Prepares the parameters, in place, for ``folded=True`` inference on square images of
+        side `image_size` (VGG16 has no BatchNorm to fold): each convolution's kernel packed for
+        oneDNN's inference kernel where it runs on oneDNN (`Conv.pack_for_inference`)."""
+        side, idx = image_size, 0
+        for _, n_convs, _ in _BLOCKS:
+            for _ in range(n_convs):
+                getattr(self, self._conv_names[idx]).pack_for_inference((side, side))
+                idx += 1
+            side //= 2  # the block's 2x2/2 max-pool
 
     def __call__(self, x: jax.Array, *, train: bool = False, folded: bool = False) -> jax.Array:
         """Runs the network on preprocessed NHWC images.
 
         Returns the float32 block5_pool feature map [B, h, w, C], or 1000 logits with the top.
-        `train` and `folded` are accepted for interface parity with ResNet50 (VGG16 has no
-        BatchNorm).
+        `folded=True`: inference on the parameters `prepare_inference` prepared (ResNet50's
+        interface; VGG16 has no BatchNorm, so it only changes the kernels' layout).
         """
         if folded and train:
             raise ValueError("folded=True is inference only (train must be False)")
@@ -165,6 +172,8 @@ class VGG16(nnx.Module):
                 if i < n_convs - 1:
                     # conv + bias + ReLU: one oneDNN kernel, no pre-activation kept.
                     x = conv(x, relu=True)
+                elif folded:  # inference: no gradient to save memory for
+                    x = pool_ops.max_pool(conv(x, relu=True), (2, 2), (2, 2), self.pool_impl)
                 else:
                     x = _conv_relu_max_pool_2x2(conv, x, self.pool_impl)
         if not self.include_top:

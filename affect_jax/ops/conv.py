@@ -209,10 +209,31 @@ class Conv(nnx.Module):
         self.dtype = dtype
         self.impl = impl
         shape = (*self.kernel_size, in_features, out_features)
+        self.kernel_shape = shape
         self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
         self.bias = (
             nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
         )
+
+    def pack_for_inference(self, in_hw: tuple[int, int]) -> None:
+        """Replaces the kernel, in place, by its copy packed for oneDNN's inference kernel
+        (`onednn_conv.pack_kernel`) on inputs of spatial size `in_hw`, when this convolution
+        runs on oneDNN's direct kernel; otherwise leaves it. A packed layer is for inference
+        only: it no longer has an HWIO kernel to differentiate or save."""
+        path = resolve_impl(self.impl)
+        kernel = self.kernel[...]
+        if path not in _EXTENSION_PATHS or self.dtype is None or kernel.ndim != 4:
+            return
+        compute = jnp.dtype(self.dtype)
+        if compute not in native.DTYPES:
+            return
+        pads = explicit_padding(self.padding, in_hw, self.kernel_size, self.strides)
+        x_shape = (onednn_conv.PACK_BATCH, *in_hw, self.kernel_shape[2])
+        if path == "winograd" and winograd.preferred(
+            x_shape, kernel.shape, self.strides, pads, compute
+        ):
+            return
+        self.kernel.value = onednn_conv.pack_kernel(kernel, in_hw, self.strides, pads, compute)
 
     def __call__(
         self,
@@ -227,6 +248,15 @@ class Conv(nnx.Module):
         its effect cancels, e.g. before a BatchNorm that normalises with batch statistics).
         `residual`: added before the ReLU (`conv2d`; inference only on the native path)."""
         kernel = self.kernel[...]
+        if kernel.ndim == 1:  # packed by pack_for_inference
+            s = self.strides
+            pads = explicit_padding(self.padding, tuple(x.shape[1:3]), self.kernel_size, s)
+            bias = self.bias[...] if self.bias is not None else None
+            if bias is None:
+                bias = jnp.zeros((self.kernel_shape[-1],), jnp.float32)
+            return onednn_conv.conv2d_packed(
+                x, kernel, self.kernel_shape, bias, s, pads, self.dtype, relu, residual
+            )
         dtype = self.dtype or jnp.result_type(x, kernel)
         # conv2d casts to `dtype` inside (oneDNN inside its custom VJP), so float32
         # activations around a bfloat16 convolution get float32 gradients.

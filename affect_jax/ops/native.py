@@ -33,7 +33,7 @@ ONEDNN_DIST = "onednn-cpu-gomp"
 ONEDNN_VERSION = 30200  # 3.2.0, the version setup.py compiles against
 # affect_jax_extension_revision() of the current C++ sources (native.cc; bumped with handler
 # signatures and with the build).
-EXTENSION_REVISION = 6
+EXTENSION_REVISION = 7
 EXTENSION = "affect_jax.ops._native"
 _OLD_EXTENSION = "affect_jax.ops._onednn"  # its name before revision 5
 SWITCH = "AFFECT_JAX_NATIVE_KERNELS"
@@ -171,6 +171,14 @@ def call_kernel(
     return jax.ffi.ffi_call(target, out, input_output_aliases=dict(aliases or {}))(
         *operands, **attrs
     )
+
+
+def library() -> ctypes.CDLL:
+    """The loaded extension, for its plain C functions (those that are not FFI handlers)."""
+    lib = _load()[0]
+    if lib is None:
+        raise RuntimeError(f"the C++ extension is unavailable: {unavailable_reason()}")
+    return lib
 
 
 def allowed_impls(impl: str) -> str | None:

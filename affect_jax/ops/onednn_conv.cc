@@ -7,7 +7,8 @@
 //
 // Layouts are the ones JAX uses: activations NHWC, kernels HWIO, row-major. Activations stay
 // NHWC (oneDNN's brgemm kernels run on it directly); the kernel is reordered to the blocked
-// layout the chosen kernel wants on every call (a small copy next to the convolution). The
+// layout the chosen kernel wants on every call (a small copy next to the convolution), except
+// at inference on a kernel packed once into that layout (PackWeights, ForwardPacked). The
 // bias is added by the forward kernel and its gradient comes with the weight gradient; with
 // bfloat16 compute, results may be written as float32 (no separate conversion pass). The
 // forward kernel can also apply a ReLU to its float32 sums (a oneDNN post-op), so a
@@ -16,7 +17,13 @@
 // convolution, BatchNorm folded in, shortcut sum and ReLU are one pass too.
 // Primitive descriptors are built once per (direction, post-ops, dtype, shape, stride, padding)
 // and cached; scratch memory is per call so concurrent calls from XLA threads are safe.
+//
+// A packed kernel is a uint8 buffer: a PackHeader (the geometry and dtype it was packed for)
+// then the kernel in the layout oneDNN's inference kernel chose for that geometry. The layout
+// can depend on the batch and image size, so a call on another geometry compares layouts and,
+// if they differ, reorders the packed kernel into the one it needs (correct either way).
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -25,6 +32,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "onednn_util.h"
@@ -73,7 +81,9 @@ ffi::Error DataTypeOf(ffi::DataType t, memory::data_type* out) {
   }
 }
 
-enum Direction : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
+// kForward is the training forward pass; kInference the inference one (oneDNN may choose other
+// kernels and layouts for it).
+enum Direction : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2, kInference = 3 };
 
 // Convolution geometry in JAX's terms: input NHWC, kernel HWIO, strides and explicit padding.
 struct Geometry {
@@ -125,12 +135,13 @@ std::shared_ptr<Plan> BuildPlan(Direction d, int post, const Dtypes& t, const Ge
   const auto algo = dnnl::algorithm::convolution_direct;
   auto& engine = AffectJaxCpuEngine();
   const auto training = dnnl::prop_kind::forward_training;
-  if (d == kForward) {
+  if (d == kForward || d == kInference) {
     dnnl::post_ops post_ops;
     if (post & kSum) post_ops.append_sum(1.f);
     if (post & kRelu) post_ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
     attr.set_post_ops(post_ops);
-    const auto prop = post & kSum ? dnnl::prop_kind::forward_inference : training;
+    const auto prop =
+        d == kInference || post & kSum ? dnnl::prop_kind::forward_inference : training;
     dnnl::convolution_forward::primitive_desc fwd(engine, prop, algo, plan->src, weights_any,
                                                   plan->bias, plan->dst, strides, pad_l, pad_r,
                                                   attr);
@@ -271,25 +282,27 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
   return Run(kForward, x, *y, w, &bias, sh, sw, pt, pb, pl, pr, relu == 1 ? kRelu : 0);
 }
 
+// Puts the residual a sum post-op adds into the output buffer: XLA passes it there (the call
+// aliases them); if it did not, it is copied.
+ffi::Error PlaceResidual(ffi::AnyBuffer residual, ffi::AnyBuffer y) {
+  auto r = residual.dimensions(), d = y.dimensions();
+  if (residual.element_type() != y.element_type() ||
+      !std::equal(r.begin(), r.end(), d.begin(), d.end())) {
+    return Invalid("the residual must have the output's shape and dtype");
+  }
+  if (residual.untyped_data() != y.untyped_data()) {
+    std::memcpy(y.untyped_data(), residual.untyped_data(), residual.size_bytes());
+  }
+  return ffi::Error::Success();
+}
+
 // y = conv(x, w) + bias + residual, then max(0, y) if `relu` is 1. XLA passes `residual` in
 // y's buffer (the call aliases them); if it did not, it is copied there first.
 ffi::Error ForwardAdd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
                       ffi::AnyBuffer residual, ffi::Result<ffi::AnyBuffer> y, int64_t sh,
                       int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t relu) {
   if (relu != 0 && relu != 1) return Invalid("relu must be 0 or 1");
-  if (residual.element_type() != y->element_type() ||
-      residual.dimensions().size() != y->dimensions().size() ||
-      residual.size_bytes() != y->size_bytes()) {
-    return Invalid("the residual must have the output's shape and dtype");
-  }
-  for (size_t i = 0; i < residual.dimensions().size(); ++i) {
-    if (residual.dimensions()[i] != y->dimensions()[i]) {
-      return Invalid("the residual must have the output's shape and dtype");
-    }
-  }
-  if (residual.untyped_data() != y->untyped_data()) {
-    std::memcpy(y->untyped_data(), residual.untyped_data(), residual.size_bytes());
-  }
+  if (auto e = PlaceResidual(residual, *y); e.failure()) return e;
   return Run(kForward, x, *y, w, &bias, sh, sw, pt, pb, pl, pr, kSum | (relu == 1 ? kRelu : 0));
 }
 
@@ -306,7 +319,185 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi:
   return Run(kBackwardWeights, x, dy, *dw, &db, sh, sw, pt, pb, pl, pr);
 }
 
+// What a packed kernel begins with: the geometry, dtype and post-ops it was packed for. The
+// packed layout is that of GetPlan(kInference, post, {dtype x4}, geometry)->weights_primitive.
+struct PackHeader {
+  int64_t magic, n, h, w, c, kh, kw, o, sh, sw, pt, pb, pl, pr, dtype, post;
+};
+constexpr int64_t kPackMagic = 0x314b4341504a41;  // "AJPACK1"
+constexpr size_t kPackHeaderBytes = 128;          // keeps the kernel 64-byte aligned
+static_assert(sizeof(PackHeader) <= kPackHeaderBytes);
+
+Dtypes Uniform(memory::data_type t) { return Dtypes{t, t, t, t}; }
+
+Geometry GeometryOf(const PackHeader& p) {
+  return Geometry{p.n, p.h, p.w, p.c, p.kh, p.kw, p.o, p.sh, p.sw, p.pt, p.pb, p.pl, p.pr};
+}
+
+std::shared_ptr<Plan> PackPlan(const PackHeader& p) {
+  return GetPlan(kInference, static_cast<int>(p.post),
+                 Uniform(static_cast<memory::data_type>(p.dtype)), GeometryOf(p));
+}
+
+size_t PackedBytes(const PackHeader& p) {
+  return kPackHeaderBytes + PackPlan(p)->weights_primitive.get_size();
+}
+
+// The reorder from a packed layout to the one another plan's kernel wants, built once per pair.
+dnnl::reorder& Repack(const Plan* from, const Plan* to) {
+  static std::mutex mutex;
+  static std::map<std::pair<const Plan*, const Plan*>, dnnl::reorder> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find({from, to});
+  if (it == cache.end()) {
+    auto& engine = AffectJaxCpuEngine();
+    it = cache
+             .emplace(std::pair{from, to},
+                      dnnl::reorder(dnnl::reorder::primitive_desc(
+                          engine, from->weights_primitive, engine, to->weights_primitive)))
+             .first;
+  }
+  return it->second;
+}
+
+// Packs the HWIO `kernel` for inference on an [n, h, w, C] input with these strides, padding
+// and post-ops (relu: 0 or 1): `packed` gets the header, then the kernel in oneDNN's layout.
+ffi::Error PackWeights(ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> packed, int64_t n,
+                       int64_t h, int64_t w, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
+                       int64_t pl, int64_t pr, int64_t relu) {
+  if (relu != 0 && relu != 1) return Invalid("relu must be 0 or 1");
+  if (kernel.dimensions().size() != 4) return Invalid("kernel must be rank 4");
+  if (packed->element_type() != ffi::DataType::U8) return Invalid("packed must be uint8");
+  memory::data_type dtype;
+  if (auto e = DataTypeOf(kernel.element_type(), &dtype); e.failure()) return e;
+  auto k = kernel.dimensions();
+  const PackHeader header{kPackMagic, n,  h,  w,  k[2], k[0], k[1], k[3],
+                          sh,         sw, pt, pb, pl,   pr,   static_cast<int64_t>(dtype),
+                          relu == 1 ? kRelu : 0};
+  return affect_jax::CatchOneDnnErrors("affect_jax oneDNN conv pack", [&]() -> ffi::Error {
+    auto plan = PackPlan(header);
+    if (packed->size_bytes() != kPackHeaderBytes + plan->weights_primitive.get_size()) {
+      return Invalid("packed has the wrong size for this kernel and geometry");
+    }
+    auto* out = static_cast<uint8_t*>(packed->untyped_data());
+    std::memset(out, 0, kPackHeaderBytes);
+    std::memcpy(out, &header, sizeof(header));
+    std::lock_guard<std::mutex> serial(AffectJaxExecutionMutex());
+    auto& engine = AffectJaxCpuEngine();
+    dnnl::stream stream(engine);
+    memory user(plan->weights_user, engine, kernel.untyped_data());
+    memory blocked(plan->weights_primitive, engine, out + kPackHeaderBytes);
+    if (plan->reorder_weights) {
+      plan->weights_reorder.execute(stream, user, blocked);
+      stream.wait();
+    } else {
+      std::memcpy(out + kPackHeaderBytes, kernel.untyped_data(), kernel.size_bytes());
+    }
+    return ffi::Error::Success();
+  });
+}
+
+// y = conv(x, packed kernel) + bias (+ y's previous contents if `post` has kSum), then the
+// ReLU if `post` has kRelu: the inference forward pass on a kernel PackWeights packed.
+ffi::Error RunPacked(ffi::AnyBuffer x, ffi::AnyBuffer packed, ffi::AnyBuffer bias,
+                     ffi::AnyBuffer y, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
+                     int64_t pl, int64_t pr, int post) {
+  if (x.dimensions().size() != 4 || y.dimensions().size() != 4) {
+    return Invalid("input and output must be rank 4");
+  }
+  if (packed.element_type() != ffi::DataType::U8 || packed.size_bytes() < kPackHeaderBytes) {
+    return Invalid("packed must be a uint8 kernel from PackWeights");
+  }
+  PackHeader p;
+  std::memcpy(&p, packed.untyped_data(), sizeof(p));
+  if (p.magic != kPackMagic) return Invalid("packed must be a uint8 kernel from PackWeights");
+  auto a = x.dimensions(), o = y.dimensions();
+  const Geometry g{a[0], a[1], a[2], a[3], p.kh, p.kw, p.o, sh, sw, pt, pb, pl, pr};
+  if (p.c != g.c || std::tuple(p.sh, p.sw, p.pt, p.pb, p.pl, p.pr) !=
+                        std::tuple(sh, sw, pt, pb, pl, pr)) {
+    return Invalid("the packed kernel was packed for other channels, strides or padding");
+  }
+  if (o[0] != g.n || o[1] != g.oh() || o[2] != g.ow() || o[3] != g.o) {
+    return Invalid("inconsistent shapes");
+  }
+  if (bias.element_type() != ffi::DataType::F32 || bias.dimensions().size() != 1 ||
+      bias.dimensions()[0] != g.o) {
+    return Invalid("bias must be float32 [O]");
+  }
+  Dtypes t;
+  if (auto e = DataTypeOf(x.element_type(), &t.act); e.failure()) return e;
+  if (auto e = DataTypeOf(y.element_type(), &t.out); e.failure()) return e;
+  t.weights = t.compute = static_cast<memory::data_type>(p.dtype);
+  if (t.act != t.compute) return Invalid("the input's dtype differs from the packed kernel's");
+  if (t.out != t.compute && t.out != memory::data_type::f32) {
+    return Invalid("the result must be float32 or the compute dtype");
+  }
+  return affect_jax::CatchOneDnnErrors("affect_jax oneDNN conv", [&]() -> ffi::Error {
+    auto pack_plan = PackPlan(p);
+    if (packed.size_bytes() != kPackHeaderBytes + pack_plan->weights_primitive.get_size()) {
+      return Invalid("packed has the wrong size for its header");
+    }
+    auto plan = GetPlan(kInference, post, t, g);
+    std::lock_guard<std::mutex> serial(AffectJaxExecutionMutex());
+    auto& engine = AffectJaxCpuEngine();
+    dnnl::stream stream(engine);
+    auto* blocked = static_cast<uint8_t*>(packed.untyped_data()) + kPackHeaderBytes;
+    memory weights_m(pack_plan->weights_primitive, engine, blocked);
+    Buffer repacked;
+    if (plan->weights_primitive != pack_plan->weights_primitive) {
+      repacked = Allocate(plan->weights_primitive.get_size());
+      memory to(plan->weights_primitive, engine, repacked.get());
+      Repack(pack_plan.get(), plan.get()).execute(stream, weights_m, to);
+      weights_m = to;
+    }
+    Buffer scratch_buffer = Allocate(plan->scratchpad.get_size());
+    memory scratch_m(plan->scratchpad, engine, scratch_buffer.get());
+    memory act_m(plan->src, engine, x.untyped_data());
+    memory out_m(plan->dst, engine, y.untyped_data());
+    memory bias_m(plan->bias, engine, bias.untyped_data());
+    plan->primitive.execute(stream, {{DNNL_ARG_SRC, act_m}, {DNNL_ARG_WEIGHTS, weights_m},
+                                     {DNNL_ARG_BIAS, bias_m}, {DNNL_ARG_DST, out_m},
+                                     {DNNL_ARG_SCRATCHPAD, scratch_m}});
+    stream.wait();
+    return ffi::Error::Success();
+  });
+}
+
+ffi::Error ForwardPacked(ffi::AnyBuffer x, ffi::AnyBuffer packed, ffi::AnyBuffer bias,
+                         ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw, int64_t pt,
+                         int64_t pb, int64_t pl, int64_t pr, int64_t relu) {
+  if (relu != 0 && relu != 1) return Invalid("relu must be 0 or 1");
+  return RunPacked(x, packed, bias, *y, sh, sw, pt, pb, pl, pr, relu == 1 ? kRelu : 0);
+}
+
+// ForwardPacked + residual before the ReLU; the residual arrives in y's buffer (aliased).
+ffi::Error ForwardPackedAdd(ffi::AnyBuffer x, ffi::AnyBuffer packed, ffi::AnyBuffer bias,
+                            ffi::AnyBuffer residual, ffi::Result<ffi::AnyBuffer> y, int64_t sh,
+                            int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                            int64_t relu) {
+  if (relu != 0 && relu != 1) return Invalid("relu must be 0 or 1");
+  if (auto e = PlaceResidual(residual, *y); e.failure()) return e;
+  return RunPacked(x, packed, bias, *y, sh, sw, pt, pb, pl, pr, kSum | (relu == 1 ? kRelu : 0));
+}
+
 }  // namespace
+
+// The bytes of a packed kernel (header included) for PackWeights's arguments: `geometry` holds
+// n, h, w, c, kh, kw, o, sh, sw, pt, pb, pl, pr; `bfloat16` 0 or 1; -1 if oneDNN cannot
+// build the convolution. Python sizes PackWeights's result with it.
+extern "C" int64_t affect_jax_conv_packed_bytes(const int64_t* geometry, int bfloat16, int relu) {
+  const int64_t* q = geometry;
+  const PackHeader header{kPackMagic, q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7], q[8], q[9],
+                          q[10], q[11], q[12],
+                          static_cast<int64_t>(bfloat16 ? memory::data_type::bf16
+                                                        : memory::data_type::f32),
+                          relu ? kRelu : 0};
+  try {
+    return static_cast<int64_t>(PackedBytes(header));
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
 
 #define AFFECT_JAX_CONV_ATTRS                                                            \
   .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_top")        \
@@ -341,3 +532,29 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AffectJaxConvBackwardWeights, BackwardWeights,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>() AFFECT_JAX_CONV_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AffectJaxConvPackWeights, PackWeights,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("batch")
+                                  .Attr<int64_t>("height")
+                                  .Attr<int64_t>("width") AFFECT_JAX_CONV_ATTRS
+                                  .Attr<int64_t>("relu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AffectJaxConvForwardPacked, ForwardPacked,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() AFFECT_JAX_CONV_ATTRS
+                                  .Attr<int64_t>("relu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AffectJaxConvForwardPackedAdd, ForwardPackedAdd,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() AFFECT_JAX_CONV_ATTRS
+                                  .Attr<int64_t>("relu"));

@@ -3,10 +3,15 @@
 `conv2d` is differentiable (custom VJP: oneDNN's input- and weight-gradient kernels) and
 computes `lax.conv_general_dilated`'s function for NHWC x HWIO in float32 or bfloat16.
 `conv2d_add` (inference only) adds a residual before the ReLU in the same kernel.
+
+At inference the kernels are constants, so `pack_kernel` reorders one, once, into the blocked
+layout oneDNN's inference kernel wants (a uint8 array that carries the geometry it was packed
+for), and `conv2d_packed` runs on it without the per-call reorder `conv2d` does.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from typing import Any
 
@@ -22,6 +27,9 @@ TARGETS = {
     "forward_add": "affect_jax_onednn_conv_forward_add",
     "backward_data": "affect_jax_onednn_conv_backward_data",
     "backward_weights": "affect_jax_onednn_conv_backward_weights",
+    "pack": "affect_jax_onednn_conv_pack",
+    "forward_packed": "affect_jax_onednn_conv_forward_packed",
+    "forward_packed_add": "affect_jax_onednn_conv_forward_packed_add",
 }
 native.register_targets(
     {
@@ -29,9 +37,15 @@ native.register_targets(
         TARGETS["forward_add"]: "AffectJaxConvForwardAdd",
         TARGETS["backward_data"]: "AffectJaxConvBackwardData",
         TARGETS["backward_weights"]: "AffectJaxConvBackwardWeights",
+        TARGETS["pack"]: "AffectJaxConvPackWeights",
+        TARGETS["forward_packed"]: "AffectJaxConvForwardPacked",
+        TARGETS["forward_packed_add"]: "AffectJaxConvForwardPackedAdd",
     }
 )
 Pads = tuple[tuple[int, int], tuple[int, int]]
+# The batch a kernel is packed for: the layout oneDNN picks can depend on it, and a single
+# image (prediction's latency) is where the per-call reorder weighs most.
+PACK_BATCH = 1
 
 
 def _call(
@@ -137,6 +151,94 @@ def conv2d_add(
         strides=strides,
         pads=pads,
         aliases={3: 0},
+        relu=relu,
+    )
+    return y.astype(x.dtype)
+
+
+def packed_kernel_bytes(
+    kernel_shape: tuple[int, ...],
+    in_hw: tuple[int, int],
+    strides: tuple[int, int],
+    pads: Pads,
+    compute_dtype: Any,
+    relu: bool,
+) -> int:
+    """The size in bytes of `pack_kernel`'s result for these arguments."""
+    (pt, pb), (pl, pr) = pads
+    kh, kw, cin, cout = kernel_shape
+    geometry = (PACK_BATCH, *in_hw, cin, kh, kw, cout, *strides, pt, pb, pl, pr)
+    fn = native.library().affect_jax_conv_packed_bytes
+    fn.restype = ctypes.c_int64
+    size = fn(
+        (ctypes.c_int64 * len(geometry))(*map(int, geometry)),
+        ctypes.c_int(jnp.dtype(compute_dtype) == jnp.bfloat16),
+        ctypes.c_int(bool(relu)),
+    )
+    if size < 0:
+        raise ValueError(f"oneDNN has no convolution for kernel {kernel_shape} on {in_hw} inputs")
+    return int(size)
+
+
+def pack_kernel(
+    kernel: jax.Array,
+    in_hw: tuple[int, int],
+    strides: tuple[int, int],
+    pads: Pads,
+    compute_dtype: Any,
+    relu: bool = True,
+) -> jax.Array:
+    """The HWIO `kernel`, in `compute_dtype`, reordered into the layout oneDNN's inference kernel
+    wants for a `PACK_BATCH` x `in_hw` input (and `relu`): a uint8 vector for `conv2d_packed`,
+    which also runs correctly (one reorder) on other batch or image sizes."""
+    compute = jnp.dtype(compute_dtype)
+    if compute not in native.DTYPES:
+        raise TypeError(f"oneDNN conv computes in float32 or bfloat16, not {compute}")
+    size = packed_kernel_bytes(kernel.shape, in_hw, strides, pads, compute, relu)
+    return _call(
+        "pack",
+        jax.ShapeDtypeStruct((size,), jnp.uint8),
+        kernel.astype(compute),
+        strides=strides,
+        pads=pads,
+        batch=PACK_BATCH,
+        height=in_hw[0],
+        width=in_hw[1],
+        relu=relu,
+    )
+
+
+def conv2d_packed(
+    x: jax.Array,
+    packed: jax.Array,
+    kernel_shape: tuple[int, ...],
+    bias: jax.Array,
+    strides: tuple[int, int],
+    pads: Pads,
+    compute_dtype: Any,
+    relu: bool = False,
+    residual: jax.Array | None = None,
+) -> jax.Array:
+    """`conv2d` (or `conv2d_add` with `residual`) on a kernel of `kernel_shape` (HWIO) that
+    `pack_kernel` packed with the same strides, padding and `compute_dtype`. Inference only."""
+    compute = jnp.dtype(compute_dtype)
+    xc = x.astype(compute)
+    out = jax.ShapeDtypeStruct(
+        _out_shape(xc, jax.ShapeDtypeStruct(kernel_shape, compute), strides, pads),
+        _written(x.dtype, compute),
+    )
+    operands = [xc, packed, bias.astype(jnp.float32)]
+    if residual is not None:
+        if residual.shape != out.shape:
+            raise ValueError(f"residual {residual.shape} is not the output's shape {out.shape}")
+        operands.append(residual.astype(out.dtype))
+    y = _call(
+        "forward_packed" if residual is None else "forward_packed_add",
+        out,
+        *operands,
+        strides=strides,
+        pads=pads,
+        aliases=None if residual is None else {3: 0},
         relu=relu,
     )
     return y.astype(x.dtype)
