@@ -125,6 +125,31 @@ def test_prepare_packs_every_kernel_that_runs_on_onednn(name):
     assert all(k.dtype == jnp.uint8 and k.ndim == 1 for k in kernels.values())
 
 
+@needs_native
+def test_prepare_packs_the_winograd_layers_for_winograd():
+    """float32 VGG16 at 64 px: block3's 16-channel 3x3 convolutions are where Winograd runs
+    (`winograd.preferred`); prepare packs them for Winograd (their header says so), the others
+    for oneDNN's direct kernel, and the prepared step still gives the reference path's outputs."""
+    config = _config("vgg16", "float32", "native")
+    config.data.image_size = 64
+    graphdef, _, state = steps.create_train_state(config, steps.create_initial_model(config))
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    step = steps.make_predict_step(graphdef)
+    prepared = jax.jit(step.prepare)(variables)
+    magic = {  # the first bytes of each packing's header (onednn_conv.cc, winograd.cc)
+        name: bytes(np.asarray(layer["kernel"][:7]))
+        for name, layer in prepared["params"]["backbone"].items()
+    }
+    assert len(magic) == 13
+    winograd_layers = [name for name, m in magic.items() if m == b"AJWINO1"]
+    assert winograd_layers == ["block3_conv2", "block3_conv3"]
+    assert all(m == b"AJPACK1" for name, m in magic.items() if name not in winograd_layers)
+    images = jnp.asarray(np.random.default_rng(1).normal(size=(2, 64, 64, 3)), jnp.float32)
+    reference = jax.jit(steps.make_reference_predict_step(graphdef))(variables, images)
+    outputs = jax.jit(step.on_prepared)(prepared, images)
+    assert _relative_error(outputs, reference) <= TOLERANCE["float32"]
+
+
 @pytest.mark.parametrize("name", ["resnet50", "vgg16"])
 def test_prediction_prepares_the_same_weights_with_its_faster_compiled_program(name):
     _, graphdef, _, state = _setup(name, "float32", "xla")

@@ -521,6 +521,40 @@ def test_winograd_matches_tensorflow_conv2d():
         assert _rel(a, r.numpy()) <= 1e-4, (name, _rel(a, r.numpy()))
 
 
+@needs_native
+@pytest.mark.parametrize(
+    "pads, side, cin, cout, call_batch, call_side",
+    [
+        (((1, 1), (1, 1)), 16, 16, 24, 1, 16),  # the geometry it was packed for
+        (((1, 1), (1, 1)), 16, 70, 67, 3, 21),  # another batch and size; a channel remainder
+        (((0, 0), (0, 0)), 18, 20, 16, 2, 18),
+        (((2, 1), (0, 2)), 14, 16, 8, 1, 13),
+    ],
+)
+@pytest.mark.parametrize("residual", [False, True])
+def test_winograd_packed_kernel_gives_the_convolution_of_the_hwio_kernel(
+    pads, side, cin, cout, call_batch, call_side, residual
+):
+    """`winograd.pack_kernel` transforms the kernel once; `conv2d_packed` on it at any batch
+    and size: lax.conv + bias (+ residual) then ReLU, to Winograd's float32 rounding."""
+    keys = jax.random.split(jax.random.key(4), 4)
+    x = jax.random.normal(keys[0], (call_batch, call_side, call_side, cin))
+    w = jax.random.normal(keys[1], (3, 3, cin, cout)) / np.sqrt(9 * cin)
+    bias = jax.random.normal(keys[2], (cout,))
+    packed = jax.jit(lambda w: winograd.pack_kernel(w, (side, side), pads, 1))(w)
+    assert packed.dtype == jnp.uint8 and packed.ndim == 1
+    want = conv_ops.conv2d(x, w, (1, 1), pads, "xla") + bias
+    r = jax.random.normal(keys[3], want.shape) if residual else None
+
+    @jax.jit
+    def got(x, packed, r):
+        return onednn_conv.conv2d_packed(x, packed, w.shape, bias, (1, 1), pads, "float32", True, r)
+
+    y = got(x, packed, r)
+    assert y.dtype == jnp.float32 and y.shape == want.shape
+    assert _rel(y, jax.nn.relu(want + r if residual else want)) <= WINOGRAD_RTOL
+
+
 def _uses_winograd(x, w, strides=(1, 1), padding="SAME", compute_dtype=None) -> bool:
     def f(a, b):
         return conv_ops.conv2d(a, b, strides, padding, "winograd", compute_dtype=compute_dtype)

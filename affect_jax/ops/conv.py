@@ -216,10 +216,11 @@ class Conv(nnx.Module):
         )
 
     def pack_for_inference(self, in_hw: tuple[int, int]) -> None:
-        """Replaces the kernel, in place, by its copy packed for oneDNN's inference kernel
-        (`onednn_conv.pack_kernel`) on inputs of spatial size `in_hw`, when this convolution
-        runs on oneDNN's direct kernel; otherwise leaves it. A packed layer is for inference
-        only: it no longer has an HWIO kernel to differentiate or save."""
+        """Replaces the kernel, in place, by its copy packed for the extension's inference
+        kernel on inputs of spatial size `in_hw` (`onednn_conv.pack_kernel`, or
+        `winograd.pack_kernel` where Winograd runs this convolution) when it runs on the
+        extension; otherwise leaves it. A packed layer is for inference only: it no longer has
+        an HWIO kernel to differentiate or save."""
         path = resolve_impl(self.impl)
         kernel = self.kernel[...]
         if path not in _EXTENSION_PATHS or self.dtype is None or kernel.ndim != 4:
@@ -232,8 +233,10 @@ class Conv(nnx.Module):
         if path == "winograd" and winograd.preferred(
             x_shape, kernel.shape, self.strides, pads, compute
         ):
-            return
-        self.kernel.value = onednn_conv.pack_kernel(kernel, in_hw, self.strides, pads, compute)
+            packed = winograd.pack_kernel(kernel, in_hw, pads, onednn_conv.PACK_BATCH)
+        else:
+            packed = onednn_conv.pack_kernel(kernel, in_hw, self.strides, pads, compute)
+        self.kernel.value = packed
 
     def __call__(
         self,

@@ -5,7 +5,7 @@
 
 // Bumped whenever a handler's signature or the build changes, so Python can tell an extension
 // built from older sources (an editable install not rebuilt) from a current one.
-extern "C" int affect_jax_extension_revision() { return 7; }
+extern "C" int affect_jax_extension_revision() { return 8; }
 
 // Lets Python check it loaded the libdnnl it was built against.
 extern "C" int affect_jax_onednn_version() {

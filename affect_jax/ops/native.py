@@ -33,7 +33,7 @@ ONEDNN_DIST = "onednn-cpu-gomp"
 ONEDNN_VERSION = 30200  # 3.2.0, the version setup.py compiles against
 # affect_jax_extension_revision() of the current C++ sources (native.cc; bumped with handler
 # signatures and with the build).
-EXTENSION_REVISION = 7
+EXTENSION_REVISION = 8
 EXTENSION = "affect_jax.ops._native"
 _OLD_EXTENSION = "affect_jax.ops._onednn"  # its name before revision 5
 SWITCH = "AFFECT_JAX_NATIVE_KERNELS"

@@ -8,7 +8,7 @@
 // Layouts are the ones JAX uses: activations NHWC, kernels HWIO, row-major. Activations stay
 // NHWC (oneDNN's brgemm kernels run on it directly); the kernel is reordered to the blocked
 // layout the chosen kernel wants on every call (a small copy next to the convolution), except
-// at inference on a kernel packed once into that layout (PackWeights, ForwardPacked). The
+// at inference on a kernel packed once into that layout (PackWeights, RunPacked). The
 // bias is added by the forward kernel and its gradient comes with the weight gradient; with
 // bfloat16 compute, results may be written as float32 (no separate conversion pass). The
 // forward kernel can also apply a ReLU to its float32 sums (a oneDNN post-op), so a
@@ -274,13 +274,6 @@ ffi::Error Run(Direction d, ffi::AnyBuffer act, ffi::AnyBuffer out, ffi::AnyBuff
   });
 }
 
-// y = conv(x, w) + bias, then max(0, y) if `relu` is 1.
-ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
-                   ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw, int64_t pt,
-                   int64_t pb, int64_t pl, int64_t pr, int64_t relu) {
-  if (relu != 0 && relu != 1) return Invalid("relu must be 0 or 1");
-  return Run(kForward, x, *y, w, &bias, sh, sw, pt, pb, pl, pr, relu == 1 ? kRelu : 0);
-}
 
 // Puts the residual a sum post-op adds into the output buffer: XLA passes it there (the call
 // aliases them); if it did not, it is copied.
@@ -296,15 +289,6 @@ ffi::Error PlaceResidual(ffi::AnyBuffer residual, ffi::AnyBuffer y) {
   return ffi::Error::Success();
 }
 
-// y = conv(x, w) + bias + residual, then max(0, y) if `relu` is 1. XLA passes `residual` in
-// y's buffer (the call aliases them); if it did not, it is copied there first.
-ffi::Error ForwardAdd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
-                      ffi::AnyBuffer residual, ffi::Result<ffi::AnyBuffer> y, int64_t sh,
-                      int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t relu) {
-  if (relu != 0 && relu != 1) return Invalid("relu must be 0 or 1");
-  if (auto e = PlaceResidual(residual, *y); e.failure()) return e;
-  return Run(kForward, x, *y, w, &bias, sh, sw, pt, pb, pl, pr, kSum | (relu == 1 ? kRelu : 0));
-}
 
 ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
                         int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
@@ -463,21 +447,41 @@ ffi::Error RunPacked(ffi::AnyBuffer x, ffi::AnyBuffer packed, ffi::AnyBuffer bia
   });
 }
 
-ffi::Error ForwardPacked(ffi::AnyBuffer x, ffi::AnyBuffer packed, ffi::AnyBuffer bias,
-                         ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw, int64_t pt,
-                         int64_t pb, int64_t pl, int64_t pr, int64_t relu) {
-  if (relu != 0 && relu != 1) return Invalid("relu must be 0 or 1");
-  return RunPacked(x, packed, bias, *y, sh, sw, pt, pb, pl, pr, relu == 1 ? kRelu : 0);
+// The forward pass on the HWIO kernel `w`, or at inference on a kernel packed for oneDNN
+// (PackWeights) or for Winograd (winograd.cc): y = conv(x, w) + bias (+ y's previous contents
+// if `post` has kSum), then max(0, .) if `post` has kRelu.
+ffi::Error RunForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias, ffi::AnyBuffer y,
+                      int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                      int post) {
+  if (w.element_type() != ffi::DataType::U8) {
+    return Run(kForward, x, y, w, &bias, sh, sw, pt, pb, pl, pr, post);
+  }
+  if (!affect_jax::IsWinogradPacked(w)) {
+    return RunPacked(x, w, bias, y, sh, sw, pt, pb, pl, pr, post);
+  }
+  auto a = x.dimensions(), o = y.dimensions();
+  if (a.size() != 4 || o.size() != 4 || sh != 1 || sw != 1 || o[1] != a[1] + pt + pb - 2 ||
+      o[2] != a[2] + pl + pr - 2) {
+    return Invalid("a kernel packed for Winograd needs a 3x3 stride-1 geometry");
+  }
+  return affect_jax::WinogradForwardPacked(x, w, bias, y, pt, pl, post & kRelu, post & kSum);
 }
 
-// ForwardPacked + residual before the ReLU; the residual arrives in y's buffer (aliased).
-ffi::Error ForwardPackedAdd(ffi::AnyBuffer x, ffi::AnyBuffer packed, ffi::AnyBuffer bias,
-                            ffi::AnyBuffer residual, ffi::Result<ffi::AnyBuffer> y, int64_t sh,
-                            int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
-                            int64_t relu) {
+ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
+                   ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw, int64_t pt,
+                   int64_t pb, int64_t pl, int64_t pr, int64_t relu) {
+  if (relu != 0 && relu != 1) return Invalid("relu must be 0 or 1");
+  return RunForward(x, w, bias, *y, sh, sw, pt, pb, pl, pr, relu == 1 ? kRelu : 0);
+}
+
+// Forward + residual before the ReLU (inference). XLA passes `residual` in y's buffer (the
+// call aliases them); if it did not, it is copied there first.
+ffi::Error ForwardAdd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
+                      ffi::AnyBuffer residual, ffi::Result<ffi::AnyBuffer> y, int64_t sh,
+                      int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t relu) {
   if (relu != 0 && relu != 1) return Invalid("relu must be 0 or 1");
   if (auto e = PlaceResidual(residual, *y); e.failure()) return e;
-  return RunPacked(x, packed, bias, *y, sh, sw, pt, pb, pl, pr, kSum | (relu == 1 ? kRelu : 0));
+  return RunForward(x, w, bias, *y, sh, sw, pt, pb, pl, pr, kSum | (relu == 1 ? kRelu : 0));
 }
 
 }  // namespace
@@ -540,21 +544,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AffectJaxConvPackWeights, PackWeights,
                                   .Attr<int64_t>("batch")
                                   .Attr<int64_t>("height")
                                   .Attr<int64_t>("width") AFFECT_JAX_CONV_ATTRS
-                                  .Attr<int64_t>("relu"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AffectJaxConvForwardPacked, ForwardPacked,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>() AFFECT_JAX_CONV_ATTRS
-                                  .Attr<int64_t>("relu"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AffectJaxConvForwardPackedAdd, ForwardPackedAdd,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>() AFFECT_JAX_CONV_ATTRS
                                   .Attr<int64_t>("relu"));

@@ -6,7 +6,8 @@ computes `lax.conv_general_dilated`'s function for NHWC x HWIO in float32 or bfl
 
 At inference the kernels are constants, so `pack_kernel` reorders one, once, into the blocked
 layout oneDNN's inference kernel wants (a uint8 array that carries the geometry it was packed
-for), and `conv2d_packed` runs on it without the per-call reorder `conv2d` does.
+for), and `conv2d_packed` runs on it without the per-call reorder `conv2d` does. It also runs
+kernels `winograd.pack_kernel` packed (the same forward kernel dispatches on the packing).
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ TARGETS = {
     "backward_data": "affect_jax_onednn_conv_backward_data",
     "backward_weights": "affect_jax_onednn_conv_backward_weights",
     "pack": "affect_jax_onednn_conv_pack",
-    "forward_packed": "affect_jax_onednn_conv_forward_packed",
-    "forward_packed_add": "affect_jax_onednn_conv_forward_packed_add",
 }
 native.register_targets(
     {
@@ -38,8 +37,6 @@ native.register_targets(
         TARGETS["backward_data"]: "AffectJaxConvBackwardData",
         TARGETS["backward_weights"]: "AffectJaxConvBackwardWeights",
         TARGETS["pack"]: "AffectJaxConvPackWeights",
-        TARGETS["forward_packed"]: "AffectJaxConvForwardPacked",
-        TARGETS["forward_packed_add"]: "AffectJaxConvForwardPackedAdd",
     }
 )
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -220,7 +217,9 @@ def conv2d_packed(
     residual: jax.Array | None = None,
 ) -> jax.Array:
     """`conv2d` (or `conv2d_add` with `residual`) on a kernel of `kernel_shape` (HWIO) that
-    `pack_kernel` packed with the same strides, padding and `compute_dtype`. Inference only."""
+    `pack_kernel` (or, float32 3x3 stride 1, `winograd.pack_kernel`) packed with the same
+    strides, padding and `compute_dtype`; the forward kernel runs the algorithm it was packed
+    for. Inference only."""
     compute = jnp.dtype(compute_dtype)
     xc = x.astype(compute)
     out = jax.ShapeDtypeStruct(
@@ -233,7 +232,7 @@ def conv2d_packed(
             raise ValueError(f"residual {residual.shape} is not the output's shape {out.shape}")
         operands.append(residual.astype(out.dtype))
     y = _call(
-        "forward_packed" if residual is None else "forward_packed_add",
+        "forward" if residual is None else "forward_add",
         out,
         *operands,
         strides=strides,

@@ -1,9 +1,11 @@
 // Shared by the extension's oneDNN users (onednn_conv.cc, winograd.cc): the one CPU
-// engine and the conversion of oneDNN's exceptions into XLA FFI errors.
+// engine, the conversion of oneDNN's exceptions into XLA FFI errors, and the inference
+// forward pass on a kernel packed for Winograd (which onednn_conv.cc's handlers dispatch to).
 
 #ifndef AFFECT_JAX_OPS_ONEDNN_UTIL_H_
 #define AFFECT_JAX_OPS_ONEDNN_UTIL_H_
 
+#include <cstdint>
 #include <new>
 #include <string>
 
@@ -27,6 +29,17 @@ xla::ffi::Error CatchOneDnnErrors(const std::string& what, Body body) {
     return xla::ffi::Error::Internal(what + ": out of memory");
   }
 }
+
+// Whether `packed` is a kernel that winograd.cc's Pack packed (a uint8 buffer with its header).
+bool IsWinogradPacked(xla::ffi::AnyBuffer packed);
+
+// y = conv3x3(x, packed kernel) + bias (+ y's previous contents if `accumulate`), then
+// max(0, .) if `relu`: float32, stride 1, padding (pad_top, pad_left) before the input and the
+// rest implied by y's size.
+xla::ffi::Error WinogradForwardPacked(xla::ffi::AnyBuffer x, xla::ffi::AnyBuffer packed,
+                                      xla::ffi::AnyBuffer bias, xla::ffi::AnyBuffer y,
+                                      int64_t pad_top, int64_t pad_left, bool relu,
+                                      bool accumulate);
 
 }  // namespace affect_jax
 

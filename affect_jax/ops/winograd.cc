@@ -154,10 +154,12 @@ VECTOR_CLONES void InputTransformTiles(const float* __restrict x, const Tiling& 
   }
 }
 
-// y tile = A^T M A (+ bias, ReLU) for tiles [t0, t1); M rows are `ld` tiles apart.
+// y tile = A^T M A (+ bias, + y's previous contents if `accumulate`, then ReLU if `relu`) for
+// tiles [t0, t1); M rows are `ld` tiles apart.
 VECTOR_CLONES void OutputTransformTiles(const float* __restrict m, const float* __restrict bias,
-                                        bool relu, const Tiling& g, int64_t t0, int64_t t1,
-                                        int64_t tile0, int64_t ld, float* __restrict y) {
+                                        bool relu, bool accumulate, const Tiling& g, int64_t t0,
+                                        int64_t t1, int64_t tile0, int64_t ld,
+                                        float* __restrict y) {
   alignas(64) float r[4][6][kBlock], out[4][4][kBlock];
   for (int64_t t = t0; t < t1; ++t) {
     const TileOrigin o = Origin(g, t);
@@ -179,7 +181,13 @@ VECTOR_CLONES void OutputTransformTiles(const float* __restrict m, const float* 
           float* dst = y + ((o.b * g.oh + o.y0 + i) * g.ow + o.x0 + j) * g.k + k0;
           const float* src = out[i][j];
           const float* bb = bias + k0;
-          if (relu) {
+          if (accumulate && relu) {
+#pragma omp simd
+            for (int64_t q = 0; q < nk; ++q) dst[q] = std::max(src[q] + bb[q] + dst[q], 0.f);
+          } else if (accumulate) {
+#pragma omp simd
+            for (int64_t q = 0; q < nk; ++q) dst[q] = src[q] + bb[q] + dst[q];
+          } else if (relu) {
 #pragma omp simd
             for (int64_t q = 0; q < nk; ++q) dst[q] = std::max(src[q] + bb[q], 0.f);
           } else {
@@ -389,6 +397,35 @@ ffi::Error MakeTiling(ffi::AnyBuffer x, ffi::AnyBuffer out, const char* out_name
   return ffi::Error::Success();
 }
 
+// y = A^T [(B^T d B) @ U] A (+ bias, + y's previous contents if `accumulate`, then ReLU if
+// `relu`) over every tile of g, `ld` tiles per batched matmul `mm`; `u` is the transformed
+// kernel in mm's weights layout. Every chunk runs `ld` rows (the last one's extra rows are
+// never read back), so one matmul and one weight layout serve all chunks.
+void ForwardTiles(const float* xp, const Tiling& g, int64_t ld, const Matmul& mm, const float* u,
+                  const float* bias, bool relu, bool accumulate, float* yp) {
+  std::vector<float> v(kPositions * ld * g.c), m(kPositions * ld * g.k);
+  std::vector<char> scratch(mm.scratchpad.get_size());
+  for (int64_t t0 = 0; t0 < g.tiles(); t0 += ld) {
+    const int64_t rows = std::min(ld, g.tiles() - t0);
+    ParallelRows(rows, [&](int64_t r0, int64_t r1, int) {
+      InputTransformTiles(xp, g, t0 + r0, t0 + r1, t0, ld, v.data());
+    });
+    RunMatmul(mm, v.data(), u, m.data(), scratch.data());
+    ParallelRows(rows, [&](int64_t r0, int64_t r1, int) {
+      OutputTransformTiles(m.data(), bias, relu, accumulate, g, t0 + r0, t0 + r1, t0, ld, yp);
+    });
+  }
+}
+
+// u [36, wc, wk] (the matmul's user layout) = the kernel transform of the HWIO kernel w.
+std::vector<float> TransformKernel(const float* w, int64_t wc, int64_t wk, bool flip) {
+  std::vector<float> u(kPositions * wc * wk);
+  ParallelRows(wc, [&](int64_t c0, int64_t c1, int) {
+    TransformKernelRows(w, wc, wk, flip, c0, c1, u.data());
+  });
+  return u;
+}
+
 // y = conv3x3(x, w) + bias (then max(0, .) if relu) for the HWIO kernel w [3, 3, C, K]; with
 // `flip`, of the kernel rotated by 180 degrees with its channel roles swapped (w [3, 3, K, C]),
 // which makes this the input gradient of the convolution by w.
@@ -408,22 +445,13 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
                         : "kernel must be [3, 3, C, K] for x's C and y's K");
   }
   if (bias.dimensions()[0] != g.k) return Invalid("bias must be [K]");
-  const int64_t tiles = g.tiles(), ld = std::min(chunk_tiles, tiles);
-  const float* xp = static_cast<const float*>(x.untyped_data());
+  const int64_t ld = std::min(chunk_tiles, g.tiles());
   const float* wp = static_cast<const float*>(w.untyped_data());
-  const float* bp = static_cast<const float*>(bias.untyped_data());
-  float* yp = static_cast<float*>(y->untyped_data());
   return affect_jax::CatchOneDnnErrors("affect_jax winograd conv", [&]() -> ffi::Error {
-    // Every chunk runs `ld` rows (the last one's extra rows are never read back), so one
-    // matmul and one weight layout serve all chunks.
     auto mm = GetMatmul(kForward, ld, g.c, g.k, flip == 1);
-    std::vector<float> v(kPositions * ld * g.c), m(kPositions * ld * g.k);
-    std::vector<float> u(kPositions * wc * wk);
-    std::vector<char> scratch(mm->scratchpad.get_size()), blocked;
     std::lock_guard<std::mutex> serial(AffectJaxExecutionMutex());
-    ParallelRows(wc, [&](int64_t c0, int64_t c1, int) {
-      TransformKernelRows(wp, wc, wk, flip == 1, c0, c1, u.data());
-    });
+    std::vector<float> u = TransformKernel(wp, wc, wk, flip == 1);
+    std::vector<char> blocked;
     const float* up = u.data();
     if (mm->reorder_weights) {
       blocked.resize(mm->wei.get_size());
@@ -434,15 +462,74 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
       stream.wait();
       up = reinterpret_cast<const float*>(blocked.data());
     }
-    for (int64_t t0 = 0; t0 < tiles; t0 += ld) {
-      const int64_t rows = std::min(ld, tiles - t0);
-      ParallelRows(rows, [&](int64_t r0, int64_t r1, int) {
-        InputTransformTiles(xp, g, t0 + r0, t0 + r1, t0, ld, v.data());
-      });
-      RunMatmul(*mm, v.data(), up, m.data(), scratch.data());
-      ParallelRows(rows, [&](int64_t r0, int64_t r1, int) {
-        OutputTransformTiles(m.data(), bp, relu == 1, g, t0 + r0, t0 + r1, t0, ld, yp);
-      });
+    ForwardTiles(static_cast<const float*>(x.untyped_data()), g, ld, *mm, up,
+                 static_cast<const float*>(bias.untyped_data()), relu == 1, false,
+                 static_cast<float*>(y->untyped_data()));
+    return ffi::Error::Success();
+  });
+}
+
+// What a packed kernel (Pack) begins with: its channels and the batched matmul whose weights
+// layout the transformed kernel after the header has.
+struct PackHeader {
+  int64_t magic, c, k, rows, chunk_tiles;
+};
+constexpr int64_t kPackMagic = 0x314f4e49574a41;  // "AJWINO1"
+constexpr size_t kPackHeaderBytes = 128;          // keeps the kernel 64-byte aligned
+static_assert(sizeof(PackHeader) <= kPackHeaderBytes);
+
+size_t PackedBytes(const PackHeader& p) {
+  return kPackHeaderBytes + GetMatmul(kForward, p.rows, p.c, p.k)->wei.get_size();
+}
+
+// The reorder from one forward matmul's weights layout to another's, built once per pair.
+dnnl::reorder& Relayout(const Matmul* from, const Matmul* to) {
+  static std::mutex mutex;
+  static std::map<std::pair<const Matmul*, const Matmul*>, dnnl::reorder> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find({from, to});
+  if (it == cache.end()) {
+    auto& engine = AffectJaxCpuEngine();
+    it = cache
+             .emplace(std::pair{from, to}, dnnl::reorder(dnnl::reorder::primitive_desc(
+                                               engine, from->wei, engine, to->wei)))
+             .first;
+  }
+  return it->second;
+}
+
+// Packs the HWIO kernel w [3, 3, C, K] for inference: `packed` gets the header, then the
+// transformed kernel in the weights layout of the forward matmul of `rows` tiles (the rows a
+// call on the geometry it is packed for runs), chunks of `chunk_tiles` tiles at run time.
+ffi::Error Pack(ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> packed, int64_t rows,
+                int64_t chunk_tiles) {
+  if (auto e = CheckF32(w, "kernel", 4); e.failure()) return e;
+  auto wd = w.dimensions();
+  if (wd[0] != 3 || wd[1] != 3) return Invalid("kernel must be [3, 3, C, K]");
+  if (packed->element_type() != ffi::DataType::U8) return Invalid("packed must be uint8");
+  if (rows < 1 || chunk_tiles < 1 || rows > chunk_tiles) {
+    return Invalid("rows must be 1..chunk_tiles");
+  }
+  const PackHeader header{kPackMagic, wd[2], wd[3], rows, chunk_tiles};
+  return affect_jax::CatchOneDnnErrors("affect_jax winograd pack", [&]() -> ffi::Error {
+    auto mm = GetMatmul(kForward, rows, header.c, header.k);
+    if (packed->size_bytes() != PackedBytes(header)) {
+      return Invalid("packed has the wrong size for this kernel");
+    }
+    auto* out = static_cast<uint8_t*>(packed->untyped_data());
+    std::memset(out, 0, kPackHeaderBytes);
+    std::memcpy(out, &header, sizeof(header));
+    std::lock_guard<std::mutex> serial(AffectJaxExecutionMutex());
+    std::vector<float> u =
+        TransformKernel(static_cast<const float*>(w.untyped_data()), header.c, header.k, false);
+    if (mm->reorder_weights) {
+      dnnl::stream stream(AffectJaxCpuEngine());
+      memory user(mm->wei_user, AffectJaxCpuEngine(), u.data());
+      memory blocked(mm->wei, AffectJaxCpuEngine(), out + kPackHeaderBytes);
+      mm->weights_reorder.execute(stream, user, blocked);
+      stream.wait();
+    } else {
+      std::memcpy(out + kPackHeaderBytes, u.data(), u.size() * sizeof(float));
     }
     return ffi::Error::Success();
   });
@@ -503,6 +590,72 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi:
 
 }  // namespace
 
+namespace affect_jax {
+
+bool IsWinogradPacked(ffi::AnyBuffer packed) {
+  if (packed.element_type() != ffi::DataType::U8 || packed.size_bytes() < kPackHeaderBytes) {
+    return false;
+  }
+  int64_t magic;
+  std::memcpy(&magic, packed.untyped_data(), sizeof(magic));
+  return magic == kPackMagic;
+}
+
+ffi::Error WinogradForwardPacked(ffi::AnyBuffer x, ffi::AnyBuffer packed, ffi::AnyBuffer bias,
+                                 ffi::AnyBuffer y, int64_t pad_top, int64_t pad_left, bool relu,
+                                 bool accumulate) {
+  if (!IsWinogradPacked(packed)) return Invalid("packed must be a kernel from Pack");
+  PackHeader p;
+  std::memcpy(&p, packed.untyped_data(), sizeof(p));
+  Tiling g;
+  if (auto e = MakeTiling(x, y, "y", pad_top, pad_left, p.chunk_tiles, &g); e.failure()) {
+    return e;
+  }
+  if (g.c != p.c || g.k != p.k) {
+    return Invalid("the packed kernel was packed for other channels than x's and y's");
+  }
+  if (auto e = CheckF32(bias, "bias", 1); e.failure()) return e;
+  if (bias.dimensions()[0] != g.k) return Invalid("bias must be [K]");
+  const int64_t ld = std::min(p.chunk_tiles, g.tiles());
+  return affect_jax::CatchOneDnnErrors("affect_jax winograd conv", [&]() -> ffi::Error {
+    if (packed.size_bytes() != PackedBytes(p)) {
+      return Invalid("packed has the wrong size for its header");
+    }
+    auto from = GetMatmul(kForward, p.rows, g.c, g.k), mm = GetMatmul(kForward, ld, g.c, g.k);
+    std::lock_guard<std::mutex> serial(AffectJaxExecutionMutex());
+    auto* u = static_cast<uint8_t*>(packed.untyped_data()) + kPackHeaderBytes;
+    std::vector<char> relaid;
+    // oneDNN 3.2 on AVX-512 lays the weights out alike for every row count; another ISA or
+    // version may not, and then a call on another batch or size reorders them once.
+    if (mm->wei != from->wei) {
+      relaid.resize(mm->wei.get_size());
+      dnnl::stream stream(AffectJaxCpuEngine());
+      memory src(from->wei, AffectJaxCpuEngine(), u);
+      memory dst(mm->wei, AffectJaxCpuEngine(), relaid.data());
+      Relayout(from.get(), mm.get()).execute(stream, src, dst);
+      stream.wait();
+      u = reinterpret_cast<uint8_t*>(relaid.data());
+    }
+    ForwardTiles(static_cast<const float*>(x.untyped_data()), g, ld, *mm,
+                 reinterpret_cast<const float*>(u),
+                 static_cast<const float*>(bias.untyped_data()), relu, accumulate,
+                 static_cast<float*>(y.untyped_data()));
+    return ffi::Error::Success();
+  });
+}
+
+}  // namespace affect_jax
+
+// The bytes of Pack's result (header included) for a [3, 3, c, k] kernel and `rows`; -1 if
+// oneDNN cannot build the matmul. Python sizes Pack's result with it.
+extern "C" int64_t affect_jax_winograd_packed_bytes(int64_t c, int64_t k, int64_t rows) {
+  try {
+    return static_cast<int64_t>(PackedBytes(PackHeader{kPackMagic, c, k, rows, rows}));
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
+
 // Forward (with flip = 1 the input gradient): x, w, bias -> y. Weights: x, dy -> dw, db.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AffectJaxWinogradForward, Forward,
                               ffi::Ffi::Bind()
@@ -523,4 +676,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AffectJaxWinogradBackwardWeights, BackwardWeights,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("pad_top")
                                   .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("chunk_tiles"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AffectJaxWinogradPack, Pack,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("rows")
                                   .Attr<int64_t>("chunk_tiles"));

@@ -14,6 +14,7 @@ gradient a sum over tiles in the transformed domain mapped back by G^T . G.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from typing import Any
 
@@ -27,11 +28,13 @@ from affect_jax.ops import native
 TARGETS = {
     "forward": "affect_jax_winograd_forward",
     "backward_weights": "affect_jax_winograd_backward_weights",
+    "pack": "affect_jax_winograd_pack",
 }
 native.register_targets(
     {
         TARGETS["forward"]: "AffectJaxWinogradForward",
         TARGETS["backward_weights"]: "AffectJaxWinogradBackwardWeights",
+        TARGETS["pack"]: "AffectJaxWinogradPack",
     }
 )
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -142,6 +145,34 @@ def conv3x3(
     chunk = chunk or chunk_tiles(kernel.shape[2], kernel.shape[3])
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
     return _conv3x3(x, kernel, bias, pads, bool(relu), int(chunk))
+
+
+def pack_kernel(kernel: jax.Array, in_hw: tuple[int, int], pads: Pads, batch: int) -> jax.Array:
+    """The HWIO 3x3 `kernel` transformed once (U = G g G^T) and laid out as the batched matrix
+    product of a `batch` x `in_hw` input wants it: a uint8 vector that
+    `onednn_conv.conv2d_packed` runs by Winograd (inference; other batch or image sizes get one
+    reorder per call). It spares each call the kernel transform, which at batch 1 costs more than
+    the convolution itself."""
+    if not applicable((batch, *in_hw, kernel.shape[2]), kernel.shape, (1, 1), pads, jnp.float32):
+        raise ValueError(f"winograd pack_kernel needs a [3, 3, C, K] kernel, got {kernel.shape}")
+    (pt, pb), (pl, pr) = pads
+    tiles = batch * -(-(in_hw[0] + pt + pb - 2) // 4) * -(-(in_hw[1] + pl + pr - 2) // 4)
+    cin, cout = int(kernel.shape[2]), int(kernel.shape[3])
+    chunk = chunk_tiles(cin, cout)
+    rows = min(chunk, tiles)
+    fn = native.library().affect_jax_winograd_packed_bytes
+    fn.restype = ctypes.c_int64
+    size = fn(ctypes.c_int64(cin), ctypes.c_int64(cout), ctypes.c_int64(rows))
+    if size < 0:
+        raise ValueError(f"oneDNN has no matrix product for a Winograd kernel {kernel.shape}")
+    return native.call_kernel(
+        "winograd conv",
+        TARGETS["pack"],
+        jax.ShapeDtypeStruct((int(size),), jnp.uint8),
+        kernel.astype(jnp.float32),
+        rows=np.int64(rows),
+        chunk_tiles=np.int64(chunk),
+    )
 
 
 def _out_hw(x: jax.Array, pads: Pads) -> tuple[int, int]:
