@@ -43,7 +43,7 @@ def init_model(config: ml_collections.ConfigDict) -> nnx.Module:
 
     def build() -> nnx.State:
         nonlocal graphdef
-        graphdef, state = nnx.split(models.create_model(config, nnx.Rngs(params=config.seed)))
+        graphdef, state = nnx.split(models.create_model(config, models.InitKeys(config.seed)))
         return state
 
     state = jax.jit(build).lower().compile(compiler_options=_INIT_COMPILER_OPTIONS)()
@@ -143,7 +143,7 @@ def _abstract(
 
     def state() -> State:
         nonlocal graphdef  # static: taken from the one trace of the model's construction
-        graphdef, out = split(models.create_model(config, nnx.Rngs(params=config.seed)))
+        graphdef, out = split(models.create_model(config, models.InitKeys(config.seed)))
         return out
 
     shapes = jax.eval_shape(state)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
@@ -30,6 +31,7 @@ __all__ = [
     "ACTIVATION_DTYPES",
     "BACKBONES",
     "COMPUTE_DTYPES",
+    "InitKeys",
     "MultiTaskModel",
     "POOLINGS",
     "ResNet50",
@@ -39,6 +41,27 @@ __all__ = [
     "create_model",
     "min_image_size",
 ]
+
+
+class InitKeys:
+    """The ``params`` keys of ``nnx.Rngs(params=seed)`` in the same order, so the same
+    parameters, for building a model inside a trace (``steps.init_model``'s one program, the
+    abstract models checkpoints are restored into).
+
+    Why not ``nnx.Rngs`` there: its stream counter is a variable, and each traced update of it
+    asks the tracer for a sharding, whose error message JAX builds by walking the whole program
+    traced so far: quadratic in the model's size (seconds for ResNet50). Here the counter is a
+    Python int.
+    """
+
+    def __init__(self, seed: int):
+        self._key = jax.random.key(seed)
+        self._count = 0
+
+    def params(self) -> jax.Array:
+        key = jax.random.fold_in(self._key, self._count)
+        self._count += 1
+        return key
 
 
 def activation_dtype(name: str, compute_dtype: Any, setting: str = "auto") -> Any:
@@ -73,7 +96,7 @@ def create_backbone(
     )
 
 
-def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> MultiTaskModel:
+def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs | InitKeys) -> MultiTaskModel:
     """Builds the MultiTaskModel described by `config.model`, `config.data`, `compute_dtype`
     (a config that `config_checks.validate` accepted)."""
     m = config.model
