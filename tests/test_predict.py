@@ -496,3 +496,23 @@ def test_threads_and_batches_do_not_change_the_rows(predictor, face_files, input
             {k: v for k, v in b.items() if k not in predictor.prob_columns}, abs=1e-5
         )
     assert threaded.timings["detect"] > 0 and threaded.timings["model"] > 0
+
+
+def test_a_few_images_run_in_a_batch_their_size(tmp_path):
+    """Unset --batch_size: one photo runs as a batch of 1 (a call pads to its batch), a few as
+    the next power of two; folders, videos or an explicit size keep the requested size."""
+    from affect_jax.predict.cli import batch_size_for
+
+    photos = []
+    for i in range(5):
+        photos.append(str(tmp_path / f"p{i}.jpg"))
+        cv2.imwrite(photos[-1], np.zeros((8, 8, 3), np.uint8))
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"")
+    assert batch_size_for(photos[:1], 32, False, 1) == 1
+    assert batch_size_for(photos[:3], 32, False, 1) == 4
+    assert batch_size_for(photos, 4, False, 1) == 4
+    assert batch_size_for(photos[:1], 32, False, 2) == 2  # split over 2 devices
+    assert batch_size_for(photos[:1], 32, True, 1) == 32
+    assert batch_size_for([*photos[:1], str(video)], 32, False, 1) == 32
+    assert batch_size_for([str(tmp_path)], 32, False, 1) == 32

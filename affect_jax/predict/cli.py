@@ -19,6 +19,7 @@ from absl import app, flags, logging
 
 from affect_jax import cli as command_line
 from affect_jax import run_dir, strict_json
+from affect_jax.predict import media
 from affect_jax.predict.detectors import (
     DEFAULT_MIN_CONFIDENCE,
     DETECT_MAX_SIDE,
@@ -97,9 +98,27 @@ def define_flags() -> None:
         "Threads that read files, detect faces and prepare crops ahead of the model.",
         lower_bound=1,
     )
-    flags.DEFINE_integer("batch_size", 32, "Images per step.", lower_bound=1)
+    flags.DEFINE_integer(
+        "batch_size",
+        32,
+        "Faces per model call. Unset with only a few image files: the smallest power of two "
+        "with one face per image (one photo: 1), so a lone face is not padded to 32.",
+        lower_bound=1,
+    )
     flags.DEFINE_bool("flip_tta", False, "Average over a horizontally flipped copy.")
     flags.DEFINE_integer("log_every", 100, "Progress line every N predicted faces.", lower_bound=1)
+
+
+def batch_size_for(inputs: Sequence[str], requested: int, explicit: bool, devices: int) -> int:
+    """Faces per model call: `requested` if given `explicit`ly or if any input is a folder or
+    a video; for image files only, the smallest power of two >= their count, at most
+    `requested`: a call runs its whole batch (padded), so one face in a call of 32 costs as
+    much as 32. A multiple of `devices` (the batch is split across them)."""
+    only_images = all(os.path.isfile(path) and media.media_kind(path) == "image" for path in inputs)
+    size = requested
+    if not explicit and only_images:
+        size = min(requested, 1 << (len(inputs) - 1).bit_length())
+    return -(-size // devices) * devices
 
 
 def _workdir_and_step(checkpoint: str) -> tuple[str, int]:
@@ -189,7 +208,9 @@ def main(argv: Sequence[str]) -> int:
         predictor = Predictor(
             workdir,
             FLAGS.which,
-            FLAGS.batch_size,
+            batch_size_for(
+                inputs, FLAGS.batch_size, FLAGS["batch_size"].present, jax.device_count()
+            ),
             step=step,
             flip_tta=FLAGS.flip_tta,
             detector=FLAGS.detector,
