@@ -9,10 +9,13 @@
 - any other exception is a bug: Python prints its traceback (exit code 1).
 
 ``--traceback`` shows the traceback of user errors too. The console follows ``console``.
+A command that only reads (``predict``) may end without the interpreter's teardown
+(``skip_teardown``): TensorFlow's takes over a second after the last result is written.
 """
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import sys
@@ -185,24 +188,49 @@ def guard(
     return guarded
 
 
-def run(main: Callable[[list[str]], int | None], output_flag: str | None = None) -> None:
+def exit_without_teardown(code: int | None) -> None:
+    """Ends the process with ``code`` after the exit handlers (``atexit``: logging's flush
+    among them) and a flush of stdout and stderr, but without the interpreter's teardown of
+    modules and without waiting for non-daemon threads."""
+    atexit._run_exitfuncs()  # what the interpreter runs first at exit; os._exit skips it
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+            pass
+    os._exit(0 if code is None else code)
+
+
+def run(
+    main: Callable[[list[str]], int | None],
+    output_flag: str | None = None,
+    skip_teardown: bool = False,
+) -> None:
     """``absl.app.run(main)`` with the behaviour above; ``output_flag`` names the flag of where
-    the program writes (suggested when the disk is full)."""
+    the program writes (suggested when the disk is full). With ``skip_teardown`` a program that
+    returned an exit code ends by ``exit_without_teardown``: only for programs that leave no
+    work in non-daemon threads (a traceback still ends the normal way)."""
     console.quiet_native_logs()
     _define_flags()
-    app.run(guard(main, output_flag), flags_parser=parse_flags)
+    try:
+        app.run(guard(main, output_flag), flags_parser=parse_flags)
+    except SystemExit as e:
+        if skip_teardown and (e.code is None or isinstance(e.code, int)):
+            exit_without_teardown(e.code)
+        raise
 
 
 def console_script(
     define_flags: Callable[[], None],
     main: Callable[[list[str]], int | None],
     output_flag: str | None = None,
+    skip_teardown: bool = False,
 ) -> Callable[[], None]:
     """A command's entry point (``[project.scripts]``): defines its flags only when it runs
-    (absl flags are process-wide), then ``run(main, output_flag)``."""
+    (absl flags are process-wide), then ``run(main, output_flag, skip_teardown)``."""
 
     def entry_point() -> None:
         define_flags()
-        run(main, output_flag)
+        run(main, output_flag, skip_teardown)
 
     return entry_point

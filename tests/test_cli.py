@@ -2,6 +2,9 @@
 
 import errno
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -86,3 +89,35 @@ def test_console_shows_our_info_and_everyones_warnings(tmp_path):
         "absl", logging.ERROR, "x.py", 1, "config.seed=0.5: expected an integer", (), None
     )
     assert formatter.format(error) == "error: config.seed=0.5: expected an integer"
+
+
+SKIP_TEARDOWN_PROGRAM = """
+import atexit, sys, threading, time
+from affect_jax import cli
+
+def main(argv):
+    atexit.register(lambda: sys.stderr.write("exit handlers ran\\n"))
+    # Normal interpreter exit would wait for this non-daemon thread for a minute.
+    threading.Thread(target=time.sleep, args=(60,)).start()
+    for i in range(100_000):
+        sys.stdout.write(f"row {i}\\n")  # buffered: lost if the exit does not flush
+    return 3
+
+cli.run(main, skip_teardown=True)
+"""
+
+
+def test_skip_teardown_ends_with_the_exit_code_flushed_output_and_exit_handlers(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered
+    result = subprocess.run(
+        [sys.executable, "-c", SKIP_TEARDOWN_PROGRAM],
+        capture_output=True,
+        text=True,
+        timeout=45,  # a normal exit waits 60 s for the thread: TimeoutExpired
+        cwd=tmp_path,
+        env=env,
+    )
+    assert result.returncode == 3
+    rows = result.stdout.splitlines()
+    assert len(rows) == 100_000 and rows[-1] == "row 99999"
+    assert "exit handlers ran" in result.stderr

@@ -248,4 +248,8 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
-run = command_line.console_script(define_flags, main, output_flag="output")  # affect-jax-predict
+# Predicting only reads: the process ends once its rows are written, without TensorFlow's
+# teardown.
+run = command_line.console_script(  # affect-jax-predict
+    define_flags, main, output_flag="output", skip_teardown=True
+)
