@@ -3,7 +3,7 @@ r"""Training/eval step and input-pipeline speed of affect-jax, optionally agains
     python scripts/benchmark.py --model=resnet50 --dtype=float32,bfloat16 --batch_size=32 \
       --batch_sizes=1,32 --image_size=224 --steps=5 [--warmup=N] \
       [--lever=conv=xla --lever=conv=native] [--compare --peers=keras,torch,torch_compile] \
-      [--startup --startup_runs=3] [--output=benchmark.json]
+      [--notrain] [--startup --startup_runs=3] [--output=benchmark.json]
 
 Model: the project's multi-task model (backbone, global average pool, Dense(8) softmax CE and
 Dense(2) MSE, Adam 1e-4; no hidden layer, no dropout) on random 224x224 images, whole jitted
@@ -18,6 +18,10 @@ same under ``torch.compile``, default mode; inference in eval mode under
 ``torch.inference_mode`` with Inductor's ``freezing``), each called once per batch (as
 ``model.fit`` and a PyTorch loop do). A peer that is not installed, or fails to build or compile,
 is left out with one line saying why.
+
+``--notrain`` times inference alone: the workers never compile or run a train step, as a
+deployed model runs (in a worker that also trains, every inference call follows a train call
+and meets the memory state that call leaves).
 
 Warm-up: ``--warmup`` untimed steps per contender before the timed rounds (each one a train
 step and one inference call per batch size); the default (-1) gives each contender
@@ -90,6 +94,12 @@ flags.DEFINE_multi_string("lever", ["default"], "affect-jax variants (see module
 flags.DEFINE_bool("compare", False, "Also run the --peers (those installed).")
 flags.DEFINE_list("peers", ["keras", "torch", "torch_compile"], "Peers of --compare.")
 flags.DEFINE_bool("eval", True, "Also time the eval (inference) step.")
+flags.DEFINE_bool(
+    "train",
+    True,
+    "Time the train step. --notrain times inference alone, in worker processes that never "
+    "train, as a deployed model runs.",
+)
 flags.DEFINE_list(
     "batch_sizes", [], "Batch sizes of the timed eval step (default: --batch_size), e.g. 1,32."
 )
@@ -277,6 +287,7 @@ def _jax_worker(spec: dict[str, Any]):
     # As the training driver calls it: steps_per_execution batches per call.
     per_call = int(lever.get("steps", config.steps_per_execution))
     chunk = {name: jnp.stack([value] * per_call) for name, value in batch.items()}
+    training = spec.get("train", True)
     t0 = time.perf_counter()
     train_c = (
         jax.jit(
@@ -285,6 +296,8 @@ def _jax_worker(spec: dict[str, Any]):
         )
         .lower(state, chunk)
         .compile()
+        if training
+        else None
     )
     compile_s = time.perf_counter() - t0
     # Evaluation as a loaded model runs it: weights prepared once (steps.InferenceStep, as the
@@ -294,9 +307,12 @@ def _jax_worker(spec: dict[str, Any]):
         {"params": state["params"], "batch_stats": state["batch_stats"]}
     )
     flops = _nominal_flops(config, batch)
-    hlo = train_c.as_text()
-    holder = {"state": state}
+    hlo = train_c.as_text() if training else ""
+    # Inference alone holds only the prepared weights, as a loaded model does.
+    holder = {"state": state if training else None}
+    del state
     evals = {}
+    t0 = time.perf_counter()
     for eval_b in spec["eval_batch_sizes"]:
         # At the training batch size as the driver evaluates (per_call batches per call); at
         # other sizes one batch per call, as predict and serve call the step.
@@ -312,6 +328,8 @@ def _jax_worker(spec: dict[str, Any]):
             jax.block_until_ready(eval_c(prepared, eval_chunk))
 
         evals[eval_b] = (eval_once, n)
+    if not training:  # the compile time reported is then the inference steps'
+        compile_s = time.perf_counter() - t0
     host_memory.release_host_memory()
 
     def train_once() -> None:
@@ -371,9 +389,6 @@ def _keras_worker(spec: dict[str, Any]):
         logits, pred = model(images, training=False)
         return tf.nn.softmax(logits), pred
 
-    t0 = time.perf_counter()
-    train_step().numpy()
-    compile_s = time.perf_counter() - t0
     evals = {}
     for eval_b in spec["eval_batch_sizes"]:
         images = tf.constant(rng.normal(size=(eval_b, s, s, 3)).astype(np.float32))
@@ -382,6 +397,7 @@ def _keras_worker(spec: dict[str, Any]):
             [t.numpy() for t in eval_step(images)]
 
         evals[eval_b] = eval_once
+    compile_s = _first_calls_seconds(spec, lambda: train_step().numpy(), evals)
     return (lambda: train_step().numpy()), evals, {"compile_s": compile_s}
 
 
@@ -438,13 +454,20 @@ def _torch_worker(spec: dict[str, Any]):
 
         evals[eval_b] = eval_once
 
+    compile_s = _first_calls_seconds(spec, train_once, evals)
+    return train_once, evals, {"compile_s": compile_s, "torch_threads": torch.get_num_threads()}
+
+
+def _first_calls_seconds(spec: dict[str, Any], train_once, evals: dict[int, Any]) -> float:
+    """A peer's compile time: its first train call, or with --notrain its first inference
+    calls (the train step is then never traced)."""
     t0 = time.perf_counter()
-    train_once()
-    return (
-        train_once,
-        evals,
-        {"compile_s": time.perf_counter() - t0, "torch_threads": torch.get_num_threads()},
-    )
+    if spec.get("train", True):
+        train_once()
+    else:
+        for eval_once in evals.values():
+            eval_once()
+    return time.perf_counter() - t0
 
 
 def _input_worker(spec: dict[str, Any]):
@@ -489,14 +512,16 @@ def run_worker(spec: dict[str, Any]) -> None:
     try:
         train_once, evals, info = builder(spec)
         # Times are per batch: a call may run several (train steps, evaluation batches).
-        per_call = {"train": info.get("steps_per_call", 1)}
+        training = spec.get("train", True)
+        per_call = {"train": info.get("steps_per_call", 1)} if training else {}
         for eval_b in evals:
             per_call[f"eval@{eval_b}"] = info.get("eval_batches_per_call", {}).get(str(eval_b), 1)
-        fns = {"train": train_once, **{f"eval@{k}": fn for k, fn in evals.items()}}
+        fns = {"train": train_once} if training else {}
+        fns.update({f"eval@{k}": fn for k, fn in evals.items()})
         # The warm-up counts steps (at least one call): every call of each kind, times kept.
         warmup = {key: [] for key in fns}
         t0 = time.perf_counter()
-        for _ in range(max(1, -(-spec["warmup"] // per_call["train"]))):
+        for _ in range(max(1, -(-spec["warmup"] // per_call.get("train", 1)))):
             for key, fn in fns.items():
                 warmup[key].append(_seconds(fn) / per_call[key])
         info["warmup_s"] = time.perf_counter() - t0
@@ -576,9 +601,10 @@ def _fmt(st: dict[str, float], digits: int = 2) -> str:
     return f"{st['median']:.{digits}f} [{st['min']:.{digits}f}-{st['max']:.{digits}f}]"
 
 
-def step_keys(eval_batch_sizes: list[int]) -> list[str]:
-    """The timed steps: 'train', then 'eval@B' per inference batch size."""
-    return ["train"] + [f"eval@{b}" for b in eval_batch_sizes]
+def step_keys(eval_batch_sizes: list[int], train: bool = True) -> list[str]:
+    """The timed steps: 'train' (unless not ``train``), then 'eval@B' per inference batch
+    size."""
+    return ["train"] * train + [f"eval@{b}" for b in eval_batch_sizes]
 
 
 def images_per_batch(spec: dict[str, Any], key: str) -> int:
@@ -628,7 +654,9 @@ def _run_group(
     workers = _start_workers(specs)
     try:
         keys = {
-            w.spec["label"]: step_keys([] if w.spec["kind"] == "input" else eval_batch_sizes)
+            w.spec["label"]: step_keys([], True)
+            if w.spec["kind"] == "input"
+            else step_keys(eval_batch_sizes, w.spec.get("train", True))
             for w in workers
         }
         times: dict[str, dict[str, list[float]]] = {
@@ -641,7 +669,7 @@ def _run_group(
                     times[w.spec["label"]][key].append(w.call(key)["t"])
             print(
                 f"  round {r + 1}/{steps}: "
-                + ", ".join(f"{k} {v['train'][-1]:.2f}s" for k, v in times.items()),
+                + ", ".join(f"{k} {next(iter(v.values()))[-1]:.2f}s" for k, v in times.items()),
                 flush=True,
             )
         results = []
@@ -650,7 +678,7 @@ def _run_group(
             for key, ts in times[w.spec["label"]].items():
                 n = images_per_batch(w.spec, key)
                 res["steps"][key] = {"times_s": ts, "img_s": _stats([n / t for t in ts])}
-            res["peak_rss_mb"] = w.call("train")["rss_mb"]
+            res["peak_rss_mb"] = w.call(keys[w.spec["label"]][0])["rss_mb"]
             results.append(res)
         return results
     finally:
@@ -890,7 +918,10 @@ def main(argv: list[str]) -> None:
         "num_classes": FLAGS.num_classes,
         "eval_batch_sizes": eval_batch_sizes if FLAGS.eval else [],
         "cache_dir": os.path.expanduser(FLAGS.cache_dir),
+        "train": FLAGS.train,
     }
+    if not FLAGS.train and not FLAGS.eval:
+        raise app.UsageError("--notrain with --noeval: nothing to time")
     for kind in list(peers):
         if not _available(PEER_MODULES[kind]):
             print(f"--peers: {PEER_MODULES[kind]} not installed, {kind} skipped")
@@ -932,8 +963,9 @@ def main(argv: list[str]) -> None:
             results = _run_group(specs, FLAGS.steps, base["eval_batch_sizes"])
             jax_flops = results[0].get("flops", 0.0)
             for res in results:
-                t = statistics.median(res["steps"]["train"]["times_s"])
-                res["gflops_per_s"] = jax_flops / t / 1e9 if jax_flops else None
+                if "train" in res["steps"] and jax_flops:
+                    t = statistics.median(res["steps"]["train"]["times_s"])
+                    res["gflops_per_s"] = jax_flops / t / 1e9
             all_results += results
             tables.append(summary_table(results))
             n_ours = sum(r["kind"] == "jax" for r in results)
@@ -942,7 +974,7 @@ def main(argv: list[str]) -> None:
                     # the baseline lever against everything; other levers against the peers
                     if key in results[0]["steps"] and (key == "train" or i >= n_ours):
                         ratio_rows.append(ratio_row(results[0], res, key))
-            for res in results[1:n_ours]:
+            for res in results[1:n_ours] if FLAGS.train else []:
                 for peer in results[n_ours:]:
                     ratio_rows.append(ratio_row(res, peer, "train"))
     if FLAGS.input:
@@ -952,7 +984,7 @@ def main(argv: list[str]) -> None:
     startup_runs = startup(FLAGS.startup_runs) if FLAGS.startup else None
 
     if all_results:
-        print_results(all_results, ratio_rows, eval_batch_sizes)
+        print_results(all_results, ratio_rows, step_keys(eval_batch_sizes, FLAGS.train))
     for table in tables:
         print("\n" + table)
     if startup_runs is not None:
@@ -974,6 +1006,7 @@ def main(argv: list[str]) -> None:
                     "peers",
                     "startup",
                     "startup_runs",
+                    "train",
                 )
             },
             "host": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()},
@@ -997,9 +1030,8 @@ def ratio_row(a: dict[str, Any], b: dict[str, Any], key: str) -> dict[str, Any]:
 
 
 def print_results(
-    results: list[dict[str, Any]], ratio_rows: list[dict[str, Any]], eval_batch_sizes: list[int]
+    results: list[dict[str, Any]], ratio_rows: list[dict[str, Any]], keys: list[str]
 ) -> None:
-    keys = step_keys(eval_batch_sizes)
     print("\nimages/s: median [min-max] over rounds; GFLOP/s from XLA's cost analysis")
     print(
         f"{'model':9} {'dtype':9} {'contender':26} "

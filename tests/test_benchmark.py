@@ -1,5 +1,8 @@
 """scripts/benchmark.py: lever parsing and the per-worker environment it implies."""
 
+import io
+import json
+
 import pytest
 from absl import app
 
@@ -67,6 +70,7 @@ def test_batch_sizes_parse_and_default_to_the_batch_size():
         with pytest.raises(app.UsageError, match=f"bad --batch_sizes item '{bad}'"):
             benchmark.parse_batch_sizes(["1", bad], 32)
     assert benchmark.step_keys([1, 32]) == ["train", "eval@1", "eval@32"]
+    assert benchmark.step_keys([1, 32], train=False) == ["eval@1", "eval@32"]
 
 
 def test_warmup_is_the_contenders_default_unless_given():
@@ -162,6 +166,30 @@ def test_a_peer_that_fails_is_reported_in_one_line(monkeypatch, capsys):
     benchmark.run_worker({"kind": "torch_compile"})
     out = capsys.readouterr().out.strip()
     assert out == benchmark.PREFIX + '{"error": "RuntimeError: Compiler: cc not found"}'
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_notrain_workers_never_train_and_time_only_inference(monkeypatch, capsys, train):
+    calls = []
+
+    def worker(spec):
+        evals = {1: lambda: calls.append("eval@1"), 32: lambda: calls.append("eval@32")}
+        compile_s = benchmark._first_calls_seconds(spec, lambda: calls.append("train"), evals)
+        return (lambda: calls.append("train")), evals, {"compile_s": compile_s}
+
+    monkeypatch.setattr(benchmark, "_torch_worker", worker)
+    monkeypatch.setattr("sys.stdin", io.StringIO("eval@1\neval@32\nquit\n"))
+    benchmark.run_worker({"kind": "torch", "warmup": 2, "train": train})
+    lines = capsys.readouterr().out.strip().splitlines()
+    ready = json.loads(lines[0][len(benchmark.PREFIX) :])
+    assert ready["ready"] and len(lines) == 3
+    timed = ["eval@1", "eval@32"]
+    if train:  # compile (first train call), two warm-up rounds of every step, the timed calls
+        assert calls == ["train"] + ["train", "eval@1", "eval@32"] * 2 + timed
+        assert set(ready["warmup_times_s"]) == {"train", "eval@1", "eval@32"}
+    else:
+        assert calls == ["eval@1", "eval@32"] * 3 + timed
+        assert set(ready["warmup_times_s"]) == {"eval@1", "eval@32"}
 
 
 def test_failed_peers_are_left_out_and_ours_is_an_error(monkeypatch, capsys):
