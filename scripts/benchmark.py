@@ -979,12 +979,17 @@ def main(argv: list[str]) -> None:
                     ratio_rows.append(ratio_row(res, peer, "train"))
     if FLAGS.input:
         print("== input pipeline (synthetic faces, train_batches)", flush=True)
-        spec = dict(base, kind="input", model="-", dtype="-", lever="", label="input", warmup=1)
+        # The input pipeline's one timed step is its training pass, --notrain or not.
+        spec = dict(
+            base, kind="input", model="-", dtype="-", lever="", label="input", warmup=1, train=True
+        )
         all_results += _run_group([spec], FLAGS.steps, [])
     startup_runs = startup(FLAGS.startup_runs) if FLAGS.startup else None
 
     if all_results:
-        print_results(all_results, ratio_rows, step_keys(eval_batch_sizes, FLAGS.train))
+        print_results(
+            all_results, ratio_rows, step_keys(eval_batch_sizes, FLAGS.train or FLAGS.input)
+        )
     for table in tables:
         print("\n" + table)
     if startup_runs is not None:
