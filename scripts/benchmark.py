@@ -306,8 +306,6 @@ def _jax_worker(spec: dict[str, Any]):
     prepared = jax.jit(eval_step.prepare)(
         {"params": state["params"], "batch_stats": state["batch_stats"]}
     )
-    flops = _nominal_flops(config, batch)
-    hlo = train_c.as_text() if training else ""
     # Inference alone holds only the prepared weights, as a loaded model does.
     holder = {"state": state if training else None}
     del state
@@ -338,14 +336,18 @@ def _jax_worker(spec: dict[str, Any]):
 
     info = {
         "compile_s": compile_s,
-        "flops": flops,
         "steps_per_call": per_call,
         "eval_batches_per_call": {str(k): n for k, (_, n) in evals.items()},
-        "hlo_convolutions": hlo.count(" convolution("),
-        "hlo_dots": hlo.count(" dot("),
-        "onednn_calls": hlo.count("affect_jax_onednn_conv"),
-        "native_batch_norm_calls": hlo.count("affect_jax_batch_norm"),
     }
+    if training:  # what the train step holds and costs (its nominal FLOPs: a second lowering)
+        hlo = train_c.as_text()
+        info.update(
+            flops=_nominal_flops(config, batch),
+            hlo_convolutions=hlo.count(" convolution("),
+            hlo_dots=hlo.count(" dot("),
+            onednn_calls=hlo.count("affect_jax_onednn_conv"),
+            native_batch_norm_calls=hlo.count("affect_jax_batch_norm"),
+        )
     return train_once, {k: fn for k, (fn, _) in evals.items()}, info
 
 
@@ -607,6 +609,10 @@ def step_keys(eval_batch_sizes: list[int], train: bool = True) -> list[str]:
     return ["train"] * train + [f"eval@{b}" for b in eval_batch_sizes]
 
 
+def _step_order(key: str) -> tuple[int, int]:
+    return (0, 0) if key == "train" else (1, int(key[len("eval@") :]))
+
+
 def images_per_batch(spec: dict[str, Any], key: str) -> int:
     if key.startswith("eval@"):
         return int(key[len("eval@") :])
@@ -654,9 +660,9 @@ def _run_group(
     workers = _start_workers(specs)
     try:
         keys = {
-            w.spec["label"]: step_keys([], True)
-            if w.spec["kind"] == "input"
-            else step_keys(eval_batch_sizes, w.spec.get("train", True))
+            w.spec["label"]: step_keys(
+                [] if w.spec["kind"] == "input" else eval_batch_sizes, w.spec.get("train", True)
+            )
             for w in workers
         }
         times: dict[str, dict[str, list[float]]] = {
@@ -987,9 +993,7 @@ def main(argv: list[str]) -> None:
     startup_runs = startup(FLAGS.startup_runs) if FLAGS.startup else None
 
     if all_results:
-        print_results(
-            all_results, ratio_rows, step_keys(eval_batch_sizes, FLAGS.train or FLAGS.input)
-        )
+        print_results(all_results, ratio_rows)
     for table in tables:
         print("\n" + table)
     if startup_runs is not None:
@@ -1034,9 +1038,9 @@ def ratio_row(a: dict[str, Any], b: dict[str, Any], key: str) -> dict[str, Any]:
     }
 
 
-def print_results(
-    results: list[dict[str, Any]], ratio_rows: list[dict[str, Any]], keys: list[str]
-) -> None:
+def print_results(results: list[dict[str, Any]], ratio_rows: list[dict[str, Any]]) -> None:
+    # Every contender's timed steps, 'train' first (step_keys' order).
+    keys = sorted(dict.fromkeys(k for r in results for k in r["steps"]), key=_step_order)
     print("\nimages/s: median [min-max] over rounds; GFLOP/s from XLA's cost analysis")
     print(
         f"{'model':9} {'dtype':9} {'contender':26} "
