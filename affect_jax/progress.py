@@ -104,15 +104,26 @@ class ProgressReporter:
             seconds += epoch_ends_left * sum(self._between_epochs) / len(self._between_epochs)
         return seconds
 
-    def compiled(self, steps: int, compile_seconds: float, total_seconds: float) -> None:
+    def compiled(
+        self,
+        steps: int,
+        compile_seconds: float,
+        total_seconds: float,
+        ahead_seconds: float | None = None,
+    ) -> None:
         """Logs a call that compiled; its run (without the compile) is timed. Opens a new
-        stretch."""
+        stretch. ``ahead_seconds``: the call was compiled in that time while the model was
+        built (``compile_seconds`` is then only the time taken to pick it up)."""
         run_seconds = total_seconds - compile_seconds
+        if ahead_seconds is None:
+            where = f"in {compile_seconds:.1f} s"
+        else:
+            where = f"in {ahead_seconds:.1f} s while the model was built"
         logging.info(
-            "Compiled the %d-step train call in %.1f s (or loaded it from the "
-            "compilation cache); its first call took %.1f s",
+            "Compiled the %d-step train call %s (or loaded it from the compilation cache); "
+            "its first call took %.1f s",
             steps,
-            compile_seconds,
+            where,
             run_seconds,
         )
         self._timed_steps += steps

@@ -26,8 +26,28 @@ def shard_batch(
     ``stacked``: the arrays hold several batches on a leading axis (``steps.make_train_steps``);
     the rows, on the second axis, are split.
     """
-    sharding = NamedSharding(mesh, P(None, "data") if stacked else P("data"))
+    sharding = _batch_sharding(mesh, stacked)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def stacked_batch_shapes(
+    fields: dict[str, tuple[tuple[int, ...], np.dtype]],
+    batches: int,
+    batch_size: int,
+    mesh: jax.sharding.Mesh,
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """What ``shard_batch(chunk, mesh, stacked=True)`` gives for ``batches`` global batches of
+    ``batch_size`` rows whose examples have ``fields`` ((shape, dtype) per key), as
+    ``jax.ShapeDtypeStruct``s."""
+    sharding = _batch_sharding(mesh, stacked=True)
+    return {
+        k: jax.ShapeDtypeStruct((batches, batch_size, *shape), dtype, sharding=sharding)
+        for k, (shape, dtype) in fields.items()
+    }
+
+
+def _batch_sharding(mesh: jax.sharding.Mesh, stacked: bool) -> NamedSharding:
+    return NamedSharding(mesh, P(None, "data") if stacked else P("data"))
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:

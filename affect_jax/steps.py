@@ -122,15 +122,17 @@ def create_train_state(config: ml_collections.ConfigDict, model: nnx.Module):
     """(graphdef, optimizer, state) with the state a plain dict of pytrees."""
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     tx = create_optimizer(config, params)
-    state = {
-        "params": params,
-        "batch_stats": batch_stats,
-        "opt_state": tx.init(params),
-        "step": jnp.zeros((), jnp.int32),
-        "epoch": jnp.zeros((), jnp.int32),  # completed epochs: the data position
-        "rng": jax.random.PRNGKey(config.seed),
-    }
-    return graphdef, tx, state
+
+    def fresh(params: nnx.State) -> State:
+        return {
+            "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "epoch": jnp.zeros((), jnp.int32),  # completed epochs: the data position
+            "rng": jax.random.PRNGKey(config.seed),
+        }
+
+    rest = jax.jit(fresh)(params)  # one program, not an eager dispatch (and compile) per leaf
+    return graphdef, tx, {"params": params, "batch_stats": batch_stats, **rest}
 
 
 def _abstract(

@@ -17,6 +17,7 @@ exactly as an uninterrupted run would.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
 import os
@@ -89,6 +90,15 @@ class EpochSoFar:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class CompiledAhead:
+    """A train call compiled from shapes alone, before the train state existed."""
+
+    executable: Callable
+    signature: Any  # arg_signature of the (state, chunk) it was compiled for
+    seconds: float  # its lowering and compilation
+
+
 @dataclasses.dataclass
 class Training:
     """A run being trained: what ``setup`` built and the train state so far."""
@@ -107,6 +117,8 @@ class Training:
     # Epoch ``completed_epochs`` so far, restored from a mid-epoch checkpoint.
     resumed: EpochSoFar | None = None
     executables: dict[int, Callable] = dataclasses.field(default_factory=dict)  # per chunk length
+    # Compiled during setup, not yet called (``compile_ahead``), per chunk length.
+    compiled_ahead: dict[int, CompiledAhead] = dataclasses.field(default_factory=dict)
 
     @property
     def is_chief(self) -> bool:
@@ -180,12 +192,35 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
     if config.steps_per_epoch > 0:
         steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
 
-    graphdef, tx, state = steps.create_train_state(config, steps.create_initial_model(config))
-    manager = run_dir.checkpoint_manager(workdir, config)
-    # Restored into the current mesh's shardings, whatever the device count that saved it.
-    state, completed, resumed = restore_resume_point(
-        workdir, manager, sharding.replicate(state, mesh), steps_per_epoch
+    graphdef, state_shapes = steps.abstract_train_state(config)
+    tx = steps.create_optimizer(config, state_shapes["params"])
+    train_steps = jax.jit(
+        steps.make_train_steps(steps.make_train_step(graphdef, tx, config, class_weights)),
+        donate_argnums=(0,),
     )
+    manager = run_dir.checkpoint_manager(workdir, config)
+    calls = min(config.steps_per_execution, steps_per_epoch)  # batches per call but the last
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_ahead")
+    try:
+        # With epochs left, the train call compiles from the state's shapes in a second
+        # thread while the parameters are materialised: two compilations at once.
+        ahead = None
+        if (manager.latest_step() or 0) < config.num_epochs:
+            shapes = (
+                sharding.replicated_shapes(state_shapes, mesh),
+                sharding.stacked_batch_shapes(
+                    pipeline.example_shapes(config), calls, config.batch_size, mesh
+                ),
+            )
+            ahead = pool.submit(compile_ahead, train_steps, shapes)
+        _, _, state = steps.create_train_state(config, steps.create_initial_model(config))
+        # Restored into the current mesh's shardings, whatever the device count that saved it.
+        state, completed, resumed = restore_resume_point(
+            workdir, manager, sharding.replicate(state, mesh), steps_per_epoch
+        )
+        compiled_ahead = {calls: ahead.result()} if ahead is not None else {}
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     if completed > config.num_epochs:
         raise run_dir.IncompatibleConfigError(
             f"config.num_epochs={config.num_epochs} but {workdir} has already trained "
@@ -207,13 +242,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
         logging.info(
             "Resumed from epoch %d (step %d) in %s", completed, completed * steps_per_epoch, workdir
         )
-    # The initialisers' eager executables and heap are not needed again.
+    # The initialisers' eager executables and heap, and the compilers' heap, are not needed
+    # again.
     host_memory.release_host_memory(clear_jit_caches=True)
 
-    train_steps = jax.jit(
-        steps.make_train_steps(steps.make_train_step(graphdef, tx, config, class_weights)),
-        donate_argnums=(0,),
-    )
     # Validation calls, like training's, take several batches each.
     eval_steps = jax.jit(steps.make_eval_steps(steps.make_eval_step(graphdef)))
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
@@ -234,7 +266,22 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
         eval_steps,
         writer,
         resumed,
+        compiled_ahead=compiled_ahead,
     )
+
+
+def arg_signature(args: Any) -> Any:
+    """What a compiled call is specific to: the structure of ``args`` and each leaf's shape,
+    dtype, sharding and weak type (arrays and ``jax.ShapeDtypeStruct``s alike)."""
+    leaves, treedef = jax.tree.flatten(args)
+    return treedef, [(x.shape, x.dtype, x.sharding, x.weak_type) for x in leaves]
+
+
+def compile_ahead(train_steps: Any, args: tuple[Any, Any]) -> CompiledAhead:
+    """``train_steps`` (jitted) compiled for ``args``, the (state, chunk) shapes."""
+    start = time.time()
+    executable = train_steps.lower(*args).compile()
+    return CompiledAhead(executable, arg_signature(args), time.time() - start)
 
 
 def restore_resume_point(
@@ -450,13 +497,26 @@ def _train_call(
     jax.block_until_ready(run.state)
     progress.stop()
     compile_start = time.time()
-    run.executables[n] = run.train_steps.lower(run.state, chunk).compile()
+    ahead = run.compiled_ahead.pop(n, None)
+    if ahead is not None and ahead.signature != arg_signature((run.state, chunk)):
+        # Not expected: the state or the batches are not what setup compiled for.
+        logging.warning("The %d-step train call compiled ahead does not fit; recompiling", n)
+        ahead = None
+    if ahead is not None:
+        run.executables[n] = ahead.executable
+    else:
+        run.executables[n] = run.train_steps.lower(run.state, chunk).compile()
+        # The compiler's freed heap, before the step's temporaries are mapped.
+        host_memory.release_host_memory()
     compile_seconds = time.time() - compile_start
-    # The compiler's freed heap, before the step's temporaries are mapped.
-    host_memory.release_host_memory()
     run.state, out = run.executables[n](run.state, chunk)
     jax.block_until_ready(out)
-    progress.compiled(n, compile_seconds, time.time() - compile_start)
+    progress.compiled(
+        n,
+        compile_seconds,
+        time.time() - compile_start,
+        ahead_seconds=ahead.seconds if ahead is not None else None,
+    )
     launched = seconds_since_launch()
     if len(run.executables) == 1 and launched is not None:
         logging.info("The first train call finished %.1f s after launch", launched)

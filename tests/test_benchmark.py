@@ -156,6 +156,26 @@ def test_startup_timing_splits_the_logged_phases():
     summary = benchmark.startup_summary({"train": [out], "predict": [{"wall_s": 9.0}]})
     assert "| train: launch to the end of the first train call | 26.0 [26.0-26.0] |" in summary
     assert "| predict one image, wall-clock | 9.0 [9.0-9.0] |" in summary
+    # Compiled during the model's build: the build runs until the first call.
+    lines[-1] = (
+        26.0,
+        "19:07:30 Compiled the 8-step train call in 3.8 s while the model was built (or loaded "
+        "it from the compilation cache); its first call took 2.2 s",
+    )
+    ahead = benchmark.train_startup(lines)
+    assert ahead == pytest.approx(
+        {
+            "first_step_s": 26.0,
+            "steps_in_first_call": 8,
+            "imports_s": 4.0,
+            "data_s": 5.5,
+            "build_s": 14.3,
+            "compile_ahead_s": 3.8,
+            "first_call_s": 2.2,
+        }
+    )
+    summary = benchmark.startup_summary({"train": [ahead], "predict": []})
+    assert "|   compile, in a second thread during model and state | 3.8 [3.8-3.8] |" in summary
 
 
 def test_a_peer_that_fails_is_reported_in_one_line(monkeypatch, capsys):

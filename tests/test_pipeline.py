@@ -63,6 +63,16 @@ def test_train_batches_deterministic_per_epoch_and_resumable(tiny):
         np.testing.assert_array_equal(a, b)
 
 
+def test_example_shapes_are_the_batches_fields(tiny):
+    """What the first train call is compiled for before any batch is read."""
+    tiny.data.image_size = 8
+    want = {k: ((8, *shape), dtype) for k, (shape, dtype) in pipeline.example_shapes(tiny).items()}
+    spec = pipeline.train_batches(_pool(), tiny, 0, 8).element_spec
+    assert {k: (tuple(v.shape), v.dtype.as_numpy_dtype) for k, v in spec.items()} == want
+    batch = next(pipeline.eval_batches(_pool(), tiny, 8))
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == want
+
+
 def test_eval_batches_score_every_example_exactly_once(tiny):
     pool = _pool(n=37)
     tiny.data.image_size = 8

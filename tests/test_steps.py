@@ -241,3 +241,23 @@ def test_compiled_initialisation_gives_the_eager_parameters():
     for a, b in zip(jax.tree.leaves(compiled), jax.tree.leaves(eager), strict=True):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_compiled_train_state_is_the_eager_one():
+    """``create_train_state`` builds the optimizer state and counters in one program: bit for
+    bit what the optimizer's eager ``init`` and the eager counters give."""
+    config = tiny_config(**{"model.name": "resnet50", "seed": 3})
+    model = steps.create_initial_model(config)
+    _, tx, state = steps.create_train_state(config, model)
+    eager = {
+        "params": state["params"],
+        "batch_stats": state["batch_stats"],
+        "opt_state": tx.init(state["params"]),
+        "step": jnp.zeros((), jnp.int32),
+        "epoch": jnp.zeros((), jnp.int32),
+        "rng": jax.random.PRNGKey(config.seed),
+    }
+    assert jax.tree.structure(state) == jax.tree.structure(eager)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(eager), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

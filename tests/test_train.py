@@ -1,6 +1,9 @@
 """The training driver: non-finite losses, progress lines (the whole run: test_main.py)."""
 
+import types
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import logging
@@ -24,6 +27,55 @@ def test_non_finite_loss_names_the_step():
     # Steps 1-100 ran before this call: the message names the global step number.
     with pytest.raises(train.NonFiniteLossError, match=rf"at step {100 + first_bad + 1} "):
         train.fetch_checked_outputs(100, out)
+
+
+def _toy_run(rows_ahead: int):
+    """A run whose train call adds its batches' sum to the state, compiled ahead for chunks of
+    2 batches of ``rows_ahead`` rows."""
+    mesh = sharding.make_mesh()
+
+    def train_steps(state, chunk):
+        w = state["w"] + chunk["x"].sum()
+        return {"w": w}, {"loss": jnp.broadcast_to(w, chunk["x"].shape[:1])}
+
+    jitted = jax.jit(train_steps, donate_argnums=(0,))
+    state = sharding.replicate({"w": jnp.zeros((), jnp.float32)}, mesh)
+    fields = {"x": ((), np.dtype(np.float32))}
+    shapes = (
+        sharding.replicated_shapes(state, mesh),
+        sharding.stacked_batch_shapes(fields, 2, rows_ahead, mesh),
+    )
+    ahead = train.compile_ahead(jitted, shapes)
+    run = types.SimpleNamespace(
+        state=state, train_steps=jitted, executables={}, compiled_ahead={2: ahead}
+    )
+    reporter = progress.ProgressReporter(
+        num_epochs=1, steps_per_epoch=4, batch_size=rows_ahead, log_every_steps=2
+    )
+    return run, ahead, reporter, mesh
+
+
+@pytest.mark.parametrize("rows", [4, 8])
+def test_a_call_compiled_ahead_runs_only_the_arguments_it_was_compiled_for(monkeypatch, rows):
+    """Setup compiles the first train call from shapes (``compile_ahead``); the first call uses
+    it when its state and chunk are what it was compiled for, else compiles the call again."""
+    lines = _lines(monkeypatch)
+    warnings = []
+    monkeypatch.setattr(logging, "warning", lambda fmt, *args: warnings.append(fmt % args))
+    run, ahead, reporter, mesh = _toy_run(rows_ahead=4)
+    chunk = sharding.shard_batch({"x": np.ones((2, rows), np.float32)}, mesh, stacked=True)
+    out = train._train_call(run, chunk, 2, reporter)
+    assert float(run.state["w"]) == 2 * rows
+    np.testing.assert_array_equal(out["loss"], [2 * rows, 2 * rows])
+    assert not run.compiled_ahead
+    if rows == 4:
+        assert run.executables[2] is ahead.executable
+        assert "train call in " in lines[0] and " s while the model was built " in lines[0]
+        assert not warnings
+    else:
+        assert run.executables[2] is not ahead.executable
+        assert "while the model was built" not in lines[0]
+        assert warnings == ["The 2-step train call compiled ahead does not fit; recompiling"]
 
 
 class FakeClock:

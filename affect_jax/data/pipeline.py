@@ -153,6 +153,21 @@ def resize_image(image: tf.Tensor, size: int) -> tf.Tensor:
     return tf.ensure_shape(resized, (size, size, 3))
 
 
+def example_shapes(
+    config: ml_collections.ConfigDict,
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of each field of one example as the batches hold it: what a step can be
+    compiled for before any example is read."""
+    size = config.data.image_size
+    return {
+        "image": ((size, size, 3), np.dtype(np.float32)),
+        "expression": ((), np.dtype(np.int32)),
+        "valence_arousal": ((2,), np.dtype(np.float32)),
+        "has_va": ((), np.dtype(np.float32)),
+        "mask": ((), np.dtype(np.float32)),
+    }
+
+
 def _example_fn(pool: ExamplePool, config: ml_collections.ConfigDict, train: bool):
     size = config.data.image_size
     mode = preprocessing_mode(config)
