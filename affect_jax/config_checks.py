@@ -20,8 +20,7 @@ from typing import Any
 
 import ml_collections
 
-from affect_jax import imbalance, models
-from affect_jax.data import pipeline
+from affect_jax import data, imbalance, models
 from affect_jax.errors import UserError
 from affect_jax.metrics import REGRESSION_METRICS, VA_DIMENSIONS
 from affect_jax.ops import native
@@ -163,7 +162,7 @@ RULES: dict[str, Check] = {
     "model.hidden_sizes": positive_sizes,
     "model.dropout": number(0.0, 1.0),
     "model.freeze_backbone": boolean,
-    "data.source": one_of(sorted(pipeline.SOURCES)),
+    "data.source": one_of(sorted(data.SOURCES)),
     "data.dir": text,
     "data.layout": text,  # its options are the source's (checked below for affectnet)
     "data.num_classes": lambda v: None if v in NUM_CLASSES and _is_int(v) else "7 or 8",
@@ -171,7 +170,7 @@ RULES: dict[str, Check] = {
     "data.val_fraction": number(0.0, 1.0, low_open=True),
     "data.split_seed": integer(),
     "data.face_margin": number(0.0),
-    "data.preprocessing": one_of(pipeline.PREPROCESSING_MODES),
+    "data.preprocessing": one_of(data.PREPROCESSING_MODES),
     "data.synthetic_size": integer(1),
     "data.tfds_data_dir": text,
     "data.image_root": text,

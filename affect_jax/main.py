@@ -12,6 +12,7 @@ one line and exit code 1 (2 for the command line itself); ``--traceback`` shows 
 raised. ``TF_CPP_MIN_LOG_LEVEL=0`` shows TensorFlow's and XLA's C++ logs again.
 """
 
+import concurrent.futures
 import os
 
 from absl import app, flags, logging
@@ -56,48 +57,56 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
+    config = FLAGS.config
+    training = FLAGS.mode == "train"
     # Imported here, after cli.run has quieted the C++ loggers; their start-up lines go to the
     # run's log file.
     with console.native_startup_logs():
         import jax
-        import tensorflow as tf
 
-        from affect_jax import config_checks, distributed, evaluate, graceful_stop, run_dir, train
+        from affect_jax import config_checks, distributed, steps
 
-        # tf.data only feeds the input pipeline: keep TensorFlow off any accelerator.
-        tf.config.experimental.set_visible_devices([], "GPU")
         # Before any JAX computation: joins the processes of a multi-process run.
         distributed.initialize(
             FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, mode=FLAGS.distributed
         )
         devices = jax.devices()
-    config = FLAGS.config
-    training = FLAGS.mode == "train"
-    config_checks.validate(config, training=training)  # before anything is written
-    if jax.process_index() == 0 and (training or os.path.isdir(FLAGS.workdir)):
-        os.makedirs(FLAGS.workdir, exist_ok=True)
-        console.log_to_file(os.path.join(FLAGS.workdir, run_dir.RUN_LOG))
+    config_checks.validate(config, training=training)  # before anything is written or built
     if config.compilation_cache_dir:
         jax.config.update(
             "jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir)
         )
         # Keep even sub-second programs: model initialisation compiles one per tensor shape.
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    logging.info(
-        "JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), devices
-    )
-    logging.info("Config:\n%s", config, extra=console.FILE_ONLY)
-    if training:
-        with graceful_stop.exit_on_stop():  # SIGINT/SIGTERM: one line, exit 130/143
-            train.train_and_evaluate(config, FLAGS.workdir)
-    else:
-        evaluate.evaluate(
-            config,
-            FLAGS.workdir,
-            checkpoint=FLAGS.checkpoint,
-            split=FLAGS.split,
-            flip_tta=FLAGS.flip_tta,
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="initial_state") as pool:
+        # The model is built while TensorFlow (the input pipeline) is imported: the two run
+        # side by side.
+        initial_state = pool.submit(steps.initial_train_state, config) if training else None
+        with console.native_startup_logs():
+            import tensorflow as tf
+
+            from affect_jax import evaluate, graceful_stop, run_dir, train
+
+            # tf.data only feeds the input pipeline: keep TensorFlow off any accelerator.
+            tf.config.experimental.set_visible_devices([], "GPU")
+        if jax.process_index() == 0 and (training or os.path.isdir(FLAGS.workdir)):
+            os.makedirs(FLAGS.workdir, exist_ok=True)
+            console.log_to_file(os.path.join(FLAGS.workdir, run_dir.RUN_LOG))
+        logging.info(
+            "JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), devices
         )
+        logging.info("Config:\n%s", config, extra=console.FILE_ONLY)
+        if training:
+            with graceful_stop.exit_on_stop():  # SIGINT/SIGTERM: one line, exit 130/143
+                train.train_and_evaluate(config, FLAGS.workdir, initial_state)
+        else:
+            evaluate.evaluate(
+                config,
+                FLAGS.workdir,
+                checkpoint=FLAGS.checkpoint,
+                split=FLAGS.split,
+                flip_tta=FLAGS.flip_tta,
+            )
 
 
 def run() -> None:

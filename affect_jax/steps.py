@@ -135,6 +135,13 @@ def create_train_state(config: ml_collections.ConfigDict, model: nnx.Module):
     return graphdef, tx, {"params": params, "batch_stats": batch_stats, **rest}
 
 
+def initial_train_state(config: ml_collections.ConfigDict) -> State:
+    """The train state a run starts from (``create_initial_model``'s model, fresh optimizer),
+    before any checkpoint is restored into it."""
+    _, _, state = create_train_state(config, create_initial_model(config))
+    return state
+
+
 def _abstract(
     config: ml_collections.ConfigDict,
     split: Callable[[nnx.Module], tuple[nnx.GraphDef, State]],

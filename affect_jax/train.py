@@ -129,15 +129,21 @@ class Training:
         return os.path.join(self.workdir, run_dir.METRICS_HISTORY)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    initial_state: concurrent.futures.Future | None = None,
+) -> dict[str, Any]:
     """Trains for ``config.num_epochs``, evaluating and checkpointing after every epoch.
 
-    Resumes from the latest checkpoint in ``workdir``. Returns the final metrics record (also
+    Resumes from the latest checkpoint in ``workdir``. ``initial_state``: the future of
+    ``steps.initial_train_state(config)``, if it is being built elsewhere (``main`` builds it
+    while TensorFlow is imported). Returns the final metrics record (also
     written to ``workdir/final_metrics.json``). Holds the workdir's lock; SIGINT or SIGTERM
     stop it at the next train call, saved, with ``graceful_stop.Stopped``.
     """
     with run_lock.hold(workdir, "train"), graceful_stop.StopSignals() as signals:
-        run = setup(config, workdir)
+        run = setup(config, workdir, initial_state)
         progress = ProgressReporter(
             num_epochs=config.num_epochs,
             steps_per_epoch=run.steps_per_epoch,
@@ -161,9 +167,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 # ---------------------------------------------------------------------------------------------
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
+def setup(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    initial_state: concurrent.futures.Future | None = None,
+) -> Training:
     """Checks the config, reads the data, builds the state (resumed from the latest checkpoint
-    of ``workdir``), the jitted steps and the metric writer."""
+    of ``workdir``; from ``initial_state``'s result if given), the jitted steps and the metric
+    writer."""
     config_checks.validate(config)
     os.makedirs(workdir, exist_ok=True)
     is_chief = jax.process_index() == 0
@@ -213,7 +224,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
                 ),
             )
             ahead = pool.submit(compile_ahead, train_steps, shapes)
-        _, _, state = steps.create_train_state(config, steps.create_initial_model(config))
+        if initial_state is not None:
+            state = initial_state.result()
+        else:
+            state = steps.initial_train_state(config)
         # Restored into the current mesh's shardings, whatever the device count that saved it.
         state, completed, resumed = restore_resume_point(
             workdir, manager, sharding.replicate(state, mesh), steps_per_epoch

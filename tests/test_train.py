@@ -1,5 +1,6 @@
 """The training driver: non-finite losses, progress lines (the whole run: test_main.py)."""
 
+import concurrent.futures
 import types
 
 import jax
@@ -27,6 +28,20 @@ def test_non_finite_loss_names_the_step():
     # Steps 1-100 ran before this call: the message names the global step number.
     with pytest.raises(train.NonFiniteLossError, match=rf"at step {100 + first_bad + 1} "):
         train.fetch_checked_outputs(100, out)
+
+
+def test_setup_starts_from_the_initial_state_built_elsewhere(tmp_path):
+    """``main`` builds the initial state while TensorFlow is imported; setup takes it."""
+    built = steps.initial_train_state(tiny_config(seed=1))  # not what seed 0 would build
+    future = concurrent.futures.Future()
+    future.set_result(built)
+    run = train.setup(tiny_config(), str(tmp_path), future)
+    try:
+        for got, want in zip(jax.tree.leaves(run.state), jax.tree.leaves(built), strict=True):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    finally:
+        run.manager.close()
+        run.writer.close()
 
 
 def _toy_run(rows_ahead: int):

@@ -20,21 +20,13 @@ from absl import logging
 from sklearn.model_selection import train_test_split
 
 from affect_jax import imbalance
+from affect_jax.data import SOURCES
 from affect_jax.data import augment as augment_lib
 from affect_jax.data.source import ExamplePool, Source
 from affect_jax.errors import UserError
 
 # Keras "caffe" preprocessing for the ImageNet weights of VGG16/ResNet50: BGR means.
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
-
-# config.data.preprocessing: 'auto' resolves by config.model.init (``preprocessing_mode``).
-PREPROCESSING_MODES = ("auto", "caffe", "unit")
-
-# Data sources by name: module path whose `load_source(config, workdir)` returns a Source.
-SOURCES = {
-    "synthetic": "affect_jax.data.synthetic",
-    "affectnet": "affect_jax.data.affectnet",
-}
 
 
 class DataConfigError(UserError, ValueError):
