@@ -214,7 +214,7 @@ def setup(
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_ahead")
     try:
         # With epochs left, the train call compiles from the state's shapes in a second
-        # thread while the parameters are materialised: two compilations at once.
+        # thread while the state is built (unless main has built it) and restored.
         ahead = None
         if (manager.latest_step() or 0) < config.num_epochs:
             shapes = (
