@@ -335,6 +335,7 @@ def restore_checkpoint(
     step: int | None = None,
     *,
     variables_only: bool = False,
+    abstract: tuple[nnx.GraphDef, steps.State] | None = None,
 ) -> tuple[int, nnx.GraphDef, steps.State]:
     """(step, graphdef, train state) of the chosen checkpoint, replicated over ``mesh``.
 
@@ -345,11 +346,14 @@ def restore_checkpoint(
 
     ``variables_only``: the state holds only ``params`` and ``batch_stats`` (what inference
     needs; ``steps.abstract_variables``) and only those are read, not the optimizer state.
+    ``abstract``: that (graphdef, shapes) pair when the caller has built it already.
     """
     manager = open_checkpoints(workdir, config)
     try:
         chosen = choose_checkpoint(manager, which, step)
-        if variables_only:
+        if abstract is not None:
+            graphdef, shapes = abstract
+        elif variables_only:
             graphdef, shapes = steps.abstract_variables(config)
         else:
             graphdef, shapes = steps.abstract_train_state(config)

@@ -30,18 +30,20 @@ def shard_batch(
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def stacked_batch_shapes(
+def batch_shapes(
     fields: dict[str, tuple[tuple[int, ...], np.dtype]],
-    batches: int,
     batch_size: int,
     mesh: jax.sharding.Mesh,
+    batches: int | None = None,
 ) -> dict[str, jax.ShapeDtypeStruct]:
-    """What ``shard_batch(chunk, mesh, stacked=True)`` gives for ``batches`` global batches of
-    ``batch_size`` rows whose examples have ``fields`` ((shape, dtype) per key), as
-    ``jax.ShapeDtypeStruct``s."""
-    sharding = _batch_sharding(mesh, stacked=True)
+    """What ``shard_batch`` gives, as ``jax.ShapeDtypeStruct``s, for a global batch of
+    ``batch_size`` rows whose examples have ``fields`` ((shape, dtype) per key), or for
+    ``batches`` such batches stacked (``stacked=True``)."""
+    stacked = batches is not None
+    sharding = _batch_sharding(mesh, stacked)
+    lead = (batches, batch_size) if stacked else (batch_size,)
     return {
-        k: jax.ShapeDtypeStruct((batches, batch_size, *shape), dtype, sharding=sharding)
+        k: jax.ShapeDtypeStruct((*lead, *shape), dtype, sharding=sharding)
         for k, (shape, dtype) in fields.items()
     }
 

@@ -219,8 +219,8 @@ def setup(
         if (manager.latest_step() or 0) < config.num_epochs:
             shapes = (
                 sharding.replicated_shapes(state_shapes, mesh),
-                sharding.stacked_batch_shapes(
-                    pipeline.example_shapes(config), calls, config.batch_size, mesh
+                sharding.batch_shapes(
+                    pipeline.example_shapes(config), config.batch_size, mesh, batches=calls
                 ),
             )
             ahead = pool.submit(compile_ahead, train_steps, shapes)

@@ -128,54 +128,43 @@ def test_summary_table_without_peers():
     assert line == "| train, batch 32 | 32.00 [32.00-32.00] | - | - | - |"
 
 
-def test_startup_timing_splits_the_logged_phases():
-    lines = [
-        (0.3, "I1205 some C++ start-up line"),
-        (4.0, "19:06:27 JAX process 0/1, devices: [CpuDevice(id=0)]"),
-        (9.5, "19:06:53 Data 'synthetic': 3200 train / 800 validation examples (...)"),
-        (12.0, "19:06:56 Data 'synthetic': 3200 train / 800 validation examples (again)"),
+_STARTUP_LINES = [
+    (0.3, "I1205 some C++ start-up line"),
+    (4.0, "19:06:27 JAX process 0/1, devices: [CpuDevice(id=0)]"),
+    (9.5, "19:06:53 Data 'synthetic': 3200 train / 800 validation examples (...)"),
+    (12.0, "19:06:56 Data 'synthetic': 3200 train / 800 validation examples (again)"),
+]
+_LOGGED_PHASES = {"first_step_s": 26.0, "steps_in_first_call": 8, "imports_s": 4.0, "data_s": 5.5}
+
+
+@pytest.mark.parametrize(
+    "first_call_line, phases, summary_line",
+    [
         (
-            26.0,
-            "19:07:30 Compiled the 8-step train call in 3.8 s (or loaded it from the "
-            "compilation cache); its first call took 2.2 s",
+            "Compiled the 8-step train call in 3.8 s (or loaded it from the compilation "
+            "cache); its first call took 2.2 s",
+            {"build_s": 10.5, "compile_s": 3.8, "first_call_s": 2.2},
+            "|   compile | 3.8 [3.8-3.8] |",
         ),
-    ]
+        # Compiled during the model's build: the build runs until the first call.
+        (
+            "Compiled the 8-step train call in 3.8 s while the model was built (or loaded it "
+            "from the compilation cache); its first call took 2.2 s",
+            {"build_s": 14.3, "compile_ahead_s": 3.8, "first_call_s": 2.2},
+            "|   compile, in a second thread during model and state | 3.8 [3.8-3.8] |",
+        ),
+    ],
+    ids=["compiled-after-the-build", "compiled-during-the-build"],
+)
+def test_startup_timing_splits_the_logged_phases(first_call_line, phases, summary_line):
+    lines = [*_STARTUP_LINES, (26.0, f"19:07:30 {first_call_line}")]
     out = benchmark.train_startup(lines)
-    assert out == pytest.approx(
-        {
-            "first_step_s": 26.0,
-            "steps_in_first_call": 8,
-            "imports_s": 4.0,
-            "data_s": 5.5,
-            "build_s": 10.5,
-            "compile_s": 3.8,
-            "first_call_s": 2.2,
-        }
-    )
+    assert out == pytest.approx({**_LOGGED_PHASES, **phases})
     assert benchmark.train_startup(lines[:-1]) is None
     summary = benchmark.startup_summary({"train": [out], "predict": [{"wall_s": 9.0}]})
     assert "| train: launch to the end of the first train call | 26.0 [26.0-26.0] |" in summary
+    assert summary_line in summary
     assert "| predict one image, wall-clock | 9.0 [9.0-9.0] |" in summary
-    # Compiled during the model's build: the build runs until the first call.
-    lines[-1] = (
-        26.0,
-        "19:07:30 Compiled the 8-step train call in 3.8 s while the model was built (or loaded "
-        "it from the compilation cache); its first call took 2.2 s",
-    )
-    ahead = benchmark.train_startup(lines)
-    assert ahead == pytest.approx(
-        {
-            "first_step_s": 26.0,
-            "steps_in_first_call": 8,
-            "imports_s": 4.0,
-            "data_s": 5.5,
-            "build_s": 14.3,
-            "compile_ahead_s": 3.8,
-            "first_call_s": 2.2,
-        }
-    )
-    summary = benchmark.startup_summary({"train": [ahead], "predict": []})
-    assert "|   compile, in a second thread during model and state | 3.8 [3.8-3.8] |" in summary
 
 
 def test_a_peer_that_fails_is_reported_in_one_line(monkeypatch, capsys):

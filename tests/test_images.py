@@ -3,6 +3,7 @@
 import io
 import os
 
+import cv2
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -75,11 +76,91 @@ def test_unreadable_file_message_is_one_plain_line(tmp_path):
     path = tmp_path / "corrupt.jpg"
     path.write_bytes(b"not an image at all")
     with pytest.raises(tf.errors.OpError) as raised:
-        images.read_image(str(path))
+        images.decode_image_tensor(path.read_bytes())
     assert "{{function_node" in str(raised.value)  # What the text below strips.
-    text = images.decode_error_text(raised.value)
+    with pytest.raises(ValueError) as raised:
+        images.read_image(str(path))
+    text = str(raised.value)
     assert text.startswith("Unknown image file format")
     assert "{{" not in text and "[Op:" not in text and "\n" not in text
     assert images.decode_error_text(ValueError("empty image (0, 4, 3)\nmore")) == (
         "empty image (0, 4, 3)"
     )
+
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _photo_like() -> np.ndarray:
+    """Smooth colour with edges and noise: what chroma subsampling and the DCT act on."""
+    from skimage import data
+
+    rng = np.random.default_rng(0)
+    image = data.astronaut()[100:197, 150:263].astype(np.int16)  # odd sides: partial blocks
+    return np.clip(image + rng.integers(-20, 21, image.shape), 0, 255).astype(np.uint8)
+
+
+def _jpegs() -> dict[str, bytes]:
+    rgb = Image.fromarray(_photo_like())
+    cases = {
+        f"q{q}-{name}": _encoded(rgb, "JPEG", quality=q, subsampling=sub)
+        for q in (50, 100)
+        for sub, name in ((0, "444"), (1, "422"), (2, "420"))
+    }
+    cases["progressive"] = _encoded(rgb, "JPEG", quality=90, progressive=True)
+    cases["grey"] = _encoded(rgb.convert("L"), "JPEG", quality=90)
+    cases["rgb-colourspace"] = _encoded(rgb, "JPEG", quality=90, keep_rgb=True)
+    return cases
+
+
+def _pngs() -> dict[str, bytes]:
+    pixels = _photo_like()
+    rng = np.random.default_rng(1)
+    alpha = rng.integers(0, 256, pixels.shape[:2], dtype=np.uint8)
+    palette = Image.fromarray(pixels).convert("P")
+    with_transparency = palette.copy()
+    with_transparency.info["transparency"] = 3
+    wide = rng.integers(0, 1 << 16, pixels.shape, dtype=np.uint16)
+    return {
+        "rgb": _encoded(Image.fromarray(pixels), "PNG"),
+        "rgba": _encoded(Image.fromarray(np.dstack([pixels, alpha])), "PNG"),
+        "grey": _encoded(Image.fromarray(pixels[..., 0]), "PNG"),
+        "grey-alpha": _encoded(Image.fromarray(pixels[..., 0]).convert("LA"), "PNG"),
+        "palette": _encoded(palette, "PNG"),
+        "palette-transparency": _encoded(with_transparency, "PNG"),
+        "1-bit": _encoded(Image.fromarray(pixels[..., 0] > 128), "PNG"),
+        "16-bit-grey": _encoded(Image.fromarray(wide[..., 0]), "PNG"),
+        "16-bit-rgb": cv2.imencode(".png", wide)[1].tobytes(),
+    }
+
+
+@pytest.mark.parametrize("data", [*_jpegs().values(), *_pngs().values()], ids=[*_jpegs(), *_pngs()])
+def test_jpeg_and_png_decode_as_tensorflow_without_it(data, monkeypatch):
+    """Bit for bit ``tf.io.decode_image``'s pixels, and not by falling back to it."""
+    expected = images.decode_image_tensor(data).numpy()
+
+    def no_tensorflow(data):
+        raise AssertionError("decoded by TensorFlow")
+
+    monkeypatch.setattr(images, "_decode_with_tensorflow", no_tensorflow)
+    decoded = images.decode_image(data)
+    assert decoded.dtype == np.uint8 and decoded.shape == expected.shape
+    np.testing.assert_array_equal(decoded, expected)
+
+
+def test_jpegs_libjpeg_doubts_are_tensorflows_to_decide():
+    """CMYK, a truncated file and stray bytes: TensorFlow's pixels or its error, as training
+    gets them."""
+    jpeg = _jpegs()["q100-420"]
+    cmyk = _encoded(Image.fromarray(_photo_like()).convert("CMYK"), "JPEG")
+    at = jpeg.index(b"\xff\xdb")  # a quantisation table's marker
+    stray = jpeg[:at] + b"\x00\x00" + jpeg[at:]
+    for data in (cmyk, stray):
+        np.testing.assert_array_equal(
+            images.decode_image(data), images.decode_image_tensor(data).numpy()
+        )
+    with pytest.raises(ValueError, match="Invalid JPEG data"):
+        images.decode_image(jpeg[: len(jpeg) // 2])

@@ -156,7 +156,7 @@ def test_prediction_prepares_the_same_weights_with_its_faster_compiled_program(n
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     step = steps.make_predict_step(graphdef)
     expected = jax.jit(step.prepare)(variables)
-    got = predictor.prepare_once(step.prepare, variables)
+    got = predictor.compile_prepare(step.prepare, variables)(variables)
     assert jax.tree.structure(got) == jax.tree.structure(expected)
     jax.tree.map(np.testing.assert_array_equal, got, expected)
 

@@ -24,9 +24,15 @@ from tests.conftest import REPO, TINY_FLAGS
 ASTRONAUT_FACE = (150, 40, 110, 120)
 
 
-def _cli(*args):
-    cmd = [sys.executable, "-m", "affect_jax.predict", *args]
+def _cli(*args, python_options=()):
+    cmd = [sys.executable, *python_options, "-m", "affect_jax.predict", *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def _imported(importtime_stderr: str) -> set[str]:
+    """The modules ``python -X importtime`` reports imported."""
+    lines = importtime_stderr.splitlines()
+    return {line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")}
 
 
 def _write_rgb(path, image):
@@ -92,6 +98,7 @@ def inputs(tmp_path_factory):
     from skimage import data
 
     _write_rgb(root / "astronaut.png", data.astronaut())
+    _write_rgb(root / "astronaut.jpg", data.astronaut())
     _write_rgb(root / "blank.png", np.full((96, 96, 3), 128, np.uint8))
     return {"root": root, "faces": faces[:3], "pngs": [str(p) for p in pngs]}
 
@@ -225,6 +232,8 @@ def test_reproduces_the_runs_validation_metrics(predictor, trained_run):
 
 
 def test_detect_finds_the_astronaut_and_reports_no_face(trained_run, inputs):
+    """MTCNN on PNG and JPEG photos, without importing TensorFlow (its import would take most
+    of a one-photo prediction's start-up)."""
     root = inputs["root"]
     steps = sorted(
         int(s) for s in os.listdir(os.path.join(trained_run, "checkpoints")) if s.isdigit()
@@ -236,10 +245,16 @@ def test_detect_finds_the_astronaut_and_reports_no_face(trained_run, inputs):
         "--format=jsonl",
         str(root / "astronaut.png"),
         str(root / "blank.png"),
+        str(root / "astronaut.jpg"),
+        python_options=("-X", "importtime"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"checkpoint {steps[0]}" in result.stderr
-    astronaut, blank = [json.loads(line) for line in result.stdout.splitlines()]
+    imported = _imported(result.stderr)
+    assert "jax" in imported and not imported & {"tensorflow", "keras", "mtcnn"}
+    astronaut, blank, astronaut_jpeg = [json.loads(line) for line in result.stdout.splitlines()]
+    assert astronaut_jpeg["status"] == "ok"
+    assert box_iou([astronaut_jpeg[c] for c in predict.FACE_COLUMNS], ASTRONAUT_FACE) > 0.3
     assert astronaut["status"] == "ok" and astronaut["frame"] is None
     box = [astronaut[c] for c in predict.FACE_COLUMNS]
     assert box_iou(box, ASTRONAUT_FACE) > 0.3, box

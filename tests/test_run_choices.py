@@ -23,7 +23,6 @@ from PIL import Image
 
 from affect_jax import checkpointing, evaluate, export, predict, run_dir, sharding, steps, train
 from affect_jax.data import pipeline, synthetic
-from affect_jax.predict.predictor import make_prepare
 from tests.conftest import REPO, tiny_config
 
 MARGIN = 0.25
@@ -285,8 +284,13 @@ def test_predict_reads_every_format_with_latest_checkpoint_and_flip_tta(run, med
     assert [(r["path"], r["frame"], r["status"]) for r in rows] == [
         (*key, "ok") for key in expected_rows
     ]
-    prepare = make_prepare(config.data.image_size, pipeline.preprocessing_mode(config))
-    images = np.stack([prepare(media[path][frame or 0]).numpy() for path, frame in expected_rows])
+    size, mode = config.data.image_size, pipeline.preprocessing_mode(config)
+    images = np.stack(
+        [
+            pipeline.preprocess(pipeline.resize_image(media[path][frame or 0], size), mode)
+            for path, frame in expected_rows
+        ]
+    )
     probs, va = _two_pass_average(_forward(workdir, config, 3), images)
     names = [c for c in rows[0] if c.startswith("prob_")]
     np.testing.assert_allclose([[r[c] for c in names] for r in rows], probs, atol=1e-5)

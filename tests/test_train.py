@@ -58,7 +58,7 @@ def _toy_run(rows_ahead: int):
     fields = {"x": ((), np.dtype(np.float32))}
     shapes = (
         sharding.replicated_shapes(state, mesh),
-        sharding.stacked_batch_shapes(fields, 2, rows_ahead, mesh),
+        sharding.batch_shapes(fields, rows_ahead, mesh, batches=2),
     )
     ahead = train.compile_ahead(jitted, shapes)
     run = types.SimpleNamespace(

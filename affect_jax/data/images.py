@@ -6,13 +6,14 @@ the other reads too, decoded the same way.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:  # loaded when an image is decoded: prediction imports it in the background
+if TYPE_CHECKING:  # loaded only for the formats and files decode_image leaves to it
     import tensorflow as tf
 
 # What ``tf.io.decode_image`` decodes (it also reads JPEG XL, which nothing here can write to test).
@@ -32,16 +33,67 @@ def decode_image_tensor(data: tf.Tensor) -> tf.Tensor:
     return tf.io.decode_image(data, channels=3, expand_animations=False)
 
 
+def _decode_jpeg(data: bytes) -> np.ndarray | None:
+    """TensorFlow's JPEG decode without TensorFlow, or None for a file to leave to it.
+
+    ``tf.io.decode_image`` runs libjpeg-turbo with the fast integer DCT and fancy chroma
+    upsampling; simplejpeg with the same two settings gives the same pixels bit for bit for
+    colour (YCbCr, RGB) and grey JPEGs (tests/test_images.py). TensorFlow converts CMYK itself,
+    and decides alone about files libjpeg warns about or rejects (truncated, stray bytes).
+    """
+    import simplejpeg
+
+    try:
+        if simplejpeg.decode_jpeg_header(data)[2] not in ("YCbCr", "RGB", "Gray"):
+            return None
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False)
+    except ValueError:
+        return None
+
+
+def _decode_png(data: bytes) -> np.ndarray | None:
+    """TensorFlow's PNG decode without TensorFlow (every colour type and bit depth gives the
+    same pixels: alpha dropped, grey repeated, 16 bits cut to the high byte), or None."""
+    import cv2
+
+    image = cv2.imdecode(
+        np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    )
+    return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+# JPEG and PNG, the formats photos and data sets come in, decode without TensorFlow, whose
+# import would otherwise dominate a one-photo prediction's start-up.
+_DECODERS_BY_SIGNATURE = ((b"\xff\xd8\xff", _decode_jpeg), (b"\x89PNG\r\n\x1a\n", _decode_png))
+
+
 def decode_image(data: bytes) -> np.ndarray:
     """uint8 RGB [H, W, 3] of encoded image bytes, decoded as the input pipeline decodes them.
 
-    Raises ``tf.errors.OpError`` for bytes that are no image and ``ValueError`` for an image
-    without pixels (``decode_error_text`` words either).
+    JPEG and PNG without TensorFlow, other formats and files libjpeg or libpng reject with
+    ``tf.io.decode_image``. Raises ``ValueError`` with one line (``decode_error_text``) for
+    bytes that are no image and for an image without pixels.
     """
-    image = decode_image_tensor(data).numpy()
+    decode = next((d for sig, d in _DECODERS_BY_SIGNATURE if data.startswith(sig)), None)
+    image = decode(data) if decode else None
+    if image is None:
+        image = _decode_with_tensorflow(data)
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"empty image {image.shape}")
     return image
+
+
+def _decode_with_tensorflow(data: bytes) -> np.ndarray:
+    """``tf.io.decode_image`` as an array; its errors as a ValueError of one line."""
+    import tensorflow as tf
+
+    # It only decodes here: keep it off any accelerator (an error once devices are set up).
+    with contextlib.suppress(RuntimeError):
+        tf.config.experimental.set_visible_devices([], "GPU")
+    try:
+        return decode_image_tensor(data).numpy()
+    except tf.errors.OpError as e:
+        raise ValueError(decode_error_text(e)) from None
 
 
 def read_image(path: str) -> np.ndarray:

@@ -20,13 +20,10 @@ from absl import logging
 from sklearn.model_selection import train_test_split
 
 from affect_jax import imbalance
-from affect_jax.data import SOURCES
+from affect_jax.data import CAFFE_BGR_MEAN, SOURCES, preprocessing_mode  # noqa: F401 (API)
 from affect_jax.data import augment as augment_lib
 from affect_jax.data.source import ExamplePool, Source
 from affect_jax.errors import UserError
-
-# Keras "caffe" preprocessing for the ImageNet weights of VGG16/ResNet50: BGR means.
-CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 
 
 class DataConfigError(UserError, ValueError):
@@ -112,14 +109,6 @@ def make_splits(config: ml_collections.ConfigDict, workdir: str | None = None) -
         dict(source.counts),
     )
     return DataSplits(source, train, validation, source.pools.get("test"))
-
-
-def preprocessing_mode(config: ml_collections.ConfigDict) -> str:
-    """'caffe' or 'unit' (resolves 'auto' from the model's initialisation)."""
-    mode = config.data.preprocessing
-    if mode == "auto":
-        return "caffe" if config.model.init == "imagenet" else "unit"
-    return mode
 
 
 def preprocess(image: tf.Tensor, mode: str) -> tf.Tensor:

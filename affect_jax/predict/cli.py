@@ -148,14 +148,8 @@ def _in_background(fn: Callable[[], Any]) -> futures.Future:
     return future
 
 
-def _load_tensorflow_and_detector():
-    """Imports TensorFlow (decoding, the crops' resize, MTCNN) and builds the face detector
-    when faces are detected (None otherwise): run while the model loads."""
-    import tensorflow as tf
-
-    # TensorFlow only decodes, resizes and detects here: keep it off any accelerator, as
-    # main does.
-    tf.config.experimental.set_visible_devices([], "GPU")
+def _build_detector():
+    """The face detector when faces are detected (None otherwise): run while the model loads."""
     if FLAGS.face not in ("auto", "detect"):
         return None
     return make_detector(FLAGS.detector, FLAGS.min_face_confidence, FLAGS.detect_size)
@@ -193,8 +187,8 @@ def main(argv: Sequence[str]) -> int:
         )
     if FLAGS.smooth is not None and not 0.0 < FLAGS.smooth <= 1.0:
         raise app.UsageError(f"--smooth={FLAGS.smooth}: expected a weight 0 < ALPHA <= 1")
-    # TensorFlow's import and the detector's construction overlap the model's loading.
-    loading = _in_background(_load_tensorflow_and_detector)
+    # The detector's construction (its weights read) overlaps the model's loading.
+    loading = _in_background(_build_detector)
     try:
         if FLAGS.checkpoint:
             workdir, step = _workdir_and_step(FLAGS.checkpoint)

@@ -3,8 +3,8 @@
 Both search a copy of the image downscaled to at most ``max_side`` pixels a side (their cost
 grows steeply with the pixel count, and faces small enough to vanish there are too small to
 score well) and return faces in the original image's pixels. Nothing is downloaded: MTCNN's
-weights are inside the ``mtcnn`` wheel, the cascade inside scikit-image (see
-third_party/README.md).
+weights are inside the ``mtcnn`` wheel (run by ``mtcnn_numpy``, without TensorFlow), the cascade
+inside scikit-image (see third_party/README.md).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import threading
 import cv2
 import numpy as np
 
+from affect_jax.predict import mtcnn_numpy
 from affect_jax.predict.faces import SOURCE_DETECTED, Face
 
 DETECTORS = ("mtcnn", "lbp")
@@ -35,7 +36,8 @@ def _downscaled(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
 
 
 class MtcnnDetector:
-    """Faces by MTCNN (the ``mtcnn`` package): box, confidence and five landmarks each.
+    """Faces by MTCNN (the ``mtcnn`` package's nets and pipeline, ``mtcnn_numpy``): box,
+    confidence and five landmarks each.
 
     Args:
       min_confidence: faces whose final-stage (ONet) confidence is below are dropped.
@@ -45,16 +47,9 @@ class MtcnnDetector:
     def __init__(
         self, min_confidence: float = DEFAULT_MIN_CONFIDENCE, max_side: int = DETECT_MAX_SIDE
     ):
-        try:
-            from mtcnn import MTCNN
-        except ImportError:
-            raise RuntimeError(
-                "the MTCNN face detector needs the mtcnn package: pip install -c "
-                "constraints.txt mtcnn lz4 (or use --detector=lbp)"
-            ) from None
         self.min_confidence = float(min_confidence)
         self.max_side = int(max_side)
-        self._mtcnn = MTCNN(device="CPU:0")
+        self._mtcnn = mtcnn_numpy.Mtcnn()  # a RuntimeError of one line without the package
 
     def detect(self, image: np.ndarray) -> list[Face]:
         """Every face in a uint8 RGB image, in the image's pixels."""
@@ -62,10 +57,7 @@ class MtcnnDetector:
         if min(small.shape[:2]) < MTCNN_MIN_SIDE:
             return []
         found = self._mtcnn.detect_faces(
-            small,
-            output_type="numpy",
-            min_face_size=MTCNN_MIN_FACE,
-            threshold_onet=self.min_confidence,
+            small, min_face_size=MTCNN_MIN_FACE, threshold_onet=self.min_confidence
         )
         # Rows: image index, x, y, width, height, confidence, the landmarks' five x then five y.
         faces = []

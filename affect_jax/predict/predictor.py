@@ -1,9 +1,9 @@
 """The ``Predictor``: a trained run scoring face crops, images, folders and videos.
 
 The run's ``config.json`` fixes the architecture, classes, input size and preprocessing; every
-face crop goes through the training pipeline's own resize and ``pipeline.preprocess`` and the
-batches through ``steps.make_predict_step`` (the forward pass of validation's
-``steps.make_eval_step``), so a crop is scored exactly as validation scores it. Files and
+face crop goes through the evaluation pipeline's resize and preprocessing (in NumPy:
+``network_input.py``) and the batches through ``steps.make_predict_step`` (the forward pass of
+validation's ``steps.make_eval_step``), so a crop is scored as validation scores it. Files and
 videos are streamed through it by ``stream.py``, into the rows of ``rows.py``.
 """
 
@@ -11,21 +11,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from concurrent import futures
+from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
 
 from affect_jax import distributed, run_dir, sharding, steps
+from affect_jax.data import preprocessing_mode
 from affect_jax.predict import detectors, stream
 from affect_jax.predict.faces import BoxTable, Face, FaceOptions, read_boxes
+from affect_jax.predict.network_input import network_input
 from affect_jax.predict.rows import RowLayout
 from affect_jax.predict.samples import image_samples
 from affect_jax.predict.timing import StageTimes
-
-if TYPE_CHECKING:  # TensorFlow is loaded by the first crop prepared (or in the background)
-    import tensorflow as tf
 
 # XLA options of the weights' preparation, which runs once per loaded model: a lower backend
 # optimisation level than the default compiles faster and gives the same folded weights bit
@@ -36,26 +36,23 @@ _ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 DEFAULT_WORKERS = min(4, max(1, (os.cpu_count() or 2) // 2))
 
 
-def make_prepare(size: int, mode: str) -> tf.types.experimental.GenericFunction:
-    """The evaluation pipeline's own resize and preprocessing (what ``eval_batches`` maps)."""
-    import tensorflow as tf
-
-    from affect_jax.data import pipeline
-
-    @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
-    def prepare(image: tf.Tensor) -> tf.Tensor:
-        return pipeline.preprocess(pipeline.resize_image(image, size), mode)
-
-    return prepare
+def compile_prepare(prepare: Callable[[steps.State], steps.State], variables: Any) -> Any:
+    """``jax.jit(prepare)`` compiled for ``variables`` (arrays or ``jax.ShapeDtypeStruct``s) by
+    a program that compiles faster and gives the same prepared weights bit for bit (it runs
+    once per loaded model)."""
+    return jax.jit(prepare).lower(variables).compile(compiler_options=_ONCE_COMPILER_OPTIONS)
 
 
-def prepare_once(
-    prepare: Callable[[steps.State], steps.State], variables: steps.State
-) -> steps.State:
-    """``jax.jit(prepare)(variables)``, bit for bit, by a program that compiles faster (it
-    runs once per loaded model)."""
-    lowered = jax.jit(prepare).lower(variables)
-    return lowered.compile(compiler_options=_ONCE_COMPILER_OPTIONS)(variables)
+def compile_inference(
+    predict_step: steps.InferenceStep, variables: steps.State, images: jax.ShapeDtypeStruct
+) -> tuple[Any, Any]:
+    """(prepare, predict) executables for the shapes of the variables (``jax.ShapeDtypeStruct``
+    leaves) and of a batch of images: compiled while the checkpoint is read."""
+    prepare = compile_prepare(predict_step.prepare, variables)
+    prepared = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=s.sharding), prepare.out_info
+    )
+    return prepare, jax.jit(predict_step.on_prepared).lower(prepared, images).compile()
 
 
 def checked_crop(image: np.ndarray) -> np.ndarray:
@@ -113,27 +110,38 @@ class Predictor:
             raise ValueError(
                 f"batch_size={batch_size} must be a positive multiple of the {devices} devices"
             )
-        self.step, graphdef, variables = run_dir.restore_checkpoint(
-            workdir, self.config, self._mesh, which, step, variables_only=True
-        )
-        predict_step = steps.make_predict_step(graphdef, flip_tta=flip_tta)
+        abstract = steps.abstract_variables(self.config)
+        predict_step = steps.make_predict_step(abstract[0], flip_tta=flip_tta)
+        # Both programs are compiled from shapes while the checkpoint is read: the weights'
+        # preparation, and the step for the batch run_batch feeds (another batch_size compiles
+        # on first use).
+        images = sharding.batch_shapes(
+            {"image": ((self.image_size, self.image_size, 3), np.dtype(np.float32))},
+            self.batch_size,
+            self._mesh,
+        )["image"]
+        variables_like = sharding.replicated_shapes(abstract[1], self._mesh)
+        pool = futures.ThreadPoolExecutor(1, thread_name_prefix="compile_inference")
+        try:
+            compiling = pool.submit(compile_inference, predict_step, variables_like, images)
+            self.step, _, variables = run_dir.restore_checkpoint(
+                workdir,
+                self.config,
+                self._mesh,
+                which,
+                step,
+                variables_only=True,
+                abstract=abstract,
+            )
+            prepare, compiled = compiling.result()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
         # The weights are fixed from here on: prepared for inference once (BatchNorm folded).
-        self._variables = prepare_once(predict_step.prepare, variables)
+        self._variables = prepare(variables)
         del variables
         self._predict_step = jax.jit(predict_step.on_prepared)
-        # Compiled now for the batch shape run_batch feeds (while the CLI imports TensorFlow
-        # in the background, not after detection); another batch_size compiles on first use.
-        images = np.zeros((self.batch_size, self.image_size, self.image_size, 3), np.float32)
-        images = sharding.shard_batch({"image": images}, self._mesh)["image"]
-        self._compiled = (
-            self.batch_size,
-            self._predict_step.lower(self._variables, images).compile(),
-        )
-        # TensorFlow (the crops' resize) last: the CLI imports it meanwhile in another thread.
-        from affect_jax.data import pipeline
-
-        self.preprocessing = pipeline.preprocessing_mode(self.config)
-        self._prepare = make_prepare(self.image_size, self.preprocessing)
+        self._compiled = (self.batch_size, compiled)
+        self.preprocessing = preprocessing_mode(self.config)
         self.timings = StageTimes()
         self.layout = RowLayout(self.class_names)
         self.columns, self.prob_columns = self.layout.columns, self.layout.prob_columns
@@ -149,11 +157,7 @@ class Predictor:
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """Network input [S, S, 3] float32 of one uint8 RGB face crop (any size)."""
-        import tensorflow as tf
-
-        image = checked_crop(image)
-        with tf.device("/CPU:0"):  # where tf.data ran it during training
-            return self._prepare(tf.constant(image)).numpy()
+        return network_input(checked_crop(image), self.image_size, self.preprocessing)
 
     def run_batch(self, inputs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(probs [n, C], clipped valence/arousal [n, 2]) of up to batch_size prepared images."""

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
+import threadpoolctl
 from absl import logging
 
-from affect_jax.data.images import decode_error_text, read_image
+from affect_jax.data.images import read_image
 from affect_jax.predict import media, parallel, tracks
 from affect_jax.predict.faces import FACE_COLUMNS, STATUS_NO_FACE, STATUS_OK, FaceOptions
 from affect_jax.predict.samples import Sample, image_samples
@@ -80,16 +81,22 @@ def predictions(
     predictor: Predictor, paths: Iterable[str], options: FaceOptions, settings: StreamSettings
 ) -> Iterator[dict[str, Any]]:
     """Rows for every image, sampled video frame and face of ``paths``, in input order (see
-    ``Predictor.iter_predictions``); resets ``predictor.timings``."""
+    ``Predictor.iter_predictions``); resets ``predictor.timings``.
+
+    Until the last row, NumPy's matrix products (MTCNN's layers, the crops' resize) run on one
+    thread each: the workers run side by side and the model uses the cores meanwhile, and BLAS
+    threads on top of them contend for the same cores.
+    """
     predictor.timings = StageTimes()
     every, detect_every = settings.every_n_frames, settings.detect_every
-    processed = parallel.ordered_map(
-        lambda job: (job, process(predictor, job, options)),
-        jobs(predictor, paths, every, detect_every),
-        predictor.workers,
-        ahead=2 * predictor.batch_size,
-    )
-    yield from scored(predictor, tracked(processed), settings.smooth, settings.log_every)
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        processed = parallel.ordered_map(
+            lambda job: (job, process(predictor, job, options)),
+            jobs(predictor, paths, every, detect_every),
+            predictor.workers,
+            ahead=2 * predictor.batch_size,
+        )
+        yield from scored(predictor, tracked(processed), settings.smooth, settings.log_every)
 
 
 def jobs(
@@ -119,8 +126,6 @@ def jobs(
 
 def process(predictor: Predictor, job: Job, options: FaceOptions) -> list[Sample]:
     """The samples of one job (run by the worker threads)."""
-    import tensorflow as tf  # loaded by then: decoding and crops use it
-
     row = predictor.layout.row
     if job.error:
         return [Sample(row(job.path, job.frame, job.error))]
@@ -142,10 +147,9 @@ def process(predictor: Predictor, job: Job, options: FaceOptions) -> list[Sample
         return image_samples(predictor, job.image, job.path, job.frame, options, found)
     except OSError as e:
         return [Sample(row(job.path, None, f"cannot read file: {e.strerror or e}"))]
-    except (tf.errors.OpError, ValueError, cv2.error) as e:
+    except (ValueError, cv2.error) as e:
         what = "image" if job.kind == "image" else "video"
-        message = decode_error_text(e) if isinstance(e, tf.errors.OpError) else str(e)
-        return [Sample(row(job.path, job.frame, f"cannot decode {what}: {message}"))]
+        return [Sample(row(job.path, job.frame, f"cannot decode {what}: {e}"))]
 
 
 def tracked(processed: Iterable[tuple[Job, list[Sample]]]) -> Iterator[Sample]:

@@ -121,7 +121,8 @@ def bind(host: str, port: int) -> socket.socket:
 def main(argv: Sequence[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    # TensorFlow only decodes and resizes images here: keep it off any accelerator.
+    # TensorFlow only decodes uploads other than JPEG and PNG here (imported at start-up, not
+    # on the first such request): keep it off any accelerator.
     tf.config.experimental.set_visible_devices([], "GPU")
     # A missing run or checkpoint, a port in use: one line from cli.run.
     config = run_dir.load_config(FLAGS.workdir)

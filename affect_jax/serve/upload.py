@@ -9,13 +9,12 @@ import warnings
 from collections.abc import AsyncIterator
 
 import numpy as np
-import tensorflow as tf
 from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
-from affect_jax.data.images import decode_error_text, decode_image
+from affect_jax.data.images import decode_image
 
 FIELD = "image"
 # What Pillow calls the formats accepted (all of them decoded by the training pipeline's decoder).
@@ -139,7 +138,5 @@ def decode(data: bytes, max_pixels: int) -> np.ndarray:
         )
     try:
         return decode_image(data)
-    except (tf.errors.OpError, ValueError) as e:
-        raise UploadError(
-            400, f"cannot decode the {FORMATS[fmt]} image: {decode_error_text(e)}"
-        ) from None
+    except ValueError as e:
+        raise UploadError(400, f"cannot decode the {FORMATS[fmt]} image: {e}") from None

@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from affect_jax.data.affectnet.rows import Candidate
-from affect_jax.data.images import crop_box, decode_error_text, decode_image
+from affect_jax.data.images import crop_box, decode_image
 
 JPEG_QUALITY = 95
 
@@ -32,8 +32,8 @@ def load_face(candidate: Candidate, margin: float) -> dict:
         data = _read(candidate.image_path)
     try:
         image = decode_image(data)
-    except (tf.errors.OpError, ValueError) as e:
-        raise DropError("dropped_undecodable_image", decode_error_text(e)) from None
+    except ValueError as e:
+        raise DropError("dropped_undecodable_image", str(e)) from None
     height, width = image.shape[:2]
     landmarks = candidate.landmarks
     if candidate.box is None:
