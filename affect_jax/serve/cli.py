@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import jax
 import tensorflow as tf
+import threadpoolctl
 import uvicorn
 from absl import app, flags, logging
 
@@ -124,6 +125,9 @@ def main(argv: Sequence[str]) -> int:
     # TensorFlow only decodes uploads other than JPEG and PNG here (imported at start-up, not
     # on the first such request): keep it off any accelerator.
     tf.config.experimental.set_visible_devices([], "GPU")
+    # Requests are detected side by side in threads while the model runs: NumPy's matrix
+    # products (MTCNN, the crops' resize) on one thread each, as predict runs them.
+    threadpoolctl.threadpool_limits(limits=1, user_api="blas")
     # A missing run or checkpoint, a port in use: one line from cli.run.
     config = run_dir.load_config(FLAGS.workdir)
     if config.get("compilation_cache_dir"):
