@@ -11,6 +11,7 @@ import cv2
 import jax
 import numpy as np
 import pytest
+import threadpoolctl
 
 from affect_jax import evaluation, metrics, predict, run_dir, sharding, steps
 from affect_jax.data import pipeline, synthetic
@@ -511,6 +512,24 @@ def test_threads_and_batches_do_not_change_the_rows(predictor, face_files, input
             {k: v for k, v in b.items() if k not in predictor.prob_columns}, abs=1e-5
         )
     assert threaded.timings["detect"] > 0 and threaded.timings["model"] > 0
+
+
+def _blas_threads() -> set[int]:
+    return {
+        pool["num_threads"]
+        for pool in threadpoolctl.threadpool_info()
+        if pool["user_api"] == "blas"
+    }
+
+
+def test_prediction_runs_blas_on_one_thread_and_restores_it(predictor, face_files):
+    """While rows are produced (the workers detect side by side), not after."""
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        rows = predictor.iter_predictions([face_files[0]["two"]])
+        next(rows)
+        assert _blas_threads() == {1}
+        list(rows)
+        assert _blas_threads() == {2}
 
 
 def test_a_few_images_run_in_a_batch_their_size(tmp_path):
