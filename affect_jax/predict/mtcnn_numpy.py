@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 
+import cv2
 import joblib
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -252,14 +253,22 @@ def _area_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.float32]:
 
 def resize_area(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """``tf.image.resize(image, (height, width), method="area")`` for one [H, W, C] image,
-    float32: ``Wy @ image @ Wx^T`` per channel, times TensorFlow's 1 / (scale_y * scale_x)."""
+    float32.
+
+    Downscaling, OpenCV's INTER_AREA averages the same pixel areas with the same weights, in a
+    fraction of the time (within 1e-4 of TensorFlow, tests/test_mtcnn_numpy.py); otherwise
+    ``Wy @ image @ Wx^T`` per channel, times TensorFlow's 1 / (scale_y * scale_x).
+    """
     h, w, _ = image.shape
+    image = image.astype(F32, copy=False)
+    if height <= h and width <= w:
+        return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
     wy, scale_y = _area_weights(h, height)
     wx, scale_x = _area_weights(w, width)
     # The kernel's normaliser: a float32 product inverted in double, stored as float32.
     norm = F32(1.0 / float(F32(scale_y * scale_x)))
     # Channels first, so each product is one large matmul per channel.
-    planes = np.ascontiguousarray(image.astype(F32, copy=False).transpose(2, 0, 1))
+    planes = np.ascontiguousarray(image.transpose(2, 0, 1))
     out = (wy @ planes @ wx.T) * norm  # [C, height, width]
     return np.ascontiguousarray(out.transpose(1, 2, 0))
 
