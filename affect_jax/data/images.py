@@ -7,6 +7,7 @@ the other reads too, decoded the same way.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import re
 from typing import TYPE_CHECKING
@@ -83,13 +84,20 @@ def decode_image(data: bytes) -> np.ndarray:
     return image
 
 
-def _decode_with_tensorflow(data: bytes) -> np.ndarray:
-    """``tf.io.decode_image`` as an array; its errors as a ValueError of one line."""
+@functools.cache
+def _tensorflow_off_accelerators():
+    """TensorFlow, imported on first need and, where this process set up no devices yet, kept
+    off any accelerator: it only decodes here."""
     import tensorflow as tf
 
-    # It only decodes here: keep it off any accelerator (an error once devices are set up).
-    with contextlib.suppress(RuntimeError):
+    with contextlib.suppress(RuntimeError):  # the devices are set up already
         tf.config.experimental.set_visible_devices([], "GPU")
+    return tf
+
+
+def _decode_with_tensorflow(data: bytes) -> np.ndarray:
+    """``tf.io.decode_image`` as an array; its errors as a ValueError of one line."""
+    tf = _tensorflow_off_accelerators()
     try:
         return decode_image_tensor(data).numpy()
     except tf.errors.OpError as e:

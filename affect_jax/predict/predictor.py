@@ -44,15 +44,19 @@ def compile_prepare(prepare: Callable[[steps.State], steps.State], variables: An
 
 
 def compile_inference(
-    predict_step: steps.InferenceStep, variables: steps.State, images: jax.ShapeDtypeStruct
+    prepare: Callable[[steps.State], steps.State],
+    on_prepared: Any,
+    variables: steps.State,
+    images: jax.ShapeDtypeStruct,
 ) -> tuple[Any, Any]:
     """(prepare, predict) executables for the shapes of the variables (``jax.ShapeDtypeStruct``
-    leaves) and of a batch of images: compiled while the checkpoint is read."""
-    prepare = compile_prepare(predict_step.prepare, variables)
+    leaves) and of a batch of images: compiled while the checkpoint is read. ``on_prepared``
+    is the jitted step."""
+    prepare = compile_prepare(prepare, variables)
     prepared = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=s.sharding), prepare.out_info
     )
-    return prepare, jax.jit(predict_step.on_prepared).lower(prepared, images).compile()
+    return prepare, on_prepared.lower(prepared, images).compile()
 
 
 def checked_crop(image: np.ndarray) -> np.ndarray:
@@ -110,8 +114,9 @@ class Predictor:
             raise ValueError(
                 f"batch_size={batch_size} must be a positive multiple of the {devices} devices"
             )
-        abstract = steps.abstract_variables(self.config)
-        predict_step = steps.make_predict_step(abstract[0], flip_tta=flip_tta)
+        graphdef, shapes = steps.abstract_variables(self.config)
+        predict_step = steps.make_predict_step(graphdef, flip_tta=flip_tta)
+        self._predict_step = jax.jit(predict_step.on_prepared)
         # Both programs are compiled from shapes while the checkpoint is read: the weights'
         # preparation, and the step for the batch run_batch feeds (another batch_size compiles
         # on first use).
@@ -120,10 +125,16 @@ class Predictor:
             self.batch_size,
             self._mesh,
         )["image"]
-        variables_like = sharding.replicated_shapes(abstract[1], self._mesh)
+        variables_like = sharding.replicated_shapes(shapes, self._mesh)
         pool = futures.ThreadPoolExecutor(1, thread_name_prefix="compile_inference")
         try:
-            compiling = pool.submit(compile_inference, predict_step, variables_like, images)
+            compiling = pool.submit(
+                compile_inference,
+                predict_step.prepare,
+                self._predict_step,
+                variables_like,
+                images,
+            )
             self.step, _, variables = run_dir.restore_checkpoint(
                 workdir,
                 self.config,
@@ -131,7 +142,7 @@ class Predictor:
                 which,
                 step,
                 variables_only=True,
-                abstract=abstract,
+                abstract=(graphdef, shapes),
             )
             prepare, compiled = compiling.result()
         finally:
@@ -139,7 +150,6 @@ class Predictor:
         # The weights are fixed from here on: prepared for inference once (BatchNorm folded).
         self._variables = prepare(variables)
         del variables
-        self._predict_step = jax.jit(predict_step.on_prepared)
         self._compiled = (self.batch_size, compiled)
         self.preprocessing = preprocessing_mode(self.config)
         self.timings = StageTimes()
