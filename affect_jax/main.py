@@ -64,7 +64,7 @@ def main(argv):
     with console.native_startup_logs():
         import jax
 
-        from affect_jax import config_checks, distributed, steps
+        from affect_jax import config_checks, distributed, run_dir, steps, train_call
 
         # Before any JAX computation: joins the processes of a multi-process run.
         distributed.initialize(
@@ -78,14 +78,20 @@ def main(argv):
         )
         # Keep even sub-second programs: model initialisation compiles one per tensor shape.
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="initial_state") as pool:
-        # The model is built while TensorFlow (the input pipeline) is imported: the two run
-        # side by side.
-        initial_state = pool.submit(steps.initial_train_state, config) if training else None
+    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="train_start") as pool:
+        # The model is built and the train call compiled while TensorFlow (the input pipeline)
+        # is imported, side by side.
+        initial_state = early_call = None
+        if training:
+            # A run with checkpoints is restored straight into place (train.setup).
+            if not run_dir.has_checkpoints(FLAGS.workdir):
+                initial_state = pool.submit(steps.initial_train_state, config)
+            if train_call.compiles_before_data(config):
+                early_call = pool.submit(train_call.compile_early, config)
         with console.native_startup_logs():
             import tensorflow as tf
 
-            from affect_jax import evaluate, graceful_stop, run_dir, train
+            from affect_jax import evaluate, graceful_stop, train
 
             # tf.data only feeds the input pipeline: keep TensorFlow off any accelerator.
             tf.config.experimental.set_visible_devices([], "GPU")
@@ -98,7 +104,7 @@ def main(argv):
         logging.info("Config:\n%s", config, extra=console.FILE_ONLY)
         if training:
             with graceful_stop.exit_on_stop():  # SIGINT/SIGTERM: one line, exit 130/143
-                train.train_and_evaluate(config, FLAGS.workdir, initial_state)
+                train.train_and_evaluate(config, FLAGS.workdir, initial_state, early_call)
         else:
             evaluate.evaluate(
                 config,

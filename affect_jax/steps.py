@@ -36,14 +36,21 @@ _INIT_COMPILER_OPTIONS = {
 }
 
 
-def init_model(config: ml_collections.ConfigDict) -> nnx.Module:
+def init_model(config: ml_collections.ConfigDict, backbone: bool = True) -> nnx.Module:
     """``models.create_model(config, nnx.Rngs(params=config.seed))`` with the same parameters,
-    materialised by one compiled program instead of one eager dispatch per initialiser."""
+    materialised by one compiled program instead of one eager dispatch per initialiser.
+
+    ``backbone=False``: the backbone's variables are zeros, for weights that replace every one
+    of them. XLA then drops their random values from the program, which is most of its compile
+    and run; the head's are the same either way (its keys do not depend on the backbone's).
+    """
     graphdef = None
 
     def build() -> nnx.State:
         nonlocal graphdef
         graphdef, state = nnx.split(models.create_model(config, models.InitKeys(config.seed)))
+        if not backbone:
+            state["backbone"] = jax.tree.map(jnp.zeros_like, state["backbone"])
         return state
 
     state = jax.jit(build).lower().compile(compiler_options=_INIT_COMPILER_OPTIONS)()
@@ -52,9 +59,11 @@ def init_model(config: ml_collections.ConfigDict) -> nnx.Module:
 
 def create_initial_model(config: ml_collections.ConfigDict) -> nnx.Module:
     """The model training starts from: ``models.create_model``'s architecture (``init_model``),
-    with the Keras ImageNet backbone weights when ``config.model.init`` says so."""
-    model = init_model(config)
-    if config.model.init == "imagenet":
+    with the Keras ImageNet backbone weights when ``config.model.init`` says so (they replace
+    every backbone variable, or loading fails: their random values are never computed)."""
+    imagenet = config.model.init == "imagenet"
+    model = init_model(config, backbone=not imagenet)
+    if imagenet:
         from affect_jax import weights  # h5py and Orbax readers, only for ImageNet init
 
         weights.load_backbone_weights(model, config.model.weights)

@@ -49,6 +49,7 @@ from affect_jax import (
     run_lock,
     sharding,
     steps,
+    train_call,
 )
 from affect_jax.data import pipeline
 from affect_jax.errors import UserError
@@ -90,15 +91,6 @@ class EpochSoFar:
         )
 
 
-@dataclasses.dataclass(frozen=True)
-class CompiledAhead:
-    """A train call compiled from shapes alone, before the train state existed."""
-
-    executable: Callable
-    signature: Any  # arg_signature of the (state, chunk) it was compiled for
-    seconds: float  # its lowering and compilation
-
-
 @dataclasses.dataclass
 class Training:
     """A run being trained: what ``setup`` built and the train state so far."""
@@ -118,7 +110,7 @@ class Training:
     resumed: EpochSoFar | None = None
     executables: dict[int, Callable] = dataclasses.field(default_factory=dict)  # per chunk length
     # Compiled during setup, not yet called (``compile_ahead``), per chunk length.
-    compiled_ahead: dict[int, CompiledAhead] = dataclasses.field(default_factory=dict)
+    compiled_ahead: dict[int, train_call.CompiledAhead] = dataclasses.field(default_factory=dict)
 
     @property
     def is_chief(self) -> bool:
@@ -133,17 +125,19 @@ def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
     initial_state: concurrent.futures.Future | None = None,
+    early_call: concurrent.futures.Future | None = None,
 ) -> dict[str, Any]:
     """Trains for ``config.num_epochs``, evaluating and checkpointing after every epoch.
 
-    Resumes from the latest checkpoint in ``workdir``. ``initial_state``: the future of
-    ``steps.initial_train_state(config)``, if it is being built elsewhere (``main`` builds it
-    while TensorFlow is imported). Returns the final metrics record (also
-    written to ``workdir/final_metrics.json``). Holds the workdir's lock; SIGINT or SIGTERM
-    stop it at the next train call, saved, with ``graceful_stop.Stopped``.
+    Resumes from the latest checkpoint in ``workdir``. ``initial_state`` and ``early_call``:
+    the futures of ``steps.initial_train_state(config)`` and ``train_call.compile_early(config)``
+    if they are being made elsewhere (``main`` makes them while TensorFlow is imported). Returns
+    the final metrics record (also written to ``workdir/final_metrics.json``). Holds the
+    workdir's lock; SIGINT or SIGTERM stop it at the next train call, saved, with
+    ``graceful_stop.Stopped``.
     """
     with run_lock.hold(workdir, "train"), graceful_stop.StopSignals() as signals:
-        run = setup(config, workdir, initial_state)
+        run = setup(config, workdir, initial_state, early_call)
         progress = ProgressReporter(
             num_epochs=config.num_epochs,
             steps_per_epoch=run.steps_per_epoch,
@@ -171,10 +165,12 @@ def setup(
     config: ml_collections.ConfigDict,
     workdir: str,
     initial_state: concurrent.futures.Future | None = None,
+    early_call: concurrent.futures.Future | None = None,
 ) -> Training:
-    """Checks the config, reads the data, builds the state (resumed from the latest checkpoint
-    of ``workdir``; from ``initial_state``'s result if given), the jitted steps and the metric
-    writer."""
+    """Checks the config, reads the data, builds the state (restored from the latest checkpoint
+    of ``workdir``, else initialised; from ``initial_state``'s result if given), the jitted
+    steps and the metric writer. ``early_call``: the future of
+    ``train_call.compile_early(config)``, taken when the data give the call it compiled."""
     config_checks.validate(config)
     os.makedirs(workdir, exist_ok=True)
     is_chief = jax.process_index() == 0
@@ -203,36 +199,42 @@ def setup(
     if config.steps_per_epoch > 0:
         steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
 
-    graphdef, state_shapes = steps.abstract_train_state(config)
-    tx = steps.create_optimizer(config, state_shapes["params"])
-    train_steps = jax.jit(
-        steps.make_train_steps(steps.make_train_step(graphdef, tx, config, class_weights)),
-        donate_argnums=(0,),
-    )
     manager = run_dir.checkpoint_manager(workdir, config)
     calls = min(config.steps_per_execution, steps_per_epoch)  # batches per call but the last
+    epochs_left = (manager.latest_step() or 0) < config.num_epochs
+    # main's early compile fits unless the data shortened the call or weight the classes.
+    fits = class_weights is None and train_call.calls_before_data(config) == calls
+    early = early_call if early_call is not None and fits and epochs_left else None
+    # A resumed run's state is restored straight into place, from its shapes.
+    into_place = initial_state is None and run_dir.has_checkpoints(workdir)
+    if early is None or into_place:
+        graphdef, state_shapes = steps.abstract_train_state(config)
+    if early is None:
+        tx = steps.create_optimizer(config, state_shapes["params"])
+        train_steps = train_call.jit_train_steps(graphdef, tx, config, class_weights)
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_ahead")
     try:
         # With epochs left, the train call compiles from the state's shapes in a second
         # thread while the state is built (unless main has built it) and restored.
         ahead = None
-        if (manager.latest_step() or 0) < config.num_epochs:
-            shapes = (
-                sharding.replicated_shapes(state_shapes, mesh),
-                sharding.batch_shapes(
-                    pipeline.example_shapes(config), config.batch_size, mesh, batches=calls
-                ),
-            )
-            ahead = pool.submit(compile_ahead, train_steps, shapes)
-        if initial_state is not None:
-            state = initial_state.result()
+        if early is None and epochs_left:
+            shapes = train_call.call_shapes(config, state_shapes, mesh, calls)
+            ahead = pool.submit(train_call.compile_ahead, train_steps, shapes)
+        if into_place:
+            like = sharding.replicated_shapes(state_shapes, mesh)
         else:
-            state = steps.initial_train_state(config)
+            state = initial_state.result() if initial_state else steps.initial_train_state(config)
+            like = sharding.replicate(state, mesh)
         # Restored into the current mesh's shardings, whatever the device count that saved it.
-        state, completed, resumed = restore_resume_point(
-            workdir, manager, sharding.replicate(state, mesh), steps_per_epoch
-        )
-        compiled_ahead = {calls: ahead.result()} if ahead is not None else {}
+        state, completed, resumed = restore_resume_point(workdir, manager, like, steps_per_epoch)
+        if _is_abstract(state):  # only a damaged mid-epoch checkpoint was there
+            state = sharding.replicate(steps.initial_train_state(config), mesh)
+        if early is not None:
+            made = early.result()
+            graphdef, train_steps = made.graphdef, made.train_steps
+            compiled_ahead = {calls: made.compiled}
+        else:
+            compiled_ahead = {calls: ahead.result()} if ahead is not None else {}
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     if completed > config.num_epochs:
@@ -284,18 +286,8 @@ def setup(
     )
 
 
-def arg_signature(args: Any) -> Any:
-    """What a compiled call is specific to: the structure of ``args`` and each leaf's shape,
-    dtype, sharding and weak type (arrays and ``jax.ShapeDtypeStruct``s alike)."""
-    leaves, treedef = jax.tree.flatten(args)
-    return treedef, [(x.shape, x.dtype, x.sharding, x.weak_type) for x in leaves]
-
-
-def compile_ahead(train_steps: Any, args: tuple[Any, Any]) -> CompiledAhead:
-    """``train_steps`` (jitted) compiled for ``args``, the (state, chunk) shapes."""
-    start = time.time()
-    executable = train_steps.lower(*args).compile()
-    return CompiledAhead(executable, arg_signature(args), time.time() - start)
+def _is_abstract(tree: Any) -> bool:
+    return isinstance(jax.tree.leaves(tree)[0], jax.ShapeDtypeStruct)
 
 
 def restore_resume_point(
@@ -512,7 +504,7 @@ def _train_call(
     progress.stop()
     compile_start = time.time()
     ahead = run.compiled_ahead.pop(n, None)
-    if ahead is not None and ahead.signature != arg_signature((run.state, chunk)):
+    if ahead is not None and ahead.signature != train_call.arg_signature((run.state, chunk)):
         # Not expected: the state or the batches are not what setup compiled for.
         logging.warning("The %d-step train call compiled ahead does not fit; recompiling", n)
         ahead = None

@@ -31,8 +31,9 @@ JSON (``warmup_times_s``).
 ``--startup`` times cold starts (no compilation cache), ``--startup_runs`` each: from launch to
 the end of the first train call of ``python -m affect_jax.main --config=configs/resnet50.py``
 (random init, synthetic faces), split by its log lines into imports, data, model and state,
-compile and first call; and the wall-clock of ``python -m affect_jax.predict`` on one image with
-a ResNet50 run dir made once (one training step).
+compile and first call; the same for that command resuming a run dir made once (one epoch of
+one 8-step call) for a second epoch; and the wall-clock of ``python -m affect_jax.predict`` on
+one image with that run dir.
 
 Every contender (each ``--lever`` of affect-jax, Keras, PyTorch) runs in its own worker process,
 so peak RSS and XLA flags are per contender; the workers stay alive and the parent runs them
@@ -65,6 +66,7 @@ import os
 import re
 import resource
 import runpy
+import shutil
 import statistics
 import subprocess
 import sys
@@ -817,6 +819,7 @@ def train_startup(lines: list[tuple[float, str]]) -> dict[str, float] | None:
             ahead = m.group(3) is not None
             out = {
                 "first_step_s": t,
+                "first_call_start_s": t - call_s,
                 "steps_in_first_call": int(m.group(1)),
                 "compile_ahead_s" if ahead else "compile_s": compile_s,
                 "first_call_s": call_s,
@@ -831,25 +834,20 @@ def train_startup(lines: list[tuple[float, str]]) -> dict[str, float] | None:
     return None
 
 
+# The run dir made once: one epoch of one 8-step train call on 400 synthetic faces.
+STARTUP_RUN = ["--config.steps_per_epoch=8", "--config.data.synthetic_size=400"]
+
+
 def _startup_run_dir(tmp: Path) -> Path:
-    """A ResNet50 run dir (one step of training on synthetic faces, no compile cache) and one
-    photo with a face (scikit-image's astronaut on a 640x480 JPEG), made once for the predict
-    timing: detection runs all three MTCNN stages and the model scores the face."""
+    """A ResNet50 run dir (``STARTUP_RUN``, no compile cache), which the resume timing resumes
+    for a second epoch and predict loads, and one photo with a face (scikit-image's astronaut
+    on a 640x480 JPEG): detection runs all three MTCNN stages and the model scores the face."""
     from PIL import Image
     from skimage import data
 
     run = tmp / "resnet50"
     result = timed_lines(
-        [
-            *STARTUP_TRAIN,
-            f"--workdir={run}",
-            "--config.num_epochs=1",
-            "--config.steps_per_epoch=1",
-            "--config.steps_per_execution=1",
-            "--config.data.synthetic_size=64",
-        ],
-        None,
-        1800,
+        [*STARTUP_TRAIN, f"--workdir={run}", "--config.num_epochs=1", *STARTUP_RUN], None, 1800
     )
     if result["exit"] != 0:
         tail = "\n".join(line for _, line in result["lines"][-20:])
@@ -862,7 +860,7 @@ def _startup_run_dir(tmp: Path) -> Path:
 
 def startup(runs: int) -> dict[str, Any]:
     """``runs`` cold starts of each command, alternating; medians [min-max]."""
-    out: dict[str, Any] = {"train": [], "predict": []}
+    out: dict[str, Any] = {"train": [], "resume": [], "predict": []}
     with tempfile.TemporaryDirectory(prefix="affect_jax_startup_") as tmp_name:
         tmp = Path(tmp_name)
         print("== start-up: creating a ResNet50 run dir for predict ...", flush=True)
@@ -876,6 +874,18 @@ def startup(runs: int) -> dict[str, Any]:
                 tail = "\n".join(line for _, line in result["lines"][-20:])
                 raise RuntimeError(f"no first train call in the training output:\n{tail}")
             out["train"].append(parsed)
+            resumed = tmp / f"resume{i}"  # a fresh copy: the stop at the first call saves
+            shutil.copytree(run, resumed)
+            result = timed_lines(
+                [*STARTUP_TRAIN, f"--workdir={resumed}", "--config.num_epochs=2", *STARTUP_RUN],
+                FIRST_CALL,
+                900,
+            )
+            resume = train_startup(result["lines"])
+            if resume is None:
+                tail = "\n".join(line for _, line in result["lines"][-20:])
+                raise RuntimeError(f"no first train call in the resumed run's output:\n{tail}")
+            out["resume"].append(resume)
             result = timed_lines(
                 ["-m", "affect_jax.predict", f"--workdir={run}", str(tmp / "one.jpg")], None, 900
             )
@@ -884,8 +894,8 @@ def startup(runs: int) -> dict[str, Any]:
                 raise RuntimeError(f"predict failed (exit {result['exit']}):\n{tail}")
             out["predict"].append({"wall_s": result["wall_s"]})
             print(
-                f"  run {i + 1}/{runs}: first train step {parsed['first_step_s']:.1f}s, "
-                f"predict {result['wall_s']:.1f}s",
+                f"  run {i + 1}/{runs}: first train call starts {parsed['first_call_start_s']:.1f}"
+                f"s, resumed {resume['first_call_start_s']:.1f}s; predict {result['wall_s']:.1f}s",
                 flush=True,
             )
     return out
@@ -895,6 +905,7 @@ def startup_summary(runs: dict[str, Any]) -> str:
     """Markdown: median [min-max] seconds of each part of the cold starts."""
     lines = ["| start-up, no compile cache | seconds |", "| --- | --- |"]
     names = {
+        "first_call_start_s": "train: launch to the first train call",
         "first_step_s": "train: launch to the end of the first train call",
         "imports_s": "  imports (to the devices line)",
         "data_s": "  data splits",
@@ -905,6 +916,13 @@ def startup_summary(runs: dict[str, Any]) -> str:
     }
     for key, name in names.items():
         values = [r[key] for r in runs["train"] if key in r]
+        if values:
+            lines.append(f"| {name} | {_fmt(_stats(values), 1)} |")
+    for key, name in (
+        ("first_call_start_s", "resume: launch to the first train call"),
+        ("first_step_s", "resume: launch to the end of the first train call"),
+    ):
+        values = [r[key] for r in runs.get("resume", [])]
         if values:
             lines.append(f"| {name} | {_fmt(_stats(values), 1)} |")
     wall = [r["wall_s"] for r in runs["predict"]]

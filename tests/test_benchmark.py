@@ -134,7 +134,13 @@ _STARTUP_LINES = [
     (9.5, "19:06:53 Data 'synthetic': 3200 train / 800 validation examples (...)"),
     (12.0, "19:06:56 Data 'synthetic': 3200 train / 800 validation examples (again)"),
 ]
-_LOGGED_PHASES = {"first_step_s": 26.0, "steps_in_first_call": 8, "imports_s": 4.0, "data_s": 5.5}
+_LOGGED_PHASES = {
+    "first_step_s": 26.0,
+    "first_call_start_s": 23.8,
+    "steps_in_first_call": 8,
+    "imports_s": 4.0,
+    "data_s": 5.5,
+}
 
 
 @pytest.mark.parametrize(
@@ -161,8 +167,12 @@ def test_startup_timing_splits_the_logged_phases(first_call_line, phases, summar
     out = benchmark.train_startup(lines)
     assert out == pytest.approx({**_LOGGED_PHASES, **phases})
     assert benchmark.train_startup(lines[:-1]) is None
-    summary = benchmark.startup_summary({"train": [out], "predict": [{"wall_s": 9.0}]})
+    summary = benchmark.startup_summary(
+        {"train": [out], "resume": [out], "predict": [{"wall_s": 9.0}]}
+    )
+    assert "| train: launch to the first train call | 23.8 [23.8-23.8] |" in summary
     assert "| train: launch to the end of the first train call | 26.0 [26.0-26.0] |" in summary
+    assert "| resume: launch to the first train call | 23.8 [23.8-23.8] |" in summary
     assert summary_line in summary
     assert "| predict one image, wall-clock | 9.0 [9.0-9.0] |" in summary
 

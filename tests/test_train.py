@@ -1,6 +1,9 @@
 """The training driver: non-finite losses, progress lines (the whole run: test_main.py)."""
 
 import concurrent.futures
+import os
+import subprocess
+import sys
 import types
 
 import jax
@@ -9,7 +12,16 @@ import numpy as np
 import pytest
 from absl import logging
 
-from affect_jax import console, progress, sharding, steps, train
+from affect_jax import (
+    checkpointing,
+    console,
+    progress,
+    run_dir,
+    sharding,
+    steps,
+    train,
+    train_call,
+)
 from tests.conftest import one_batch, stack_batches, tiny_config
 
 
@@ -44,6 +56,96 @@ def test_setup_starts_from_the_initial_state_built_elsewhere(tmp_path):
         run.writer.close()
 
 
+@pytest.mark.parametrize("case", ["fits", "class_weights", "short_epoch"])
+def test_setup_runs_mains_early_train_call_only_when_the_data_give_that_call(tmp_path, case):
+    """``main`` compiles the train call before the data are read (``compile_early``); setup runs
+    it, and it trains as setup's own call does, unless class weights or an epoch shorter than a
+    call make the data's call another one."""
+    config = tiny_config(steps_per_execution=2)
+    if case == "class_weights":
+        config.loss_weights.class_weighting = "inverse_frequency"
+    if case == "short_epoch":  # 40 training examples: 5 batches, fewer than a call's 8
+        config.update_from_flattened_dict(
+            {"data.synthetic_size": 50, "steps_per_epoch": 8, "steps_per_execution": 8}
+        )
+    made = train_call.compile_early(config)
+    early = concurrent.futures.Future()
+    early.set_result(made)
+    run = train.setup(config, str(tmp_path / "early"), None, early)
+    own = train.setup(config, str(tmp_path / "own"))
+    try:
+        (calls,) = run.compiled_ahead
+        taken = run.compiled_ahead[calls] is made.compiled
+        assert taken == (case == "fits")
+        assert (run.train_steps is made.train_steps) == taken
+        if taken:
+            assert own.compiled_ahead[calls] is not made.compiled
+            chunk = sharding.shard_batch(
+                stack_batches([one_batch(config)] * calls), run.mesh, stacked=True
+            )
+            reporter = progress.ProgressReporter(
+                num_epochs=1, steps_per_epoch=calls, batch_size=8, log_every_steps=calls
+            )
+            for r in (run, own):
+                train._train_call(r, chunk, calls, reporter)
+            for got, want in zip(
+                jax.tree.leaves(run.state), jax.tree.leaves(own.state), strict=True
+            ):
+                np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    finally:
+        for r in (run, own):
+            r.manager.close()
+            r.writer.close()
+
+
+def test_the_early_train_call_imports_no_tensorflow():
+    """``main`` compiles it while TensorFlow is imported, so it must not need TensorFlow."""
+    code = (
+        "import sys; from affect_jax import main, steps, train_call; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def _fail(*_):
+    raise AssertionError("a model was initialised")
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+def test_setup_restores_a_run_into_place_and_initialises_it_if_nothing_restores(
+    tmp_path, monkeypatch, damaged
+):
+    """A run with a checkpoint is restored from the state's shapes: no model is initialised
+    (the values would be overwritten), unless its only checkpoint, a mid-epoch one, is damaged."""
+    config = tiny_config()
+    run = train.setup(config, str(tmp_path))
+    saved = jax.tree.map(np.asarray, run.state)
+    saved["step"] = np.asarray(3, np.int32)  # not what a fresh state holds
+    mid_dir = run_dir.mid_epoch_checkpoint_dir(str(tmp_path))
+    manager = checkpointing.create_mid_epoch_manager(mid_dir)
+    arrays = {"outputs": {"loss": np.zeros((3, 8), np.float32)}, "targets": {}}
+    position = {"epoch": 0, "step_in_epoch": 3, "steps_per_epoch": 4, "train_seconds": 1.0}
+    checkpointing.save_mid_epoch(manager, 3, sharding.replicate(saved, run.mesh), arrays, position)
+    manager.close()
+    run.manager.close()
+    run.writer.close()
+    if damaged:
+        files = [os.path.join(d, f) for d, _, names in os.walk(mid_dir) for f in names]
+        os.truncate(max(files, key=os.path.getsize), 100)
+    else:
+        monkeypatch.setattr(steps, "init_model", _fail)
+    resumed = train.setup(config, str(tmp_path))
+    try:
+        want = jax.tree.map(np.asarray, steps.initial_train_state(config)) if damaged else saved
+        for got, w in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(got), w)
+        assert (resumed.resumed is None) == damaged
+    finally:
+        resumed.manager.close()
+        resumed.writer.close()
+
+
 def _toy_run(rows_ahead: int):
     """A run whose train call adds its batches' sum to the state, compiled ahead for chunks of
     2 batches of ``rows_ahead`` rows."""
@@ -60,7 +162,7 @@ def _toy_run(rows_ahead: int):
         sharding.replicated_shapes(state, mesh),
         sharding.batch_shapes(fields, rows_ahead, mesh, batches=2),
     )
-    ahead = train.compile_ahead(jitted, shapes)
+    ahead = train_call.compile_ahead(jitted, shapes)
     run = types.SimpleNamespace(
         state=state, train_steps=jitted, executables={}, compiled_ahead={2: ahead}
     )

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from affect_jax import weights
+from affect_jax import steps, weights
 from affect_jax.models import create_backbone, create_model
 from tests.conftest import REPO, randomize_keras_weights, report_measurements, tiny_config
 
@@ -421,6 +421,22 @@ def test_load_backbone_weights_entry_point(resnet, tmp_path):
     weights.load_backbone_weights(model, resnet["files"]["legacy_top"])
     expected = _snapshot(_loaded("resnet50", resnet["files"]["legacy_notop"]))
     _assert_same(expected, _snapshot(model.backbone))
+
+
+def test_imagenet_init_skips_only_random_values_the_file_replaces(resnet):
+    """``create_initial_model`` never computes the backbone's random values: the same model as
+    initialising every variable, then loading the file."""
+    config = tiny_config(
+        **{
+            "model.name": "resnet50",
+            "model.width": 1.0,
+            "model.init": "imagenet",
+            "model.weights": resnet["files"]["legacy_notop"],
+            "seed": 5,
+        }
+    )
+    want = weights.load_backbone_weights(steps.init_model(config), config.model.weights)
+    _assert_same(_snapshot(steps.create_initial_model(config)), _snapshot(want))
 
 
 def test_port_weights_command_end_to_end(resnet, tmp_path):

@@ -20,7 +20,12 @@ from absl import logging
 from sklearn.model_selection import train_test_split
 
 from affect_jax import imbalance
-from affect_jax.data import CAFFE_BGR_MEAN, SOURCES, preprocessing_mode  # noqa: F401 (API)
+from affect_jax.data import (  # noqa: F401 (API)
+    CAFFE_BGR_MEAN,
+    SOURCES,
+    example_shapes,
+    preprocessing_mode,
+)
 from affect_jax.data import augment as augment_lib
 from affect_jax.data.source import ExamplePool, Source
 from affect_jax.errors import UserError
@@ -132,21 +137,6 @@ def resize_image(image: tf.Tensor, size: int) -> tf.Tensor:
         lambda: tf.image.resize(image, (size, size), method="bilinear", antialias=True),
     )
     return tf.ensure_shape(resized, (size, size, 3))
-
-
-def example_shapes(
-    config: ml_collections.ConfigDict,
-) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """(shape, dtype) of each field of one example as the batches hold it: what a step can be
-    compiled for before any example is read."""
-    size = config.data.image_size
-    return {
-        "image": ((size, size, 3), np.dtype(np.float32)),
-        "expression": ((), np.dtype(np.int32)),
-        "valence_arousal": ((2,), np.dtype(np.float32)),
-        "has_va": ((), np.dtype(np.float32)),
-        "mask": ((), np.dtype(np.float32)),
-    }
 
 
 def _example_fn(pool: ExamplePool, config: ml_collections.ConfigDict, train: bool):
