@@ -86,7 +86,9 @@ def main(argv):
             # A run with checkpoints is restored straight into place (train.setup).
             if not run_dir.has_checkpoints(FLAGS.workdir):
                 initial_state = pool.submit(steps.initial_train_state, config)
-            if train_call.compiles_before_data(config):
+            # Not for a finished run, which trains no more.
+            epochs_left = run_dir.saved_epochs(FLAGS.workdir) < config.num_epochs
+            if train_call.compiles_before_data(config) and epochs_left:
                 early_call = pool.submit(train_call.compile_early, config)
         with console.native_startup_logs():
             import tensorflow as tf

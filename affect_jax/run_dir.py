@@ -73,6 +73,15 @@ def damaged_checkpoints_dir(workdir: str | os.PathLike) -> str:
     return os.path.abspath(os.path.join(workdir, DAMAGED_CHECKPOINTS))
 
 
+def saved_epochs(workdir: str | os.PathLike) -> int:
+    """The newest epoch checkpoint's number on disk (0 if none): a quick look that does not
+    check it restores (``checkpointing.restore_latest`` does)."""
+    directory = checkpoints_dir(workdir)
+    if not os.path.isdir(directory):
+        return 0
+    return max((int(name) for name in os.listdir(directory) if name.isdigit()), default=0)
+
+
 def has_checkpoints(workdir: str | os.PathLike) -> bool:
     """Whether the run has saved a train state (an epoch's or a mid-epoch checkpoint)."""
     return any(

@@ -98,10 +98,17 @@ def test_run_writes_everything(reference_run):
 def test_rerun_of_finished_run_resumes_without_training(reference_run):
     workdir, _ = reference_run
     before = json.load(open(os.path.join(workdir, "final_metrics.json")))
-    result = _run(_main(workdir))
+    log_path = os.path.join(workdir, "run.log")
+    log_start = os.path.getsize(log_path)
+    result = _run(_main(workdir), env=dict(os.environ, JAX_LOG_COMPILES="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resumed from epoch 3" in result.stderr
     assert "step 2/12" not in result.stderr  # no training step ran
+    with open(log_path) as f:
+        f.seek(log_start)
+        rerun_log = f.read()
+    assert "jit(eval_steps)" in rerun_log  # JAX logs its compiles here
+    assert "train_steps" not in rerun_log  # nor is the train call compiled
     after = json.load(open(os.path.join(workdir, "final_metrics.json")))
     assert _same(after["metrics"], before["metrics"])
 

@@ -328,3 +328,10 @@ def test_leftovers_of_an_interrupted_save_are_ignored_then_removed(run):
             break
         time.sleep(0.05)
     assert sorted(os.listdir(run_dir.checkpoints_dir(workdir))) == ["1", "2", "3"]
+
+
+def test_saved_epochs_is_the_newest_epoch_checkpoint_on_disk(tmp_path):
+    assert run_dir.saved_epochs(tmp_path) == 0
+    for name in ("1", "3", "4.orbax-checkpoint-tmp-17", "notes"):
+        os.makedirs(os.path.join(run_dir.checkpoints_dir(tmp_path), name))
+    assert run_dir.saved_epochs(tmp_path) == 3
