@@ -911,7 +911,7 @@ def startup_summary(runs: dict[str, Any]) -> str:
         "data_s": "  data splits",
         "build_s": "  model and state",
         "compile_s": "  compile",
-        "compile_ahead_s": "  compile, in a second thread during model and state",
+        "compile_ahead_s": "  compile, in a second thread during the imports and build",
         "first_call_s": "  first call",
     }
     for key, name in names.items():

@@ -157,7 +157,7 @@ _LOGGED_PHASES = {
             "Compiled the 8-step train call in 3.8 s while the model was built (or loaded it "
             "from the compilation cache); its first call took 2.2 s",
             {"build_s": 14.3, "compile_ahead_s": 3.8, "first_call_s": 2.2},
-            "|   compile, in a second thread during model and state | 3.8 [3.8-3.8] |",
+            "|   compile, in a second thread during the imports and build | 3.8 [3.8-3.8] |",
         ),
     ],
     ids=["compiled-after-the-build", "compiled-during-the-build"],
