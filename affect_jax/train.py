@@ -109,7 +109,8 @@ class Training:
     # Epoch ``completed_epochs`` so far, restored from a mid-epoch checkpoint.
     resumed: EpochSoFar | None = None
     executables: dict[int, Callable] = dataclasses.field(default_factory=dict)  # per chunk length
-    # Compiled during setup, not yet called (``compile_ahead``), per chunk length.
+    # Compiled from shapes (``train_call``: main's early compile or setup's), not yet called,
+    # per chunk length.
     compiled_ahead: dict[int, train_call.CompiledAhead] = dataclasses.field(default_factory=dict)
 
     @property
@@ -214,8 +215,8 @@ def setup(
         train_steps = train_call.jit_train_steps(graphdef, tx, config, class_weights)
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_ahead")
     try:
-        # With epochs left, the train call compiles from the state's shapes in a second
-        # thread while the state is built (unless main has built it) and restored.
+        # With epochs left and no early call that fits, the train call compiles from the
+        # state's shapes in a second thread while the state is built or restored.
         ahead = None
         if early is None and epochs_left:
             shapes = train_call.call_shapes(config, state_shapes, mesh, calls)
@@ -287,6 +288,7 @@ def setup(
 
 
 def _is_abstract(tree: Any) -> bool:
+    """Whether ``tree`` holds shapes (``jax.ShapeDtypeStruct``), not arrays."""
     return isinstance(jax.tree.leaves(tree)[0], jax.ShapeDtypeStruct)
 
 
