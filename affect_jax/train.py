@@ -208,11 +208,10 @@ def setup(
     early = early_call if early_call is not None and fits and epochs_left else None
     # A resumed run's state is restored straight into place, from its shapes.
     into_place = initial_state is None and run_dir.has_checkpoints(workdir)
-    if early is None or into_place:
-        graphdef, state_shapes = steps.abstract_train_state(config)
     if early is None:
-        tx = steps.create_optimizer(config, state_shapes["params"])
-        train_steps = train_call.jit_train_steps(graphdef, tx, config, class_weights)
+        graphdef, state_shapes, train_steps = train_call.jit_train_steps(config, class_weights)
+    elif into_place:
+        _, state_shapes = steps.abstract_train_state(config)
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_ahead")
     try:
         # With epochs left and no early call that fits, the train call compiles from the

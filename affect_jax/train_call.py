@@ -45,14 +45,14 @@ class EarlyCall:
 
 
 def jit_train_steps(
-    graphdef: nnx.GraphDef,
-    tx: Any,
-    config: ml_collections.ConfigDict,
-    class_weights: np.ndarray | None,
-) -> Callable:
-    """The jitted train call: ``steps.make_train_steps`` over the train step, the state donated."""
+    config: ml_collections.ConfigDict, class_weights: np.ndarray | None
+) -> tuple[nnx.GraphDef, steps.State, Callable]:
+    """(graphdef, train state shapes, the jitted train call) of ``config``'s model: the call is
+    ``steps.make_train_steps`` over the train step, the state donated. Nothing is computed."""
+    graphdef, state_shapes = steps.abstract_train_state(config)
+    tx = steps.create_optimizer(config, state_shapes["params"])
     step = steps.make_train_step(graphdef, tx, config, class_weights)
-    return jax.jit(steps.make_train_steps(step), donate_argnums=(0,))
+    return graphdef, state_shapes, jax.jit(steps.make_train_steps(step), donate_argnums=(0,))
 
 
 def call_shapes(
@@ -100,8 +100,6 @@ def calls_before_data(config: ml_collections.ConfigDict) -> int:
 def compile_early(config: ml_collections.ConfigDict) -> EarlyCall:
     """The train call of a run whose call is fixed before its data (``compiles_before_data``),
     compiled for ``calls_before_data`` batches; ``train.setup`` uses it when the data agree."""
-    graphdef, state_shapes = steps.abstract_train_state(config)
-    tx = steps.create_optimizer(config, state_shapes["params"])
-    train_steps = jit_train_steps(graphdef, tx, config, None)
+    graphdef, state_shapes, train_steps = jit_train_steps(config, None)
     shapes = call_shapes(config, state_shapes, sharding.make_mesh(), calls_before_data(config))
     return EarlyCall(graphdef, train_steps, compile_ahead(train_steps, shapes))
