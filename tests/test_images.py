@@ -11,7 +11,8 @@ from PIL import Image
 
 from affect_jax import predict
 from affect_jax.data import images
-from affect_jax.data.affectnet import detect_layout, readers
+from affect_jax.data.affectnet import detect_layout, faces, readers
+from affect_jax.data.affectnet.rows import Candidate
 
 PIL_FORMATS = {
     ".jpg": "JPEG",
@@ -20,6 +21,8 @@ PIL_FORMATS = {
     ".bmp": "BMP",
     ".gif": "GIF",
     ".webp": "WEBP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
 }
 COLOUR = (200, 40, 60)
 
@@ -46,7 +49,7 @@ def test_image_names():
     for ext in images.IMAGE_EXTENSIONS:
         assert images.is_image_name(f"a{ext}") and images.is_image_name(f"a{ext.upper()}")
     assert not images.is_image_name(".hidden.jpg")
-    assert not images.is_image_name("a.tif") and not images.is_image_name("a.txt")
+    assert not images.is_image_name("a.heic") and not images.is_image_name("a.txt")
 
 
 def test_data_readers_and_prediction_accept_the_same_files(tmp_path):
@@ -164,3 +167,69 @@ def test_jpegs_libjpeg_doubts_are_tensorflows_to_decide():
         )
     with pytest.raises(ValueError, match="Invalid JPEG data"):
         images.decode_image(jpeg[: len(jpeg) // 2])
+
+
+def _other_formats() -> dict[str, tuple[bytes, np.ndarray | None]]:
+    """Encoded images and the pixels they hold: the source's where the format keeps them
+    (alpha dropped), None where the format changed them (palette, grey, lossy): Pillow's."""
+    pixels = _photo_like()
+    rng = np.random.default_rng(2)
+    rgba = Image.fromarray(np.dstack([pixels, rng.integers(0, 256, pixels.shape[:2], np.uint8)]))
+    rgb = Image.fromarray(pixels)
+    second_frame = Image.fromarray(255 - pixels)
+    wide = rng.integers(0, 1 << 16, pixels.shape[:2], dtype=np.uint16)
+    high_byte = np.repeat((wide >> 8).astype(np.uint8)[..., None], 3, axis=-1)
+    return {
+        "bmp-rgb": (_encoded(rgb, "BMP"), pixels),
+        "bmp-rgba": (_encoded(rgba, "BMP"), pixels),
+        "bmp-palette": (_encoded(rgb.convert("P"), "BMP"), None),
+        "bmp-grey": (_encoded(rgb.convert("L"), "BMP"), None),
+        "bmp-1-bit": (_encoded(rgb.convert("1"), "BMP"), None),
+        "gif": (_encoded(rgb, "GIF"), None),
+        "gif-animated": (_encoded(rgb, "GIF", save_all=True, append_images=[second_frame]), None),
+        "webp-lossy": (_encoded(rgb, "WEBP", quality=80), None),
+        "webp-lossless": (_encoded(rgb, "WEBP", lossless=True), pixels),
+        "webp-lossy-alpha": (_encoded(rgba, "WEBP", quality=80), None),
+        "webp-lossless-alpha": (_encoded(rgba, "WEBP", lossless=True, exact=True), pixels),
+        "tiff-rgb": (_encoded(rgb, "TIFF"), pixels),
+        "tiff-rgba-deflate": (_encoded(rgba, "TIFF", compression="tiff_adobe_deflate"), pixels),
+        "tiff-grey-lzw": (
+            _encoded(rgb.convert("L"), "TIFF", compression="tiff_lzw"),
+            np.repeat(np.asarray(rgb.convert("L"))[..., None], 3, axis=-1),
+        ),
+        "tiff-16-bit-grey": (_encoded(Image.fromarray(wide), "TIFF"), high_byte),
+        "tiff-two-pages": (
+            _encoded(rgb, "TIFF", save_all=True, append_images=[second_frame]),
+            pixels,
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", list(_other_formats()))
+def test_other_formats_decode_without_tensorflow(name, monkeypatch):
+    """The pixels the file holds (a palette applied, alpha dropped, the first frame; Pillow's
+    reading where the format changed them), where TensorFlow returns a BMP's palette indices as
+    grey and rejects 1-bit BMPs, WebP with alpha and TIFF."""
+    data, expected = _other_formats()[name]
+    if expected is None:
+        with Image.open(io.BytesIO(data)) as image:
+            expected = np.asarray(image.convert("RGB"))
+
+    def no_tensorflow(data):
+        raise AssertionError("decoded by TensorFlow")
+
+    monkeypatch.setattr(images, "_decode_with_tensorflow", no_tensorflow)
+    np.testing.assert_array_equal(images.decode_image(data), expected)
+
+
+@pytest.mark.parametrize("name", ["bmp-palette", "webp-lossy-alpha", "tiff-rgb", "gif-animated"])
+def test_preparation_stores_what_the_pipeline_decodes_as_prediction_does(tmp_path, name):
+    """A whole image (no face box) in a format TensorFlow decodes differently or not at all is
+    stored as PNG, so the input pipeline trains on the pixels prediction sees."""
+    path = tmp_path / f"face.{name.split('-')[0]}"
+    path.write_bytes(_other_formats()[name][0])
+    candidate = Candidate("k", "face", str(path), 1, 0.0, 0.0, np.full((68, 2), np.nan, np.float32))
+    stored = faces.load_face(candidate, margin=0.0)["image"]
+    np.testing.assert_array_equal(
+        images.decode_image_tensor(stored).numpy(), images.read_image(str(path))
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import math
 import re
 from typing import TYPE_CHECKING
@@ -17,8 +18,9 @@ import numpy as np
 if TYPE_CHECKING:  # loaded only for the formats and files decode_image leaves to it
     import tensorflow as tf
 
-# What ``tf.io.decode_image`` decodes (it also reads JPEG XL, which nothing here can write to test).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+# What ``decode_image`` decodes (it also reads JPEG XL, through TensorFlow, which nothing here
+# can write to test).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def is_image_name(name: str) -> bool:
@@ -52,9 +54,14 @@ def _decode_jpeg(data: bytes) -> np.ndarray | None:
         return None
 
 
-def _decode_png(data: bytes) -> np.ndarray | None:
-    """TensorFlow's PNG decode without TensorFlow (every colour type and bit depth gives the
-    same pixels: alpha dropped, grey repeated, 16 bits cut to the high byte), or None."""
+def _decode_with_opencv(data: bytes) -> np.ndarray | None:
+    """PNG, BMP, GIF and WebP without TensorFlow, or None for a file OpenCV rejects.
+
+    Alpha is dropped, grey repeated and more than 8 bits cut to the high byte, as
+    ``tf.io.decode_image`` does for a PNG (the same pixels, tests/test_images.py); an animation
+    gives its first frame. Unlike TensorFlow's decoders, OpenCV's apply a BMP's palette (TF
+    returns the palette indices as grey) and read 1-bit BMPs and WebP with alpha.
+    """
     import cv2
 
     image = cv2.imdecode(
@@ -63,19 +70,60 @@ def _decode_png(data: bytes) -> np.ndarray | None:
     return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def _decode_tiff(data: bytes) -> np.ndarray | None:
+    """A TIFF's first page by Pillow (which TensorFlow does not read, and OpenCV's libtiff
+    reader premultiplies by alpha), as a PNG decodes: alpha dropped, 16 bits cut to the high
+    byte; None for a file Pillow rejects."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.mode.startswith("I;16"):
+                grey = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=-1)
+            return np.asarray(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
+
+
+def _is_webp(data: bytes) -> bool:
+    return data.startswith(b"RIFF") and data[8:12] == b"WEBP"
+
+
 # JPEG and PNG, the formats photos and data sets come in, decode without TensorFlow, whose
-# import would otherwise dominate a one-photo prediction's start-up.
-_DECODERS_BY_SIGNATURE = ((b"\xff\xd8\xff", _decode_jpeg), (b"\x89PNG\r\n\x1a\n", _decode_png))
+# import would otherwise dominate a one-photo prediction's start-up; the other formats too,
+# because TensorFlow decodes some of their files wrongly or not at all (above).
+_JPEG = b"\xff\xd8\xff"
+_PNG = b"\x89PNG\r\n\x1a\n"
+_OPENCV_SIGNATURES = (_PNG, b"BM", b"GIF87a", b"GIF89a")
+_TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*")
+
+
+def _decoder(data: bytes):
+    if data.startswith(_JPEG):
+        return _decode_jpeg
+    if data.startswith(_OPENCV_SIGNATURES) or _is_webp(data):
+        return _decode_with_opencv
+    if data.startswith(_TIFF_SIGNATURES):
+        return _decode_tiff
+    return None
+
+
+def decodes_the_same_in_the_pipeline(data: bytes) -> bool:
+    """Whether the input pipeline's ``tf.io.decode_image`` gives ``decode_image``'s pixels for
+    these bytes: JPEG and PNG. Preparation stores any other image re-encoded as PNG."""
+    return data.startswith((_JPEG, _PNG))
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """uint8 RGB [H, W, 3] of encoded image bytes, decoded as the input pipeline decodes them.
+    """uint8 RGB [H, W, 3] of encoded image bytes, the pixels the input pipeline trains on.
 
-    JPEG and PNG without TensorFlow, other formats and files libjpeg or libpng reject with
-    ``tf.io.decode_image``. Raises ``ValueError`` with one line (``decode_error_text``) for
-    bytes that are no image and for an image without pixels.
+    JPEG (bit for bit as ``tf.io.decode_image``), PNG, BMP, GIF, WebP and TIFF without
+    TensorFlow; other bytes, and files these libraries reject, with ``tf.io.decode_image``.
+    Raises ``ValueError`` with one line (``decode_error_text``) for bytes that are no image and
+    for an image without pixels.
     """
-    decode = next((d for sig, d in _DECODERS_BY_SIGNATURE if data.startswith(sig)), None)
+    decode = _decoder(data)
     image = decode(data) if decode else None
     if image is None:
         image = _decode_with_tensorflow(data)

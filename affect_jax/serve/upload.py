@@ -17,8 +17,15 @@ from starlette.requests import Request
 from affect_jax.data.images import decode_image
 
 FIELD = "image"
-# What Pillow calls the formats accepted (all of them decoded by the training pipeline's decoder).
-FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "BMP": "BMP", "GIF": "GIF"}
+# What Pillow calls the formats accepted (data.images.decode_image's, as training decodes them).
+FORMATS = {
+    "JPEG": "JPEG",
+    "PNG": "PNG",
+    "WEBP": "WebP",
+    "BMP": "BMP",
+    "GIF": "GIF",
+    "TIFF": "TIFF",
+}
 # Part content types taken as they come (the bytes decide): what browsers and curl send for
 # a file whose type they do not know.
 UNTYPED = ("", "application/octet-stream")

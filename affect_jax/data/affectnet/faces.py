@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from affect_jax.data.affectnet.rows import Candidate
-from affect_jax.data.images import crop_box, decode_image
+from affect_jax.data.images import crop_box, decode_image, decodes_the_same_in_the_pipeline
 
 JPEG_QUALITY = 95
 
@@ -38,6 +38,8 @@ def load_face(candidate: Candidate, margin: float) -> dict:
     landmarks = candidate.landmarks
     if candidate.box is None:
         box = (0, 0, width, height)
+        if not decodes_the_same_in_the_pipeline(data):  # BMP, GIF, WebP, TIFF: stored losslessly
+            data = tf.io.encode_png(image).numpy()
     else:
         box = crop_box(candidate.box, margin, width, height)
         if box is None:
