@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
+from PIL import Image, ImageOps
 
 from affect_jax import predict
 from affect_jax.data import images
@@ -233,3 +233,57 @@ def test_preparation_stores_what_the_pipeline_decodes_as_prediction_does(tmp_pat
     np.testing.assert_array_equal(
         images.decode_image_tensor(stored).numpy(), images.read_image(str(path))
     )
+
+
+def _with_orientation(pixels: np.ndarray, fmt: str, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[images.ORIENTATION_TAG] = orientation
+    options = {"lossless": True} if fmt == "WEBP" else {}
+    return _encoded(Image.fromarray(pixels), fmt, exif=exif.tobytes(), **options)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "TIFF", "JPEG"])
+def test_turn_upright_follows_exif_orientation_as_pillow(fmt):
+    """Every EXIF orientation turns the image as Pillow's ``exif_transpose`` does (JPEG: up to
+    the two libraries' DCT round-off); without ``turn_upright`` the stored pixels (TIFF: Pillow's
+    reader has turned them already)."""
+    pixels = _photo_like()
+    for orientation in range(1, 9):
+        data = _with_orientation(pixels, fmt, orientation)
+        with Image.open(io.BytesIO(data)) as image:
+            expected = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        turned = images.decode_image(data, turn_upright=True)
+        assert turned.shape == expected.shape, orientation
+        np.testing.assert_allclose(turned, expected, atol=8 if fmt == "JPEG" else 0)
+        stored = images.decode_image(data)
+        assert stored.shape == (pixels.shape if fmt != "TIFF" else expected.shape), orientation
+
+
+def test_a_file_without_readable_exif_is_upright():
+    assert images.exif_orientation(_pngs()["rgb"]) == 1
+    assert images.exif_orientation(_with_orientation(_photo_like(), "PNG", 9)) == 1
+    assert images.exif_orientation(b"not an image") == 1
+
+
+@pytest.mark.parametrize("coordinates", ["none", "box", "landmarks"])
+def test_preparation_turns_whole_images_upright_unless_labels_give_coordinates(
+    tmp_path, coordinates
+):
+    """A sideways phone photo (EXIF orientation 6) in a class folder trains upright, as predict
+    reads it; a label file's box or landmarks refer to the stored pixels, so it stays as is."""
+    pixels = _photo_like()
+    path = tmp_path / "face.jpg"
+    path.write_bytes(_with_orientation(pixels, "JPEG", 6))
+    landmarks = np.full((68, 2), np.nan, np.float32)
+    box = None
+    if coordinates == "landmarks":
+        landmarks[:] = 5.0
+    elif coordinates == "box":
+        box = (0.0, 0.0, float(pixels.shape[1]), float(pixels.shape[0]))
+    candidate = Candidate("k", "face", str(path), 1, 0.0, 0.0, landmarks, box)
+    stored = images.decode_image_tensor(faces.load_face(candidate, margin=0.0)["image"]).numpy()
+    if coordinates == "none":
+        np.testing.assert_array_equal(stored, images.read_image(str(path), turn_upright=True))
+        assert stored.shape[:2] == pixels.shape[1::-1]
+    else:
+        assert stored.shape == pixels.shape

@@ -12,9 +12,11 @@ import jax
 import numpy as np
 import pytest
 import threadpoolctl
+from PIL import Image
 
 from affect_jax import evaluation, metrics, predict, run_dir, sharding, steps
 from affect_jax.data import pipeline, synthetic
+from affect_jax.data.images import ORIENTATION_TAG
 from affect_jax.data.source import ExamplePool, decode_raw_image
 from affect_jax.predict import align, faces
 from affect_jax.predict.tracks import box_iou
@@ -232,10 +234,17 @@ def test_reproduces_the_runs_validation_metrics(predictor, trained_run):
         np.testing.assert_allclose(got[key], final["metrics"][key], atol=1e-5, err_msg=key)
 
 
-def test_detect_finds_the_astronaut_and_reports_no_face(trained_run, inputs):
+def test_detect_finds_the_astronaut_and_reports_no_face(trained_run, inputs, tmp_path):
     """MTCNN on PNG and JPEG photos, without importing TensorFlow (its import would take most
-    of a one-photo prediction's start-up)."""
+    of a one-photo prediction's start-up); a phone photo stored on its side (EXIF orientation
+    6) is read upright, its box in the upright image's pixels."""
+    from skimage import data
+
     root = inputs["root"]
+    sideways = tmp_path / "astronaut_sideways.jpg"
+    exif = Image.Exif()
+    exif[ORIENTATION_TAG] = 6  # turn a quarter clockwise to show
+    Image.fromarray(np.rot90(data.astronaut())).save(sideways, "JPEG", exif=exif.tobytes())
     steps = sorted(
         int(s) for s in os.listdir(os.path.join(trained_run, "checkpoints")) if s.isdigit()
     )
@@ -247,15 +256,18 @@ def test_detect_finds_the_astronaut_and_reports_no_face(trained_run, inputs):
         str(root / "astronaut.png"),
         str(root / "blank.png"),
         str(root / "astronaut.jpg"),
+        str(sideways),
         python_options=("-X", "importtime"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"checkpoint {steps[0]}" in result.stderr
     imported = _imported(result.stderr)
     assert "jax" in imported and not imported & {"tensorflow", "keras", "mtcnn"}
-    astronaut, blank, astronaut_jpeg = [json.loads(line) for line in result.stdout.splitlines()]
-    assert astronaut_jpeg["status"] == "ok"
-    assert box_iou([astronaut_jpeg[c] for c in predict.FACE_COLUMNS], ASTRONAUT_FACE) > 0.3
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    astronaut, blank, astronaut_jpeg, turned = rows
+    for row in (astronaut_jpeg, turned):
+        assert row["status"] == "ok" and row["face_source"] == "detected", row["path"]
+        assert box_iou([row[c] for c in predict.FACE_COLUMNS], ASTRONAUT_FACE) > 0.3, row["path"]
     assert astronaut["status"] == "ok" and astronaut["frame"] is None
     box = [astronaut[c] for c in predict.FACE_COLUMNS]
     assert box_iou(box, ASTRONAUT_FACE) > 0.3, box

@@ -18,7 +18,7 @@ from PIL import Image
 
 from affect_jax import predict
 from affect_jax.data import synthetic
-from affect_jax.data.images import decode_image
+from affect_jax.data.images import ORIENTATION_TAG, decode_image
 from affect_jax.predict.tracks import box_iou
 from affect_jax.serve import scorer as scorer_lib
 from scripts import export_check
@@ -245,6 +245,12 @@ def test_formats(server):
         response = _post(server, _encode(image, fmt), f"f.{fmt.lower()}", mime, face="none")
         assert response.status_code == 200, (fmt, response.text)
         assert response.json()["faces"][0]["box"] == [0, 0, 40, 40]
+    # A phone photo stored on its side (EXIF orientation 6) is read upright: 60 wide, 40 high.
+    exif = Image.Exif()
+    exif[ORIENTATION_TAG] = 6
+    sideways = np.zeros((60, 40, 3), np.uint8) + 128
+    response = _post(server, _encode(sideways, "JPEG", exif=exif.tobytes()), face="none")
+    assert response.json()["faces"][0]["box"] == [0, 0, 60, 40], response.text
     # An unnamed type (what browsers send for unknown files) is judged by its bytes.
     response = _post(server, _encode(image), "blob", "application/octet-stream", face="none")
     assert response.status_code == 200, response.text

@@ -73,7 +73,8 @@ def _decode_with_opencv(data: bytes) -> np.ndarray | None:
 def _decode_tiff(data: bytes) -> np.ndarray | None:
     """A TIFF's first page by Pillow (which TensorFlow does not read, and OpenCV's libtiff
     reader premultiplies by alpha), as a PNG decodes: alpha dropped, 16 bits cut to the high
-    byte; None for a file Pillow rejects."""
+    byte; turned upright by its orientation tag (Pillow's reader always does); None for a file
+    Pillow rejects."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -109,19 +110,59 @@ def _decoder(data: bytes):
     return None
 
 
-def decodes_the_same_in_the_pipeline(data: bytes) -> bool:
-    """Whether the input pipeline's ``tf.io.decode_image`` gives ``decode_image``'s pixels for
-    these bytes: JPEG and PNG. Preparation stores any other image re-encoded as PNG."""
-    return data.startswith((_JPEG, _PNG))
+# EXIF's Orientation tag: how to turn the stored pixels to show the image upright.
+ORIENTATION_TAG = 0x0112
+_UPRIGHT = {
+    2: lambda a: a[:, ::-1],  # mirrored
+    3: lambda a: a[::-1, ::-1],  # upside down
+    4: lambda a: a[::-1],  # mirrored upside down
+    5: lambda a: a.transpose(1, 0, 2),  # mirrored, on its side
+    6: lambda a: np.rot90(a, -1),  # on its side: turned a quarter clockwise to show
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # mirrored, on its other side
+    8: lambda a: np.rot90(a, 1),  # on its other side: a quarter anticlockwise
+}
 
 
-def decode_image(data: bytes) -> np.ndarray:
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation (1-8) still to apply to ``decode_image``'s pixels of encoded image
+    bytes (JPEG, PNG, WebP); 1 when the file has none, or none Pillow can read, and for TIFF,
+    whose reader (libtiff's, in Pillow) turns the pixels itself. Reads the header only."""
+    from PIL import Image
+
+    if data.startswith(_TIFF_SIGNATURES):
+        return 1
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            orientation = image.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # Pillow raises various errors for files it cannot parse
+        return 1
+    return orientation if orientation in _UPRIGHT else 1
+
+
+def upright(image: np.ndarray, orientation: int) -> np.ndarray:
+    """``image`` [H, W, C] turned as EXIF ``orientation`` says (Pillow's ``exif_transpose``)."""
+    turn = _UPRIGHT.get(orientation)
+    return image if turn is None else np.ascontiguousarray(turn(image))
+
+
+def decodes_the_same_in_the_pipeline(data: bytes, turn_upright: bool = False) -> bool:
+    """Whether the input pipeline's ``tf.io.decode_image`` gives ``decode_image(data,
+    turn_upright)``'s pixels: JPEG and PNG that need no turning (TensorFlow ignores EXIF).
+    Preparation stores any other image re-encoded as PNG."""
+    if not data.startswith((_JPEG, _PNG)):
+        return False
+    return not turn_upright or exif_orientation(data) == 1
+
+
+def decode_image(data: bytes, turn_upright: bool = False) -> np.ndarray:
     """uint8 RGB [H, W, 3] of encoded image bytes, the pixels the input pipeline trains on.
 
     JPEG (bit for bit as ``tf.io.decode_image``), PNG, BMP, GIF, WebP and TIFF without
     TensorFlow; other bytes, and files these libraries reject, with ``tf.io.decode_image``.
-    Raises ``ValueError`` with one line (``decode_error_text``) for bytes that are no image and
-    for an image without pixels.
+    ``turn_upright``: turned by the file's EXIF orientation, as photo viewers show it (phone
+    cameras store portraits on their side with that tag); otherwise the stored pixels. Raises
+    ``ValueError`` with one line (``decode_error_text``) for bytes that are no image and for an
+    image without pixels.
     """
     decode = _decoder(data)
     image = decode(data) if decode else None
@@ -129,7 +170,7 @@ def decode_image(data: bytes) -> np.ndarray:
         image = _decode_with_tensorflow(data)
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"empty image {image.shape}")
-    return image
+    return upright(image, exif_orientation(data)) if turn_upright else image
 
 
 @functools.cache
@@ -152,12 +193,12 @@ def _decode_with_tensorflow(data: bytes) -> np.ndarray:
         raise ValueError(decode_error_text(e)) from None
 
 
-def read_image(path: str) -> np.ndarray:
+def read_image(path: str, turn_upright: bool = False) -> np.ndarray:
     """uint8 RGB [H, W, 3] of the image file ``path`` (see ``decode_image``; ``OSError`` if it
     cannot be read)."""
     with open(path, "rb") as f:
         data = f.read()
-    return decode_image(data)
+    return decode_image(data, turn_upright)
 
 
 def decode_error_text(error: Exception) -> str:

@@ -132,7 +132,7 @@ def process(predictor: Predictor, job: Job, options: FaceOptions) -> list[Sample
     try:
         if job.kind == "image":
             with predictor.timings.timed("decode"):
-                image = read_image(job.path)
+                image = read_image(job.path, turn_upright=True)
             return image_samples(predictor, image, job.path, None, options)
         uses_detector = options.face in ("auto", "detect")
         if not uses_detector:

@@ -144,6 +144,6 @@ def decode(data: bytes, max_pixels: int) -> np.ndarray:
             413, f"image of {width}x{height} pixels is over the limit of {max_pixels} pixels"
         )
     try:
-        return decode_image(data)
+        return decode_image(data, turn_upright=True)
     except ValueError as e:
         raise UploadError(400, f"cannot decode the {FORMATS[fmt]} image: {e}") from None

@@ -30,16 +30,19 @@ def load_face(candidate: Candidate, margin: float) -> dict:
         data = tf.io.encode_png(candidate.pixels[..., None]).numpy()
     else:
         data = _read(candidate.image_path)
+    # An image is turned upright by its EXIF orientation, as predict turns photos, unless the
+    # label file gives coordinates (a face box, landmarks): those refer to the stored pixels.
+    turn_upright = candidate.box is None and bool(np.isnan(candidate.landmarks).all())
     try:
-        image = decode_image(data)
+        image = decode_image(data, turn_upright)
     except ValueError as e:
         raise DropError("dropped_undecodable_image", str(e)) from None
     height, width = image.shape[:2]
     landmarks = candidate.landmarks
     if candidate.box is None:
         box = (0, 0, width, height)
-        if not decodes_the_same_in_the_pipeline(data):  # BMP, GIF, WebP, TIFF: stored losslessly
-            data = tf.io.encode_png(image).numpy()
+        if not decodes_the_same_in_the_pipeline(data, turn_upright):
+            data = tf.io.encode_png(image).numpy()  # BMP, GIF, WebP, TIFF, turned: losslessly
     else:
         box = crop_box(candidate.box, margin, width, height)
         if box is None:
