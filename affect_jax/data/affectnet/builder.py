@@ -44,8 +44,8 @@ from affect_jax.data.affectnet.rows import NUM_LANDMARKS, Candidate, Drop
 from affect_jax.data.source import AFFECTNET_CLASS_NAMES
 
 # Bump when what preparation stores changes: it is part of every cache key.
-# 2: .webp images are read (data/images.py IMAGE_EXTENSIONS). 3: .tif/.tiff are read, and
-# whole images other than JPEG and PNG are stored as PNG (palette BMPs trained as grey before).
+# 2: .webp images are read (data/images.py IMAGE_EXTENSIONS). 3: .tif/.tiff are read; whole
+# images are turned upright by EXIF, and stored as PNG unless they are JPEG or PNG as stored.
 PREPARE_FORMAT = 3
 
 _WORKERS = max(1, min(4, os.cpu_count() or 1))
