@@ -259,6 +259,15 @@ def test_turn_upright_follows_exif_orientation_as_pillow(fmt):
         assert stored.shape == (pixels.shape if fmt != "TIFF" else expected.shape), orientation
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow's, on the cut-off header
+def test_a_broken_tiff_is_one_line_naming_the_format():
+    data = _other_formats()["tiff-rgb"][0]
+    for broken, reason in ((data[: len(data) // 3], "truncated"), (data[:20], "header")):
+        with pytest.raises(ValueError, match=rf"^unreadable TIFF: .*{reason}") as raised:
+            images.decode_image(broken)
+        assert "\n" not in str(raised.value) and "<" not in str(raised.value)
+
+
 def test_a_file_without_readable_exif_is_upright():
     assert images.exif_orientation(_pngs()["rgb"]) == 1
     assert images.exif_orientation(_with_orientation(_photo_like(), "PNG", 9)) == 1

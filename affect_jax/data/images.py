@@ -70,11 +70,11 @@ def _decode_with_opencv(data: bytes) -> np.ndarray | None:
     return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def _decode_tiff(data: bytes) -> np.ndarray | None:
+def _decode_tiff(data: bytes) -> np.ndarray:
     """A TIFF's first page by Pillow (which TensorFlow does not read, and OpenCV's libtiff
     reader premultiplies by alpha), as a PNG decodes: alpha dropped, 16 bits cut to the high
-    byte; turned upright by its orientation tag (Pillow's reader always does); None for a file
-    Pillow rejects."""
+    byte; turned upright by its orientation tag (Pillow's reader always does). ValueError with
+    Pillow's reason for a file it rejects."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -83,8 +83,10 @@ def _decode_tiff(data: bytes) -> np.ndarray | None:
                 grey = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
                 return np.repeat(grey[..., None], 3, axis=-1)
             return np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError):
-        return None
+    except UnidentifiedImageError:
+        raise ValueError("unreadable TIFF: Pillow cannot identify its header") from None
+    except Exception as e:  # Pillow raises various errors for files it cannot parse
+        raise ValueError(f"unreadable TIFF: {decode_error_text(e)}") from None
 
 
 def _is_webp(data: bytes) -> bool:
