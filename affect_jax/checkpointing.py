@@ -14,6 +14,7 @@ the config than the files, and nothing is moved.
 
 from __future__ import annotations
 
+import logging as python_logging
 import math
 import os
 from collections.abc import Sequence
@@ -81,8 +82,19 @@ def create_manager(
         ),
         # Leftovers of a save interrupted by a kill.
         cleanup_tmp_directories=not read_only,
+        save_interval_steps=0 if read_only else 1,  # Orbax warns when it has to set this itself
     )
-    return ocp.CheckpointManager(directory, options=options)
+    # Orbax also warns that a read-only manager is read-only: what was asked for.
+    absl_logger = logging.get_absl_logger()
+    absl_logger.addFilter(_not_the_read_only_notice)
+    try:
+        return ocp.CheckpointManager(directory, options=options)
+    finally:
+        absl_logger.removeFilter(_not_the_read_only_notice)
+
+
+def _not_the_read_only_notice(record: python_logging.LogRecord) -> bool:
+    return record.msg != "Given directory is read only=%s"
 
 
 def _scalar_metrics(values: dict[str, Any]) -> dict[str, float]:
