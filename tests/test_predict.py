@@ -3,8 +3,11 @@
 import csv
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
 
 import cv2
@@ -18,7 +21,7 @@ from affect_jax import evaluation, metrics, predict, run_dir, sharding, steps
 from affect_jax.data import pipeline, synthetic
 from affect_jax.data.images import ORIENTATION_TAG
 from affect_jax.data.source import ExamplePool, decode_raw_image
-from affect_jax.predict import align, faces
+from affect_jax.predict import align, faces, resume
 from affect_jax.predict.tracks import box_iou
 from tests import face_images
 from tests.conftest import REPO, TINY_FLAGS
@@ -261,6 +264,7 @@ def test_detect_finds_the_astronaut_and_reports_no_face(trained_run, inputs, tmp
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"checkpoint {steps[0]}" in result.stderr
+    assert "warning:" not in result.stderr  # e.g. Orbax's notices about reading only
     imported = _imported(result.stderr)
     assert "jax" in imported and not imported & {"tensorflow", "keras", "mtcnn"}
     rows = [json.loads(line) for line in result.stdout.splitlines()]
@@ -562,3 +566,121 @@ def test_a_few_images_run_in_a_batch_their_size(tmp_path):
     assert batch_size_for(photos[:1], 32, True, 1) == 32
     assert batch_size_for([*photos[:1], str(video)], 32, False, 1) == 32
     assert batch_size_for([str(tmp_path)], 32, False, 1) == 32
+
+
+# ---------------------------------------------------------------------------------------------
+# --resume: an interrupted prediction continued into its output file
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resume_completes_an_interrupted_output_without_redoing_whole_inputs(
+    trained_run, inputs, tmp_path
+):
+    """Cut an output inside the video's rows, half a line at the end (as a kill leaves it),
+    and break every image file it holds whole: --resume keeps their rows (a redone image would
+    become a 'cannot decode' row), predicts the video again and what follows it, and ends
+    with the uninterrupted run's file."""
+    root = tmp_path / "in"
+    shutil.copytree(inputs["root"] / "faces", root / "faces")
+    shutil.copytree(inputs["root"] / "mixed", root / "mixed")
+    shutil.copy(inputs["root"] / "clip.avi", root / "clip.avi")
+    shutil.copy(inputs["root"] / "blank.png", root / "blank.png")
+    args = [f"--workdir={trained_run}", "--face=none", "--every_n_frames=3", "--batch_size=4"]
+    paths = [str(root / name) for name in ("faces", "mixed", "clip.avi", "blank.png")]
+    full = tmp_path / "full.csv"
+    result = _cli(*args, f"--output={full}", *paths)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = full.read_bytes().splitlines(keepends=True)
+    first_video_row = next(i for i, line in enumerate(lines) if b"clip.avi" in line)
+    assert lines[first_video_row + 3].count(b"clip.avi") == 1  # 4 sampled frames
+    cut = tmp_path / "cut.csv"
+    cut.write_bytes(b"".join(lines[: first_video_row + 2]) + lines[first_video_row + 2][:25])
+    whole_images = [line.split(b",")[0].decode() for line in lines[1:first_video_row]]
+    for path in whole_images:
+        if os.path.isfile(path):
+            with open(path, "wb") as f:
+                f.write(b"\x89PNG\r\n\x1a\n broken after the interruption")
+
+    result = _cli(*args, f"--output={cut}", "--resume", *paths)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resuming {cut}: 6 of 8 inputs done (6 rows kept, 5 ok)" in result.stderr
+    header, resumed = _read_csv(cut)
+    expected_header, expected = _read_csv(full)
+    assert header == expected_header and len(resumed) == len(expected)
+    for got, want in zip(resumed, expected, strict=True):
+        for column in header:
+            if column.startswith("prob_") or column in ("valence", "arousal"):
+                if want[column]:
+                    assert abs(float(got[column]) - float(want[column])) < 1e-5, column
+            else:
+                assert got[column] == want[column], column
+
+
+def test_resume_refuses_another_runs_file_and_keeps_it(trained_run, inputs, tmp_path):
+    other = tmp_path / "other.csv"
+    other.write_text("path,score\nx.jpg,0.5\n")
+    result = _cli(f"--workdir={trained_run}", f"--output={other}", "--resume", inputs["pngs"][0])
+    assert result.returncode == 1
+    assert f"--output={other}: its first line is not this run's CSV header" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert other.read_text() == "path,score\nx.jpg,0.5\n"
+    result = _cli(f"--workdir={trained_run}", "--resume", inputs["pngs"][0])
+    assert result.returncode == 2 and "--resume continues into a file: give --output" in (
+        result.stderr
+    )
+
+
+def test_resume_reads_whole_inputs_and_cuts_before_the_last_one(tmp_path):
+    """JSON lines: the last input's rows (it may have more to come) and a cut-off line are
+    dropped; a line that is no row of this run in the middle refuses the file."""
+    columns = ["path", "frame", "status"]
+    rows = [("a.jpg", None, "ok"), ("v.mp4", 0, "ok"), ("v.mp4", 3, "no_face"), ("w.mp4", 0, "ok")]
+    lines = [json.dumps(dict(zip(columns, row, strict=True))) + "\n" for row in rows]
+    output = tmp_path / "out.jsonl"
+    output.write_text("".join(lines) + '{"path": "w.mp4", "fr')
+    progress = resume.read_progress(str(output), "jsonl", columns)
+    assert progress.done == {"a.jpg", "v.mp4"} and (progress.rows, progress.ok) == (3, 2)
+    assert progress.keep_bytes == len("".join(lines[:3]).encode())
+    with resume.open_for_resume(str(output), progress) as out:
+        out.write("next\n")
+    assert output.read_text() == "".join(lines[:3]) + "next\n"
+
+    assert resume.read_progress(str(tmp_path / "missing.jsonl"), "jsonl", columns).done == set()
+    output.write_text(lines[0] + "a warning that is no row\n" + lines[1])
+    with pytest.raises(ValueError, match=r"out.jsonl: line 2 is not a jsonl row of this run"):
+        resume.read_progress(str(output), "jsonl", columns)
+    csv_output = tmp_path / "out.csv"
+    csv_output.write_text("path,frame,status\n")
+    assert resume.read_progress(str(csv_output), "csv", columns).keep_bytes == 18
+
+
+def test_ctrl_c_keeps_the_rows_and_names_the_command_that_continues(trained_run, inputs, tmp_path):
+    """SIGINT while rows are written: exit 130 with one line (no traceback), every row in the
+    file whole, and the line's command (with --resume) is what continues it."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(60):  # MTCNN on a 512-px photo: long enough to be stopped midway
+        os.symlink(inputs["root"] / "astronaut.png", folder / f"p{i:02d}.png")
+    output = tmp_path / "rows.csv"
+    cmd = [sys.executable, "-m", "affect_jax.predict", f"--workdir={trained_run}"]
+    process = subprocess.Popen(
+        [*cmd, f"--output={output}", str(folder)], cwd=REPO, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if output.exists() and output.read_bytes().count(b"\n") >= 3:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    (line,) = [text for text in stderr.splitlines() if text.startswith("Stopped by SIGINT")]
+    assert line.endswith(
+        f"continue with: python -m affect_jax.predict --resume --workdir={trained_run} "
+        f"--output={output} {folder}"
+    )
+    data = output.read_bytes()
+    assert data.endswith(b"\n") and 3 <= data.count(b"\n") < 61
+    _, rows = _read_csv(output)
+    assert all(row["status"] == "ok" for row in rows)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shlex
 import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -18,8 +19,8 @@ import jax
 from absl import app, flags, logging
 
 from affect_jax import cli as command_line
-from affect_jax import run_dir, strict_json
-from affect_jax.predict import media
+from affect_jax import graceful_stop, run_dir, strict_json
+from affect_jax.predict import media, resume
 from affect_jax.predict.detectors import (
     DEFAULT_MIN_CONFIDENCE,
     DETECT_MAX_SIDE,
@@ -45,6 +46,12 @@ def define_flags() -> None:
     flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint of --workdir to use.")
     flags.DEFINE_enum("format", "csv", ["csv", "jsonl"], "Output format.")
     flags.DEFINE_string("output", None, "Output file (default: standard output).")
+    flags.DEFINE_bool(
+        "resume",
+        False,
+        "Continue an interrupted prediction into --output (same run, options and inputs): "
+        "inputs whose rows it holds are skipped, the rest appended.",
+    )
     flags.DEFINE_enum(
         "face",
         "auto",
@@ -155,13 +162,17 @@ def _build_detector():
     return make_detector(FLAGS.detector, FLAGS.min_face_confidence, FLAGS.detect_size)
 
 
-def _write_rows(rows: Iterable[dict[str, Any]], columns: Sequence[str], fmt: str, out) -> int:
-    """Writes rows as they come; returns how many have status 'ok'."""
+def _write_rows(
+    rows: Iterable[dict[str, Any]], columns: Sequence[str], fmt: str, out, header: bool = True
+) -> int:
+    """Writes rows as they come, each flushed (an interrupted run keeps them; ``resume``);
+    returns how many have status 'ok'. ``header``: a CSV's header line first."""
     ok = 0
     writer = None
     if fmt == "csv":
         writer = csv.DictWriter(out, fieldnames=list(columns), lineterminator="\n")
-        writer.writeheader()
+        if header:
+            writer.writeheader()
     for row in rows:
         ok += row["status"] == STATUS_OK
         if writer is not None:
@@ -172,7 +183,45 @@ def _write_rows(rows: Iterable[dict[str, Any]], columns: Sequence[str], fmt: str
     return ok
 
 
+def _resumed_inputs(inputs: Sequence[str], progress: resume.Progress) -> list[str]:
+    """The inputs (folders expanded) that ``progress`` does not hold, with a line saying so."""
+    expanded = list(media.expand_inputs(inputs))
+    left = resume.remaining(expanded, progress.done)
+    logging.info(
+        "Resuming %s: %d of %d inputs done (%d rows kept, %d ok); predicting the other %d",
+        FLAGS.output,
+        len(expanded) - len(left),
+        len(expanded),
+        progress.rows,
+        progress.ok,
+        len(left),
+    )
+    return left
+
+
 def main(argv: Sequence[str]) -> int:
+    """``predict``, stopped by SIGINT (Ctrl-C) or SIGTERM with one line: the rows written so
+    far stay in --output, and the line gives the command that continues (``--resume``)."""
+    with graceful_stop.StopSignals():
+        try:
+            return _predict(argv)
+        except graceful_stop.Stopped as stop:
+            if FLAGS.output:
+                command = ["python", "-m", "affect_jax.predict", *sys.argv[1:]]
+                if not FLAGS.resume:
+                    command.insert(3, "--resume")
+                print(
+                    f"{stop}. {FLAGS.output} keeps every row written; continue with: "
+                    f"{shlex.join(command)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            else:
+                print(f"{stop}.", file=sys.stderr, flush=True)
+            return stop.exit_code
+
+
+def _predict(argv: Sequence[str]) -> int:
     inputs = list(argv[1:])
     if not inputs:
         raise app.UsageError("give at least one image, folder or video to predict on")
@@ -187,6 +236,8 @@ def main(argv: Sequence[str]) -> int:
         )
     if FLAGS.smooth is not None and not 0.0 < FLAGS.smooth <= 1.0:
         raise app.UsageError(f"--smooth={FLAGS.smooth}: expected a weight 0 < ALPHA <= 1")
+    if FLAGS.resume and not FLAGS.output:
+        raise app.UsageError("--resume continues into a file: give --output")
     # The detector's construction (its weights read) overlaps the model's loading.
     loading = _in_background(_build_detector)
     try:
@@ -216,7 +267,13 @@ def main(argv: Sequence[str]) -> int:
         if detector is not None:
             predictor.detectors.add(detector)  # for the worker that detects first
         boxes = read_boxes(FLAGS.boxes) if FLAGS.face == "box" else None
-        out = open(FLAGS.output, "w", newline="") if FLAGS.output else sys.stdout
+        progress = resume.NOTHING_DONE
+        if FLAGS.resume:
+            progress = resume.read_progress(FLAGS.output, FLAGS.format, predictor.columns)
+            inputs = _resumed_inputs(inputs, progress)
+            out = resume.open_for_resume(FLAGS.output, progress)
+        else:
+            out = open(FLAGS.output, "w", newline="") if FLAGS.output else sys.stdout
     except (OSError, ValueError, RuntimeError) as e:  # FileNotFoundError: a missing run or file
         logging.error("%s", e)
         return 1
@@ -232,7 +289,9 @@ def main(argv: Sequence[str]) -> int:
         smooth=FLAGS.smooth,
     )
     try:
-        ok = _write_rows(rows, predictor.columns, FLAGS.format, out)
+        ok = progress.ok + _write_rows(
+            rows, predictor.columns, FLAGS.format, out, header=progress.keep_bytes == 0
+        )
     finally:
         if out is not sys.stdout:
             out.close()
