@@ -288,6 +288,31 @@ def test_manifest_accepts_the_usual_column_names(tmp_path, header):
     assert sorted(source.pools["train"].labels) == [1, 2]
 
 
+@pytest.mark.parametrize("delimiter", [";", "\t"])
+def test_manifest_from_a_spreadsheet_with_decimal_commas(tmp_path, delimiter):
+    """As a spreadsheet in a comma-decimal locale saves 'CSV' (German, French, ... Excel): ';'
+    between fields, '0,5' for a half, a byte-order mark and CRLF line ends; or as tab-separated
+    text."""
+    root = tmp_path / "data"
+    write_jpeg(str(root / "a.jpg"), RED)
+    write_jpeg(str(root / "b.jpg"), BLUE)
+    lines = [
+        ["path", "expression", "valence", "arousal"],
+        ["a.jpg", "Happy", "0,5", "-0,25"],
+        ["b.jpg", "Sad", "-0.75", "1"],
+    ]
+    text = "".join(delimiter.join(line) + "\r\n" for line in lines)
+    (root / "labels.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    source = affectnet.load_source(data_config(root, tmp_path / "tfds"), None)
+    assert source.has_valence_arousal and dict(source.counts) == _counts(kept=2)
+    columns = source.pools["train"].columns
+    by_name = {os.path.basename(p): k for k, p in enumerate(columns["path"])}
+    a, b = by_name["a.jpg"], by_name["b.jpg"]
+    assert (columns["expression"][a], columns["expression"][b]) == (1, 2)
+    np.testing.assert_array_equal(columns["valence"][[a, b]], [0.5, -0.75])
+    np.testing.assert_array_equal(columns["arousal"][[a, b]], [-0.25, 1.0])
+
+
 # --- a whole run -------------------------------------------------------------------------------
 
 

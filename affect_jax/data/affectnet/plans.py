@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 
 from affect_jax.data.affectnet.errors import DataError
+from affect_jax.data.affectnet.rows import csv_delimiter
 
 # The pipeline's pools: 'train' (split into train/validation unless a 'validation' pool is
 # given), 'validation' (a dataset's own validation split) and 'test' (held out).
@@ -106,7 +107,8 @@ def read_header(path: str) -> list[str]:
     """The first row of a CSV file, each field stripped and lowercased; [] if unreadable."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            row = next(csv.reader(f), [])
+            first = f.readline()
+        row = next(csv.reader([first], delimiter=csv_delimiter(first)), [])
     except (OSError, UnicodeDecodeError, csv.Error):
         return []
     return [c.strip().lower() for c in row]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import re
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -39,10 +40,17 @@ class Drop:
     detail: str
 
 
+# A number with a decimal comma, as spreadsheets write it in much of Europe: '-0,25'.
+_DECIMAL_COMMA = re.compile(r"\s*[+-]?\d*,\d+\s*")
+
+
 def parse_float(text: str, what: str) -> float:
+    """``text`` as a number ('0.5', or '0,5' with a decimal comma); ValueError naming ``what``."""
     try:
         return float(text)
     except (TypeError, ValueError):
+        if isinstance(text, str) and _DECIMAL_COMMA.fullmatch(text):
+            return float(text.replace(",", "."))
         raise ValueError(f"{what} {text!r} is not a number") from None
 
 
@@ -64,11 +72,23 @@ def no_landmarks() -> np.ndarray:
     return np.full((NUM_LANDMARKS, 2), np.nan, np.float32)
 
 
+def csv_delimiter(first_line: str) -> str:
+    """The field separator of a CSV file, from its first line: ',' if the line has a comma
+    (AffectNet's landmark fields hold ';'), else ';' or a tab, whichever it has more of
+    (spreadsheets write ';' where the comma is the decimal mark)."""
+    if "," in first_line or not (";" in first_line or "\t" in first_line):
+        return ","
+    return ";" if first_line.count(";") >= first_line.count("\t") else "\t"
+
+
 def csv_rows(path: str) -> Iterator[tuple[int, list[str]]]:
-    """(line number, fields) of every non-blank row; a broken file raises DataError."""
+    """(line number, fields) of every non-blank row, separated by ``csv_delimiter``'s choice;
+    a broken file raises DataError."""
     try:
         with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-            reader = csv.reader(f)
+            delimiter = csv_delimiter(f.readline())
+            f.seek(0)
+            reader = csv.reader(f, delimiter=delimiter)
             while True:
                 try:
                     row = next(reader)
