@@ -20,7 +20,18 @@ if TYPE_CHECKING:  # loaded only for the formats and files decode_image leaves t
 
 # What ``decode_image`` decodes (it also reads JPEG XL, through TensorFlow, which nothing here
 # can write to test).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".webp",
+    ".tif",
+    ".tiff",
+    ".heic",
+    ".heif",
+)
 
 
 def is_image_name(name: str) -> bool:
@@ -70,13 +81,24 @@ def _decode_with_opencv(data: bytes) -> np.ndarray | None:
     return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def _decode_tiff(data: bytes) -> np.ndarray:
-    """A TIFF's first page by Pillow (which TensorFlow does not read, and OpenCV's libtiff
-    reader premultiplies by alpha), as a PNG decodes: alpha dropped, 16 bits cut to the high
-    byte; turned upright by its orientation tag (Pillow's reader always does). ValueError with
-    Pillow's reason for a file it rejects."""
+@functools.cache
+def register_heif() -> None:
+    """Pillow reads HEIC/HEIF from here on (pi-heif: libheif's decoders, loaded on first need)."""
+    import pi_heif
+
+    pi_heif.register_heif_opener()
+
+
+def _decode_with_pillow(data: bytes, what: str) -> np.ndarray:
+    """A TIFF's or HEIF's first image by Pillow, as a PNG decodes: alpha dropped, 16 bits cut
+    to the high byte; turned upright by the file's own orientation (Pillow's TIFF reader and
+    libheif always turn it). ValueError naming ``what`` with Pillow's reason for a file it
+    rejects. (TensorFlow reads neither format, and OpenCV's TIFF reader premultiplies by
+    alpha.)"""
     from PIL import Image, UnidentifiedImageError
 
+    if what == "HEIF":
+        register_heif()
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.mode.startswith("I;16"):
@@ -84,13 +106,22 @@ def _decode_tiff(data: bytes) -> np.ndarray:
                 return np.repeat(grey[..., None], 3, axis=-1)
             return np.asarray(image.convert("RGB"))
     except UnidentifiedImageError:
-        raise ValueError("unreadable TIFF: Pillow cannot identify its header") from None
+        raise ValueError(f"unreadable {what}: Pillow cannot identify its header") from None
     except Exception as e:  # Pillow raises various errors for files it cannot parse
-        raise ValueError(f"unreadable TIFF: {decode_error_text(e)}") from None
+        raise ValueError(f"unreadable {what}: {decode_error_text(e)}") from None
 
 
 def _is_webp(data: bytes) -> bool:
     return data.startswith(b"RIFF") and data[8:12] == b"WEBP"
+
+
+# The major brands of HEIF files with HEVC images (ISO/IEC 23008-12): an ISO base media file
+# whose 'ftyp' box names one of them.
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1")
+
+
+def _is_heif(data: bytes) -> bool:
+    return data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS
 
 
 # JPEG and PNG, the formats photos and data sets come in, decode without TensorFlow, whose
@@ -108,7 +139,9 @@ def _decoder(data: bytes):
     if data.startswith(_OPENCV_SIGNATURES) or _is_webp(data):
         return _decode_with_opencv
     if data.startswith(_TIFF_SIGNATURES):
-        return _decode_tiff
+        return functools.partial(_decode_with_pillow, what="TIFF")
+    if _is_heif(data):
+        return functools.partial(_decode_with_pillow, what="HEIF")
     return None
 
 
@@ -127,11 +160,11 @@ _UPRIGHT = {
 
 def exif_orientation(data: bytes) -> int:
     """The EXIF orientation (1-8) still to apply to ``decode_image``'s pixels of encoded image
-    bytes (JPEG, PNG, WebP); 1 when the file has none, or none Pillow can read, and for TIFF,
-    whose reader (libtiff's, in Pillow) turns the pixels itself. Reads the header only."""
+    bytes (JPEG, PNG, WebP); 1 when the file has none, or none Pillow can read, and for TIFF
+    and HEIF, whose readers turn the pixels themselves. Reads the header only."""
     from PIL import Image
 
-    if data.startswith(_TIFF_SIGNATURES):
+    if data.startswith(_TIFF_SIGNATURES) or _is_heif(data):
         return 1
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -159,8 +192,8 @@ def decodes_the_same_in_the_pipeline(data: bytes, turn_upright: bool = False) ->
 def decode_image(data: bytes, turn_upright: bool = False) -> np.ndarray:
     """uint8 RGB [H, W, 3] of encoded image bytes, the pixels the input pipeline trains on.
 
-    JPEG (bit for bit as ``tf.io.decode_image``), PNG, BMP, GIF, WebP and TIFF without
-    TensorFlow; other bytes, and files these libraries reject, with ``tf.io.decode_image``.
+    JPEG (bit for bit as ``tf.io.decode_image``), PNG, BMP, GIF, WebP, TIFF and HEIC/HEIF
+    without TensorFlow; other bytes, and files these libraries reject, with ``tf.io.decode_image``.
     ``turn_upright``: turned by the file's EXIF orientation, as photo viewers show it (phone
     cameras store portraits on their side with that tag); otherwise the stored pixels. Raises
     ``ValueError`` with one line (``decode_error_text``) for bytes that are no image and for an

@@ -14,7 +14,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
-from affect_jax.data.images import decode_image
+from affect_jax.data.images import decode_image, register_heif
 
 FIELD = "image"
 # What Pillow calls the formats accepted (data.images.decode_image's, as training decodes them).
@@ -25,6 +25,7 @@ FORMATS = {
     "BMP": "BMP",
     "GIF": "GIF",
     "TIFF": "TIFF",
+    "HEIF": "HEIC",
 }
 # Part content types taken as they come (the bytes decide): what browsers and curl send for
 # a file whose type they do not know.
@@ -128,6 +129,7 @@ def decode(data: bytes, max_pixels: int) -> np.ndarray:
     The format and size are read from the header first, so no other format and no image over
     ``max_pixels`` is decoded.
     """
+    register_heif()  # Pillow reads the header of every accepted format
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -46,7 +46,7 @@ from affect_jax.data.source import AFFECTNET_CLASS_NAMES
 # Bump when what preparation stores changes: it is part of every cache key.
 # 2: .webp images are read (data/images.py IMAGE_EXTENSIONS). 3: .tif/.tiff are read; whole
 # images are turned upright by EXIF, and stored as PNG unless they are JPEG or PNG as stored.
-# 4: label files separated by ';' or tabs, and decimal commas, are read.
+# 4: label files separated by ';' or tabs, decimal commas, and .heic/.heif images are read.
 PREPARE_FORMAT = 4
 
 _WORKERS = max(1, min(4, os.cpu_count() or 1))
