@@ -3,18 +3,19 @@ r"""Training/eval step and input-pipeline speed of affect-jax, optionally agains
     python scripts/benchmark.py --model=resnet50 --dtype=float32,bfloat16 --batch_size=32 \
       --batch_sizes=1,32 --image_size=224 --steps=5 [--warmup=N] \
       [--lever=conv=xla --lever=conv=native] [--compare --peers=keras,torch,torch_compile] \
-      [--notrain] [--startup --startup_runs=3] [--output=benchmark.json]
+      [--notrain] [--eval_seconds=1] [--startup --startup_runs=3] [--output=benchmark.json]
 
 Model: the project's multi-task model (backbone, global average pool, Dense(8) softmax CE and
 Dense(2) MSE, Adam 1e-4; no hidden layer, no dropout) on random 224x224 images, whole jitted
 train steps (forward, backward, Adam, BatchNorm statistics), called as the training driver calls
 them (``steps_per_execution`` steps per call; every time is per batch). The inference step is
 timed at each of ``--batch_sizes``: at the training batch size as the driver evaluates
-(``steps_per_execution`` batches per call), at other sizes one batch per call, as ``predict``
-and ``serve`` call it. ``--compare`` builds the same model as ``--peers``: ``keras`` (Keras 3 /
-TensorFlow, `keras.applications`, ``mixed_bfloat16`` policy for bf16), ``torch`` (PyTorch eager,
-scripts/torch_models.py, channels_last, ``torch.autocast`` bf16) and ``torch_compile`` (the
-same under ``torch.compile``, default mode; inference in eval mode under
+(``steps_per_execution`` batches per call), at other sizes and under ``--notrain`` one batch per
+call, as ``predict`` and ``serve`` call it. ``--compare`` builds the same model as
+``--peers``: ``keras`` (Keras 3 / TensorFlow, `keras.applications`, ``mixed_bfloat16`` policy
+for bf16), ``torch`` (PyTorch eager, scripts/torch_models.py, channels_last, ``torch.autocast``
+bf16) and ``torch_compile`` (the same under ``torch.compile``, default mode; inference in eval
+mode under
 ``torch.inference_mode`` with Inductor's ``freezing``), each called once per batch (as
 ``model.fit`` and a PyTorch loop do). A peer that is not installed, or fails to build or compile,
 is left out with one line saying why.
@@ -38,7 +39,10 @@ one image with that run dir.
 Every contender (each ``--lever`` of affect-jax, Keras, PyTorch) runs in its own worker process,
 so peak RSS and XLA flags are per contender; the workers stay alive and the parent runs them
 ROUND BY ROUND (one step each, the order rotated every round), so that load from other processes
-on a shared machine hits all contenders alike. Warm-up steps are excluded. Reported: median
+on a shared machine hits all contenders alike. In a round a train step is one call; an inference
+step is the median of calls back to back for ``--eval_seconds`` (at least 3; 0: one call), the
+latency of a warm model: a lone call after the other contenders' runs meets cold caches and
+sleeping threads, at batch 1 several times a warm call. Warm-up steps are excluded. Reported: median
 images/s with min/max and IQR over ``--steps`` rounds, compile time (JAX: lower + compile; peers:
 first call), peak RSS, achieved GFLOP/s (XLA's cost analysis of the affect-jax step, i.e. the same
 nominal FLOPs for every contender), and per-round ratios affect-jax / peer with their spread.
@@ -104,6 +108,12 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_list(
     "batch_sizes", [], "Batch sizes of the timed eval step (default: --batch_size), e.g. 1,32."
+)
+flags.DEFINE_float(
+    "eval_seconds",
+    1.0,
+    "Each round times an inference step by calls back to back for at least this long (at "
+    "least 3 calls) and takes their median, a warm call's latency; 0: one call per round.",
 )
 flags.DEFINE_bool("input", False, "Also time the tf.data input pipeline (synthetic faces).")
 flags.DEFINE_bool(
@@ -314,9 +324,9 @@ def _jax_worker(spec: dict[str, Any]):
     evals = {}
     t0 = time.perf_counter()
     for eval_b in spec["eval_batch_sizes"]:
-        # At the training batch size as the driver evaluates (per_call batches per call); at
-        # other sizes one batch per call, as predict and serve call the step.
-        n = per_call if eval_b == b else 1
+        # At the training batch size of a worker that trains as the driver evaluates (per_call
+        # batches per call); otherwise one batch per call, as predict and serve call the step.
+        n = per_call if eval_b == b and training else 1
         eval_chunk = {k: jnp.stack([jnp.asarray(v[:eval_b])] * n) for k, v in data.items()}
         eval_c = (
             jax.jit(steps.make_eval_steps(eval_step.on_prepared))
@@ -539,8 +549,22 @@ def run_worker(spec: dict[str, Any]) -> None:
         key = line.strip()
         if key == "quit":
             break
-        seconds = _seconds(fns[key])
+        seconds = timed_calls(fns[key], spec.get("eval_seconds", 0) if key != "train" else 0)
         _send({"t": seconds / per_call[key], "rss_mb": _peak_rss_mb()})
+
+
+def timed_calls(fn, min_seconds: float) -> float:
+    """Seconds of one call of `fn`: one call's time, or with `min_seconds` > 0 the median of
+    calls back to back (at least 3) until they took that long.
+
+    One batch-1 inference call after the other contenders' calls is dominated by cold caches
+    and sleeping threads, several times a warm call's time, for every contender alike; the
+    median of a burst is the latency a service answering requests sees.
+    """
+    times = [_seconds(fn)]
+    while min_seconds > 0 and (len(times) < 3 or sum(times) < min_seconds):
+        times.append(_seconds(fn))
+    return statistics.median(times)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -948,6 +972,7 @@ def main(argv: list[str]) -> None:
         "eval_batch_sizes": eval_batch_sizes if FLAGS.eval else [],
         "cache_dir": os.path.expanduser(FLAGS.cache_dir),
         "train": FLAGS.train,
+        "eval_seconds": FLAGS.eval_seconds,
     }
     if not FLAGS.train and not FLAGS.eval:
         raise app.UsageError("--notrain with --noeval: nothing to time")
@@ -1039,6 +1064,7 @@ def main(argv: list[str]) -> None:
                     "startup",
                     "startup_runs",
                     "train",
+                    "eval_seconds",
                 )
             },
             "host": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()},

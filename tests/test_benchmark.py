@@ -211,6 +211,23 @@ def test_notrain_workers_never_train_and_time_only_inference(monkeypatch, capsys
         assert set(ready["warmup_times_s"]) == {"eval@1", "eval@32"}
 
 
+@pytest.mark.parametrize(
+    "min_seconds, durations, calls, seconds",
+    [
+        (0.0, [0.5, 0.1, 0.1], 1, 0.5),  # one call per round
+        (1.0, [0.9, 0.1, 0.1, 0.1], 3, 0.1),  # a cold first call is not the latency
+        (1.0, [0.3, 0.3, 0.2, 0.3, 9.0], 4, 0.3),  # calls until the burst took 1 s
+    ],
+)
+def test_inference_rounds_time_the_median_of_a_burst(
+    monkeypatch, min_seconds, durations, calls, seconds
+):
+    left = list(durations)
+    monkeypatch.setattr(benchmark, "_seconds", lambda fn: left.pop(0))
+    assert benchmark.timed_calls(None, min_seconds) == seconds
+    assert len(durations) - len(left) == calls
+
+
 def test_failed_peers_are_left_out_and_ours_is_an_error(monkeypatch, capsys):
     class FakeWorker:
         def __init__(self, spec, env):
