@@ -217,6 +217,7 @@ def test_notrain_workers_never_train_and_time_only_inference(monkeypatch, capsys
         (0.0, [0.5, 0.1, 0.1], 1, 0.5),  # one call per round
         (1.0, [0.9, 0.1, 0.1, 0.1], 3, 0.1),  # a cold first call is not the latency
         (1.0, [0.3, 0.3, 0.2, 0.3, 9.0], 4, 0.3),  # calls until the burst took 1 s
+        (1.0, [1.5, 0.1, 0.1], 1, 1.5),  # a call that alone takes 1 s is warm enough
     ],
 )
 def test_inference_rounds_time_the_median_of_a_burst(
