@@ -15,10 +15,9 @@ call, as ``predict`` and ``serve`` call it. ``--compare`` builds the same model 
 ``--peers``: ``keras`` (Keras 3 / TensorFlow, `keras.applications`, ``mixed_bfloat16`` policy
 for bf16), ``torch`` (PyTorch eager, scripts/torch_models.py, channels_last, ``torch.autocast``
 bf16) and ``torch_compile`` (the same under ``torch.compile``, default mode; inference in eval
-mode under
-``torch.inference_mode`` with Inductor's ``freezing``), each called once per batch (as
-``model.fit`` and a PyTorch loop do). A peer that is not installed, or fails to build or compile,
-is left out with one line saying why.
+mode under ``torch.inference_mode`` with Inductor's ``freezing``), each called once per batch
+(as ``model.fit`` and a PyTorch loop do). A peer that is not installed, or fails to build or
+compile, is left out with one line saying why.
 
 ``--notrain`` times inference alone: the workers never compile or run a train step, as a
 deployed model runs (in a worker that also trains, every inference call follows a train call
