@@ -26,6 +26,7 @@ PIL_FORMATS = {
     ".tiff": "TIFF",
     ".heic": "HEIF",
     ".heif": "HEIF",
+    ".avif": "AVIF",
 }
 COLOUR = (200, 40, 60)
 
@@ -233,14 +234,14 @@ def test_other_formats_decode_without_tensorflow(name, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "name", ["bmp-palette", "webp-lossy-alpha", "tiff-rgb", "gif-animated", "heic"]
+    "name", ["bmp-palette", "webp-lossy-alpha", "tiff-rgb", "gif-animated", "heic", "avif"]
 )
 def test_preparation_stores_what_the_pipeline_decodes_as_prediction_does(tmp_path, name):
     """A whole image (no face box) in a format TensorFlow decodes differently or not at all is
     stored as PNG, so the input pipeline trains on the pixels prediction sees."""
     path = tmp_path / f"face.{name.split('-')[0]}"
-    if name == "heic":
-        path.write_bytes(_encoded(Image.fromarray(_photo_like()), "HEIF"))
+    if name in ("heic", "avif"):
+        path.write_bytes(_encoded(Image.fromarray(_photo_like()), PIL_FORMATS[path.suffix]))
     else:
         path.write_bytes(_other_formats()[name][0])
     candidate = Candidate("k", "face", str(path), 1, 0.0, 0.0, np.full((68, 2), np.nan, np.float32))
@@ -257,11 +258,11 @@ def _with_orientation(pixels: np.ndarray, fmt: str, orientation: int) -> bytes:
     return _encoded(Image.fromarray(pixels), fmt, exif=exif.tobytes(), **options)
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "TIFF", "JPEG"])
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "TIFF", "JPEG", "AVIF"])
 def test_turn_upright_follows_exif_orientation_as_pillow(fmt):
     """Every EXIF orientation turns the image as Pillow's ``exif_transpose`` does (JPEG: up to
-    the two libraries' DCT round-off); without ``turn_upright`` the stored pixels (TIFF: Pillow's
-    reader has turned them already)."""
+    the two libraries' DCT round-off; AVIF: Pillow writes it as the rotation and mirror boxes);
+    without ``turn_upright`` the stored pixels (TIFF: Pillow's reader has turned them already)."""
     pixels = _photo_like()
     for orientation in range(1, 9):
         data = _with_orientation(pixels, fmt, orientation)
@@ -311,6 +312,40 @@ def test_preparation_turns_whole_images_upright_unless_labels_give_coordinates(
         assert stored.shape[:2] == pixels.shape[1::-1]
     else:
         assert stored.shape == pixels.shape
+
+
+@pytest.mark.parametrize("brand", ["avif", "mif1"])
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_avif_decodes_without_tensorflow(mode, brand, monkeypatch):
+    """AV1-coded: Pillow's pixels of the file, within the codec's loss of the source, alpha
+    dropped, turned upright by its rotation box, also when the file's major brand is the
+    generic 'mif1' HEIF uses too (AVIF then only among the compatible brands, and pi-heif
+    claims the file); a broken file is one line."""
+    pixels = _photo_like()
+    image = Image.fromarray(pixels)
+    if mode == "RGBA":
+        image.putalpha(Image.fromarray(np.full(pixels.shape[:2], 7, np.uint8)))
+    exif = Image.Exif()
+    exif[images.ORIENTATION_TAG] = 6  # on its side: written as the rotation box
+    avif = _encoded(image, "AVIF", quality=90, exif=exif.tobytes())
+    assert avif[4:12] == b"ftypavif" and b"mif1" in avif[16:32]
+    avif = avif[:8] + brand.encode() + avif[12:]
+    with Image.open(io.BytesIO(avif), formats=["AVIF"]) as reference:
+        stored = np.asarray(reference.convert("RGB"))
+        expected = np.asarray(ImageOps.exif_transpose(reference).convert("RGB"))
+
+    def no_tensorflow(data):
+        raise AssertionError("decoded by TensorFlow")
+
+    monkeypatch.setattr(images, "_decode_with_tensorflow", no_tensorflow)
+    images.register_heif()
+    np.testing.assert_array_equal(images.decode_image(avif), stored)
+    assert np.abs(stored.astype(int) - pixels).mean() < 8
+    np.testing.assert_array_equal(images.decode_image(avif, turn_upright=True), expected)
+    assert expected.shape == pixels.shape[1::-1] + (3,)
+    with pytest.raises(ValueError, match=r"^unreadable AVIF: ") as raised:
+        images.decode_image(avif[: len(avif) // 2])
+    assert "\n" not in str(raised.value)
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA"])

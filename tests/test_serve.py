@@ -4,6 +4,7 @@ the page in headless Chromium (Debian's package, driven by Playwright)."""
 import base64
 import io
 import os
+import re
 import select
 import socket
 import subprocess
@@ -238,6 +239,8 @@ def test_predict_answers_as_the_command_line(server, predictor, name, query, cou
 
 def test_formats(server):
     image = synthetic.draw_faces(1, 40, 8, seed=1)["image"][0]
+    page = requests.get(f"{server}/", timeout=10).text
+    offered = re.search(r'type="file" accept="([^"]*)"', page).group(1).split(",")
     for fmt, mime in (
         ("JPEG", "image/jpeg"),
         ("PNG", "image/png"),
@@ -246,10 +249,16 @@ def test_formats(server):
         ("GIF", "image/gif"),
         ("TIFF", "image/tiff"),
         ("HEIF", "image/heic"),
+        ("AVIF", "image/avif"),
     ):
+        assert mime in offered, mime  # the page's file picker lists it
         response = _post(server, _encode(image, fmt), f"f.{fmt.lower()}", mime, face="none")
         assert response.status_code == 200, (fmt, response.text)
         assert response.json()["faces"][0]["box"] == [0, 0, 40, 40]
+    # An AVIF whose major brand is the generic one HEIF files use too.
+    avif = _encode(image, "AVIF")
+    response = _post(server, avif[:8] + b"mif1" + avif[12:], "f.avif", "image/avif", face="none")
+    assert response.status_code == 200, response.text
     # A phone photo stored on its side (EXIF orientation 6) is read upright: 60 wide, 40 high.
     exif = Image.Exif()
     exif[ORIENTATION_TAG] = 6
@@ -312,7 +321,7 @@ def _bad_requests(png):
         "not an image": (
             dict(files={"image": ("a.png", b"\x89PNG not really", "image/png")}),
             400,
-            "not a JPEG, PNG, WebP, BMP, GIF, TIFF or HEIC image",
+            "not a JPEG, PNG, WebP, BMP, GIF, TIFF, HEIC or AVIF image",
         ),
         "truncated image": (
             dict(files={"image": ("a.png", png[: len(png) // 2], "image/png")}),

@@ -31,6 +31,7 @@ IMAGE_EXTENSIONS = (
     ".tiff",
     ".heic",
     ".heif",
+    ".avif",
 )
 
 
@@ -90,17 +91,17 @@ def register_heif() -> None:
 
 
 def _decode_with_pillow(data: bytes, what: str) -> np.ndarray:
-    """A TIFF's or HEIF's first image by Pillow, as a PNG decodes: alpha dropped, 16 bits cut
-    to the high byte; turned upright by the file's own orientation (Pillow's TIFF reader and
-    libheif always turn it). ValueError naming ``what`` with Pillow's reason for a file it
-    rejects. (TensorFlow reads neither format, and OpenCV's TIFF reader premultiplies by
-    alpha.)"""
+    """A TIFF's, HEIF's or AVIF's first image by Pillow, as a PNG decodes: alpha dropped, 16
+    bits cut to the high byte; a TIFF or HEIF turned upright by the file's own orientation
+    (Pillow's TIFF reader and libheif always turn it), an AVIF as stored. ValueError naming
+    ``what`` with Pillow's reason for a file it rejects. (TensorFlow reads none of these
+    formats, and OpenCV's TIFF reader premultiplies by alpha.)"""
     from PIL import Image, UnidentifiedImageError
 
     if what == "HEIF":
         register_heif()
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=[what]) as image:
             if image.mode.startswith("I;16"):
                 grey = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
                 return np.repeat(grey[..., None], 3, axis=-1)
@@ -115,13 +116,28 @@ def _is_webp(data: bytes) -> bool:
     return data.startswith(b"RIFF") and data[8:12] == b"WEBP"
 
 
-# The major brands of HEIF files with HEVC images (ISO/IEC 23008-12): an ISO base media file
-# whose 'ftyp' box names one of them.
+# HEIF (ISO/IEC 23008-12) and AVIF files are ISO base media files: a leading 'ftyp' box names
+# the major brand, then the compatible ones. The brands of HEVC-coded HEIF images, and of AV1
+# ones (AVIF); both may give the generic 'mif1' as their major brand.
 _HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1")
+_AVIF_BRANDS = (b"avif", b"avis")
+
+
+def _ftyp_brands(data: bytes) -> list[bytes]:
+    """The major then the compatible brands of the file's leading 'ftyp' box ([] if none)."""
+    if data[4:8] != b"ftyp":
+        return []
+    end = min(int.from_bytes(data[:4], "big"), len(data))
+    return [data[8:12]] + [data[i : i + 4] for i in range(16, end - 3, 4)]
+
+
+def _is_avif(data: bytes) -> bool:
+    return any(brand in _AVIF_BRANDS for brand in _ftyp_brands(data))
 
 
 def _is_heif(data: bytes) -> bool:
-    return data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS
+    brands = _ftyp_brands(data)
+    return bool(brands) and brands[0] in _HEIF_BRANDS and not _is_avif(data)
 
 
 # JPEG and PNG, the formats photos and data sets come in, decode without TensorFlow, whose
@@ -140,6 +156,8 @@ def _decoder(data: bytes):
         return _decode_with_opencv
     if data.startswith(_TIFF_SIGNATURES):
         return functools.partial(_decode_with_pillow, what="TIFF")
+    if _is_avif(data):
+        return functools.partial(_decode_with_pillow, what="AVIF")
     if _is_heif(data):
         return functools.partial(_decode_with_pillow, what="HEIF")
     return None
@@ -160,14 +178,17 @@ _UPRIGHT = {
 
 def exif_orientation(data: bytes) -> int:
     """The EXIF orientation (1-8) still to apply to ``decode_image``'s pixels of encoded image
-    bytes (JPEG, PNG, WebP); 1 when the file has none, or none Pillow can read, and for TIFF
-    and HEIF, whose readers turn the pixels themselves. Reads the header only."""
+    bytes (JPEG, PNG, WebP; AVIF: its rotation and mirror boxes, as Pillow reports them); 1
+    when the file has none, or none Pillow can read, and for TIFF and HEIF, whose readers turn
+    the pixels themselves. Reads the header only."""
     from PIL import Image
 
     if data.startswith(_TIFF_SIGNATURES) or _is_heif(data):
         return 1
+    # pi-heif, once registered, also claims AVIF files of the generic brand 'mif1'.
+    formats = ["AVIF"] if _is_avif(data) else None
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=formats) as image:
             orientation = image.getexif().get(ORIENTATION_TAG, 1)
     except Exception:  # Pillow raises various errors for files it cannot parse
         return 1
@@ -192,8 +213,9 @@ def decodes_the_same_in_the_pipeline(data: bytes, turn_upright: bool = False) ->
 def decode_image(data: bytes, turn_upright: bool = False) -> np.ndarray:
     """uint8 RGB [H, W, 3] of encoded image bytes, the pixels the input pipeline trains on.
 
-    JPEG (bit for bit as ``tf.io.decode_image``), PNG, BMP, GIF, WebP, TIFF and HEIC/HEIF
-    without TensorFlow; other bytes, and files these libraries reject, with ``tf.io.decode_image``.
+    JPEG (bit for bit as ``tf.io.decode_image``), PNG, BMP, GIF, WebP, TIFF, HEIC/HEIF and
+    AVIF without TensorFlow; other bytes, and files these libraries reject, with
+    ``tf.io.decode_image``.
     ``turn_upright``: turned by the file's EXIF orientation, as photo viewers show it (phone
     cameras store portraits on their side with that tag); otherwise the stored pixels. Raises
     ``ValueError`` with one line (``decode_error_text``) for bytes that are no image and for an

@@ -26,6 +26,7 @@ FORMATS = {
     "GIF": "GIF",
     "TIFF": "TIFF",
     "HEIF": "HEIC",
+    "AVIF": "AVIF",
 }
 # Part content types taken as they come (the bytes decide): what browsers and curl send for
 # a file whose type they do not know.

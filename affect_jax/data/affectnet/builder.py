@@ -47,7 +47,8 @@ from affect_jax.data.source import AFFECTNET_CLASS_NAMES
 # 2: .webp images are read (data/images.py IMAGE_EXTENSIONS). 3: .tif/.tiff are read; whole
 # images are turned upright by EXIF, and stored as PNG unless they are JPEG or PNG as stored.
 # 4: label files separated by ';' or tabs, decimal commas, and .heic/.heif images are read.
-PREPARE_FORMAT = 4
+# 5: .avif images are read.
+PREPARE_FORMAT = 5
 
 _WORKERS = max(1, min(4, os.cpu_count() or 1))
 _CHUNK = 64  # Images decoded per batch of worker tasks (bounds memory).

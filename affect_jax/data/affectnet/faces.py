@@ -42,7 +42,7 @@ def load_face(candidate: Candidate, margin: float) -> dict:
     if candidate.box is None:
         box = (0, 0, width, height)
         if not decodes_the_same_in_the_pipeline(data, turn_upright):
-            data = tf.io.encode_png(image).numpy()  # BMP, GIF, WebP, TIFF, turned: losslessly
+            data = tf.io.encode_png(image).numpy()  # other formats, turned images: losslessly
     else:
         box = crop_box(candidate.box, margin, width, height)
         if box is None:
