@@ -630,6 +630,34 @@ def test_resume_refuses_another_runs_file_and_keeps_it(trained_run, inputs, tmp_
     )
 
 
+def test_a_file_named_twice_is_predicted_once(tmp_path, caplog):
+    """Folders and files that overlap (a folder and a file in it, two spellings of one path, a
+    link) give each file once, at its first place, and a warning counts the repeats; errors
+    are kept as named."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a.jpg", "b.png"):
+        (folder / name).write_bytes(b"")
+    os.symlink(folder / "a.jpg", tmp_path / "link.jpg")
+    named = [
+        str(tmp_path / "link.jpg"),
+        str(folder),
+        str(folder / "b.png"),
+        f"{tmp_path}/./photos/a.jpg",
+        str(tmp_path / "missing.jpg"),
+        str(tmp_path / "missing.jpg"),
+    ]
+    with caplog.at_level("WARNING"):
+        got = list(predict.expand_inputs(named))
+    assert [(os.path.basename(p), kind) for p, kind, _ in got] == [
+        ("link.jpg", "image"),
+        ("b.png", "image"),
+        ("missing.jpg", None),
+        ("missing.jpg", None),
+    ]
+    assert "3 input(s) named more than once" in caplog.text
+
+
 def test_resume_reads_whole_inputs_and_cuts_before_the_last_one(tmp_path):
     """JSON lines: the last input's rows (it may have more to come) and a cut-off line are
     dropped; a line that is no row of this run in the middle refuses the file."""
