@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -628,6 +629,44 @@ def test_resume_refuses_another_runs_file_and_keeps_it(trained_run, inputs, tmp_
     assert result.returncode == 2 and "--resume continues into a file: give --output" in (
         result.stderr
     )
+
+
+# An MP4 track header's display matrix (16.16 fixed point a, b, c, d) for each rotation: what a
+# phone writes for a video recorded upright in portrait.
+_DISPLAY_MATRIX = {90: (0, 1, -1, 0), 180: (-1, 0, 0, -1), 270: (0, -1, 1, 0)}
+
+
+def _rotated_mp4(data: bytes, degrees: int) -> bytes:
+    """The MP4 ``data`` with its (version 0) track header saying: show turned ``degrees``
+    clockwise."""
+    out = bytearray(data)
+    box = out.find(b"tkhd")
+    assert box > 0 and out[box + 4] == 0, "one version-0 track header expected"
+    matrix = box + 4 + 4 + 20 + 16  # after version/flags, times/ids/duration, layer..volume
+    a, b, c, d = (v << 16 for v in _DISPLAY_MATRIX[degrees])
+    out[matrix : matrix + 36] = struct.pack(">9i", a, b, 0, c, d, 0, 0, 0, 1 << 30)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("degrees,quarter_turns", [(90, -1), (180, 2), (270, 1)])
+def test_a_rotated_phone_video_is_read_upright(tmp_path, degrees, quarter_turns):
+    """A video whose track says to show it turned (a phone's portrait video) gives its frames
+    turned so, as players show it: each the stored frame turned ``degrees`` clockwise."""
+    frames = [np.zeros((40, 56, 3), np.uint8) for _ in range(3)]
+    for i, frame in enumerate(frames):
+        frame[2:12, 3 + i : 20 + i] = (255, 40, 40)  # a corner block: any turn moves it
+    stored = tmp_path / "stored.mp4"
+    writer = cv2.VideoWriter(str(stored), cv2.VideoWriter_fourcc(*"mp4v"), 10, (56, 40))
+    for frame in frames:
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+    turned = tmp_path / "turned.mp4"
+    turned.write_bytes(_rotated_mp4(stored.read_bytes(), degrees))
+    as_stored = [frame for _, frame in predict.read_video(str(stored))]
+    upright = [frame for _, frame in predict.read_video(str(turned))]
+    assert len(upright) == len(as_stored) == 3
+    for got, want in zip(upright, as_stored, strict=True):
+        np.testing.assert_array_equal(got, np.rot90(want, quarter_turns))
 
 
 def test_a_file_named_twice_is_predicted_once(tmp_path, caplog):

@@ -92,7 +92,9 @@ def _named_inputs(paths: Iterable[str]) -> Iterator[tuple[str, str | None, str |
 
 
 def read_video(path: str, every_n_frames: int = 1) -> Iterator[tuple[int, np.ndarray]]:
-    """``(frame index, uint8 RGB frame)`` for every ``every_n_frames``-th frame from frame 0."""
+    """``(frame index, uint8 RGB frame)`` for every ``every_n_frames``-th frame from frame 0,
+    turned as the file says to show it (a phone's portrait video: OpenCV's FFmpeg reader
+    applies the rotation in its track header)."""
     capture = cv2.VideoCapture(path)
     if not capture.isOpened():
         raise ValueError("cannot open video")
