@@ -127,7 +127,8 @@ def _ftyp_brands(data: bytes) -> list[bytes]:
     """The major then the compatible brands of the file's leading 'ftyp' box ([] if none)."""
     if data[4:8] != b"ftyp":
         return []
-    end = min(int.from_bytes(data[:4], "big"), len(data))
+    # A real box lists a few brands: a larger size field is not scanned to its end.
+    end = min(int.from_bytes(data[:4], "big"), len(data), 1024)
     return [data[8:12]] + [data[i : i + 4] for i in range(16, end - 3, 4)]
 
 
