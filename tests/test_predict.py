@@ -670,9 +670,10 @@ def test_a_rotated_phone_video_is_read_upright(tmp_path, degrees, quarter_turns)
 
 
 def test_a_file_named_twice_is_predicted_once(tmp_path, caplog):
-    """Folders and files that overlap (a folder and a file in it, two spellings of one path, a
-    link) give each file once, at its first place, and a warning counts the repeats; errors
-    are kept as named."""
+    """Folders and files that overlap (a folder and a file in it, two spellings of one path)
+    give each path once, at its first place, and a warning counts the repeats; a link is a
+    path of its own (a folder of links to one photo is as many inputs), and errors are kept
+    as named."""
     folder = tmp_path / "photos"
     folder.mkdir()
     for name in ("a.jpg", "b.png"):
@@ -690,11 +691,12 @@ def test_a_file_named_twice_is_predicted_once(tmp_path, caplog):
         got = list(predict.expand_inputs(named))
     assert [(os.path.basename(p), kind) for p, kind, _ in got] == [
         ("link.jpg", "image"),
+        ("a.jpg", "image"),
         ("b.png", "image"),
         ("missing.jpg", None),
         ("missing.jpg", None),
     ]
-    assert "3 input(s) named more than once" in caplog.text
+    assert "2 input(s) named more than once" in caplog.text
 
 
 def test_resume_reads_whole_inputs_and_cuts_before_the_last_one(tmp_path):

@@ -34,20 +34,20 @@ def expand_inputs(paths: Iterable[str]) -> Iterator[tuple[str, str | None, str |
     """``(path, kind, error)`` for every input: kind 'image' or 'video', or an error message.
 
     Folders are searched recursively (sorted); files in them with other extensions are skipped
-    and counted in a warning, while a named file with another extension is an error. A file
-    named more than once (again, inside a named folder, or by another path to it) comes once,
-    at its first place, and the repeats are counted in a warning: each file has one set of
-    rows, which is what ``--resume`` counts on.
+    and counted in a warning, while a named file with another extension is an error. A path
+    named more than once (again, inside a named folder, or spelled another way) comes once, at
+    its first place, and the repeats are counted in a warning: each path has one set of rows,
+    which is what ``--resume`` counts on. Links are paths of their own.
     """
     seen: set[str] = set()
     repeats: list[str] = []
     for path, kind, error in _named_inputs(paths):
         if kind is not None:
-            same_file = os.path.realpath(path)
-            if same_file in seen:
+            same_path = os.path.abspath(path)
+            if same_path in seen:
                 repeats.append(path)
                 continue
-            seen.add(same_file)
+            seen.add(same_path)
         yield path, kind, error
     if repeats:
         logging.warning(
