@@ -132,13 +132,13 @@ def _ftyp_brands(data: bytes) -> list[bytes]:
     return [data[8:12]] + [data[i : i + 4] for i in range(16, end - 3, 4)]
 
 
-def _is_avif(data: bytes) -> bool:
-    return any(brand in _AVIF_BRANDS for brand in _ftyp_brands(data))
-
-
-def _is_heif(data: bytes) -> bool:
+def _heif_family(data: bytes) -> str | None:
+    """'AVIF' (an AVIF brand anywhere in the list), 'HEIF' (a HEIF major brand otherwise), or
+    None: Pillow's name of the format, read from one scan of the brands."""
     brands = _ftyp_brands(data)
-    return bool(brands) and brands[0] in _HEIF_BRANDS and not _is_avif(data)
+    if any(brand in _AVIF_BRANDS for brand in brands):
+        return "AVIF"
+    return "HEIF" if brands and brands[0] in _HEIF_BRANDS else None
 
 
 # JPEG and PNG, the formats photos and data sets come in, decode without TensorFlow, whose
@@ -157,11 +157,8 @@ def _decoder(data: bytes):
         return _decode_with_opencv
     if data.startswith(_TIFF_SIGNATURES):
         return functools.partial(_decode_with_pillow, what="TIFF")
-    if _is_avif(data):
-        return functools.partial(_decode_with_pillow, what="AVIF")
-    if _is_heif(data):
-        return functools.partial(_decode_with_pillow, what="HEIF")
-    return None
+    family = _heif_family(data)
+    return functools.partial(_decode_with_pillow, what=family) if family else None
 
 
 # EXIF's Orientation tag: how to turn the stored pixels to show the image upright.
@@ -184,10 +181,11 @@ def exif_orientation(data: bytes) -> int:
     the pixels themselves. Reads the header only."""
     from PIL import Image
 
-    if data.startswith(_TIFF_SIGNATURES) or _is_heif(data):
+    family = _heif_family(data)
+    if data.startswith(_TIFF_SIGNATURES) or family == "HEIF":
         return 1
     # pi-heif, once registered, also claims AVIF files of the generic brand 'mif1'.
-    formats = ["AVIF"] if _is_avif(data) else None
+    formats = [family] if family else None
     try:
         with Image.open(io.BytesIO(data), formats=formats) as image:
             orientation = image.getexif().get(ORIENTATION_TAG, 1)
